@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 mod cmd;
 
 #[derive(Parser)]
-#[command(name = "lfm2d", version, about = "Offline speech-to-speech assistant for LFM2-Audio")]
+#[command(
+    name = "lfm2d",
+    version,
+    about = "Offline speech-to-speech assistant for LFM2-Audio"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,7 +1,24 @@
 //! LFM2-Audio on candle, on the CPU.
 //!
-//! What is here: the checkpoint's configuration and weights, the generic LFM2 stack (used by the
-//! backbone and, later, the LFM2 audio detokenizer), the tokenizer and chat prompt, sampling, and
-//! the conversation [`session::Session`] with exact truncation.
+//! What is here: the checkpoint's configuration ([`config`]) and weights ([`weights`], [`model`]),
+//! the generic LFM2 stack ([`lfm2`]) used by the backbone ([`backbone`]) and by the LFM2 audio
+//! detokenizer, the tokenizer and chat prompt ([`tokenizer`], [`prompt`]), sampling
+//! ([`sampling`]), the conversation state with exact truncation ([`session`]) and the generation
+//! loops ([`generate`]). Everything computes in f32.
 //!
 //! Not for: threads, devices or networking. This crate only loads files and computes.
+
+pub mod backbone;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod lfm2;
+pub mod model;
+pub mod prompt;
+pub mod sampling;
+pub mod session;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

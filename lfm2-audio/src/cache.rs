@@ -1,0 +1,102 @@
+//! Per-position caches: preallocated tensors that grow by doubling and truncate by length.
+//!
+//! Attention keys and values, and the short-convolution inputs, are all indexed by position, so
+//! one type serves them all. Truncating to `p` positions only changes the length: what stays is
+//! exactly what was computed for those positions.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// A tensor whose axis `axis` is indexed by position, with room to grow.
+#[derive(Debug, Clone)]
+pub struct PositionCache {
+    data: Tensor,
+    axis: usize,
+    len: usize,
+}
+
+impl PositionCache {
+    /// An empty cache of per-position rows shaped `shape` with the position axis at `axis`
+    /// (the size given there is ignored), with room for `capacity` positions.
+    pub fn new(shape: &[usize], axis: usize, capacity: usize) -> Result<Self> {
+        let mut dims = shape.to_vec();
+        dims[axis] = capacity.max(1);
+        let data = Tensor::zeros(dims, DType::F32, &Device::Cpu)?;
+        Ok(Self { data, axis, len: 0 })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.data.dim(self.axis).unwrap_or(0)
+    }
+
+    /// Appends the positions of `rows` (same shape except along the position axis).
+    pub fn append(&mut self, rows: &Tensor) -> Result<()> {
+        let n = rows.dim(self.axis)?;
+        let needed = self.len + n;
+        if needed > self.capacity() {
+            let new_cap = needed.max(2 * self.capacity());
+            let mut dims = self.data.dims().to_vec();
+            dims[self.axis] = new_cap;
+            let grown = Tensor::zeros(dims, DType::F32, &Device::Cpu)?;
+            if self.len > 0 {
+                grown.slice_set(&self.view()?.contiguous()?, self.axis, 0)?;
+            }
+            self.data = grown;
+        }
+        let rows = rows.contiguous()?;
+        self.data.slice_set(&rows, self.axis, self.len)?;
+        self.len = needed;
+        Ok(())
+    }
+
+    /// The first `len()` positions.
+    pub fn view(&self) -> Result<Tensor> {
+        Ok(self.data.narrow(self.axis, 0, self.len)?)
+    }
+
+    /// Positions `start..start + n`.
+    pub fn range(&self, start: usize, n: usize) -> Result<Tensor> {
+        Ok(self.data.narrow(self.axis, start, n)?)
+    }
+
+    /// Keeps the first `len` positions (no-op if there are fewer).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_keeps_order_and_truncates() -> Result<()> {
+        let mut c = PositionCache::new(&[2, 0, 3], 1, 1)?;
+        for i in 0..5 {
+            let v = (0..6).map(|j| (i * 10 + j) as f32).collect::<Vec<_>>();
+            c.append(&Tensor::from_vec(v, (2, 1, 3), &Device::Cpu)?)?;
+        }
+        assert_eq!(c.len(), 5);
+        assert!(c.capacity() >= 5);
+        let v = c.view()?.to_vec3::<f32>()?;
+        // Head 0, position 3 holds the first three values appended at step 3.
+        assert_eq!(v[0][3], vec![30.0, 31.0, 32.0]);
+        assert_eq!(v[1][4], vec![43.0, 44.0, 45.0]);
+        c.truncate(2);
+        assert_eq!(c.view()?.dims(), &[2, 2, 3]);
+        c.append(&Tensor::full(7f32, (2, 2, 3), &Device::Cpu)?)?;
+        let v = c.view()?.to_vec3::<f32>()?;
+        assert_eq!(v[0][1], vec![10.0, 11.0, 12.0]);
+        assert_eq!(v[1][3], vec![7.0, 7.0, 7.0]);
+        Ok(())
+    }
+}

@@ -1,0 +1,571 @@
+//! The LFM2 stack: gated short-convolution and grouped-query-attention layers with SwiGLU
+//! feed-forwards and a final RMSNorm, taking input embeddings and returning hidden states.
+//!
+//! One implementation serves the LFM2-Audio backbone (width 2048, full causal attention) and the
+//! LFM2.5 audio detokenizer (width 512, a 30-position sliding window). Inputs are `[T, hidden]`
+//! (batch 1); positions continue from what the [`Lfm2State`] already holds.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::cache::PositionCache;
+use crate::config::{LayerKind, Lfm2Config};
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// Initial room, in positions, of each layer's caches; they grow by doubling.
+const INITIAL_CAPACITY: usize = 256;
+
+/// A bias-free or biased linear map stored as `[out, in]`, as in the checkpoint.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(
+        w: &Weights,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = w.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(w.get(&format!("{name}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `x · Wᵀ (+ b)` for `x` of shape `[T, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// `w ⊙ x · rsqrt(mean(x²) + eps)` over the last axis.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&format!("{name}.weight"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
+    }
+}
+
+/// SwiGLU feed-forward: `w2(silu(w1 x) ⊙ w3 x)`.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    pub fn load(w: &Weights, prefix: &str, dim: usize, ff_dim: usize) -> Result<Self> {
+        Ok(Self {
+            w1: Linear::load(w, &format!("{prefix}.w1"), ff_dim, dim, false)?,
+            w2: Linear::load(w, &format!("{prefix}.w2"), dim, ff_dim, false)?,
+            w3: Linear::load(w, &format!("{prefix}.w3"), ff_dim, dim, false)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.w1.forward(x)?)?;
+        self.w2.forward(&(gate * self.w3.forward(x)?)?)
+    }
+}
+
+/// Rotary position embedding tables, in f32 as the reference computes them:
+/// `inv_freq_i = 1 / theta^(2i/d)`, angle = position · inv_freq.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    pub fn new(head_dim: usize, theta: f64) -> Self {
+        let theta = theta as f32;
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// `(cos, sin)`, each `[n, head_dim/2]`, for positions `start..start + n`.
+    pub fn tables(&self, start: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in start..start + n {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
+            Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
+        ))
+    }
+}
+
+/// The gated short convolution: `out_proj(C ⊙ conv(B ⊙ x))` with `[B, C, x] = in_proj(input)` and
+/// a causal depthwise convolution over time; no activation anywhere.
+#[derive(Debug, Clone)]
+struct ShortConv {
+    in_proj: Linear,
+    out_proj: Linear,
+    /// Kernel taps `[kernel, hidden]`: `taps[k]` multiplies the input `kernel - 1 - k` steps back.
+    taps: Tensor,
+    bias: Option<Tensor>,
+    hidden: usize,
+    kernel: usize,
+}
+
+impl ShortConv {
+    fn load(w: &Weights, prefix: &str, cfg: &Lfm2Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let k = cfg.conv_kernel;
+        let weight = w.get(&format!("{prefix}.conv.weight"), &[h, 1, k])?;
+        let taps = weight.reshape((h, k))?.t()?.contiguous()?;
+        let bias = if cfg.conv_bias {
+            Some(w.get(&format!("{prefix}.conv.bias"), &[h])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            in_proj: Linear::load(w, &format!("{prefix}.in_proj"), 3 * h, h, cfg.conv_bias)?,
+            out_proj: Linear::load(w, &format!("{prefix}.out_proj"), h, h, cfg.conv_bias)?,
+            taps,
+            bias,
+            hidden: h,
+            kernel: k,
+        })
+    }
+
+    /// `x`: `[T, hidden]`; `history` holds `B ⊙ x` of every earlier position and receives the new ones.
+    fn forward(&self, x: &Tensor, history: &mut PositionCache) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let h = self.hidden;
+        let bcx = self.in_proj.forward(x)?;
+        // Split order is (B, C, x) along channels.
+        let b = bcx.narrow(1, 0, h)?;
+        let c = bcx.narrow(1, h, h)?;
+        let xs = bcx.narrow(1, 2 * h, h)?;
+        let u = (b * xs)?;
+
+        // conv[t] = Σ_k taps[k] ⊙ u[t - (K-1) + k], with zeros before the first position.
+        let past = self.kernel - 1;
+        let start = history.len();
+        let have = past.min(start);
+        let mut parts = Vec::with_capacity(3);
+        if have < past {
+            parts.push(Tensor::zeros((past - have, h), DType::F32, &Device::Cpu)?);
+        }
+        if have > 0 {
+            parts.push(history.range(start - have, have)?);
+        }
+        history.append(&u)?;
+        parts.push(u);
+        let ext = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
+        let mut conv = ext.narrow(0, 0, t)?.broadcast_mul(&self.taps.get(0)?)?;
+        for k in 1..self.kernel {
+            conv = (conv + ext.narrow(0, k, t)?.broadcast_mul(&self.taps.get(k)?)?)?;
+        }
+        if let Some(bias) = &self.bias {
+            conv = conv.broadcast_add(bias)?;
+        }
+        self.out_proj.forward(&(c * conv)?)
+    }
+}
+
+/// Grouped-query attention with per-head RMSNorm on q and k before rotate-half RoPE.
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+}
+
+impl Attention {
+    fn load(w: &Weights, prefix: &str, cfg: &Lfm2Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let q = cfg.num_attention_heads * hd;
+        let kv = cfg.num_key_value_heads * hd;
+        Ok(Self {
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, h, false)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, h, false)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, h, false)?,
+            out_proj: Linear::load(w, &format!("{prefix}.out_proj"), h, q, false)?,
+            q_norm: RmsNorm::load(w, &format!("{prefix}.q_layernorm"), hd, cfg.norm_eps)?,
+            k_norm: RmsNorm::load(w, &format!("{prefix}.k_layernorm"), hd, cfg.norm_eps)?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+            window: cfg.sliding_window,
+        })
+    }
+
+    /// `x`: `[T, hidden]` at positions `start..start+T`; the caches hold post-RoPE keys and values
+    /// `[kv_heads, positions, head_dim]` of every earlier position and receive the new ones.
+    fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        rotary: &(Tensor, Tensor),
+        k_cache: &mut PositionCache,
+        v_cache: &mut PositionCache,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let hd = self.head_dim;
+        let heads_first = |y: Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let y = y.reshape((t, n, hd))?;
+            let y = match norm {
+                Some(norm) => norm.forward(&y)?,
+                None => y,
+            };
+            Ok(y.transpose(0, 1)?.contiguous()?)
+        };
+        let (cos, sin) = rotary;
+        let rope = |y: Tensor| -> Result<Tensor> {
+            Ok(candle_nn::rotary_emb::rope(&y.unsqueeze(0)?, cos, sin)?.squeeze(0)?)
+        };
+        let q = rope(heads_first(
+            self.q_proj.forward(x)?,
+            self.heads,
+            Some(&self.q_norm),
+        )?)?;
+        let k = rope(heads_first(
+            self.k_proj.forward(x)?,
+            self.kv_heads,
+            Some(&self.k_norm),
+        )?)?;
+        let v = heads_first(self.v_proj.forward(x)?, self.kv_heads, None)?;
+        k_cache.append(&k)?;
+        v_cache.append(&v)?;
+
+        // Keys visible to the first query: all earlier ones, or the last `window - 1` of them.
+        let end = start + t;
+        let first_key = match self.window {
+            Some(w) => start.saturating_sub(w - 1),
+            None => 0,
+        };
+        let n_keys = end - first_key;
+        let keys = k_cache.range(first_key, n_keys)?;
+        let values = v_cache.range(first_key, n_keys)?;
+
+        // Query head h reads kv head h / group; heads of a group are adjacent, so the queries of
+        // one kv head are a contiguous [group · T] block.
+        let group = self.heads / self.kv_heads;
+        let q = q.reshape((self.kv_heads, group * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?;
+        let scores = scores.reshape((self.kv_heads, group, t, n_keys))?;
+        let scores = match self.mask(start, t, first_key, n_keys)? {
+            Some(mask) => scores.broadcast_add(&mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((
+            self.kv_heads,
+            group * t,
+            n_keys,
+        ))?;
+        let out = probs.matmul(&values.contiguous()?)?; // [kv_heads, group·T, hd]
+        let out = out
+            .reshape((self.heads, t, hd))?
+            .transpose(0, 1)?
+            .reshape((t, self.heads * hd))?;
+        self.out_proj.forward(&out)
+    }
+
+    /// Additive mask `[T, n_keys]`: query at position `start + i` sees key `first_key + j` iff the
+    /// key is not in the future and, with a window, `0 ≤ q − k < window`. `None` when all pass.
+    fn mask(
+        &self,
+        start: usize,
+        t: usize,
+        first_key: usize,
+        n_keys: usize,
+    ) -> Result<Option<Tensor>> {
+        let allowed = |qp: usize, kp: usize| kp <= qp && self.window.is_none_or(|w| qp - kp < w);
+        let mut any_blocked = false;
+        let mut m = Vec::with_capacity(t * n_keys);
+        for i in 0..t {
+            for j in 0..n_keys {
+                let ok = allowed(start + i, first_key + j);
+                any_blocked |= !ok;
+                m.push(if ok { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        if !any_blocked {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(m, (t, n_keys), &Device::Cpu)?))
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Operator {
+    Conv(ShortConv),
+    Attention(Attention),
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    operator_norm: RmsNorm,
+    operator: Operator,
+    ffn_norm: RmsNorm,
+    feed_forward: FeedForward,
+}
+
+/// The per-layer decode state of one sequence.
+#[derive(Debug, Clone)]
+enum LayerState {
+    /// `B ⊙ x` of every position, `[positions, hidden]`.
+    Conv(PositionCache),
+    /// Post-RoPE keys and values, `[kv_heads, positions, head_dim]` each.
+    Attention { k: PositionCache, v: PositionCache },
+}
+
+impl LayerState {
+    fn truncate(&mut self, len: usize) {
+        match self {
+            LayerState::Conv(u) => u.truncate(len),
+            LayerState::Attention { k, v } => {
+                k.truncate(len);
+                v.truncate(len);
+            }
+        }
+    }
+}
+
+/// Everything an LFM2 stack remembers about the positions it has seen.
+///
+/// Every cache is indexed by position, so [`Lfm2State::truncate`] to `p` leaves exactly the state
+/// that was computed for the first `p` positions.
+#[derive(Debug, Clone)]
+pub struct Lfm2State {
+    layers: Vec<LayerState>,
+    len: usize,
+}
+
+impl Lfm2State {
+    /// Number of positions seen.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        for layer in &mut self.layers {
+            layer.truncate(len);
+        }
+        self.len = self.len.min(len);
+    }
+}
+
+/// A loaded LFM2 stack (without token embeddings).
+#[derive(Debug, Clone)]
+pub struct Lfm2 {
+    cfg: Lfm2Config,
+    layers: Vec<Layer>,
+    final_norm: RmsNorm,
+    rotary: Rotary,
+}
+
+impl Lfm2 {
+    /// Loads the layers `{prefix}.layers.{i}.*` and the final norm `{prefix}.embedding_norm`.
+    pub fn load(w: &Weights, prefix: &str, cfg: &Lfm2Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let mut layers = Vec::with_capacity(cfg.num_layers());
+        for (i, kind) in cfg.layer_types.iter().enumerate() {
+            let p = format!("{prefix}.layers.{i}");
+            let operator = match kind {
+                LayerKind::Conv => Operator::Conv(ShortConv::load(w, &format!("{p}.conv"), cfg)?),
+                LayerKind::Attention => {
+                    Operator::Attention(Attention::load(w, &format!("{p}.self_attn"), cfg)?)
+                }
+            };
+            layers.push(Layer {
+                operator_norm: RmsNorm::load(w, &format!("{p}.operator_norm"), h, cfg.norm_eps)?,
+                operator,
+                ffn_norm: RmsNorm::load(w, &format!("{p}.ffn_norm"), h, cfg.norm_eps)?,
+                feed_forward: FeedForward::load(w, &format!("{p}.feed_forward"), h, cfg.ff_dim)?,
+            });
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            layers,
+            final_norm: RmsNorm::load(w, &format!("{prefix}.embedding_norm"), h, cfg.norm_eps)?,
+            rotary: Rotary::new(cfg.head_dim(), cfg.rope_theta),
+        })
+    }
+
+    pub fn config(&self) -> &Lfm2Config {
+        &self.cfg
+    }
+
+    /// A fresh state with no positions.
+    pub fn new_state(&self) -> Result<Lfm2State> {
+        let h = self.cfg.hidden_size;
+        let kv = self.cfg.num_key_value_heads;
+        let hd = self.cfg.head_dim();
+        let layers = self
+            .cfg
+            .layer_types
+            .iter()
+            .map(|kind| {
+                Ok(match kind {
+                    LayerKind::Conv => {
+                        LayerState::Conv(PositionCache::new(&[0, h], 0, INITIAL_CAPACITY)?)
+                    }
+                    LayerKind::Attention => LayerState::Attention {
+                        k: PositionCache::new(&[kv, 0, hd], 1, INITIAL_CAPACITY)?,
+                        v: PositionCache::new(&[kv, 0, hd], 1, INITIAL_CAPACITY)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Lfm2State { layers, len: 0 })
+    }
+
+    /// Runs `x` (`[T, hidden]`) at the next positions of `state` and returns the final-normed
+    /// hidden states `[T, hidden]`.
+    pub fn forward(&self, x: &Tensor, state: &mut Lfm2State) -> Result<Tensor> {
+        self.forward_inner(x, state, None)
+    }
+
+    /// As [`Lfm2::forward`], also returning the residual stream after each layer (before the
+    /// final norm).
+    pub fn forward_with_layers(
+        &self,
+        x: &Tensor,
+        state: &mut Lfm2State,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut outs = Vec::with_capacity(self.layers.len());
+        let y = self.forward_inner(x, state, Some(&mut outs))?;
+        Ok((y, outs))
+    }
+
+    fn forward_inner(
+        &self,
+        x: &Tensor,
+        state: &mut Lfm2State,
+        outs: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let start = state.len;
+        let result = self.forward_layers(x, state, outs);
+        if result.is_err() {
+            // A failure part-way must not leave some layers one step ahead of the others.
+            state.truncate(start);
+        }
+        result
+    }
+
+    fn forward_layers(
+        &self,
+        x: &Tensor,
+        state: &mut Lfm2State,
+        mut outs: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let (t, h) = x.dims2()?;
+        if h != self.cfg.hidden_size {
+            return Err(Error::Invalid(format!(
+                "input width {h} does not match the model width {}",
+                self.cfg.hidden_size
+            )));
+        }
+        if t == 0 {
+            return Ok(x.clone());
+        }
+        if state.layers.len() != self.layers.len() {
+            return Err(Error::Invalid(
+                "the state belongs to a different model".into(),
+            ));
+        }
+        let start = state.len;
+        let needs_rotary = self.cfg.layer_types.contains(&LayerKind::Attention);
+        let rotary = if needs_rotary {
+            Some(self.rotary.tables(start, t)?)
+        } else {
+            None
+        };
+        let mut x = x.contiguous()?;
+        for (layer, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
+            let normed = layer.operator_norm.forward(&x)?;
+            let op = match (&layer.operator, layer_state) {
+                (Operator::Conv(conv), LayerState::Conv(history)) => {
+                    conv.forward(&normed, history)?
+                }
+                (Operator::Attention(attn), LayerState::Attention { k, v }) => attn.forward(
+                    &normed,
+                    start,
+                    rotary.as_ref().expect("attention has tables"),
+                    k,
+                    v,
+                )?,
+                _ => {
+                    return Err(Error::Invalid(
+                        "the state belongs to a different model".into(),
+                    ))
+                }
+            };
+            let hmid = (x + op)?;
+            let ff = layer
+                .feed_forward
+                .forward(&layer.ffn_norm.forward(&hmid)?)?;
+            x = (hmid + ff)?;
+            if let Some(outs) = outs.as_deref_mut() {
+                outs.push(x.clone());
+            }
+        }
+        state.len += t;
+        self.final_norm.forward(&x)
+    }
+}

@@ -1,0 +1,119 @@
+//! A conversation's state in the backbone: what each position holds and the caches of every
+//! layer, extended by `prefill` and `step`, and cut back by `truncate_to`.
+//!
+//! History is never recomputed: a new turn only runs its own positions. Truncation (barge-in:
+//! keep only what the user actually heard) is a length change of position-indexed caches, so the
+//! state after `truncate_to(p)` is the state a fresh prefill of the first `p` positions would
+//! give, up to the floating-point effects of computing those positions in different batch
+//! shapes (≈1e-6 relative).
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::backbone::Backbone;
+use crate::error::{Error, Result};
+use crate::lfm2::Lfm2State;
+use crate::prompt::Item;
+
+/// One conversation.
+#[derive(Debug, Clone)]
+pub struct Session {
+    model: Arc<Backbone>,
+    state: Lfm2State,
+    items: Vec<Item>,
+}
+
+impl Session {
+    pub fn new(model: Arc<Backbone>) -> Result<Self> {
+        let state = model.new_state()?;
+        Ok(Self {
+            model,
+            state,
+            items: Vec::new(),
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Backbone> {
+        &self.model
+    }
+
+    /// Number of positions in the conversation.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// What each position holds.
+    pub fn items(&self) -> &[Item] {
+        &self.items
+    }
+
+    /// Positions left before the model's context limit.
+    pub fn remaining(&self) -> usize {
+        self.model
+            .config()
+            .max_position_embeddings
+            .saturating_sub(self.len())
+    }
+
+    /// Runs `embeddings` (`[T, hidden]`, one row per item) at the next positions and returns the
+    /// final-normed hidden states `[T, hidden]`.
+    pub fn prefill(&mut self, embeddings: &Tensor, items: &[Item]) -> Result<Tensor> {
+        let (t, _) = embeddings.dims2()?;
+        if t != items.len() {
+            return Err(Error::Invalid(format!(
+                "{t} embeddings for {} positions",
+                items.len()
+            )));
+        }
+        if t > self.remaining() {
+            return Err(Error::Invalid(format!(
+                "the conversation would reach {} positions, over the model's context of {}",
+                self.len() + t,
+                self.model.config().max_position_embeddings
+            )));
+        }
+        let hidden = self.model.stack().forward(embeddings, &mut self.state)?;
+        self.items.extend_from_slice(items);
+        Ok(hidden)
+    }
+
+    /// Prefills text tokens.
+    pub fn prefill_text(&mut self, ids: &[u32]) -> Result<Tensor> {
+        let emb = self.model.embed_text(ids)?;
+        let items: Vec<Item> = ids.iter().map(|&id| Item::Text(id)).collect();
+        self.prefill(&emb, &items)
+    }
+
+    /// Runs one position (`embedding` of shape `[hidden]` or `[1, hidden]`) and returns its hidden
+    /// state `[hidden]`.
+    pub fn step(&mut self, embedding: &Tensor, item: Item) -> Result<Tensor> {
+        let emb = match embedding.rank() {
+            1 => embedding.unsqueeze(0)?,
+            _ => embedding.clone(),
+        };
+        Ok(self.prefill(&emb, &[item])?.squeeze(0)?)
+    }
+
+    /// Runs one text token.
+    pub fn step_text(&mut self, id: u32) -> Result<Tensor> {
+        Ok(self.prefill_text(&[id])?.squeeze(0)?)
+    }
+
+    /// Keeps the first `position` positions and forgets the rest.
+    pub fn truncate_to(&mut self, position: usize) -> Result<()> {
+        if position > self.len() {
+            return Err(Error::Invalid(format!(
+                "cannot truncate to position {position}: the conversation has {} positions",
+                self.len()
+            )));
+        }
+        self.state.truncate(position);
+        self.items.truncate(position);
+        Ok(())
+    }
+}
