@@ -401,6 +401,21 @@ impl Lfm2State {
         self.len == 0
     }
 
+    /// Views of every cache (conv inputs, keys, values), layer by layer, for inspection.
+    pub fn caches(&self) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            match layer {
+                LayerState::Conv(u) => out.push(u.view()?),
+                LayerState::Attention { k, v } => {
+                    out.push(k.view()?);
+                    out.push(v.view()?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Forgets every position from `len` on.
     pub fn truncate(&mut self, len: usize) {
         for layer in &mut self.layers {

@@ -52,6 +52,11 @@ impl Session {
         &self.items
     }
 
+    /// The backbone's caches.
+    pub fn state(&self) -> &Lfm2State {
+        &self.state
+    }
+
     /// Positions left before the model's context limit.
     pub fn remaining(&self) -> usize {
         self.model

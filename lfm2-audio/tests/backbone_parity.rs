@@ -1,0 +1,142 @@
+//! Parity of the LFM2 backbone with the reference implementation on random-weight checkpoints in
+//! the official layout (`tests/fixtures/tiny-{a,b}`, made by `tools/reference/make_fixtures.py`).
+//! tiny-a uses the original LFM2 key spellings and f32 weights; tiny-b the newer spellings, bf16
+//! weights, a different layer pattern, width and rope theta.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use common::{assert_close, Reference};
+use lfm2_audio::model::Lfm2AudioModel;
+use lfm2_audio::prompt::ChatState;
+use lfm2_audio::sampling::argmax;
+use lfm2_audio::session::Session;
+
+const MODELS: [&str; 2] = ["tiny-a", "tiny-b"];
+/// Hidden states and logits must match the reference within this relative error.
+const REL: f32 = 1e-4;
+
+fn load(name: &str) -> (Lfm2AudioModel, Reference) {
+    let model = Lfm2AudioModel::load(&common::fixtures().join(name).join("model")).expect("fixture model loads");
+    (model, Reference::load(name))
+}
+
+fn prompt_ids(model: &Lfm2AudioModel, reference: &Reference) -> Vec<u32> {
+    let system = reference.json.pointer("/prompt/system").and_then(|v| v.as_str()).unwrap();
+    let user = reference.json.pointer("/prompt/user").and_then(|v| v.as_str()).unwrap();
+    ChatState::text_chat(&model.tokenizer, Some(system), user).unwrap().text_ids()
+}
+
+#[test]
+fn chat_prompt_ids_match_reference() {
+    for name in MODELS {
+        let (model, reference) = load(name);
+        assert_eq!(prompt_ids(&model, &reference), reference.ids("/input_ids"), "{name}");
+    }
+}
+
+#[test]
+fn prefill_matches_reference_layer_by_layer() {
+    for name in MODELS {
+        let (model, reference) = load(name);
+        let ids = reference.ids("/input_ids");
+        let emb = model.backbone.embed_text(&ids).unwrap();
+        let mut state = model.backbone.new_state().unwrap();
+        let (hidden, layers) = model.backbone.stack().forward_with_layers(&emb, &mut state).unwrap();
+        let want_layers = reference.tensor("prefill.layer_outputs");
+        for (i, got) in layers.iter().enumerate() {
+            assert_close(&format!("{name} layer {i} output"), got, &want_layers.get(i).unwrap(), REL);
+        }
+        assert_close(&format!("{name} prefill hidden"), &hidden, reference.tensor("prefill.hidden"), REL);
+        let logits = model.backbone.text_logits(&hidden).unwrap();
+        assert_close(&format!("{name} prefill logits"), &logits, reference.tensor("prefill.logits"), REL);
+    }
+}
+
+/// Greedy decoding from `hidden` (last prompt position), step by step through the session;
+/// returns the tokens and the logits that produced them.
+fn greedy(session: &mut Session, hidden: Tensor, steps: usize) -> (Vec<u32>, Tensor) {
+    let mut hidden = hidden;
+    let mut ids = Vec::new();
+    let mut all_logits = Vec::new();
+    for _ in 0..steps {
+        let logits = session.model().text_logits(&hidden.unsqueeze(0).unwrap()).unwrap();
+        let id = argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+        all_logits.push(logits);
+        ids.push(id);
+        hidden = session.step_text(id).unwrap();
+    }
+    (ids, Tensor::cat(&all_logits, 0).unwrap())
+}
+
+#[test]
+fn greedy_tokens_match_reference() {
+    for name in MODELS {
+        let (model, reference) = load(name);
+        let ids = reference.ids("/input_ids");
+        let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
+        let hidden = session.prefill_text(&ids).unwrap();
+        let (tokens, logits) = greedy(&mut session, hidden.get(ids.len() - 1).unwrap(), 30);
+        assert_close(&format!("{name} greedy logits"), &logits, reference.tensor("greedy.logits"), REL);
+        assert_eq!(tokens, reference.ids("/greedy/text_ids"), "{name} greedy tokens");
+    }
+}
+
+#[test]
+fn prefill_of_a_prefix_matches_reference() {
+    for name in MODELS {
+        let (model, reference) = load(name);
+        let want = reference.tensor("prefill_prefix.hidden");
+        let ids = reference.ids("/input_ids");
+        let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
+        let hidden = session.prefill_text(&ids[..want.dim(0).unwrap()]).unwrap();
+        assert_close(&format!("{name} prefix hidden"), &hidden, want, REL);
+    }
+}
+
+/// `truncate_to(p)` leaves the state of a fresh prefill of the first p positions: the caches
+/// agree, continuing the prompt gives the reference's hidden states, and greedy decoding from
+/// there gives the reference's tokens.
+#[test]
+fn truncate_equals_fresh_prefill_of_the_kept_prefix() {
+    for name in MODELS {
+        let (model, reference) = load(name);
+        let ids = reference.ids("/input_ids");
+        let keep = reference.json["prefix_len"].as_u64().unwrap() as usize;
+
+        // A conversation that went on past the prefix: the whole prompt, then 12 decode steps.
+        let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
+        let hidden = session.prefill_text(&ids).unwrap();
+        greedy(&mut session, hidden.get(ids.len() - 1).unwrap(), 12);
+        session.truncate_to(keep).unwrap();
+        assert_eq!(session.len(), keep);
+
+        let mut fresh = Session::new(Arc::clone(&model.backbone)).unwrap();
+        fresh.prefill_text(&ids[..keep]).unwrap();
+        let got = session.state().caches().unwrap();
+        let want = fresh.state().caches().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // Same positions, computed in different batch shapes: equal up to rounding.
+            assert_close(&format!("{name} cache {i} after truncation"), g, w, 1e-5);
+        }
+
+        let rest = session.prefill_text(&ids[keep..]).unwrap();
+        let want_rest = reference.tensor("prefill.hidden").narrow(0, keep, ids.len() - keep).unwrap();
+        assert_close(&format!("{name} hidden after truncation"), &rest, &want_rest, REL);
+        let (tokens, _) = greedy(&mut session, rest.get(ids.len() - keep - 1).unwrap(), 30);
+        assert_eq!(tokens, reference.ids("/greedy/text_ids"), "{name} greedy after truncation");
+    }
+}
+
+#[test]
+fn truncate_beyond_the_end_is_an_error() {
+    let (model, _) = load("tiny-a");
+    let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
+    session.prefill_text(&[1, 6, 7]).unwrap();
+    let err = session.truncate_to(4).unwrap_err().to_string();
+    assert!(err.contains("has 3 positions"), "{err}");
+    assert_eq!(session.len(), 3);
+}
