@@ -122,6 +122,10 @@ impl Weights {
 fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
     use safetensors::SafeTensorError as E;
     match e {
+        E::HeaderTooLarge => {
+            "its first 8 bytes do not give a plausible header length: not safetensors, or corrupt"
+                .into()
+        }
         E::HeaderTooSmall => format!("the file is only {file_len} bytes, too short for a header"),
         E::MetadataIncompleteBuffer => format!(
             "the file is truncated: its header describes more data than its {file_len} bytes"

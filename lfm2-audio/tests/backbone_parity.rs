@@ -19,21 +19,36 @@ const MODELS: [&str; 2] = ["tiny-a", "tiny-b"];
 const REL: f32 = 1e-4;
 
 fn load(name: &str) -> (Lfm2AudioModel, Reference) {
-    let model = Lfm2AudioModel::load(&common::fixtures().join(name).join("model")).expect("fixture model loads");
+    let model = Lfm2AudioModel::load(&common::fixtures().join(name).join("model"))
+        .expect("fixture model loads");
     (model, Reference::load(name))
 }
 
 fn prompt_ids(model: &Lfm2AudioModel, reference: &Reference) -> Vec<u32> {
-    let system = reference.json.pointer("/prompt/system").and_then(|v| v.as_str()).unwrap();
-    let user = reference.json.pointer("/prompt/user").and_then(|v| v.as_str()).unwrap();
-    ChatState::text_chat(&model.tokenizer, Some(system), user).unwrap().text_ids()
+    let system = reference
+        .json
+        .pointer("/prompt/system")
+        .and_then(|v| v.as_str())
+        .unwrap();
+    let user = reference
+        .json
+        .pointer("/prompt/user")
+        .and_then(|v| v.as_str())
+        .unwrap();
+    ChatState::text_chat(&model.tokenizer, Some(system), user)
+        .unwrap()
+        .text_ids()
 }
 
 #[test]
 fn chat_prompt_ids_match_reference() {
     for name in MODELS {
         let (model, reference) = load(name);
-        assert_eq!(prompt_ids(&model, &reference), reference.ids("/input_ids"), "{name}");
+        assert_eq!(
+            prompt_ids(&model, &reference),
+            reference.ids("/input_ids"),
+            "{name}"
+        );
     }
 }
 
@@ -44,14 +59,33 @@ fn prefill_matches_reference_layer_by_layer() {
         let ids = reference.ids("/input_ids");
         let emb = model.backbone.embed_text(&ids).unwrap();
         let mut state = model.backbone.new_state().unwrap();
-        let (hidden, layers) = model.backbone.stack().forward_with_layers(&emb, &mut state).unwrap();
+        let (hidden, layers) = model
+            .backbone
+            .stack()
+            .forward_with_layers(&emb, &mut state)
+            .unwrap();
         let want_layers = reference.tensor("prefill.layer_outputs");
         for (i, got) in layers.iter().enumerate() {
-            assert_close(&format!("{name} layer {i} output"), got, &want_layers.get(i).unwrap(), REL);
+            assert_close(
+                &format!("{name} layer {i} output"),
+                got,
+                &want_layers.get(i).unwrap(),
+                REL,
+            );
         }
-        assert_close(&format!("{name} prefill hidden"), &hidden, reference.tensor("prefill.hidden"), REL);
+        assert_close(
+            &format!("{name} prefill hidden"),
+            &hidden,
+            reference.tensor("prefill.hidden"),
+            REL,
+        );
         let logits = model.backbone.text_logits(&hidden).unwrap();
-        assert_close(&format!("{name} prefill logits"), &logits, reference.tensor("prefill.logits"), REL);
+        assert_close(
+            &format!("{name} prefill logits"),
+            &logits,
+            reference.tensor("prefill.logits"),
+            REL,
+        );
     }
 }
 
@@ -62,7 +96,10 @@ fn greedy(session: &mut Session, hidden: Tensor, steps: usize) -> (Vec<u32>, Ten
     let mut ids = Vec::new();
     let mut all_logits = Vec::new();
     for _ in 0..steps {
-        let logits = session.model().text_logits(&hidden.unsqueeze(0).unwrap()).unwrap();
+        let logits = session
+            .model()
+            .text_logits(&hidden.unsqueeze(0).unwrap())
+            .unwrap();
         let id = argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
         all_logits.push(logits);
         ids.push(id);
@@ -79,8 +116,17 @@ fn greedy_tokens_match_reference() {
         let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
         let hidden = session.prefill_text(&ids).unwrap();
         let (tokens, logits) = greedy(&mut session, hidden.get(ids.len() - 1).unwrap(), 30);
-        assert_close(&format!("{name} greedy logits"), &logits, reference.tensor("greedy.logits"), REL);
-        assert_eq!(tokens, reference.ids("/greedy/text_ids"), "{name} greedy tokens");
+        assert_close(
+            &format!("{name} greedy logits"),
+            &logits,
+            reference.tensor("greedy.logits"),
+            REL,
+        );
+        assert_eq!(
+            tokens,
+            reference.ids("/greedy/text_ids"),
+            "{name} greedy tokens"
+        );
     }
 }
 
@@ -124,10 +170,22 @@ fn truncate_equals_fresh_prefill_of_the_kept_prefix() {
         }
 
         let rest = session.prefill_text(&ids[keep..]).unwrap();
-        let want_rest = reference.tensor("prefill.hidden").narrow(0, keep, ids.len() - keep).unwrap();
-        assert_close(&format!("{name} hidden after truncation"), &rest, &want_rest, REL);
+        let want_rest = reference
+            .tensor("prefill.hidden")
+            .narrow(0, keep, ids.len() - keep)
+            .unwrap();
+        assert_close(
+            &format!("{name} hidden after truncation"),
+            &rest,
+            &want_rest,
+            REL,
+        );
         let (tokens, _) = greedy(&mut session, rest.get(ids.len() - keep - 1).unwrap(), 30);
-        assert_eq!(tokens, reference.ids("/greedy/text_ids"), "{name} greedy after truncation");
+        assert_eq!(
+            tokens,
+            reference.ids("/greedy/text_ids"),
+            "{name} greedy after truncation"
+        );
     }
 }
 

@@ -245,6 +245,15 @@ class FixtureSpec:
     op_gain: float = 3.0
     ffn_gain: float = 3.0
     notes: list[str] = field(default_factory=list)
+    # extra gains for single rows of a tensor (applied after the random draw, before storage):
+    # {state-dict key: {row index: gain}}; used to make a fixture emit given tokens
+    row_gains: dict[str, dict[int, float]] = field(default_factory=dict)
+    # which recording stages apply to this fixture
+    text_fixture: bool = True
+    asr_fixture: bool = True
+    # LFM2.5-style audio_detokenizer/ (config.json content) and a small Mimi (constructor kwargs)
+    detokenizer: dict | None = None
+    mimi: dict | None = None
 
 
 def _base_config(lfm: dict, encoder: dict, depthformer: dict, *, n_text: int, n_audio: int, tie_audio: bool) -> dict:

@@ -17,7 +17,9 @@ pub fn fixtures() -> PathBuf {
 pub fn real_tokenizer() -> PathBuf {
     let path = std::env::var_os("LFM2D_TOKENIZER")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/lfm2-tokenizer.json"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/lfm2-tokenizer.json")
+        });
     assert!(
         path.is_file(),
         "{} is missing: run `python3 tools/reference/fetch_tokenizer.py` (part of tools/setup.sh)",
@@ -36,13 +38,16 @@ impl Reference {
         let dir = fixtures().join(model);
         let json = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
         let json = serde_json::from_str(&json).expect("reference.json is JSON");
-        let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-            .expect("reference.safetensors");
+        let tensors =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                .expect("reference.safetensors");
         Self { json, tensors }
     }
 
     pub fn tensor(&self, name: &str) -> &Tensor {
-        self.tensors.get(name).unwrap_or_else(|| panic!("reference tensor {name} missing"))
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("reference tensor {name} missing"))
     }
 
     pub fn ids(&self, pointer: &str) -> Vec<u32> {
@@ -76,5 +81,8 @@ pub fn errors(got: &Tensor, want: &Tensor) -> (f32, f32) {
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, rel: f32) {
     let (abs, r) = errors(got, want);
     println!("{what}: max abs err {abs:.3e}, rel {r:.3e}");
-    assert!(r <= rel, "{what}: relative error {r:.3e} > {rel:.1e} (max abs {abs:.3e})");
+    assert!(
+        r <= rel,
+        "{what}: relative error {r:.3e} > {rel:.1e} (max abs {abs:.3e})"
+    );
 }

