@@ -3,3 +3,4 @@
 //! voice activity detection.
 //!
 //! Not for: anything that touches the model. This crate moves and measures samples only.
+pub mod file;

@@ -8,14 +8,18 @@
 //!
 //! Not for: threads, devices or networking. This crate only loads files and computes.
 
+pub mod audio;
 pub mod backbone;
 pub mod cache;
 pub mod config;
+pub mod conformer;
 pub mod error;
 pub mod generate;
 pub mod lfm2;
+pub mod mel;
 pub mod model;
 pub mod prompt;
+pub mod resample;
 pub mod sampling;
 pub mod session;
 pub mod tokenizer;

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::audio::AudioEncoder;
 use crate::backbone::Backbone;
 use crate::config::Lfm2AudioConfig;
 use crate::error::{Error, Result};
@@ -82,6 +83,7 @@ pub struct Lfm2AudioModel {
     pub config: Lfm2AudioConfig,
     pub tokenizer: TextTokenizer,
     pub backbone: Arc<Backbone>,
+    pub audio: Arc<AudioEncoder>,
 }
 
 impl Lfm2AudioModel {
@@ -92,6 +94,7 @@ impl Lfm2AudioModel {
         let tokenizer = TextTokenizer::from_file(&dir.tokenizer())?;
         let weights = Weights::open(&dir.weights())?;
         let backbone = Arc::new(Backbone::load(&weights, &config.lfm)?);
+        let audio = Arc::new(AudioEncoder::load(&weights, &config)?);
         if tokenizer.vocab_size() > config.lfm.vocab_size {
             // Ids beyond the embedding table would be an error at the first such token; say it now.
             return Err(Error::Tokenizer {
@@ -108,6 +111,7 @@ impl Lfm2AudioModel {
             config,
             tokenizer,
             backbone,
+            audio,
         })
     }
 }

@@ -1,7 +1,10 @@
 //! The chat prompt, built exactly as the reference's `ChatState`: `<|startoftext|>`, then turns
 //! `<|im_start|>{role}\n` … `<|im_end|>\n`, each piece tokenized on its own.
 
-use crate::error::Result;
+use candle_core::Tensor;
+
+use crate::backbone::Backbone;
+use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 
 /// What occupies one backbone position.
@@ -19,12 +22,17 @@ pub enum Item {
 #[derive(Debug, Clone)]
 pub struct ChatState {
     items: Vec<Item>,
+    /// Adapter outputs of every audio clip, in order; they fill the `AudioIn` positions.
+    audio_in: Vec<Tensor>,
 }
 
 impl ChatState {
     /// A conversation holding only `<|startoftext|>`.
     pub fn new(tok: &TextTokenizer) -> Result<Self> {
-        let mut chat = Self { items: Vec::new() };
+        let mut chat = Self {
+            items: Vec::new(),
+            audio_in: Vec::new(),
+        };
         chat.push_text(tok, "<|startoftext|>")?;
         Ok(chat)
     }
@@ -42,6 +50,63 @@ impl ChatState {
     /// Closes the current turn: `<|im_end|>\n`.
     pub fn end_turn(&mut self, tok: &TextTokenizer) -> Result<()> {
         self.push_text(tok, "<|im_end|>\n")
+    }
+
+    /// Appends one audio clip's embeddings (`[n, hidden]`, from the audio encoder) as `n`
+    /// `AudioIn` positions, with no marker tokens, as the reference's `add_audio`.
+    pub fn add_audio(&mut self, embeddings: Tensor) -> Result<()> {
+        let n = embeddings.dims2()?.0;
+        self.items.extend(std::iter::repeat_n(Item::AudioIn, n));
+        self.audio_in.push(embeddings);
+        Ok(())
+    }
+
+    /// Input embeddings `[len, hidden]` of positions `from..` : text rows from the backbone's
+    /// table, audio rows from the clips in order.
+    pub fn embeddings(&self, backbone: &Backbone, from: usize) -> Result<Tensor> {
+        let mut parts = Vec::new();
+        let mut clip = 0;
+        let mut row = 0;
+        let mut text_run: Vec<u32> = Vec::new();
+        for (pos, item) in self.items.iter().enumerate() {
+            match item {
+                Item::Text(id) => {
+                    if pos >= from {
+                        text_run.push(*id);
+                    }
+                }
+                Item::AudioIn => {
+                    let emb = self
+                        .audio_in
+                        .get(clip)
+                        .ok_or_else(|| Error::Invalid("audio position without audio".into()))?;
+                    if pos >= from {
+                        if !text_run.is_empty() {
+                            parts.push(backbone.embed_text(&text_run)?);
+                            text_run.clear();
+                        }
+                        parts.push(emb.narrow(0, row, 1)?);
+                    }
+                    row += 1;
+                    if row == emb.dim(0)? {
+                        clip += 1;
+                        row = 0;
+                    }
+                }
+                Item::AudioOut => {
+                    return Err(Error::Invalid(
+                        "generated audio frames are fed by the generation loop".into(),
+                    ));
+                }
+            }
+        }
+        if !text_run.is_empty() {
+            parts.push(backbone.embed_text(&text_run)?);
+        }
+        if parts.is_empty() {
+            return Err(Error::Invalid(format!("no positions from {from} on")));
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// Appends already generated positions (text tokens and audio frames of a reply).

@@ -1,0 +1,75 @@
+//! Audio understanding: 16 kHz waveform → log-mel → FastConformer → adapter → one backbone
+//! embedding per 80 ms.
+
+use candle_core::Tensor;
+
+use crate::config::Lfm2AudioConfig;
+use crate::conformer::{AudioAdapter, Conformer, EncoderConfig};
+use crate::error::{Error, Result};
+use crate::mel::{MelFrontend, PreprocessorConfig};
+use crate::resample::{Resampler, MODEL_RATE};
+use crate::weights::Weights;
+
+/// The shortest clip accepted, in 16 kHz samples: 9 mel frames, the least the reference's
+/// subsampling is documented to handle (`1 + ⌊1280/160⌋ = 9`).
+pub const MIN_SAMPLES: usize = 1280;
+
+/// The mel front-end, encoder and adapter.
+#[derive(Debug)]
+pub struct AudioEncoder {
+    mel: MelFrontend,
+    conformer: Conformer,
+    adapter: AudioAdapter,
+}
+
+impl AudioEncoder {
+    pub fn load(w: &Weights, cfg: &Lfm2AudioConfig) -> Result<Self> {
+        let pre = PreprocessorConfig::from_json(&cfg.preprocessor, &cfg.path)?;
+        let enc = EncoderConfig::from_json(&cfg.encoder, &cfg.path)?;
+        Ok(Self {
+            mel: MelFrontend::new(&pre),
+            conformer: Conformer::load(w, &enc)?,
+            adapter: AudioAdapter::load(w, enc.d_model, cfg.lfm.hidden_size)?,
+        })
+    }
+
+    pub fn mel(&self) -> &MelFrontend {
+        &self.mel
+    }
+
+    pub fn conformer(&self) -> &Conformer {
+        &self.conformer
+    }
+
+    pub fn adapter(&self) -> &AudioAdapter {
+        &self.adapter
+    }
+
+    /// Number of backbone positions a clip of `samples` 16 kHz samples takes.
+    pub fn positions(&self, samples: usize) -> usize {
+        self.conformer.config().output_len(self.mel.frames(samples))
+    }
+
+    /// Backbone embeddings `[positions, hidden]` of a 16 kHz mono clip.
+    pub fn embed(&self, wave: &[f32]) -> Result<Tensor> {
+        if wave.len() < MIN_SAMPLES {
+            return Err(Error::Invalid(format!(
+                "the clip is {} samples ({:.0} ms at 16 kHz); the encoder needs at least {MIN_SAMPLES} (80 ms)",
+                wave.len(),
+                wave.len() as f64 / 16.0
+            )));
+        }
+        let mel = self.mel.compute(wave)?;
+        self.adapter.forward(&self.conformer.forward(&mel)?)
+    }
+
+    /// As [`AudioEncoder::embed`] for audio at any rate, resampled to 16 kHz as the reference does.
+    pub fn embed_at(&self, wave: &[f32], sample_rate: u32) -> Result<Tensor> {
+        if sample_rate == MODEL_RATE {
+            return self.embed(wave);
+        }
+        let wave =
+            Resampler::resample_all(sample_rate, MODEL_RATE, wave).map_err(Error::Invalid)?;
+        self.embed(&wave)
+    }
+}
