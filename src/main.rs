@@ -19,12 +19,15 @@ struct Cli {
 enum Command {
     /// Generate text from a text prompt (text in, streamed text out).
     Generate(cmd::generate::Args),
+    /// Transcribe audio files (speech recognition), streaming the text.
+    Transcribe(cmd::transcribe::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
+        Command::Transcribe(args) => cmd::transcribe::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

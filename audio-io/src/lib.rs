@@ -4,3 +4,4 @@
 //!
 //! Not for: anything that touches the model. This crate moves and measures samples only.
 pub mod file;
+pub mod segment;

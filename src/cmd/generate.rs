@@ -73,7 +73,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &last,
         &mut sampler,
         args.max_new_tokens,
-        Some(tok.special().im_end),
+        &[tok.special().im_end],
         |id| {
             if !json {
                 if let Some(piece) = stream.push(tok, id)? {
