@@ -10,9 +10,11 @@ use crate::mel::{MelFrontend, PreprocessorConfig};
 use crate::resample::{Resampler, MODEL_RATE};
 use crate::weights::Weights;
 
-/// The shortest clip accepted, in 16 kHz samples: 9 mel frames, the least the reference's
-/// subsampling is documented to handle (`1 + ⌊1280/160⌋ = 9`).
-pub const MIN_SAMPLES: usize = 1280;
+/// The shortest clip accepted, in 16 kHz samples (20 ms): two valid mel frames. Below that the
+/// reference's features are all zero (under 160 samples) or its per-feature statistics are
+/// undefined (under 320: a single frame, which the reference rejects on GPU), so a shorter clip
+/// carries no information and is an error here.
+pub const MIN_SAMPLES: usize = 320;
 
 /// The mel front-end, encoder and adapter.
 #[derive(Debug)]
@@ -54,7 +56,7 @@ impl AudioEncoder {
     pub fn embed(&self, wave: &[f32]) -> Result<Tensor> {
         if wave.len() < MIN_SAMPLES {
             return Err(Error::Invalid(format!(
-                "the clip is {} samples ({:.0} ms at 16 kHz); the encoder needs at least {MIN_SAMPLES} (80 ms)",
+                "the clip is {} samples ({:.0} ms at 16 kHz); the encoder needs at least {MIN_SAMPLES} (20 ms)",
                 wave.len(),
                 wave.len() as f64 / 16.0
             )));

@@ -19,15 +19,15 @@ fn model_copy() -> (tempfile::TempDir, PathBuf) {
     (tmp, dir)
 }
 
+/// A tensor as stored: dtype, shape, bytes.
+type Stored = (safetensors::Dtype, Vec<usize>, Vec<u8>);
+
 /// Rewrites `model.safetensors`, letting `edit` replace or drop each tensor.
-fn rewrite_weights(
-    dir: &Path,
-    edit: impl Fn(&str, TensorView<'_>) -> Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)>,
-) {
+fn rewrite_weights(dir: &Path, edit: impl Fn(&str, TensorView<'_>) -> Option<Stored>) {
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let owned: Vec<(String, (safetensors::Dtype, Vec<usize>, Vec<u8>))> = st
+    let owned: Vec<(String, Stored)> = st
         .tensors()
         .into_iter()
         .filter_map(|(name, view)| edit(&name, view).map(|t| (name, t)))
@@ -39,7 +39,7 @@ fn rewrite_weights(
     safetensors::serialize_to_file(views, None, &path).unwrap();
 }
 
-fn keep(view: TensorView<'_>) -> Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+fn keep(view: TensorView<'_>) -> Option<Stored> {
     Some((view.dtype(), view.shape().to_vec(), view.data().to_vec()))
 }
 
