@@ -13,6 +13,7 @@ pub mod backbone;
 pub mod cache;
 pub mod config;
 pub mod conformer;
+pub mod depthformer;
 pub mod error;
 pub mod generate;
 pub mod lfm2;

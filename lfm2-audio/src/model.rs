@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::audio::AudioEncoder;
 use crate::backbone::Backbone;
 use crate::config::Lfm2AudioConfig;
+use crate::depthformer::AudioHead;
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
@@ -84,6 +85,7 @@ pub struct Lfm2AudioModel {
     pub tokenizer: TextTokenizer,
     pub backbone: Arc<Backbone>,
     pub audio: Arc<AudioEncoder>,
+    pub audio_head: Arc<AudioHead>,
 }
 
 impl Lfm2AudioModel {
@@ -95,6 +97,12 @@ impl Lfm2AudioModel {
         let weights = Weights::open(&dir.weights())?;
         let backbone = Arc::new(Backbone::load(&weights, &config.lfm)?);
         let audio = Arc::new(AudioEncoder::load(&weights, &config)?);
+        let audio_head = Arc::new(AudioHead::load(
+            &weights,
+            &config.lfm,
+            &config.depthformer,
+            config.codebooks,
+        )?);
         if tokenizer.vocab_size() > config.lfm.vocab_size {
             // Ids beyond the embedding table would be an error at the first such token; say it now.
             return Err(Error::Tokenizer {
@@ -112,6 +120,7 @@ impl Lfm2AudioModel {
             tokenizer,
             backbone,
             audio,
+            audio_head,
         })
     }
 }
