@@ -21,6 +21,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Transcribe audio files (speech recognition), streaming the text.
     Transcribe(cmd::transcribe::Args),
+    /// Write a random-weight checkpoint with the real model's shapes (for benchmarks and demos).
+    SynthModel(cmd::synth_model::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +30,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Transcribe(args) => cmd::transcribe::run(args),
+        Command::SynthModel(args) => cmd::synth_model::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
