@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod voices;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +22,10 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Transcribe audio files (speech recognition), streaming the text.
     Transcribe(cmd::transcribe::Args),
+    /// Answer a spoken question with speech (interleaved text and audio).
+    Chat(cmd::chat::Args),
+    /// Read text aloud with a voice preset.
+    Speak(cmd::speak::Args),
     /// Write a random-weight checkpoint with the real model's shapes (for benchmarks and demos).
     SynthModel(cmd::synth_model::Args),
 }
@@ -31,6 +36,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Transcribe(args) => cmd::transcribe::run(args),
         Command::SynthModel(args) => cmd::synth_model::run(args),
+        Command::Chat(args) => cmd::chat::run(args),
+        Command::Speak(args) => cmd::speak::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -118,6 +118,15 @@ impl TextTokenizer {
         })
     }
 
+    /// Decodes ids to readable text: special tokens (`<|text_end|>`, `<|audio_start|>`, ...) are
+    /// left out.
+    pub fn decode_readable(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            message: format!("cannot decode {ids:?}: {e}"),
+        })
+    }
+
     /// The text of one id, as stored in the vocabulary.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

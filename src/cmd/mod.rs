@@ -1,4 +1,7 @@
+pub mod chat;
 pub mod generate;
+pub mod speak;
+pub mod speech;
 pub mod synth_model;
 pub mod transcribe;
 
