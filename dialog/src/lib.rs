@@ -3,3 +3,8 @@
 //! translate, speak).
 //!
 //! Not for: running the model or the sound card; it drives them through the engine and audio-io.
+
+pub mod tools;
+
+pub mod reply;
+pub mod turn;
