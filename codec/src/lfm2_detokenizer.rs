@@ -135,6 +135,11 @@ impl Lfm2Detokenizer {
         let (_, _, spec) = self
             .net
             .network(std::slice::from_ref(frame), &mut self.state)?;
+        // Only the last window of positions is ever read again: keep memory flat in long speech.
+        if let Some(back) = self.net.stack.lookback() {
+            self.state
+                .forget_before(self.state.len().saturating_sub(back))?;
+        }
         Network::synthesize(&spec, &mut self.istft)?;
         self.pushed += 1;
         Ok(self.istft.emit(out))

@@ -4,8 +4,8 @@ use candle_core::Tensor;
 
 use crate::config::Lfm2Config;
 use crate::error::{Error, Result};
-use crate::lfm2::{Lfm2, Lfm2State};
-use crate::weights::Weights;
+use crate::lfm2::{Lfm2, Lfm2State, Linear, Table};
+use crate::weights::{WeightClass, Weights};
 
 /// Tensor-name prefix of the backbone in an LFM2-Audio checkpoint.
 pub const PREFIX: &str = "lfm";
@@ -14,18 +14,35 @@ pub const PREFIX: &str = "lfm";
 #[derive(Debug, Clone)]
 pub struct Backbone {
     lfm: Lfm2,
-    /// `[vocab, hidden]`: text input embeddings and, transposed, the text head.
-    embed_tokens: Tensor,
+    /// `[vocab, hidden]`: text input embeddings.
+    embed_tokens: Table,
+    /// The tied text head: the same matrix, as a linear map.
+    head: Linear,
 }
 
 impl Backbone {
     pub fn load(w: &Weights, cfg: &Lfm2Config) -> Result<Self> {
-        let embed_tokens = w.get(
-            &format!("{PREFIX}.embed_tokens.weight"),
-            &[cfg.vocab_size, cfg.hidden_size],
+        // The table is read whole for every text logit, so it is stored as a decode weight.
+        let name = format!("{PREFIX}.embed_tokens.weight");
+        let embed_tokens = Table::load(
+            w,
+            &name,
+            cfg.vocab_size,
+            cfg.hidden_size,
+            WeightClass::Decode,
         )?;
+        let head = embed_tokens.as_linear(w.plan().threads.as_ref());
         let lfm = Lfm2::load(w, PREFIX, cfg)?;
-        Ok(Self { lfm, embed_tokens })
+        Ok(Self {
+            lfm,
+            embed_tokens,
+            head,
+        })
+    }
+
+    /// Bytes of the weights (quantized or f32).
+    pub fn weight_bytes(&self) -> usize {
+        self.embed_tokens.bytes() + self.lfm.weight_bytes()
     }
 
     pub fn config(&self) -> &Lfm2Config {
@@ -56,12 +73,11 @@ impl Backbone {
                 "token id {bad} is outside the model's vocabulary of {vocab}"
             )));
         }
-        let idx = Tensor::new(ids, &candle_core::Device::Cpu)?;
-        Ok(self.embed_tokens.index_select(&idx, 0)?)
+        self.embed_tokens.lookup(ids)
     }
 
     /// Text logits `[T, vocab]` of final-normed hidden states `[T, hidden]`.
     pub fn text_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.matmul(&self.embed_tokens.t()?)?)
+        self.head.forward(hidden)
     }
 }

@@ -13,7 +13,10 @@ use crate::error::Result;
 pub struct PositionCache {
     data: Tensor,
     axis: usize,
+    /// Positions held, starting at `base`.
     len: usize,
+    /// Absolute position of the first row held (positions before it were forgotten).
+    base: usize,
 }
 
 impl PositionCache {
@@ -23,15 +26,44 @@ impl PositionCache {
         let mut dims = shape.to_vec();
         dims[axis] = capacity.max(1);
         let data = Tensor::zeros(dims, DType::F32, &Device::Cpu)?;
-        Ok(Self { data, axis, len: 0 })
+        Ok(Self {
+            data,
+            axis,
+            len: 0,
+            base: 0,
+        })
     }
 
+    /// Positions seen (the end position; forgotten ones included).
     pub fn len(&self) -> usize {
-        self.len
+        self.base + self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// The first position still held.
+    pub fn first(&self) -> usize {
+        self.base
+    }
+
+    /// Drops the positions before `pos` (they can no longer be read), keeping the numbering.
+    /// Bounds the memory of a stream that only ever looks back a fixed distance.
+    pub fn forget_before(&mut self, pos: usize) -> Result<()> {
+        let drop = pos.saturating_sub(self.base).min(self.len);
+        if drop == 0 {
+            return Ok(());
+        }
+        let keep = self.len - drop;
+        if keep > 0 {
+            // A fresh copy: slice_set refuses a source that shares the destination's storage.
+            let rest = self.data.narrow(self.axis, drop, keep)?.copy()?;
+            self.data.slice_set(&rest, self.axis, 0)?;
+        }
+        self.base += drop;
+        self.len = keep;
+        Ok(())
     }
 
     pub fn capacity(&self) -> usize {
@@ -48,7 +80,11 @@ impl PositionCache {
             dims[self.axis] = new_cap;
             let grown = Tensor::zeros(dims, DType::F32, &Device::Cpu)?;
             if self.len > 0 {
-                grown.slice_set(&self.view()?.contiguous()?, self.axis, 0)?;
+                grown.slice_set(
+                    &self.data.narrow(self.axis, 0, self.len)?.contiguous()?,
+                    self.axis,
+                    0,
+                )?;
             }
             self.data = grown;
         }
@@ -58,19 +94,33 @@ impl PositionCache {
         Ok(())
     }
 
-    /// The first `len()` positions.
+    /// The positions held (`first()..len()`).
     pub fn view(&self) -> Result<Tensor> {
         Ok(self.data.narrow(self.axis, 0, self.len)?)
     }
 
-    /// Positions `start..start + n`.
+    /// Positions `start..start + n` (absolute; they must still be held).
     pub fn range(&self, start: usize, n: usize) -> Result<Tensor> {
-        Ok(self.data.narrow(self.axis, start, n)?)
+        if start < self.base || start + n > self.len() {
+            return Err(crate::error::Error::Invalid(format!(
+                "positions {start}..{} are not held (held: {}..{})",
+                start + n,
+                self.base,
+                self.len()
+            )));
+        }
+        Ok(self.data.narrow(self.axis, start - self.base, n)?)
     }
 
-    /// Keeps the first `len` positions (no-op if there are fewer).
+    /// Keeps the positions before `len` (no-op if there are fewer). Forgotten positions cannot
+    /// come back: truncating before the first one held empties the cache and restarts it at 0.
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+        self.len = len.saturating_sub(self.base).min(self.len);
+        if len < self.base {
+            // Nothing before `base` can be restored; an empty cache restarts the numbering.
+            self.base = 0;
+            self.len = 0;
+        }
     }
 }
 
@@ -97,6 +147,26 @@ mod tests {
         let v = c.view()?.to_vec3::<f32>()?;
         assert_eq!(v[0][1], vec![10.0, 11.0, 12.0]);
         assert_eq!(v[1][3], vec![7.0, 7.0, 7.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn forgetting_keeps_the_numbering() -> Result<()> {
+        let mut c = PositionCache::new(&[0, 2], 0, 4)?;
+        for i in 0..6 {
+            c.append(&Tensor::full(i as f32, (1, 2), &Device::Cpu)?)?;
+        }
+        c.forget_before(4)?;
+        assert_eq!((c.first(), c.len()), (4, 6));
+        assert_eq!(
+            c.range(4, 2)?.to_vec2::<f32>()?,
+            vec![vec![4.0, 4.0], vec![5.0, 5.0]]
+        );
+        assert!(c.range(3, 1).is_err());
+        c.append(&Tensor::full(6f32, (1, 2), &Device::Cpu)?)?;
+        assert_eq!(c.range(6, 1)?.to_vec2::<f32>()?, vec![vec![6.0, 6.0]]);
+        c.truncate(0);
+        assert_eq!(c.len(), 0);
         Ok(())
     }
 }

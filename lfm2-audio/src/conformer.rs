@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use crate::config::Reader;
 use crate::error::{Error, Result};
 use crate::lfm2::Linear;
-use crate::weights::Weights;
+use crate::weights::{WeightClass, Weights};
 
 /// Epsilon of every LayerNorm and BatchNorm of the encoder and adapter.
 const NORM_EPS: f64 = 1e-5;
@@ -262,7 +262,14 @@ impl Subsampling {
             stages.push((dw, pw_w, pw_b));
             freq = freq.div_ceil(2);
         }
-        let out = Linear::load(w, &format!("{p}.out"), cfg.d_model, c * freq, true)?;
+        let out = Linear::load_class(
+            w,
+            &format!("{p}.out"),
+            cfg.d_model,
+            c * freq,
+            true,
+            WeightClass::Auxiliary,
+        )?;
         Ok(Self {
             first,
             stages,
@@ -329,8 +336,22 @@ struct FeedForward {
 impl FeedForward {
     fn load(w: &Weights, name: &str, d: usize, ff: usize) -> Result<Self> {
         Ok(Self {
-            linear1: Linear::load(w, &format!("{name}.linear1"), ff, d, true)?,
-            linear2: Linear::load(w, &format!("{name}.linear2"), d, ff, true)?,
+            linear1: Linear::load_class(
+                w,
+                &format!("{name}.linear1"),
+                ff,
+                d,
+                true,
+                WeightClass::Auxiliary,
+            )?,
+            linear2: Linear::load_class(
+                w,
+                &format!("{name}.linear2"),
+                d,
+                ff,
+                true,
+                WeightClass::Auxiliary,
+            )?,
         })
     }
 
@@ -360,11 +381,46 @@ impl RelPosAttention {
     fn load(w: &Weights, name: &str, d: usize, heads: usize) -> Result<Self> {
         let d_k = d / heads;
         Ok(Self {
-            q: Linear::load(w, &format!("{name}.linear_q"), d, d, true)?,
-            k: Linear::load(w, &format!("{name}.linear_k"), d, d, true)?,
-            v: Linear::load(w, &format!("{name}.linear_v"), d, d, true)?,
-            out: Linear::load(w, &format!("{name}.linear_out"), d, d, true)?,
-            pos: Linear::load(w, &format!("{name}.linear_pos"), d, d, false)?,
+            q: Linear::load_class(
+                w,
+                &format!("{name}.linear_q"),
+                d,
+                d,
+                true,
+                WeightClass::Auxiliary,
+            )?,
+            k: Linear::load_class(
+                w,
+                &format!("{name}.linear_k"),
+                d,
+                d,
+                true,
+                WeightClass::Auxiliary,
+            )?,
+            v: Linear::load_class(
+                w,
+                &format!("{name}.linear_v"),
+                d,
+                d,
+                true,
+                WeightClass::Auxiliary,
+            )?,
+            out: Linear::load_class(
+                w,
+                &format!("{name}.linear_out"),
+                d,
+                d,
+                true,
+                WeightClass::Auxiliary,
+            )?,
+            pos: Linear::load_class(
+                w,
+                &format!("{name}.linear_pos"),
+                d,
+                d,
+                false,
+                WeightClass::Auxiliary,
+            )?,
             bias_u: w
                 .get(&format!("{name}.pos_bias_u"), &[heads, d_k])?
                 .unsqueeze(1)?,
@@ -422,9 +478,19 @@ struct ConvModule {
 
 impl ConvModule {
     fn load(w: &Weights, name: &str, d: usize, kernel: usize) -> Result<Self> {
-        let pw1 = w
-            .get(&format!("{name}.pointwise_conv1.weight"), &[2 * d, d, 1])?
-            .reshape((2 * d, d))?;
+        // The 1×1 convolutions are linear maps over channels: stored [out, in, 1].
+        let pointwise = |conv: &str, out: usize, bias: Tensor| {
+            let wname = format!("{name}.{conv}.weight");
+            Linear::from_matrix(
+                w,
+                &wname,
+                out,
+                d,
+                Some(bias),
+                WeightClass::Auxiliary,
+                || Ok(w.get(&wname, &[out, d, 1])?.reshape((out, d))?),
+            )
+        };
         let pw1_b = w.get(&format!("{name}.pointwise_conv1.bias"), &[2 * d])?;
         let dw = w
             .get(&format!("{name}.depthwise_conv.weight"), &[d, 1, kernel])?
@@ -440,16 +506,13 @@ impl ConvModule {
         // (conv + b − mean)/√(var + eps)·γ + β = conv·a + ((b − mean)·a + β), a = γ/√(var + eps).
         let scale = gamma.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
         let shift = ((dw_b - mean)? * &scale)?.add(&beta)?;
-        let pw2 = w
-            .get(&format!("{name}.pointwise_conv2.weight"), &[d, d, 1])?
-            .reshape((d, d))?;
         let pw2_b = w.get(&format!("{name}.pointwise_conv2.bias"), &[d])?;
         Ok(Self {
-            pointwise1: Linear::from_weight(pw1, Some(pw1_b)),
+            pointwise1: pointwise("pointwise_conv1", 2 * d, pw1_b)?,
             depthwise: dw.t()?.contiguous()?,
             scale,
             shift,
-            pointwise2: Linear::from_weight(pw2, Some(pw2_b)),
+            pointwise2: pointwise("pointwise_conv2", d, pw2_b)?,
             d,
             kernel,
         })
@@ -608,8 +671,22 @@ impl AudioAdapter {
         let inner = shape.first().copied().unwrap_or(0);
         Ok(Self {
             norm: LayerNorm::load(w, &format!("{p}.0"), d_model)?,
-            fc1: Linear::load(w, &format!("{p}.1"), inner, d_model, true)?,
-            fc2: Linear::load(w, &format!("{p}.3"), hidden, inner, true)?,
+            fc1: Linear::load_class(
+                w,
+                &format!("{p}.1"),
+                inner,
+                d_model,
+                true,
+                WeightClass::Auxiliary,
+            )?,
+            fc2: Linear::load_class(
+                w,
+                &format!("{p}.3"),
+                hidden,
+                inner,
+                true,
+                WeightClass::Auxiliary,
+            )?,
         })
     }
 

@@ -10,9 +10,9 @@ use candle_core::{Device, Tensor};
 
 use crate::config::{DepthformerConfig, Lfm2Config};
 use crate::error::{Error, Result};
-use crate::lfm2::{FeedForward, Linear, RmsNorm};
+use crate::lfm2::{FeedForward, Linear, RmsNorm, Table};
 use crate::sampling::Sampler;
-use crate::weights::Weights;
+use crate::weights::{WeightClass, Weights};
 
 /// Codes per codebook: the 2048 Mimi codes and the end-of-audio code.
 pub const CODEBOOK_SIZE: usize = 2049;
@@ -44,16 +44,16 @@ struct DepthLayer {
 /// Per-codebook embedding (the input for the next codebook) and logits head.
 #[derive(Debug, Clone)]
 struct CodebookHead {
-    embedding: Tensor,
+    embedding: Table,
     norm: RmsNorm,
-    to_logits: Tensor,
+    to_logits: Linear,
 }
 
 /// The audio output head of LFM2-Audio.
 #[derive(Debug, Clone)]
 pub struct AudioHead {
     /// `[codebooks · 2049, hidden]`: frame embedding rows, codebook c at offset c · 2049.
-    audio_embedding: Tensor,
+    audio_embedding: Table,
     depth_linear: Linear,
     layers: Vec<DepthLayer>,
     codebooks: Vec<CodebookHead>,
@@ -95,9 +95,12 @@ impl AudioHead {
                 ),
             });
         }
-        let audio_embedding = w.get(
+        let audio_embedding = Table::load(
+            w,
             "audio_embedding.embedding.weight",
-            &[n_codebooks * CODEBOOK_SIZE, hidden],
+            n_codebooks * CODEBOOK_SIZE,
+            hidden,
+            WeightClass::Auxiliary,
         )?;
         let depth_linear = Linear::load(w, "depth_linear", n_codebooks * dim, hidden, true)?;
         let qkv_out = dim + 2 * KV_HEADS * head_dim;
@@ -132,13 +135,29 @@ impl AudioHead {
         let mut codebooks = Vec::with_capacity(n_codebooks);
         for c in 0..n_codebooks {
             let p = format!("depth_embeddings.{c}");
-            let embedding = w.get(&format!("{p}.embedding.weight"), &[CODEBOOK_SIZE, dim])?;
+            let emb_name = format!("{p}.embedding.weight");
+            let embedding = Table::load(w, &emb_name, CODEBOOK_SIZE, dim, WeightClass::Auxiliary)?;
             // A tied head stores no `to_logits`; the embedding table serves as the projection.
             let logits_name = format!("{p}.to_logits.weight");
             let to_logits = if w.contains(&logits_name) {
-                w.get(&logits_name, &[CODEBOOK_SIZE, dim])?
+                Linear::load_class(
+                    w,
+                    &format!("{p}.to_logits"),
+                    CODEBOOK_SIZE,
+                    dim,
+                    false,
+                    WeightClass::Decode,
+                )?
             } else if cfg.tie {
-                embedding.clone()
+                Linear::from_matrix(
+                    w,
+                    &emb_name,
+                    CODEBOOK_SIZE,
+                    dim,
+                    None,
+                    WeightClass::Decode,
+                    || w.get(&emb_name, &[CODEBOOK_SIZE, dim]),
+                )?
             } else {
                 return Err(Error::MissingTensor {
                     path: w.path().to_owned(),
@@ -200,8 +219,7 @@ impl AudioHead {
             }
             rows.push(code + (c * CODEBOOK_SIZE) as u32);
         }
-        let idx = Tensor::new(rows.as_slice(), &Device::Cpu)?;
-        Ok(self.audio_embedding.index_select(&idx, 0)?.sum(0)?)
+        Ok(self.audio_embedding.lookup(&rows)?.sum(0)?)
     }
 
     /// Samples one frame from a final-normed backbone hidden state `[hidden]`.
@@ -248,13 +266,12 @@ impl AudioHead {
                 x = (h + ff)?;
             }
             let logits = head
-                .norm
-                .forward(&x)?
-                .matmul(&head.to_logits.t()?)?
+                .to_logits
+                .forward(&head.norm.forward(&x)?)?
                 .squeeze(0)?;
             let code = sampler.sample(&logits.to_vec1::<f32>()?);
             frame.push(code);
-            prev = Some(head.embedding.narrow(0, code as usize, 1)?);
+            prev = Some(head.embedding.lookup(&[code])?);
             if trace {
                 outputs.push(x);
                 all_logits.push(logits.unsqueeze(0)?);

@@ -5,24 +5,38 @@
 //! LFM2.5 audio detokenizer (width 512, a 30-position sliding window). Inputs are `[T, hidden]`
 //! (batch 1); positions continue from what the [`Lfm2State`] already holds.
 
-use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
 use crate::cache::PositionCache;
 use crate::config::{LayerKind, Lfm2Config};
 use crate::error::{Error, Result};
-use crate::weights::Weights;
+use crate::quant::{Format, QMatrix, Threads};
+use crate::weights::{Matrix, WeightClass, Weights};
 
 /// Initial room, in positions, of each layer's caches; they grow by doubling.
 const INITIAL_CAPACITY: usize = 256;
 
-/// A bias-free or biased linear map stored as `[out, in]`, as in the checkpoint.
+/// A linear map `y = x·Wᵀ (+ b)` with `W` stored `[out, in]` as in the checkpoint, either in f32
+/// (the exact path) or block-quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Quantized {
+        q: Arc<QMatrix>,
+        threads: Arc<Threads>,
+    },
+}
+
 impl Linear {
+    /// Loads `{name}.weight` (and `{name}.bias`) as a [`WeightClass::Decode`] matrix.
     pub fn load(
         w: &Weights,
         name: &str,
@@ -30,30 +44,212 @@ impl Linear {
         in_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
+        Self::load_class(w, name, out_dim, in_dim, bias, WeightClass::Decode)
+    }
+
+    /// Loads a linear map stored in the format the plan gives `class`.
+    pub fn load_class(
+        w: &Weights,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+        class: WeightClass,
+    ) -> Result<Self> {
+        let wname = format!("{name}.weight");
         let bias = if bias {
             Some(w.get(&format!("{name}.bias"), &[out_dim])?)
         } else {
             None
         };
+        Self::from_matrix(w, &wname, out_dim, in_dim, bias, class, || {
+            w.get(&wname, &[out_dim, in_dim])
+        })
+    }
+
+    /// A linear map of the `[out, in]` weight that `load` gives (for weights stored in another
+    /// shape or shared with another tensor), quantized as the plan says; `name` identifies it
+    /// in the quantization cache.
+    pub fn from_matrix(
+        w: &Weights,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: Option<Tensor>,
+        class: WeightClass,
+        load: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Self> {
+        let weight = match w.matrix(name, out_dim, in_dim, class, load)? {
+            Matrix::Dense(t) => Weight::Dense(t),
+            Matrix::Quantized(q) => {
+                let threads =
+                    w.plan().threads.clone().ok_or_else(|| {
+                        Error::Invalid("quantized weights need a thread pool".into())
+                    })?;
+                Weight::Quantized {
+                    q: Arc::new(q),
+                    threads,
+                }
+            }
+        };
         Ok(Self { weight, bias })
     }
 
+    /// An f32 linear map.
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight: Weight::Dense(weight),
+            bias,
+        }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match &self.weight {
+            Weight::Dense(w) => w.dims2().unwrap_or((0, 0)),
+            Weight::Quantized { q, .. } => (q.rows(), q.cols()),
+        }
+    }
+
+    /// The storage format (`None` for f32).
+    pub fn format(&self) -> Option<Format> {
+        match &self.weight {
+            Weight::Dense(_) => None,
+            Weight::Quantized { q, .. } => Some(q.format()),
+        }
+    }
+
+    /// Bytes the weight occupies.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => w.elem_count() * 4,
+            Weight::Quantized { q, .. } => q.ggml_bytes(),
+        }
     }
 
     /// `x · Wᵀ (+ b)` for `x` of shape `[T, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match &self.weight {
+            Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Quantized { q, threads } => {
+                let (t, k) = x.dims2()?;
+                let x = x.contiguous()?;
+                let mut y = vec![0f32; t * q.rows()];
+                with_f32_slice(&x, |xs| {
+                    if t == 1 {
+                        q.matvec(xs, &mut y, threads)
+                    } else {
+                        q.matmul(xs, t, &mut y, threads)
+                    }
+                })?;
+                debug_assert_eq!(k, q.cols());
+                Tensor::from_vec(y, (t, q.rows()), &Device::Cpu)?
+            }
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// Runs `f` on the f32 data of a contiguous CPU tensor, without copying it.
+pub fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = x.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => f(&data[start..end]),
+        _ => Err(Error::Invalid(
+            "expected a contiguous f32 CPU tensor".into(),
+        )),
+    }
+}
+
+/// A table of rows looked up by index (token or code embeddings), in f32 or block-quantized.
+#[derive(Debug, Clone)]
+pub enum Table {
+    Dense(Tensor),
+    Quantized(Arc<QMatrix>),
+}
+
+impl Table {
+    /// Loads a `[rows, dim]` table, stored in the format the plan gives `class`.
+    pub fn load(
+        w: &Weights,
+        name: &str,
+        rows: usize,
+        dim: usize,
+        class: WeightClass,
+    ) -> Result<Self> {
+        Ok(
+            match w.matrix(name, rows, dim, class, || w.get(name, &[rows, dim]))? {
+                Matrix::Dense(t) => Table::Dense(t),
+                Matrix::Quantized(q) => Table::Quantized(Arc::new(q)),
+            },
+        )
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            Table::Dense(t) => t.dims()[0],
+            Table::Quantized(q) => q.rows(),
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        match self {
+            Table::Dense(t) => t.dims().get(1).copied().unwrap_or(0),
+            Table::Quantized(q) => q.cols(),
+        }
+    }
+
+    /// Rows `ids` as `[ids.len(), dim]`. Ids must be below `rows()`.
+    pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.rows()) {
+            return Err(Error::Invalid(format!(
+                "row {bad} is outside a table of {} rows",
+                self.rows()
+            )));
+        }
+        match self {
+            Table::Dense(t) => Ok(t.index_select(&Tensor::new(ids, &Device::Cpu)?, 0)?),
+            Table::Quantized(q) => {
+                let dim = q.cols();
+                let mut out = vec![0f32; ids.len() * dim];
+                for (row, &id) in out.chunks_mut(dim).zip(ids) {
+                    q.dequantize_row(id as usize, row)?;
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), dim), &Device::Cpu)?)
+            }
+        }
+    }
+
+    /// Bytes the table occupies.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Table::Dense(t) => t.elem_count() * 4,
+            Table::Quantized(q) => q.ggml_bytes(),
+        }
+    }
+
+    /// The table used as the weight of a linear map (a tied output head).
+    pub fn as_linear(&self, threads: Option<&Arc<Threads>>) -> Linear {
+        match (self, threads) {
+            (Table::Quantized(q), Some(threads)) => Linear {
+                weight: Weight::Quantized {
+                    q: Arc::clone(q),
+                    threads: Arc::clone(threads),
+                },
+                bias: None,
+            },
+            (Table::Quantized(q), None) => Linear::from_weight(
+                Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)
+                    .unwrap_or_else(|_| {
+                        Tensor::zeros((0, 0), DType::F32, &Device::Cpu).expect("empty tensor")
+                    }),
+                None,
+            ),
+            (Table::Dense(t), _) => Linear::from_weight(t.clone(), None),
+        }
     }
 }
 
@@ -96,6 +292,10 @@ impl FeedForward {
             w2: Linear::load(w, &format!("{prefix}.w2"), dim, ff_dim, false)?,
             w3: Linear::load(w, &format!("{prefix}.w3"), ff_dim, dim, false)?,
         })
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.w1.weight_bytes() + self.w2.weight_bytes() + self.w3.weight_bytes()
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -423,6 +623,23 @@ impl Lfm2State {
         }
         self.len = self.len.min(len);
     }
+
+    /// Drops what is cached for positions before `pos`, keeping the numbering, to bound the
+    /// memory of a long stream through a windowed stack: with a sliding window `w` and
+    /// convolution kernel `k`, positions before `len() − max(w − 1, k − 1)` are never read again.
+    /// Reading a forgotten position later (full attention, truncation before it) is an error.
+    pub fn forget_before(&mut self, pos: usize) -> Result<()> {
+        for layer in &mut self.layers {
+            match layer {
+                LayerState::Conv(u) => u.forget_before(pos)?,
+                LayerState::Attention { k, v } => {
+                    k.forget_before(pos)?;
+                    v.forget_before(pos)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A loaded LFM2 stack (without token embeddings).
@@ -464,6 +681,37 @@ impl Lfm2 {
 
     pub fn config(&self) -> &Lfm2Config {
         &self.cfg
+    }
+
+    /// Bytes of the layer weights (quantized or f32).
+    pub fn weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                let ops = match &l.operator {
+                    Operator::Conv(c) => c.in_proj.weight_bytes() + c.out_proj.weight_bytes(),
+                    Operator::Attention(a) => {
+                        a.q_proj.weight_bytes()
+                            + a.k_proj.weight_bytes()
+                            + a.v_proj.weight_bytes()
+                            + a.out_proj.weight_bytes()
+                    }
+                };
+                ops + l.feed_forward.weight_bytes()
+            })
+            .sum()
+    }
+
+    /// How far back a position is ever read: `max(window − 1, kernel − 1)` with a sliding window,
+    /// `None` (everything) with full attention.
+    pub fn lookback(&self) -> Option<usize> {
+        let conv = self.cfg.conv_kernel.saturating_sub(1);
+        if !self.cfg.layer_types.contains(&LayerKind::Attention) {
+            return Some(conv);
+        }
+        self.cfg
+            .sliding_window
+            .map(|w| w.saturating_sub(1).max(conv))
     }
 
     /// A fresh state with no positions.

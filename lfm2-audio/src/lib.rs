@@ -20,6 +20,7 @@ pub mod lfm2;
 pub mod mel;
 pub mod model;
 pub mod prompt;
+pub mod quant;
 pub mod resample;
 pub mod sampling;
 pub mod session;

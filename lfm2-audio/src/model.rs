@@ -17,7 +17,7 @@ use crate::config::Lfm2AudioConfig;
 use crate::depthformer::AudioHead;
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
-use crate::weights::Weights;
+use crate::weights::{QuantPlan, Weights};
 
 /// File name of the Mimi codec weights inside a model directory.
 pub const MIMI_FILE: &str = "tokenizer-e351c8d8-checkpoint125.safetensors";
@@ -89,12 +89,17 @@ pub struct Lfm2AudioModel {
 }
 
 impl Lfm2AudioModel {
-    /// Loads a model directory, checking every file and tensor it reads.
+    /// Loads a model directory in f32 (the exact path), checking every file and tensor it reads.
     pub fn load(root: &Path) -> Result<Self> {
+        Self::load_with(root, QuantPlan::f32())
+    }
+
+    /// Loads a model directory, storing large matrices as `plan` says.
+    pub fn load_with(root: &Path, plan: QuantPlan) -> Result<Self> {
         let dir = ModelDir::open(root)?;
         let config = Lfm2AudioConfig::from_file(&dir.config())?;
         let tokenizer = TextTokenizer::from_file(&dir.tokenizer())?;
-        let weights = Weights::open(&dir.weights())?;
+        let weights = Weights::open(&dir.weights())?.with_plan(plan);
         let backbone = Arc::new(Backbone::load(&weights, &config.lfm)?);
         let audio = Arc::new(AudioEncoder::load(&weights, &config)?);
         let audio_head = Arc::new(AudioHead::load(
@@ -103,6 +108,9 @@ impl Lfm2AudioModel {
             &config.depthformer,
             config.codebooks,
         )?);
+        // Quantizing takes seconds; the next start reads the result back. A model directory
+        // that cannot be written to only costs that time again.
+        let _ = weights.save_cache();
         if tokenizer.vocab_size() > config.lfm.vocab_size {
             // Ids beyond the embedding table would be an error at the first such token; say it now.
             return Err(Error::Tokenizer {

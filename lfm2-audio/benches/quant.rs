@@ -1,0 +1,452 @@
+//! Throughput of the quantized kernels (`lfm2_audio::quant`) next to candle's own quantized
+//! matmul on the same shapes and data, in one run:
+//!
+//!     cargo bench -p lfm2-audio --bench quant [-- --quick] [--no-candle]
+//!         [--sections roof,mv,hot,mm,overhead] [--kernels avx512-vnni,scalar]
+//!
+//! matvec (decode) is reported as GB/s of weight bytes read (GGML size), with the weights rotated
+//! through enough copies to exceed the L3 cache, as in real decoding where ~1.2 GB of weights
+//! stream past per token. matmul (prefill) is reported as GOPS (2 * rows * cols * tokens / s)
+//! and as the equivalent backbone tokens/s, GOPS * 1e9 / (2 * 1.04e9). Every figure is the median
+//! of several runs. candle's thread count is fixed per process, so its figures come from child
+//! processes started with CANDLE_NUM_THREADS = 1 and 2.
+
+use lfm2_audio::quant::{Format, Kernel, QMatrix, Threads};
+use std::time::{Duration, Instant};
+
+const MV_SHAPES: [(usize, usize); 4] = [(2048, 8192), (8192, 2048), (6144, 2048), (65536, 2048)];
+const MM_SHAPES: [(usize, usize); 3] = [(2048, 8192), (8192, 2048), (6144, 2048)];
+const PREFILL: usize = 512;
+/// Tokens for the scalar kernel's matmul (512 would take minutes).
+const PREFILL_SCALAR: usize = 16;
+const BACKBONE_PARAMS: f64 = 1.04e9;
+const FORMATS: [Format; 2] = [Format::Q8_0, Format::Q4_0];
+
+struct Cfg {
+    runs: usize,
+    /// Weight bytes the copies of a matrix must add up to (well above the 32 MB L3).
+    cold_bytes: usize,
+    /// Minimum duration of one timed run.
+    run_time: Duration,
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let u = (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+        (u - 0.5) * 2.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+fn weights(rows: usize, cols: usize) -> Vec<f32> {
+    Rng(0x1234_5678_9ABC_DEF1 ^ (rows * 31 + cols) as u64).vec(rows * cols)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds per call of `f`, calling it round-robin over `copies` items; each run lasts at
+/// least `cfg.run_time` and makes at least `min_calls` calls.
+fn time_calls(cfg: &Cfg, min_calls: usize, mut f: impl FnMut(usize)) -> f64 {
+    f(0); // warm-up (page faults, lazy repacking, thread wake-up)
+    let mut per_call = Vec::with_capacity(cfg.runs);
+    for _ in 0..cfg.runs {
+        let start = Instant::now();
+        let mut calls = 0;
+        while calls < min_calls || start.elapsed() < cfg.run_time {
+            f(calls);
+            calls += 1;
+        }
+        per_call.push(start.elapsed().as_secs_f64() / calls as f64);
+    }
+    median(per_call)
+}
+
+fn copies_for(bytes: usize, cfg: &Cfg) -> usize {
+    cfg.cold_bytes.div_ceil(bytes).max(1)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let cfg = Cfg {
+        runs: if quick { 3 } else { 7 },
+        cold_bytes: 160 << 20,
+        run_time: Duration::from_millis(if quick { 30 } else { 100 }),
+    };
+    if let Ok(n) = std::env::var("QUANT_BENCH_CANDLE_CHILD") {
+        candle::child(&cfg, n.parse().unwrap_or(1));
+        return;
+    }
+    let candle_rows = if args.iter().any(|a| a == "--no-candle" || a == "--sections") {
+        Vec::new()
+    } else {
+        candle::run_children(quick)
+    };
+    let list = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>())
+    };
+    let sections = list("--sections");
+    let on = |s: &str| sections.as_ref().is_none_or(|l| l.iter().any(|x| x == s));
+    let kernels: Vec<Kernel> = match list("--kernels") {
+        Some(names) => Kernel::supported()
+            .into_iter()
+            .filter(|k| names.iter().any(|n| n == k.name()))
+            .collect(),
+        None => Kernel::supported(),
+    };
+    println!(
+        "lfm2-audio quantized kernels; {} cores available; kernels: {}; median of {} runs",
+        Threads::available(),
+        kernels
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.runs
+    );
+    let pools: Vec<(Kernel, [Threads; 2])> = kernels
+        .iter()
+        .map(|&k| {
+            let p1 = Threads::with_kernel(1, k).expect("supported");
+            let p2 = Threads::with_kernel(2, k).expect("supported");
+            (k, [p1, p2])
+        })
+        .collect();
+
+    // ---- memory roofline ----------------------------------------------------------------------
+    if on("roof") {
+        let roof = read_bandwidth(&cfg, &pools[0].1);
+        println!(
+            "memory read bandwidth measured in this run (plain sum over {} MB, same pool): \
+         {:.1} GB/s with 1 thread, {:.1} GB/s with 2",
+            ROOF_BYTES >> 20,
+            roof[0],
+            roof[1]
+        );
+    }
+
+    // ---- matvec -----------------------------------------------------------------------------
+    if on("mv") {
+        println!();
+        println!("## matvec (decode, one token): GB/s of weights read, weights cold (> L3)");
+        println!();
+        println!("| format | rows x cols | MB | kernel | 1 thread | 2 threads |");
+        println!("|---|---|---|---|---|---|");
+        for format in FORMATS {
+            for (rows, cols) in MV_SHAPES {
+                let m = QMatrix::quantize(&weights(rows, cols), rows, cols, format).unwrap();
+                let bytes = m.ggml_bytes();
+                let copies: Vec<QMatrix> =
+                    (0..copies_for(bytes, &cfg)).map(|_| m.clone()).collect();
+                drop(m);
+                let x = Rng(7).vec(cols);
+                let mut y = vec![0f32; rows];
+                for (k, pool) in &pools {
+                    let mut gbs = [0f64; 2];
+                    for (i, p) in pool.iter().enumerate() {
+                        let s = time_calls(&cfg, copies.len(), |c| {
+                            copies[c % copies.len()].matvec(&x, &mut y, p).unwrap()
+                        });
+                        gbs[i] = bytes as f64 / s / 1e9;
+                    }
+                    println!(
+                        "| {format} | {rows}x{cols} | {:.1} | {k} | {:.1} | {:.1} |",
+                        bytes as f64 / 1e6,
+                        gbs[0],
+                        gbs[1]
+                    );
+                }
+                candle::print_rows(&candle_rows, "mv", format, rows, cols, bytes);
+            }
+        }
+    }
+
+    // ---- matvec, cache-resident: kernel speed without the memory wall -------------------------
+    if on("hot") {
+        println!();
+        println!("## matvec, weights hot in L3 (one 2048x2048 matrix reused): GB/s");
+        println!();
+        println!("| format | kernel | 1 thread | 2 threads |");
+        println!("|---|---|---|---|");
+        for format in FORMATS {
+            let m = QMatrix::quantize(&weights(2048, 2048), 2048, 2048, format).unwrap();
+            let x = Rng(8).vec(2048);
+            let mut y = vec![0f32; 2048];
+            for (k, pool) in &pools {
+                let mut gbs = [0f64; 2];
+                for (i, p) in pool.iter().enumerate() {
+                    let s = time_calls(&cfg, 1, |_| m.matvec(&x, &mut y, p).unwrap());
+                    gbs[i] = m.ggml_bytes() as f64 / s / 1e9;
+                }
+                println!("| {format} | {k} | {:.1} | {:.1} |", gbs[0], gbs[1]);
+            }
+        }
+    }
+
+    // ---- matmul -----------------------------------------------------------------------------
+    if on("mm") {
+        println!();
+        println!(
+            "## matmul (prefill, {PREFILL} tokens; scalar: {PREFILL_SCALAR}): GOPS \
+         (backbone-equivalent tokens/s)"
+        );
+        println!();
+        println!("| format | rows x cols | kernel | 1 thread | 2 threads |");
+        println!("|---|---|---|---|---|");
+        let mm_cfg = Cfg {
+            runs: if quick { 3 } else { 5 },
+            run_time: Duration::from_millis(1),
+            ..cfg
+        };
+        for format in FORMATS {
+            for (rows, cols) in MM_SHAPES {
+                let m = QMatrix::quantize(&weights(rows, cols), rows, cols, format).unwrap();
+                for (k, pool) in &pools {
+                    let t = if *k == Kernel::Scalar {
+                        PREFILL_SCALAR
+                    } else {
+                        PREFILL
+                    };
+                    let x = Rng(9).vec(t * cols);
+                    let mut y = vec![0f32; t * rows];
+                    let mut cells = Vec::new();
+                    for p in pool {
+                        let s = time_calls(&mm_cfg, 1, |_| m.matmul(&x, t, &mut y, p).unwrap());
+                        let gops = 2.0 * (rows * cols * t) as f64 / s / 1e9;
+                        cells.push(format!(
+                            "{gops:.0} ({:.0} tok/s)",
+                            gops * 1e9 / (2.0 * BACKBONE_PARAMS)
+                        ));
+                    }
+                    println!(
+                        "| {format} | {rows}x{cols} | {k} | {} | {} |",
+                        cells[0], cells[1]
+                    );
+                }
+                candle::print_rows(&candle_rows, "mm", format, rows, cols, 0);
+            }
+        }
+    }
+
+    // ---- per-call overhead --------------------------------------------------------------------
+    if !on("overhead") {
+        return;
+    }
+    println!();
+    println!("## per-call overhead, µs (best kernel)");
+    println!();
+    let best = Kernel::best();
+    let pool2 = Threads::with_kernel(2, best).unwrap();
+    let pool1 = Threads::with_kernel(1, best).unwrap();
+    let fast = Cfg {
+        runs: cfg.runs,
+        cold_bytes: 0,
+        run_time: Duration::from_millis(50),
+    };
+    let us = |s: f64| s * 1e6;
+    let empty = time_calls(&fast, 1, |_| pool2.run(|_| {}));
+    println!(
+        "- empty fork/join on 2 threads (worker spinning): {:.2}",
+        us(empty)
+    );
+    let tiny = QMatrix::quantize(&weights(64, 512), 64, 512, Format::Q8_0).unwrap();
+    let (x, mut y) = (Rng(10).vec(512), vec![0f32; 64]);
+    let t1 = time_calls(&fast, 1, |_| tiny.matvec(&x, &mut y, &pool1).unwrap());
+    println!(
+        "- 64x512 Q8_0 matvec (run on the calling thread): {:.2}",
+        us(t1)
+    );
+    let small = QMatrix::quantize(&weights(512, 2048), 512, 2048, Format::Q4_0).unwrap();
+    let (x, mut y) = (Rng(11).vec(2048), vec![0f32; 512]);
+    for (n, p) in [(1, &pool1), (2, &pool2)] {
+        let t = time_calls(&fast, 1, |_| small.matvec(&x, &mut y, p).unwrap());
+        println!(
+            "- 512x2048 Q4_0 matvec (576 KB, L2/L3-hot), {n} thread(s): {:.2}",
+            us(t)
+        );
+    }
+    pool2.set_spin(Duration::ZERO);
+    let parked = Cfg {
+        runs: cfg.runs,
+        cold_bytes: 0,
+        run_time: Duration::from_millis(20),
+    };
+    let wake = time_calls(&parked, 1, |_| {
+        std::thread::sleep(Duration::from_micros(300));
+        let t = Instant::now();
+        pool2.run(|_| {});
+        std::hint::black_box(t.elapsed());
+    });
+    println!(
+        "- fork/join waking a parked worker (incl. a 300 µs sleep before each call): {:.1}",
+        us(wake) - 300.0
+    );
+}
+
+const ROOF_BYTES: usize = 256 << 20;
+
+/// GB/s of a plain read of a large buffer (u64 sums, vectorized by the compiler), split over the
+/// pool the same way the products are: the bandwidth the matvec figures should be compared to.
+fn read_bandwidth(cfg: &Cfg, pools: &[Threads; 2]) -> [f64; 2] {
+    let buf: Vec<u64> = (0..ROOF_BYTES / 8).map(|i| i as u64).collect();
+    let chunk = 1 << 16; // u64 per claimed chunk (512 KB)
+    let mut out = [0f64; 2];
+    for (i, p) in pools.iter().enumerate() {
+        let s = time_calls(cfg, 1, |_| {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let total = std::sync::atomic::AtomicU64::new(0);
+            p.run(|_| loop {
+                let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if c * chunk >= buf.len() {
+                    break;
+                }
+                let part = &buf[c * chunk..((c + 1) * chunk).min(buf.len())];
+                let mut acc = [0u64; 8];
+                for v in part.chunks_exact(8) {
+                    for k in 0..8 {
+                        acc[k] = acc[k].wrapping_add(v[k]);
+                    }
+                }
+                let sum = acc.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+                total.fetch_add(sum, std::sync::atomic::Ordering::Relaxed);
+            });
+            std::hint::black_box(total.into_inner());
+        });
+        out[i] = ROOF_BYTES as f64 / s / 1e9;
+    }
+    out
+}
+
+mod candle {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    /// (kind "mv"/"mm", format, rows, cols, threads, value)
+    pub type Row = (String, String, usize, usize, usize, f64);
+
+    pub fn run_children(quick: bool) -> Vec<Row> {
+        let mut out = Vec::new();
+        let Ok(exe) = std::env::current_exe() else {
+            return out;
+        };
+        for n in [1usize, 2] {
+            eprintln!("running candle with {n} thread(s)...");
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.env("QUANT_BENCH_CANDLE_CHILD", n.to_string())
+                .env("CANDLE_NUM_THREADS", n.to_string())
+                .env("RAYON_NUM_THREADS", n.to_string());
+            if quick {
+                cmd.arg("--quick");
+            }
+            let Ok(res) = cmd.output() else { continue };
+            for line in String::from_utf8_lossy(&res.stdout).lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() == 6 && f[0] == "CANDLE" {
+                    if let (Ok(r), Ok(c), Ok(v)) = (f[3].parse(), f[4].parse(), f[5].parse()) {
+                        out.push((f[1].to_string(), f[2].to_string(), r, c, n, v));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn print_rows(
+        rows_: &[Row],
+        kind: &str,
+        format: Format,
+        rows: usize,
+        cols: usize,
+        bytes: usize,
+    ) {
+        let get = |n: usize| {
+            rows_
+                .iter()
+                .find(|r| {
+                    r.0 == kind && r.1 == format.name() && r.2 == rows && r.3 == cols && r.4 == n
+                })
+                .map(|r| r.5)
+        };
+        let cell = |v: Option<f64>| match (v, kind) {
+            (None, _) => "n/a".to_string(),
+            (Some(v), "mv") => format!("{v:.1}"),
+            (Some(v), _) => format!("{v:.0} ({:.0} tok/s)", v * 1e9 / (2.0 * BACKBONE_PARAMS)),
+        };
+        if kind == "mv" {
+            println!(
+                "| {format} | {rows}x{cols} | {:.1} | candle QMatMul | {} | {} |",
+                bytes as f64 / 1e6,
+                cell(get(1)),
+                cell(get(2))
+            );
+        } else {
+            println!(
+                "| {format} | {rows}x{cols} | candle QMatMul | {} | {} |",
+                cell(get(1)),
+                cell(get(2))
+            );
+        }
+    }
+
+    fn qmatmul(w: &[f32], rows: usize, cols: usize, format: Format) -> QMatMul {
+        let dt = match format {
+            Format::Q8_0 => GgmlDType::Q8_0,
+            Format::Q4_0 => GgmlDType::Q4_0,
+        };
+        let t = Tensor::from_slice(w, (rows, cols), &Device::Cpu).unwrap();
+        QMatMul::from_qtensor(QTensor::quantize(&t, dt).unwrap()).unwrap()
+    }
+
+    pub fn child(cfg: &Cfg, _threads: usize) {
+        for format in FORMATS {
+            for (rows, cols) in MV_SHAPES {
+                let w = weights(rows, cols);
+                let bytes = rows * cols / 32 * format.block_bytes();
+                let copies: Vec<QMatMul> = (0..copies_for(bytes, cfg))
+                    .map(|_| qmatmul(&w, rows, cols, format))
+                    .collect();
+                drop(w);
+                let x = Tensor::from_vec(Rng(7).vec(cols), (1, cols), &Device::Cpu).unwrap();
+                for c in &copies {
+                    c.forward(&x).unwrap(); // candle repacks lazily on first use
+                }
+                let s = time_calls(cfg, copies.len(), |c| {
+                    std::hint::black_box(copies[c % copies.len()].forward(&x).unwrap());
+                });
+                println!(
+                    "CANDLE mv {} {rows} {cols} {}",
+                    format.name(),
+                    bytes as f64 / s / 1e9
+                );
+            }
+            let mm_cfg = Cfg {
+                runs: cfg.runs.min(5),
+                cold_bytes: 0,
+                run_time: Duration::from_millis(1),
+            };
+            for (rows, cols) in MM_SHAPES {
+                let m = qmatmul(&weights(rows, cols), rows, cols, format);
+                let x = Tensor::from_vec(Rng(9).vec(PREFILL * cols), (PREFILL, cols), &Device::Cpu)
+                    .unwrap();
+                let s = time_calls(&mm_cfg, 1, |_| {
+                    std::hint::black_box(m.forward(&x).unwrap());
+                });
+                let gops = 2.0 * (rows * cols * PREFILL) as f64 / s / 1e9;
+                println!("CANDLE mm {} {rows} {cols} {gops}", format.name());
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The integer dot-product kernels, one implementation per instruction set, and the on-the-fly
+//! quantization of activations they consume. All paths compute exactly the same integer block
+//! sums; they differ only in the order in which the scaled f32 partial sums are added.
+
+use super::layout::{ACT_BIAS, ACT_D, ACT_GROUP, ACT_Q, BLOCK, GROUP_BLOCKS};
+use half::f16;
+
+mod scalar;
+// The AVX-512 intrinsics and the `avxvnni` target feature are stable since Rust 1.89, newer
+// than the workspace's declared rust-version (1.85): building this module needs 1.89 or later.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::incompatible_msrv)]
+mod x86;
+
+/// An implementation of the quantized dot products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Portable Rust, any CPU.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C: `vpmaddubsw`/`vpmaddwd` on 256-bit vectors.
+    Avx2,
+    /// x86-64 AVX-VNNI (VEX-encoded `vpdpbusd` on 256-bit vectors) + AVX2.
+    AvxVnni,
+    /// x86-64 AVX-512 F/BW + VNNI: `vpdpbusd` on 512-bit vectors.
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// Every kernel, best first.
+    pub const ALL: [Kernel; 4] = [
+        Kernel::Avx512Vnni,
+        Kernel::AvxVnni,
+        Kernel::Avx2,
+        Kernel::Scalar,
+    ];
+
+    /// The fastest kernel this CPU supports.
+    pub fn best() -> Kernel {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.is_supported())
+            .unwrap_or(Kernel::Scalar)
+    }
+
+    /// The kernels this CPU can run, best first.
+    pub fn supported() -> Vec<Kernel> {
+        Self::ALL.into_iter().filter(|k| k.is_supported()).collect()
+    }
+
+    /// Whether this CPU has the instructions the kernel needs (checked at run time).
+    pub fn is_supported(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => x86::has_avx2(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => x86::has_avx2() && std::arch::is_x86_feature_detected!("avxvnni"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => x86::has_avx512vnni(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// A short name for tables and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::AvxVnni => "avx-vnni",
+            Kernel::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A read-only view of a quantized matrix in the interleaved layout (see `layout`).
+#[derive(Clone, Copy)]
+pub(crate) struct WeightView {
+    pub quants: *const u8,
+    pub scales: *const f16,
+    /// Interleaved groups per row.
+    pub groups: usize,
+    /// Bytes of quants per row (`groups * 512` or `groups * 256`).
+    pub row_bytes: usize,
+    /// Scales per row (`groups * 16`).
+    pub row_scales: usize,
+    pub q4: bool,
+}
+
+/// The quantized activations of `t` tokens, `stride` bytes apart.
+#[derive(Clone, Copy)]
+pub(crate) struct ActView {
+    pub ptr: *const u8,
+    pub stride: usize,
+}
+
+/// Where results go: `y[j * stride + r]` for token `j`, row `r`.
+#[derive(Clone, Copy)]
+pub(crate) struct OutView {
+    pub ptr: *mut f32,
+    pub stride: usize,
+}
+
+// SAFETY: the views are plain pointers into buffers the calling method borrows for the whole
+// parallel section (weights and activations read-only). Workers write the output only for the
+// rows they were handed, which never overlap, so sharing the views between threads is sound.
+unsafe impl Send for WeightView {}
+unsafe impl Sync for WeightView {}
+unsafe impl Send for ActView {}
+unsafe impl Sync for ActView {}
+unsafe impl Send for OutView {}
+unsafe impl Sync for OutView {}
+
+/// The zero-point correction multiplier a kernel needs for a format: Q4_0 nibbles are unsigned
+/// with zero point 8; Q8_0 is stored +128 for vpdpbusd, while the AVX2 kernel undoes the offset
+/// and multiplies signed values with the sign trick, so it needs no correction.
+pub(crate) fn bias_mult(kernel: Kernel, q4: bool) -> i32 {
+    match (q4, kernel) {
+        (true, _) => 8,
+        (false, Kernel::Avx2) => 0,
+        (false, _) => 128,
+    }
+}
+
+/// Quantizes one token `x` into `out` (`groups * ACT_GROUP` bytes, `x.len() <= groups * 512`):
+/// per block of 32, `d = amax / 127` and `q = round_half_even(x / d)` (every kernel rounds the
+/// same way, so they all see the same integers). Blocks past the end of `x` are zero.
+pub(crate) fn quantize_act(kernel: Kernel, x: &[f32], mult: i32, out: &mut [u8]) {
+    debug_assert_eq!(x.len() % BLOCK, 0);
+    debug_assert!(x.len().div_ceil(BLOCK * GROUP_BLOCKS) * ACT_GROUP <= out.len());
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni => {
+            // SAFETY: a `Kernel::Avx512Vnni` only reaches here after `is_supported` (checked when
+            // the thread pool was built), and the lengths were checked by the caller.
+            unsafe { x86::quantize_act_avx512(x, mult, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 | Kernel::AvxVnni => {
+            // SAFETY: as above, both kernels require AVX2.
+            unsafe { x86::quantize_act_avx2(x, mult, out) }
+        }
+        _ => scalar::quantize_act(x, mult, out),
+    }
+}
+
+/// Writes one quantized block into lane `i` of an activation group.
+#[inline(always)]
+pub(crate) fn put_act_block(group: &mut [u8], i: usize, q: &[u8; BLOCK], d: f32, bias: i32) {
+    for k in 0..BLOCK / 4 {
+        let o = ACT_Q + k * 64 + i * 4;
+        group[o..o + 4].copy_from_slice(&q[k * 4..k * 4 + 4]);
+    }
+    group[ACT_D + 4 * i..ACT_D + 4 * i + 4].copy_from_slice(&d.to_ne_bytes());
+    group[ACT_BIAS + 4 * i..ACT_BIAS + 4 * i + 4].copy_from_slice(&bias.to_ne_bytes());
+}
+
+/// Zeroes the lanes `from..16` of an activation group (padding past the end of the row).
+pub(crate) fn zero_act_lanes(group: &mut [u8], from: usize) {
+    for i in from..GROUP_BLOCKS {
+        put_act_block(group, i, &[0; BLOCK], 0.0, 0);
+    }
+}
+
+/// Computes `y[j][r] = W[r] . x[j]` for rows `r0..r1` and tokens `0..t`.
+///
+/// # Safety
+/// The views must describe live buffers: `w` with at least `r1` rows, `x` with `t` tokens
+/// quantized for this matrix and kernel, `y` with room for `t` tokens of `r1` rows, and no other
+/// thread may write rows `r0..r1` of `y` meanwhile. The kernel must be supported by this CPU.
+pub(crate) unsafe fn compute(
+    kernel: Kernel,
+    w: &WeightView,
+    x: &ActView,
+    t: usize,
+    r0: usize,
+    r1: usize,
+    y: OutView,
+) {
+    match kernel {
+        // SAFETY (all arms): forwarded from this function's contract.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni => unsafe { x86::avx512::compute(w, x, t, r0, r1, y) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::AvxVnni => unsafe { x86::avxvnni::compute(w, x, t, r0, r1, y) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { x86::avx2::compute(w, x, t, r0, r1, y) },
+        _ => unsafe { scalar::compute(w, x, t, r0, r1, y) },
+    }
+}

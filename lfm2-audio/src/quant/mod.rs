@@ -1,0 +1,591 @@
+//! Quantized weight matrices and the int8 kernels that multiply them (MODULE DOC PLACEHOLDER)
+
+mod blocks;
+mod kernels;
+mod layout;
+mod threads;
+
+pub use blocks::BLOCK;
+pub use kernels::Kernel;
+pub use threads::{Threads, DEFAULT_SPIN};
+
+use crate::{Error, Result};
+use half::f16;
+use kernels::{ActView, OutView, WeightView};
+use layout::{AlignedBuf, ACT_GROUP, GROUP, GROUP_BLOCKS};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A quantization format (GGML block layouts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// 32 values per block: f16 scale `d`, 32 x i8 `q`; value = `d * q`. 34 bytes per block.
+    Q8_0,
+    /// 32 values per block: f16 scale `d`, 16 bytes of nibbles (low nibbles are values 0..16,
+    /// high nibbles 16..32); value = `d * (q - 8)`. 18 bytes per block.
+    Q4_0,
+}
+
+impl Format {
+    /// Bytes of one GGML block (scale included).
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Format::Q8_0 => 2 + BLOCK,
+            Format::Q4_0 => 2 + BLOCK / 2,
+        }
+    }
+
+    /// GGML's `ggml_type` number (as written in GGUF files).
+    pub fn ggml_type(self) -> u32 {
+        match self {
+            Format::Q8_0 => 8,
+            Format::Q4_0 => 2,
+        }
+    }
+
+    /// The format of a GGML type number, if supported.
+    pub fn from_ggml_type(t: u32) -> Option<Format> {
+        match t {
+            8 => Some(Format::Q8_0),
+            2 => Some(Format::Q4_0),
+            _ => None,
+        }
+    }
+
+    /// Bits per weight, scales included (8.5 and 4.5).
+    pub fn bits_per_weight(self) -> f64 {
+        self.block_bytes() as f64 * 8.0 / BLOCK as f64
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Q8_0 => "Q8_0",
+            Format::Q4_0 => "Q4_0",
+        }
+    }
+
+    /// Quant bytes per interleaved group of 16 blocks.
+    fn group_bytes(self) -> usize {
+        match self {
+            Format::Q8_0 => GROUP,
+            Format::Q4_0 => GROUP / 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Magic bytes of the serialized form.
+const MAGIC: &[u8; 4] = b"LFQM";
+const VERSION: u32 = 1;
+/// Bytes of the serialized header.
+pub const HEADER_BYTES: usize = 32;
+
+/// Weights too small to be worth waking the other threads for (bytes of quants).
+const SERIAL_BYTES: usize = 128 * 1024;
+
+/// A quantized weight matrix `W [rows (out), cols (in)]`: `y = W x`.
+///
+/// Holds exactly the numbers of GGML's Q8_0/Q4_0 blocks (one row = `cols / 32` blocks), kept in
+/// memory in an interleaved order that the kernels read directly; [`QMatrix::to_ggml`] and
+/// [`QMatrix::from_ggml`] convert to and from GGML's own byte layout.
+#[derive(Clone)]
+pub struct QMatrix {
+    rows: usize,
+    cols: usize,
+    format: Format,
+    /// Interleaved groups per row (`ceil(cols / 512)`).
+    groups: usize,
+    /// `rows * groups * format.group_bytes()` bytes, 64-byte aligned.
+    quants: AlignedBuf,
+    /// `rows * groups * 16` block scales.
+    scales: Vec<f16>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QMatrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+fn invalid(msg: String) -> Error {
+    Error::Invalid(format!("quantized matrix: {msg}"))
+}
+
+/// Checks a shape and returns the number of weights.
+fn check_shape(rows: usize, cols: usize) -> Result<usize> {
+    if rows == 0 || cols == 0 {
+        return Err(invalid(format!("empty shape {rows}x{cols}")));
+    }
+    if cols % BLOCK != 0 {
+        return Err(invalid(format!(
+            "cols = {cols} is not a multiple of the block size {BLOCK}"
+        )));
+    }
+    let n = rows
+        .checked_mul(cols)
+        .filter(|&n| n <= isize::MAX as usize / 4)
+        .ok_or_else(|| invalid(format!("shape {rows}x{cols} is too large")))?;
+    Ok(n)
+}
+
+impl QMatrix {
+    /// An all-zero matrix in the interleaved layout (every quant the zero point).
+    fn zeroed(rows: usize, cols: usize, format: Format) -> Result<Self> {
+        check_shape(rows, cols)?;
+        let groups = cols.div_ceil(GROUP);
+        let bytes = rows * groups * format.group_bytes();
+        let mut quants = AlignedBuf::zeroed(bytes);
+        if format == Format::Q8_0 {
+            // Q8_0 is stored +128; padding blocks must hold the value 0 too.
+            quants.as_mut_slice().fill(0x80);
+        }
+        Ok(QMatrix {
+            rows,
+            cols,
+            format,
+            groups,
+            quants,
+            scales: vec![f16::ZERO; rows * groups * GROUP_BLOCKS],
+        })
+    }
+
+    /// Quantizes a row-major f32 matrix `w` (`rows * cols` values) exactly as GGML's reference
+    /// quantizers do. `cols` must be a multiple of 32. Rows are quantized in parallel.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, format: Format) -> Result<Self> {
+        let n = check_shape(rows, cols)?;
+        if w.len() != n {
+            return Err(invalid(format!(
+                "{} values given for a {rows}x{cols} matrix",
+                w.len()
+            )));
+        }
+        let mut m = Self::zeroed(rows, cols, format)?;
+        let row_bytes = m.row_bytes();
+        let row_scales = m.row_scales();
+        let nb = cols / BLOCK;
+        let threads = Threads::available().min(rows.div_ceil(64)).max(1);
+        let per = rows.div_ceil(threads);
+        std::thread::scope(|scope| {
+            let quants = m.quants.as_mut_slice().chunks_mut(per * row_bytes);
+            let scales = m.scales.chunks_mut(per * row_scales);
+            for (c, (q, s)) in quants.zip(scales).enumerate() {
+                let w = &w[c * per * cols..((c + 1) * per).min(rows) * cols];
+                scope.spawn(move || {
+                    for ((wr, qr), sr) in w
+                        .chunks_exact(cols)
+                        .zip(q.chunks_exact_mut(row_bytes))
+                        .zip(s.chunks_exact_mut(row_scales))
+                    {
+                        for b in 0..nb {
+                            let mut x = [0f32; BLOCK];
+                            x.copy_from_slice(&wr[b * BLOCK..(b + 1) * BLOCK]);
+                            match format {
+                                Format::Q8_0 => {
+                                    let (d, q) = blocks::quantize_q8_0(&x);
+                                    put_q8(qr, sr, b, d, &q);
+                                }
+                                Format::Q4_0 => {
+                                    let (d, q) = blocks::quantize_q4_0(&x);
+                                    put_q4(qr, sr, b, d, &q);
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Ok(m)
+    }
+
+    /// Builds a matrix from GGML blocks (`rows * cols / 32` blocks of [`Format::block_bytes`],
+    /// row-major, as in a GGUF tensor).
+    pub fn from_ggml(rows: usize, cols: usize, format: Format, data: &[u8]) -> Result<Self> {
+        let n = check_shape(rows, cols)?;
+        let bb = format.block_bytes();
+        let expected = n / BLOCK * bb;
+        if data.len() != expected {
+            return Err(invalid(format!(
+                "{} bytes of {format} blocks given, a {rows}x{cols} matrix needs {expected}",
+                data.len()
+            )));
+        }
+        let mut m = Self::zeroed(rows, cols, format)?;
+        let row_bytes = m.row_bytes();
+        let row_scales = m.row_scales();
+        let nb = cols / BLOCK;
+        let quants = m.quants.as_mut_slice().chunks_exact_mut(row_bytes);
+        let scales = m.scales.chunks_exact_mut(row_scales);
+        for ((src, qr), sr) in data.chunks_exact(nb * bb).zip(quants).zip(scales) {
+            for (b, blk) in src.chunks_exact(bb).enumerate() {
+                let d = f16::from_le_bytes([blk[0], blk[1]]);
+                match format {
+                    Format::Q8_0 => {
+                        let mut q = [0i8; BLOCK];
+                        for (q, &v) in q.iter_mut().zip(&blk[2..]) {
+                            *q = v as i8;
+                        }
+                        put_q8(qr, sr, b, d, &q);
+                    }
+                    Format::Q4_0 => {
+                        let mut q = [0u8; BLOCK / 2];
+                        q.copy_from_slice(&blk[2..]);
+                        put_q4(qr, sr, b, d, &q);
+                    }
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// The matrix as GGML blocks (row-major, `rows * cols / 32` blocks), byte-identical to what
+    /// llama.cpp stores for the same tensor and type.
+    pub fn to_ggml(&self) -> Vec<u8> {
+        let bb = self.format.block_bytes();
+        let nb = self.cols / BLOCK;
+        let mut out = Vec::with_capacity(self.rows * nb * bb);
+        for r in 0..self.rows {
+            for b in 0..nb {
+                let (d, qs) = self.ggml_block(r, b);
+                out.extend_from_slice(&d.to_le_bytes());
+                out.extend_from_slice(&qs[..bb - 2]);
+            }
+        }
+        out
+    }
+
+    /// GGML's bytes of block `b` of row `r`: the scale and the quant bytes (32 for Q8_0, the 16
+    /// packed bytes followed by 16 zeros for Q4_0).
+    fn ggml_block(&self, r: usize, b: usize) -> (f16, [u8; BLOCK]) {
+        let base = r * self.row_bytes() + (b / GROUP_BLOCKS) * self.format.group_bytes();
+        let i = b % GROUP_BLOCKS;
+        let q = &self.quants.as_slice()[base..base + self.format.group_bytes()];
+        let mut out = [0u8; BLOCK];
+        match self.format {
+            Format::Q8_0 => {
+                for (e, o) in out.iter_mut().enumerate() {
+                    *o = q[layout::q8_offset(i, e)] ^ 0x80;
+                }
+            }
+            Format::Q4_0 => {
+                for (m, o) in out[..BLOCK / 2].iter_mut().enumerate() {
+                    *o = q[layout::q4_offset(i, m)];
+                }
+            }
+        }
+        (self.scales[r * self.row_scales() + b], out)
+    }
+
+    /// Writes row `r` dequantized into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        if r >= self.rows {
+            return Err(invalid(format!(
+                "row {r} out of range (rows = {})",
+                self.rows
+            )));
+        }
+        if out.len() != self.cols {
+            return Err(invalid(format!(
+                "output has {} values, a row has {}",
+                out.len(),
+                self.cols
+            )));
+        }
+        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let (d, qs) = self.ggml_block(r, b);
+            let d = d.to_f32();
+            match self.format {
+                Format::Q8_0 => {
+                    for (o, &q) in o.iter_mut().zip(&qs) {
+                        *o = d * (q as i8) as f32;
+                    }
+                }
+                Format::Q4_0 => {
+                    for (j, &q) in qs[..BLOCK / 2].iter().enumerate() {
+                        o[j] = d * ((q & 0x0F) as i32 - 8) as f32;
+                        o[j + BLOCK / 2] = d * ((q >> 4) as i32 - 8) as f32;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole matrix dequantized (row-major, `rows * cols` values).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+            // Cannot fail: the row exists and the slice has `cols` values.
+            let _ = self.dequantize_row(r, row);
+        }
+        out
+    }
+
+    /// Serializes as a 32-byte header followed by the GGML blocks. Header (little-endian):
+    /// magic `LFQM`, u32 version (1), u32 GGML type, u32 reserved (0), u64 rows, u64 cols.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_BYTES + self.ggml_bytes());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.format.ggml_type().to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(self.rows as u64).to_le_bytes());
+        out.extend_from_slice(&(self.cols as u64).to_le_bytes());
+        out.extend_from_slice(&self.to_ggml());
+        out
+    }
+
+    /// Parses [`QMatrix::to_bytes`] output. The buffer must be exactly one matrix; a truncated,
+    /// padded or corrupt buffer is an error.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < HEADER_BYTES {
+            return Err(invalid(format!(
+                "truncated header: {} bytes, need {HEADER_BYTES}",
+                bytes.len()
+            )));
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        if &bytes[..4] != MAGIC {
+            return Err(invalid(
+                "bad magic (not a serialized quantized matrix)".into(),
+            ));
+        }
+        let version = u32_at(4);
+        if version != VERSION {
+            return Err(invalid(format!("unsupported version {version}")));
+        }
+        let ty = u32_at(8);
+        let format = Format::from_ggml_type(ty)
+            .ok_or_else(|| invalid(format!("unsupported GGML type {ty}")))?;
+        let too_large = || invalid("dimensions do not fit in memory".into());
+        let rows = usize::try_from(u64_at(16)).map_err(|_| too_large())?;
+        let cols = usize::try_from(u64_at(24)).map_err(|_| too_large())?;
+        let n = check_shape(rows, cols)?;
+        let payload = n / BLOCK * format.block_bytes();
+        let body = &bytes[HEADER_BYTES..];
+        if body.len() != payload {
+            return Err(invalid(format!(
+                "{} bytes of blocks after the header, a {rows}x{cols} {format} matrix has {payload}",
+                body.len()
+            )));
+        }
+        Self::from_ggml(rows, cols, format, body)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Size of the weights in GGML's layout: what a product reads from memory.
+    pub fn ggml_bytes(&self) -> usize {
+        self.rows * self.cols / BLOCK * self.format.block_bytes()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.groups * self.format.group_bytes()
+    }
+
+    fn row_scales(&self) -> usize {
+        self.groups * GROUP_BLOCKS
+    }
+
+    fn view(&self) -> WeightView {
+        WeightView {
+            quants: self.quants.as_slice().as_ptr(),
+            scales: self.scales.as_ptr(),
+            groups: self.groups,
+            row_bytes: self.row_bytes(),
+            row_scales: self.row_scales(),
+            q4: self.format == Format::Q4_0,
+        }
+    }
+
+    /// Bytes of one quantized activation token for this matrix.
+    fn act_stride(&self) -> usize {
+        self.groups * ACT_GROUP
+    }
+
+    /// `y = W x` for one token (`x`: `cols` values, `y`: `rows` values). `x` is quantized to
+    /// 8 bits per block of 32 on the fly and the products run in integer arithmetic; the rows are
+    /// split across the pool's threads.
+    pub fn matvec(&self, x: &[f32], y: &mut [f32], threads: &Threads) -> Result<()> {
+        if x.len() != self.cols || y.len() != self.rows {
+            return Err(invalid(format!(
+                "matvec of a {}x{} matrix with x of {} and y of {} values",
+                self.rows,
+                self.cols,
+                x.len(),
+                y.len()
+            )));
+        }
+        let kernel = threads.kernel();
+        let stride = self.act_stride();
+        let mut scratch = threads.lock();
+        let act = scratch.act.ensure(stride);
+        kernels::quantize_act(kernel, x, self.bias_mult(kernel), act);
+        let act = ActView {
+            ptr: act.as_ptr(),
+            stride,
+        };
+        let out = OutView {
+            ptr: y.as_mut_ptr(),
+            stride: self.rows,
+        };
+        self.run_rows(threads, &act, 1, out, 4);
+        drop(scratch);
+        Ok(())
+    }
+
+    /// `y = x W^T` for `t` tokens: `x` is `[t, cols]` and `y` is `[t, rows]`, both row-major.
+    /// Tokens are processed in cache tiles so that each weight block is loaded once per tile.
+    pub fn matmul(&self, x: &[f32], t: usize, y: &mut [f32], threads: &Threads) -> Result<()> {
+        let xn = t.checked_mul(self.cols);
+        let yn = t.checked_mul(self.rows);
+        if xn != Some(x.len()) || yn != Some(y.len()) {
+            return Err(invalid(format!(
+                "matmul of a {}x{} matrix with {t} tokens: x has {} values, y has {}",
+                self.rows,
+                self.cols,
+                x.len(),
+                y.len()
+            )));
+        }
+        match t {
+            0 => return Ok(()),
+            1 => return self.matvec(x, y, threads),
+            _ => {}
+        }
+        let kernel = threads.kernel();
+        let mult = self.bias_mult(kernel);
+        let stride = self.act_stride();
+        let total = t
+            .checked_mul(stride)
+            .ok_or_else(|| invalid(format!("{t} tokens are too many")))?;
+        let mut scratch = threads.lock();
+        let act = scratch.act.ensure(total);
+        // Quantize the tokens in parallel, claiming 4 tokens at a time; each token's
+        // `stride`-byte slice of the scratch buffer is written by exactly one participant.
+        if threads.len() == 1 || t < 8 {
+            for (xj, aj) in x.chunks_exact(self.cols).zip(act.chunks_exact_mut(stride)) {
+                kernels::quantize_act(kernel, xj, mult, aj);
+            }
+        } else {
+            let ap = SyncPtr(act.as_mut_ptr());
+            let next = AtomicUsize::new(0);
+            threads.dispatch(&|_| loop {
+                let j0 = next.fetch_add(4, Ordering::Relaxed);
+                if j0 >= t {
+                    break;
+                }
+                for j in j0..t.min(j0 + 4) {
+                    // SAFETY: token j's slice lies inside the `total`-byte buffer, only the
+                    // participant that claimed j touches it, and the buffer outlives the job.
+                    let aj =
+                        unsafe { std::slice::from_raw_parts_mut(ap.get().add(j * stride), stride) };
+                    kernels::quantize_act(kernel, &x[j * self.cols..(j + 1) * self.cols], mult, aj);
+                }
+            });
+        }
+        let act = ActView {
+            ptr: act.as_ptr(),
+            stride,
+        };
+        let out = OutView {
+            ptr: y.as_mut_ptr(),
+            stride: self.rows,
+        };
+        // Chunks of rows whose weights stay in L2 (about 256 KiB) while all token tiles pass.
+        let chunk = (256 * 1024 / self.row_bytes().max(1)).clamp(4, 256);
+        self.run_rows(threads, &act, t, out, chunk);
+        drop(scratch);
+        Ok(())
+    }
+
+    /// Splits the rows into chunks that the participants claim one at a time (an atomic
+    /// counter), so that a core slowed down by other work simply takes fewer chunks.
+    fn run_rows(&self, threads: &Threads, act: &ActView, t: usize, out: OutView, min_chunk: usize) {
+        let kernel = threads.kernel();
+        let w = self.view();
+        let n = threads.len();
+        let serial = n == 1 || self.quants.len() * t.min(64) < SERIAL_BYTES;
+        if serial {
+            // SAFETY: the views cover the whole matrix, the `t` quantized tokens and `y`
+            // (checked by the callers), and this thread is the only one running.
+            unsafe { kernels::compute(kernel, &w, act, t, 0, self.rows, out) };
+            return;
+        }
+        // Several chunks per thread for balance; multiples of 4 rows keep the micro-tiles full.
+        let chunk = self.rows.div_ceil(n * 4).max(min_chunk).next_multiple_of(4);
+        let chunks = self.rows.div_ceil(chunk);
+        let next = AtomicUsize::new(0);
+        threads.dispatch(&|_| loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= chunks {
+                break;
+            }
+            let r0 = c * chunk;
+            let r1 = (r0 + chunk).min(self.rows);
+            // SAFETY: as above; chunk `c` (rows r0..r1) is claimed by exactly one participant,
+            // so no two threads write the same output rows.
+            unsafe { kernels::compute(kernel, &w, act, t, r0, r1, out) };
+        });
+    }
+
+    fn bias_mult(&self, kernel: Kernel) -> i32 {
+        kernels::bias_mult(kernel, self.format == Format::Q4_0)
+    }
+}
+
+/// A raw pointer that may be shared with the pool's workers (see the SAFETY notes at its uses).
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut u8);
+// SAFETY: only used to hand disjoint sub-slices of one buffer to different participants.
+unsafe impl Sync for SyncPtr {}
+unsafe impl Send for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut u8 {
+        self.0
+    }
+}
+
+/// Stores a Q8_0 block into an interleaved row (`qr`: the row's quants, `sr`: its scales).
+fn put_q8(qr: &mut [u8], sr: &mut [f16], b: usize, d: f16, q: &[i8; BLOCK]) {
+    let base = (b / GROUP_BLOCKS) * GROUP;
+    let i = b % GROUP_BLOCKS;
+    for (e, &v) in q.iter().enumerate() {
+        // The +128 offset makes the weight the unsigned operand of vpdpbusd.
+        qr[base + layout::q8_offset(i, e)] = (v as u8) ^ 0x80;
+    }
+    sr[b] = d;
+}
+
+/// Stores a Q4_0 block (GGML's 16 packed bytes) into an interleaved row.
+fn put_q4(qr: &mut [u8], sr: &mut [f16], b: usize, d: f16, q: &[u8; BLOCK / 2]) {
+    let base = (b / GROUP_BLOCKS) * (GROUP / 2);
+    let i = b % GROUP_BLOCKS;
+    for (m, &v) in q.iter().enumerate() {
+        qr[base + layout::q4_offset(i, m)] = v;
+    }
+    sr[b] = d;
+}
