@@ -2,7 +2,7 @@
 //! that survive the device going away (reopened with backoff, the event reported).
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,8 @@ pub struct DeviceInfo {
     /// Position in the listing for its direction; `--device N` picks it.
     pub index: usize,
     pub name: String,
+    /// What the host says the device is.
+    pub description: String,
     /// The host's stable identifier.
     pub id: String,
     pub is_default: bool,
@@ -131,7 +133,18 @@ impl std::fmt::Display for DeviceEvent {
     }
 }
 
+/// The short name of a device: its host id without the host prefix (`alsa:pulse` → `pulse`),
+/// which is what ALSA and PulseAudio tools call it too.
 fn device_name(device: &cpal::Device) -> String {
+    let id = device_id(device);
+    match id.split_once(':') {
+        Some((_, name)) if !name.is_empty() => name.to_string(),
+        _ => device_description(device),
+    }
+}
+
+/// The host's human-readable description of a device.
+fn device_description(device: &cpal::Device) -> String {
     device
         .description()
         .map(|d| d.name().to_string())
@@ -189,22 +202,11 @@ pub fn list_devices(direction: Direction) -> Result<Vec<DeviceInfo>, AudioError>
                 Direction::Output => device.supported_output_configs().map(|r| r.collect()),
             }
             .unwrap_or_default();
-            let mut supported: Vec<String> = ranges
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{}-{} Hz {} ch {}",
-                        r.min_sample_rate(),
-                        r.max_sample_rate(),
-                        r.channels(),
-                        r.sample_format()
-                    )
-                })
-                .collect();
-            supported.dedup();
+            let supported = summarize_ranges(&ranges);
             DeviceInfo {
                 index,
                 name: device_name(device),
+                description: device_description(device),
                 is_default: default_id.as_deref() == Some(id.as_str()),
                 id,
                 default_format,
@@ -212,6 +214,38 @@ pub fn list_devices(direction: Direction) -> Result<Vec<DeviceInfo>, AudioError>
             }
         })
         .collect())
+}
+
+/// One line per sample format and rate range, with the channel counts collapsed
+/// ("8000-192000 Hz, 1-32 ch, i16"): ALSA plugins list every channel count separately.
+fn summarize_ranges(ranges: &[cpal::SupportedStreamConfigRange]) -> Vec<String> {
+    let mut groups: Vec<(u32, u32, SampleFormat, u16, u16)> = Vec::new();
+    for r in ranges {
+        let key = (r.min_sample_rate(), r.max_sample_rate(), r.sample_format());
+        match groups.iter_mut().find(|g| (g.0, g.1, g.2) == key) {
+            Some(g) => {
+                g.3 = g.3.min(r.channels());
+                g.4 = g.4.max(r.channels());
+            }
+            None => groups.push((key.0, key.1, key.2, r.channels(), r.channels())),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(lo, hi, format, ch_lo, ch_hi)| {
+            let rates = if lo == hi {
+                format!("{lo} Hz")
+            } else {
+                format!("{lo}-{hi} Hz")
+            };
+            let channels = if ch_lo == ch_hi {
+                format!("{ch_lo} ch")
+            } else {
+                format!("{ch_lo}-{ch_hi} ch")
+            };
+            format!("{rates}, {channels}, {format}")
+        })
+        .collect()
 }
 
 fn no_device_hint() -> String {
@@ -264,9 +298,10 @@ pub fn find_device(
                 Some(d) => Some(d.clone()),
                 None => {
                     let lower = wanted.to_lowercase();
-                    let mut matches = devices
-                        .iter()
-                        .filter(|d| device_name(d).to_lowercase().contains(&lower));
+                    let mut matches = devices.iter().filter(|d| {
+                        device_name(d).to_lowercase().contains(&lower)
+                            || device_description(d).to_lowercase().contains(&lower)
+                    });
                     match (matches.next(), matches.next()) {
                         (Some(d), None) => Some(d.clone()),
                         _ => None,
@@ -293,57 +328,65 @@ pub fn find_device(
         })
 }
 
-/// The error kinds that end a stream, in a fixed order so the callback can store one as a number.
-const FATAL_KINDS: [cpal::ErrorKind; 11] = [
+/// The error kinds after which a stream delivers no more audio (cpal's ALSA worker exits on
+/// them), in a fixed order so the callback can store one as a number. Other errors are counted:
+/// the stream goes on, and if it stops calling back, the stall check declares it lost.
+const FATAL_KINDS: [cpal::ErrorKind; 3] = [
     cpal::ErrorKind::DeviceNotAvailable,
     cpal::ErrorKind::StreamInvalidated,
-    cpal::ErrorKind::DeviceBusy,
     cpal::ErrorKind::HostUnavailable,
-    cpal::ErrorKind::BackendError,
-    cpal::ErrorKind::PermissionDenied,
-    cpal::ErrorKind::ResourceExhausted,
-    cpal::ErrorKind::InvalidInput,
-    cpal::ErrorKind::UnsupportedConfig,
-    cpal::ErrorKind::UnsupportedOperation,
-    cpal::ErrorKind::Other,
 ];
 
-/// Set by a stream's error callback when the stream can no longer deliver audio. An atomic
-/// number rather than the error itself: the callback must not allocate or lock.
+/// Written by a stream's error callback: the first fatal error (the stream can no longer deliver
+/// audio) and the over/underruns the driver reported. Atomic numbers rather than the errors
+/// themselves: the callback must not allocate or lock.
 #[derive(Debug, Default)]
-struct Failure(AtomicU8);
+struct Failure {
+    kind: AtomicU8,
+    device_xruns: AtomicU64,
+    device_errors: AtomicU64,
+}
 
 impl Failure {
     fn set(&self, kind: cpal::ErrorKind) {
-        let code = FATAL_KINDS
-            .iter()
-            .position(|k| *k == kind)
-            .unwrap_or(FATAL_KINDS.len() - 1);
+        let Some(code) = FATAL_KINDS.iter().position(|k| *k == kind) else {
+            self.device_errors.fetch_add(1, Relaxed);
+            return;
+        };
         // Keep the first failure: later ones are usually its consequences.
-        let _ = self.0.compare_exchange(0, code as u8 + 1, Relaxed, Relaxed);
+        let _ = self
+            .kind
+            .compare_exchange(0, code as u8 + 1, Relaxed, Relaxed);
     }
 
     fn get(&self) -> Option<String> {
-        let code = self.0.load(Relaxed);
+        let code = self.kind.load(Relaxed);
         (code != 0).then(|| FATAL_KINDS[usize::from(code - 1)].to_string())
     }
 }
 
-/// Builds the error callback: fatal kinds mark the stream failed; overruns and route changes
-/// the stream survives are ignored (the data callback counts what it loses itself).
+/// Builds the error callback: fatal kinds mark the stream failed; driver over/underruns and
+/// other errors are counted; route changes the stream survives are ignored.
 fn error_callback(failure: Arc<Failure>) -> impl FnMut(cpal::Error) + Send + 'static {
     move |err: cpal::Error| match err.kind() {
-        cpal::ErrorKind::Xrun
-        | cpal::ErrorKind::DeviceChanged
-        | cpal::ErrorKind::RealtimeDenied => {}
+        cpal::ErrorKind::Xrun => {
+            failure.device_xruns.fetch_add(1, Relaxed);
+        }
+        cpal::ErrorKind::DeviceChanged | cpal::ErrorKind::RealtimeDenied => {}
         kind => failure.set(kind),
     }
 }
 
-/// A stream config asking for a ~10 ms period where the device allows it, for low latency.
+/// The device period asked for. Short enough for conversation (a callback every 20 ms), long
+/// enough that the two-period buffer cpal's ALSA backend sets up (40 ms) survives a loaded
+/// machine and a sound server in between.
+pub const DEVICE_PERIOD: Duration = Duration::from_millis(20);
+
+/// A stream config asking for a [`DEVICE_PERIOD`] period where the device allows it.
 fn low_latency_config(supported: &cpal::SupportedStreamConfig) -> StreamConfig {
     let mut config = supported.config();
-    let period = (supported.sample_rate() / 100).max(32);
+    let period =
+        ((f64::from(supported.sample_rate()) * DEVICE_PERIOD.as_secs_f64()) as u32).max(32);
     if let SupportedBufferSize::Range { min, max } = supported.buffer_size() {
         config.buffer_size = cpal::BufferSize::Fixed(period.clamp(*min, (*max).max(*min)));
     }
@@ -385,7 +428,7 @@ where
     f32: FromSample<T>,
 {
     device.build_input_stream::<T, _, _>(
-        config.clone(),
+        *config,
         move |data: &[T], _: &cpal::InputCallbackInfo| callback.process(data),
         error_callback(failure),
         None,
@@ -402,7 +445,7 @@ where
     T: SizedSample + FromSample<f32>,
 {
     device.build_output_stream::<T, _, _>(
-        config.clone(),
+        *config,
         move |data: &mut [T], _: &cpal::OutputCallbackInfo| callback.fill(data),
         error_callback(failure),
         None,
@@ -411,8 +454,13 @@ where
 
 /// How long a running stream may go without a callback before it counts as lost. Generous:
 /// a cold capture stream can take a second to deliver its first callback.
-const STALL_LIMIT: Duration = Duration::from_secs(3);
+const STALL_LIMIT: Duration = Duration::from_secs(2);
+/// Driver errors between two health checks, with no callback, that count as a lost stream.
+const ERROR_FLOOD: u64 = 100;
 const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// How long `DevicePlayback::write` keeps trying to reopen a vanished device before it returns
+/// an error (capture keeps trying for as long as it is read).
+const GIVE_UP: Duration = Duration::from_secs(10);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
 /// Seconds of audio each ring holds.
@@ -426,19 +474,39 @@ struct Reopener {
     failure: Arc<Failure>,
     /// Set while the stream is down: when it went down, attempts so far, when to try next.
     down: Option<(Instant, u32, Instant)>,
+    /// Driver errors and callbacks at the previous check.
+    seen: (u64, u64),
 }
 
 impl Reopener {
+    /// Watches a new stream (after a reopen).
+    fn attach(&mut self, failure: &Arc<Failure>) {
+        self.failure = Arc::clone(failure);
+        self.seen = (0, 0);
+    }
+
     /// Checks the stream's health; returns the loss event the first time it fails.
     fn check(&mut self, counters: &StreamCounters) -> Option<DeviceEvent> {
         if self.down.is_some() {
             return None;
         }
-        let reason = self.failure.get().or_else(|| {
-            let stats = counters.snapshot();
-            (stats.callbacks > 0 && counters.since_last_callback() > STALL_LIMIT)
-                .then(|| format!("no audio callback for {STALL_LIMIT:?}"))
-        })?;
+        let callbacks = counters.snapshot().callbacks;
+        let errors = self.failure.device_errors.load(Relaxed);
+        let (errors_before, callbacks_before) =
+            std::mem::replace(&mut self.seen, (errors, callbacks));
+        let reason = self
+            .failure
+            .get()
+            .or_else(|| {
+                // A driver that only fails (the ALSA `pulse` plugin returns EIO from every poll
+                // once its server is gone) is as dead as one that says so.
+                (errors - errors_before >= ERROR_FLOOD && callbacks == callbacks_before)
+                    .then(|| format!("{} driver errors without audio", errors - errors_before))
+            })
+            .or_else(|| {
+                (callbacks > 0 && counters.since_last_callback() > STALL_LIMIT)
+                    .then(|| format!("no audio callback for {STALL_LIMIT:?}"))
+            })?;
         let now = Instant::now();
         self.down = Some((now, 0, now + FIRST_RETRY));
         Some(DeviceEvent::Lost {
@@ -492,6 +560,16 @@ impl Reopener {
     }
 }
 
+/// Drops a failed stream on a thread of its own. Dropping joins cpal's worker thread, and a
+/// worker can be stuck for good inside a driver whose server died (seen with the ALSA `pulse`
+/// plugin when PulseAudio is killed); that must not hang the caller, so at worst a thread stays
+/// stuck. (If no thread can be made, the stream is dropped here after all.)
+fn retire(stream: cpal::Stream) {
+    let _ = std::thread::Builder::new()
+        .name("lfm2d-stream-reaper".into())
+        .spawn(move || drop(stream));
+}
+
 struct OpenCapture {
     stream: cpal::Stream,
     ring: HeapCons<f32>,
@@ -499,6 +577,16 @@ struct OpenCapture {
     failure: Arc<Failure>,
     format: StreamFormat,
     name: String,
+}
+
+impl OpenCapture {
+    fn snapshot(&self) -> StreamStats {
+        StreamStats {
+            device_xruns: self.failure.device_xruns.load(Relaxed),
+            device_errors: self.failure.device_errors.load(Relaxed),
+            ..self.counters.snapshot()
+        }
+    }
 }
 
 fn open_capture(selector: &DeviceSelector) -> Result<OpenCapture, AudioError> {
@@ -558,6 +646,7 @@ impl DeviceCapture {
             device: open.name.clone(),
             failure: Arc::clone(&open.failure),
             down: None,
+            seen: (0, 0),
         };
         Ok(Self {
             format: open.format,
@@ -571,7 +660,7 @@ impl DeviceCapture {
     fn totals(&self) -> StreamStats {
         let mut stats = self.previous;
         if let Some(open) = &self.open {
-            stats.merge(&open.counters.snapshot());
+            stats.merge(&open.snapshot());
         }
         stats
     }
@@ -579,8 +668,8 @@ impl DeviceCapture {
     /// Drops the current stream (keeping its counts) after a failure.
     fn close(&mut self) {
         if let Some(open) = self.open.take() {
-            self.previous.merge(&open.counters.snapshot());
-            drop(open.stream);
+            self.previous.merge(&open.snapshot());
+            retire(open.stream);
         }
     }
 }
@@ -609,7 +698,7 @@ impl Capture for DeviceCapture {
                         // A different rate or channel count is handled by the reader, which
                         // sees the new `format()` after this event.
                         self.format = open.format;
-                        self.reopener.failure = Arc::clone(&open.failure);
+                        self.reopener.attach(&open.failure);
                         self.open = Some(open);
                     }
                     return Ok(ReadOutcome::Device(event));
@@ -654,6 +743,16 @@ struct OpenPlayback {
     failure: Arc<Failure>,
     format: StreamFormat,
     name: String,
+}
+
+impl OpenPlayback {
+    fn snapshot(&self) -> StreamStats {
+        StreamStats {
+            device_xruns: self.failure.device_xruns.load(Relaxed),
+            device_errors: self.failure.device_errors.load(Relaxed),
+            ..self.shared.counters.snapshot()
+        }
+    }
 }
 
 fn open_playback(selector: &DeviceSelector) -> Result<OpenPlayback, AudioError> {
@@ -707,6 +806,8 @@ pub struct DevicePlayback {
     interleaved: Vec<f32>,
     events_tx: Sender<DeviceEvent>,
     events_rx: Receiver<DeviceEvent>,
+    /// Between the first `write` of a stream and its `finish` or `clear`.
+    streaming: bool,
 }
 
 impl DevicePlayback {
@@ -721,6 +822,7 @@ impl DevicePlayback {
             device: open.name.clone(),
             failure: Arc::clone(&open.failure),
             down: None,
+            seen: (0, 0),
         };
         Ok(Self {
             open: Some(open),
@@ -733,6 +835,7 @@ impl DevicePlayback {
             interleaved: Vec::new(),
             events_tx,
             events_rx,
+            streaming: false,
         })
     }
 
@@ -751,16 +854,22 @@ impl DevicePlayback {
         (u128::from(frames) * u128::from(source_rate) / u128::from(open.format.sample_rate)) as u64
     }
 
+    /// Drops the current stream (keeping its counts) after a failure.
+    fn close(&mut self) {
+        if let Some(open) = self.open.take() {
+            self.played_before += Self::played_in(&open, self.source_rate);
+            self.previous.merge(&open.snapshot());
+            retire(open._stream);
+        }
+    }
+
     /// Makes sure a stream is open, reopening with backoff; errors once the device has been
     /// gone for `give_up`.
-    fn ensure_open(&mut self, give_up: Duration) -> Result<&mut OpenPlayback, AudioError> {
+    fn ensure_open(&mut self, give_up: Duration) -> Result<(), AudioError> {
         if let Some(open) = &self.open {
             if let Some(event) = self.reopener.check(&open.shared.counters) {
                 let _ = self.events_tx.send(event);
-                if let Some(open) = self.open.take() {
-                    self.played_before += Self::played_in(&open, self.source_rate);
-                    self.previous.merge(&open.shared.counters.snapshot());
-                }
+                self.close();
             }
         }
         let started = Instant::now();
@@ -773,7 +882,10 @@ impl DevicePlayback {
                     }
                     self.resampler =
                         StreamResampler::new(self.source_rate, open.format.sample_rate)?;
-                    self.reopener.failure = Arc::clone(&open.failure);
+                    self.reopener.attach(&open.failure);
+                    if self.streaming {
+                        open.shared.set_state(PlaybackState::Playing);
+                    }
                     self.open = Some(open);
                     let _ = self.events_tx.send(event);
                 }
@@ -793,43 +905,37 @@ impl DevicePlayback {
                 }
             }
         }
-        Ok(self.open.as_mut().expect("opened above"))
+        Ok(())
     }
 
-    /// Resampled mono → interleaved device frames → ring, waiting for room.
+    /// Resampled mono → interleaved device frames → ring, waiting for room. A device that
+    /// fails meanwhile is reopened (what it had queued is lost with it).
     fn queue(&mut self) -> Result<(), AudioError> {
-        let open = self.ensure_open(MAX_RETRY * 2)?;
-        let channels = usize::from(open.format.channels);
-        self.interleaved.clear();
-        self.interleaved.extend(
-            self.resampled
-                .iter()
-                .flat_map(|&s| std::iter::repeat_n(s, channels)),
-        );
-        self.resampled.clear();
         let mut pos = 0;
-        while pos < self.interleaved.len() {
+        while pos < self.resampled.len() {
+            self.ensure_open(GIVE_UP)?;
             let Some(open) = self.open.as_mut() else {
-                // The device went away mid-write; what was not queued is dropped with it.
-                return Err(AudioError::PlaybackLost(self.reopener.device.clone()));
+                continue;
             };
-            let room = open.ring.vacant_len() / channels * channels;
-            let n = room.min(self.interleaved.len() - pos);
-            if n > 0 {
-                pos += open.ring.push_slice(&self.interleaved[pos..pos + n]);
+            let channels = usize::from(open.format.channels);
+            let frames = (open.ring.vacant_len() / channels).min(self.resampled.len() - pos);
+            if frames == 0 {
+                // Full: the callback drains a period at a time. `ensure_open` above notices a
+                // stream that stopped calling back, so a dead device cannot hang the writer.
+                std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            // Full: the callback drains a period at a time. Sleep a few ms, keep checking the
-            // stream is alive so a dead device cannot hang the writer.
-            std::thread::sleep(Duration::from_millis(5));
-            if let Some(event) = self.reopener.check(&open.shared.counters) {
-                let _ = self.events_tx.send(event);
-                if let Some(open) = self.open.take() {
-                    self.played_before += Self::played_in(&open, self.source_rate);
-                    self.previous.merge(&open.shared.counters.snapshot());
-                }
-            }
+            self.interleaved.clear();
+            self.interleaved.extend(
+                self.resampled[pos..pos + frames]
+                    .iter()
+                    .flat_map(|&s| std::iter::repeat_n(s, channels)),
+            );
+            let pushed = open.ring.push_slice(&self.interleaved);
+            debug_assert_eq!(pushed, self.interleaved.len());
+            pos += frames;
         }
+        self.resampled.clear();
         Ok(())
     }
 }
@@ -840,9 +946,11 @@ impl Playback for DevicePlayback {
     }
 
     fn write(&mut self, samples: &[f32]) -> Result<(), AudioError> {
-        self.ensure_open(MAX_RETRY * 2)?
-            .shared
-            .set_state(PlaybackState::Playing);
+        self.ensure_open(GIVE_UP)?;
+        self.streaming = true;
+        if let Some(open) = &self.open {
+            open.shared.set_state(PlaybackState::Playing);
+        }
         self.resampler.process(samples, &mut self.resampled);
         self.queue()
     }
@@ -850,6 +958,7 @@ impl Playback for DevicePlayback {
     fn finish(&mut self) -> Result<(), AudioError> {
         self.resampler.flush(&mut self.resampled);
         self.queue()?;
+        self.streaming = false;
         if let Some(open) = &self.open {
             open.shared.set_state(PlaybackState::Draining);
         }
@@ -857,6 +966,7 @@ impl Playback for DevicePlayback {
     }
 
     fn clear(&mut self) {
+        self.streaming = false;
         self.resampler.reset();
         if let Some(open) = &self.open {
             open.shared.request_clear();
@@ -888,7 +998,7 @@ impl Playback for DevicePlayback {
     fn stats(&self) -> StreamStats {
         let mut stats = self.previous;
         if let Some(open) = &self.open {
-            stats.merge(&open.shared.counters.snapshot());
+            stats.merge(&open.snapshot());
         }
         stats
     }

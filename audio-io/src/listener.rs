@@ -48,7 +48,7 @@ pub enum ListenEvent {
 }
 
 /// Listener settings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ListenerConfig {
     pub vad: VadConfig,
     /// Send a [`ListenEvent::Level`] per VAD window.
@@ -57,15 +57,6 @@ pub struct ListenerConfig {
     pub tap_audio: bool,
 }
 
-impl Default for ListenerConfig {
-    fn default() -> Self {
-        Self {
-            vad: VadConfig::default(),
-            levels: false,
-            tap_audio: false,
-        }
-    }
-}
 
 /// A running capture pump. Dropping it stops the thread.
 pub struct Listener {
@@ -102,6 +93,11 @@ impl Listener {
     /// The event stream. It ends (disconnects) after [`ListenEvent::Stopped`].
     pub fn events(&self) -> &Receiver<ListenEvent> {
         &self.events
+    }
+
+    /// Asks the pump to stop without waiting; [`ListenEvent::Stopped`] follows on the channel.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 
     /// Stops the pump and waits for it; the last event is `Stopped`.

@@ -79,6 +79,8 @@ impl StreamCounters {
             frames: self.frames.load(Relaxed),
             xruns: self.xruns.load(Relaxed),
             xrun_frames: self.xrun_frames.load(Relaxed),
+            device_xruns: 0,
+            device_errors: 0,
             callback_mean: Duration::from_nanos(busy_total.checked_div(callbacks).unwrap_or(0)),
             callback_max: Duration::from_nanos(self.busy_ns_max.load(Relaxed)),
             period_frames: self.last_period_frames.load(Relaxed),
@@ -100,6 +102,10 @@ pub struct StreamStats {
     /// Overflows (capture) or underruns (playback).
     pub xruns: u64,
     pub xrun_frames: u64,
+    /// Over/underruns the driver itself reported (audio lost or repeated below the ring).
+    pub device_xruns: u64,
+    /// Other errors the driver reported that the stream survived.
+    pub device_errors: u64,
     /// Mean and longest time spent inside the data callback.
     pub callback_mean: Duration,
     pub callback_max: Duration,
@@ -120,6 +126,8 @@ impl StreamStats {
         self.frames += other.frames;
         self.xruns += other.xruns;
         self.xrun_frames += other.xrun_frames;
+        self.device_xruns += other.device_xruns;
+        self.device_errors += other.device_errors;
         self.callback_max = self.callback_max.max(other.callback_max);
         if other.period_frames > 0 {
             self.period_frames = other.period_frames;

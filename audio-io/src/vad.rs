@@ -16,6 +16,12 @@ use crate::{frames_to_duration, MODEL_SAMPLE_RATE};
 pub const WINDOW: usize = 512;
 /// Samples of the previous window the model sees again before each new one (Silero v5+).
 const CONTEXT: usize = 64;
+/// Boundaries are refined on 10 ms frames of the audio itself.
+const REFINE_FRAME: u64 = 160;
+/// A frame this far under the utterance's loudest frame is quiet.
+const REFINE_FLOOR_DB: f32 = -35.0;
+/// How far back from the window-aligned end the refinement looks.
+const REFINE_END_WINDOWS: u64 = 3;
 /// The recurrent state: `state` [2, 1, 128].
 const STATE_LEN: usize = 2 * 128;
 
@@ -316,15 +322,27 @@ pub enum VadEvent {
     },
 }
 
+impl VadEvent {
+    /// How long after the end of speech the endpointer decides it has ended: `min_silence`,
+    /// rounded up to whole windows.
+    pub fn hold_after_end(config: &VadConfig) -> Duration {
+        window_time(windows_in(config.min_silence).max(1))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
     Silence,
     /// Speech since window `start`; `confirmed` once `SpeechStarted` was sent; `silent_since` is
-    /// the first window of the current run of silence, if any.
+    /// the first window of the current run of silence, if any; `last_speech` is the window after
+    /// the last one at or above the threshold (where the speech ends if the silence holds).
     Speech {
         start: u64,
+        /// The start in samples, refined to 10 ms once the utterance is confirmed.
+        start_sample: u64,
         confirmed: bool,
         silent_since: Option<u64>,
+        last_speech: u64,
     },
 }
 
@@ -339,6 +357,8 @@ pub struct Endpointer {
     audio: VecDeque<f32>,
     /// Sample index of `audio[0]`.
     audio_start: u64,
+    /// Where the last utterance ended: a new one never starts before it.
+    previous_end: u64,
     min_speech_windows: u64,
     min_silence_windows: u64,
     max_windows: u64,
@@ -362,6 +382,7 @@ impl Endpointer {
             windows: 0,
             audio: VecDeque::new(),
             audio_start: 0,
+            previous_end: 0,
         }
     }
 
@@ -396,42 +417,55 @@ impl Endpointer {
         self.phase = match self.phase {
             Phase::Silence if speech => Phase::Speech {
                 start: n,
+                start_sample: n * WINDOW as u64,
                 confirmed: false,
                 silent_since: None,
+                last_speech: n + 1,
             },
             Phase::Silence => Phase::Silence,
             Phase::Speech {
                 start,
+                mut start_sample,
                 mut confirmed,
                 mut silent_since,
+                mut last_speech,
             } => {
                 if speech {
                     silent_since = None;
+                    last_speech = n + 1;
                 } else if silence && silent_since.is_none() {
                     silent_since = Some(n);
                 }
                 if !confirmed && silent_since.is_none() && n + 1 - start >= self.min_speech_windows
                 {
                     confirmed = true;
+                    start_sample = self.refine_start(start_sample);
                     event = Some(VadEvent::SpeechStarted {
-                        at: window_time(start),
+                        at: frames_to_duration(start_sample, MODEL_SAMPLE_RATE),
                     });
                 }
                 match silent_since {
-                    Some(end) if n + 1 - end >= self.min_silence_windows => {
+                    Some(silent) if n + 1 - silent >= self.min_silence_windows => {
+                        // The probability decays over a window or two after the voice stops
+                        // (measured on espeak-ng speech: ends came 50-100 ms late when placed at
+                        // the first window below neg_threshold); the speech ended after the last
+                        // window that was clearly speech.
                         if confirmed {
-                            event = Some(self.ended(start, end));
+                            let end = self.refine_end(start_sample, last_speech * WINDOW as u64);
+                            event = Some(self.ended(start_sample, end));
                         }
                         Phase::Silence
                     }
                     _ if confirmed && n + 1 - start >= self.max_windows => {
-                        event = Some(self.ended(start, n + 1));
+                        event = Some(self.ended(start_sample, (n + 1) * WINDOW as u64));
                         Phase::Silence
                     }
                     _ => Phase::Speech {
                         start,
+                        start_sample,
                         confirmed,
                         silent_since,
+                        last_speech,
                     },
                 }
             }
@@ -446,10 +480,19 @@ impl Endpointer {
     pub fn finish(&mut self) -> Option<VadEvent> {
         let event = match self.phase {
             Phase::Speech {
-                start,
+                start_sample,
                 confirmed: true,
                 silent_since,
-            } => Some(self.ended(start, silent_since.unwrap_or(self.windows))),
+                last_speech,
+                ..
+            } => {
+                let end = if silent_since.is_some() {
+                    self.refine_end(start_sample, last_speech * WINDOW as u64)
+                } else {
+                    self.windows * WINDOW as u64
+                };
+                Some(self.ended(start_sample, end))
+            }
             _ => None,
         };
         self.phase = Phase::Silence;
@@ -457,9 +500,69 @@ impl Endpointer {
         event
     }
 
-    fn ended(&mut self, start: u64, end: u64) -> VadEvent {
-        let start_sample = start * WINDOW as u64;
-        let end_sample = end * WINDOW as u64;
+    /// RMS of the 10 ms frame starting at sample `at`, if the buffer holds it.
+    fn frame_rms(&self, at: u64) -> Option<f32> {
+        let from = at.checked_sub(self.audio_start)? as usize;
+        let to = from + REFINE_FRAME as usize;
+        if to > self.audio.len() {
+            return None;
+        }
+        let energy: f32 = self.audio.range(from..to).map(|s| s * s).sum();
+        Some((energy / REFINE_FRAME as f32).sqrt())
+    }
+
+    /// The level below which a 10 ms frame counts as quiet: [`REFINE_FLOOR_DB`] under the
+    /// loudest frame of the utterance so far.
+    fn quiet_floor(&self, from: u64, to: u64) -> f32 {
+        let peak = (from..to)
+            .step_by(REFINE_FRAME as usize)
+            .filter_map(|at| self.frame_rms(at))
+            .fold(0.0f32, f32::max);
+        peak * 10f32.powf(REFINE_FLOOR_DB / 20.0)
+    }
+
+    /// Moves a window-aligned start to the first 10 ms frame that is not quiet, within one
+    /// window either side.
+    fn refine_start(&self, start: u64) -> u64 {
+        let now = self.audio_start + self.audio.len() as u64;
+        let floor = self.quiet_floor(start, now);
+        // Frames on a grid anchored at the window start, never reaching back into the previous
+        // utterance.
+        let earliest = self.audio_start.max(self.previous_end);
+        let back = (1..=WINDOW as u64 / REFINE_FRAME)
+            .map(|k| k * REFINE_FRAME)
+            .take_while(|&d| start >= earliest + d)
+            .last()
+            .unwrap_or(0);
+        (start - back..start + WINDOW as u64)
+            .step_by(REFINE_FRAME as usize)
+            .find(|&at| self.frame_rms(at).is_some_and(|rms| rms > floor))
+            .unwrap_or(start)
+    }
+
+    /// Moves a window-aligned end back to the end of the last 10 ms frame that is not quiet,
+    /// within [`REFINE_END_WINDOWS`]: Silero's probability stays high for a window or two after
+    /// the voice stops (on espeak-ng speech, ends came 50-80 ms late without this).
+    fn refine_end(&self, start: u64, end: u64) -> u64 {
+        let floor = self.quiet_floor(start, end);
+        let earliest = end
+            .saturating_sub(REFINE_END_WINDOWS * WINDOW as u64)
+            .max(start + REFINE_FRAME);
+        let mut at = end;
+        while at >= earliest + REFINE_FRAME {
+            if self
+                .frame_rms(at - REFINE_FRAME)
+                .is_some_and(|rms| rms > floor)
+            {
+                return at;
+            }
+            at -= REFINE_FRAME;
+        }
+        end
+    }
+
+    fn ended(&mut self, start_sample: u64, end_sample: u64) -> VadEvent {
+        self.previous_end = end_sample;
         let from = start_sample
             .saturating_sub(self.prefix_samples)
             .max(self.audio_start);
@@ -470,15 +573,16 @@ impl Endpointer {
             .copied()
             .collect();
         VadEvent::SpeechEnded {
-            started: window_time(start),
-            at: window_time(end),
+            started: frames_to_duration(start_sample, MODEL_SAMPLE_RATE),
+            at: frames_to_duration(end_sample, MODEL_SAMPLE_RATE),
             audio_start: frames_to_duration(from, MODEL_SAMPLE_RATE),
             audio,
         }
     }
 
     fn trim_to_prefix(&mut self) {
-        let keep = self.prefix_samples as usize;
+        // The prefix, plus the window a refined start may move back into.
+        let keep = (self.prefix_samples + WINDOW as u64) as usize;
         if self.audio.len() > keep {
             let drop = self.audio.len() - keep;
             self.audio.drain(..drop);
@@ -495,12 +599,15 @@ fn window_time(windows: u64) -> Duration {
 mod tests {
     use super::*;
 
-    /// Feeds a probability per window, each window filled with its index, and collects events.
+    /// Feeds a probability per window and collects events. A window is filled with its index
+    /// where the probability says speech, with zeros where it says silence, so the boundary
+    /// refinement agrees with the probabilities.
     fn run(config: VadConfig, probs: &[f32]) -> Vec<VadEvent> {
         let mut endpointer = Endpointer::new(config);
         let mut events = Vec::new();
         for (i, &p) in probs.iter().enumerate() {
-            let window = vec![i as f32; WINDOW];
+            let level = if p >= 0.35 { (i + 1) as f32 } else { 0.0 };
+            let window = vec![level; WINDOW];
             events.extend(endpointer.push(&window, p));
         }
         events.extend(endpointer.finish());
@@ -539,9 +646,44 @@ mod tests {
         // 300 ms pre-roll = 4800 samples, from window 10.625.
         assert_eq!(*audio_start, ms(640 - 300));
         assert_eq!(audio.len(), 4800 + 30 * WINDOW);
-        assert_eq!(audio[0], 10.0);
-        assert_eq!(audio[4800], 20.0);
-        assert_eq!(*audio.last().unwrap(), 49.0);
+        assert_eq!(audio[0], 0.0);
+        assert_eq!(audio[4799], 0.0);
+        assert_eq!(audio[4800], 21.0);
+        assert_eq!(*audio.last().unwrap(), 50.0);
+    }
+
+    #[test]
+    fn boundaries_are_refined_to_the_audio_energy() {
+        // Speech energy from sample 10 * 512 + 200 to 40 * 512 + 100; the probabilities lag:
+        // high from window 10 to 42 (two windows after the voice stopped).
+        let speech = (10 * WINDOW + 200)..(40 * WINDOW + 100);
+        let mut endpointer = Endpointer::new(VadConfig::default());
+        let mut events = Vec::new();
+        for w in 0..70 {
+            let window: Vec<f32> = (w * WINDOW..(w + 1) * WINDOW)
+                .map(|i| if speech.contains(&i) { 0.5 } else { 0.0 })
+                .collect();
+            let p = if (10..43).contains(&w) { 0.9 } else { 0.0 };
+            events.extend(endpointer.push(&window, p));
+        }
+        let VadEvent::SpeechEnded { started, at, .. } = &events[1] else {
+            panic!("{events:?}")
+        };
+        // Refined on a 10 ms grid anchored at the window boundaries: the start moves to the
+        // first frame holding speech (the second frame of window 10), the end to the end of the
+        // last frame holding speech.
+        let start = *started;
+        let end = *at;
+        assert_eq!(
+            start,
+            frames_to_duration(10 * WINDOW as u64 + 160, MODEL_SAMPLE_RATE)
+        );
+        assert!(
+            end >= frames_to_duration(40 * 512 + 100, 16_000)
+                && end <= frames_to_duration(40 * 512 + 100 + 160, 16_000),
+            "end {end:?}"
+        );
+        assert_eq!(events[0], VadEvent::SpeechStarted { at: start });
     }
 
     #[test]
@@ -562,11 +704,21 @@ mod tests {
 
     #[test]
     fn hysteresis_keeps_speech_between_thresholds() {
-        // 0.4 is below the threshold (0.5) but above neg_threshold (0.35): still speech.
-        let probs = pattern(&[(5, 0.0), (10, 0.9), (40, 0.4), (20, 0.0)]);
+        // 0.4 is below the threshold (0.5) but above neg_threshold (0.35): 640 ms of it is not
+        // the 500 ms of silence that would end the utterance. The end is placed after the last
+        // window at or above the threshold.
+        let probs = pattern(&[
+            (5, 0.0),
+            (10, 0.9),
+            (20, 0.4),
+            (10, 0.9),
+            (10, 0.4),
+            (20, 0.0),
+        ]);
         let events = run(VadConfig::default(), &probs);
+        assert_eq!(events.len(), 2, "{events:?}");
         assert!(
-            matches!(events.last(), Some(VadEvent::SpeechEnded { at, .. }) if *at == ms(55 * 32)),
+            matches!(events[1], VadEvent::SpeechEnded { started, at, .. } if started == ms(5 * 32) && at == ms(45 * 32)),
             "{events:?}"
         );
     }

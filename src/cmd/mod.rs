@@ -1,1 +1,3 @@
+pub mod devices;
 pub mod generate;
+pub mod listen;

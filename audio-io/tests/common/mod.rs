@@ -58,7 +58,7 @@ fn speech_extent(samples: &[f32], rate: u32) -> (usize, usize) {
         .map(|c| (c.iter().map(|s| s * s).sum::<f32>() / c.len() as f32).sqrt())
         .collect();
     let loudest = rms.iter().fold(0.0f32, |m, &v| m.max(v));
-    let floor = loudest * 10f32.powf(-30.0 / 20.0);
+    let floor = loudest * 10f32.powf(-40.0 / 20.0);
     let first = rms.iter().position(|&v| v > floor).unwrap();
     let last = rms.iter().rposition(|&v| v > floor).unwrap();
     (first * frame, ((last + 1) * frame).min(samples.len()))
@@ -129,11 +129,7 @@ pub fn utterances(events: &[ListenEvent]) -> Vec<(Duration, Duration, Duration, 
 }
 
 fn diff(a: Duration, b: Duration) -> Duration {
-    if a > b {
-        a - b
-    } else {
-        b - a
-    }
+    a.abs_diff(b)
 }
 
 /// Checks one utterance per phrase, each boundary within [`TOLERANCE`] of the truth once
@@ -181,4 +177,76 @@ pub fn check_boundaries(
         let expected = ((*end - *audio_start).as_secs_f64() * 16_000.0).round() as usize;
         assert_eq!(*audio_len, expected);
     }
+}
+
+/// Finds where `reference` occurs in `recorded`: returns the offset (recorded index of
+/// reference[0]) and the normalized correlation there. A coarse search on 10 ms RMS envelopes
+/// finds the region; a sample-exact search around it finds the lag.
+pub fn align(reference: &[f32], recorded: &[f32], rate: u32) -> (isize, f32) {
+    let frame = (rate / 100) as usize;
+    let envelope = |x: &[f32]| -> Vec<f32> {
+        x.chunks(frame)
+            .map(|c| (c.iter().map(|s| s * s).sum::<f32>() / c.len() as f32).sqrt())
+            .collect()
+    };
+    let (er, ec) = (envelope(reference), envelope(recorded));
+    assert!(
+        ec.len() >= er.len(),
+        "recording shorter than the reference: {} < {}",
+        recorded.len(),
+        reference.len()
+    );
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    let mr = mean(&er);
+    let coarse = (0..=ec.len() - er.len())
+        .map(|lag| {
+            let window = &ec[lag..lag + er.len()];
+            let mw = mean(window);
+            let dot: f32 = er
+                .iter()
+                .zip(window)
+                .map(|(a, b)| (a - mr) * (b - mw))
+                .sum();
+            (lag, dot)
+        })
+        .fold(
+            (0, f32::MIN),
+            |best, cur| if cur.1 > best.1 { cur } else { best },
+        )
+        .0 as isize;
+    let correlation_at = |offset: isize| -> f32 {
+        let (mut dot, mut ea, mut eb) = (0.0f64, 0.0f64, 0.0f64);
+        for (i, &a) in reference.iter().enumerate() {
+            let j = offset + i as isize;
+            let b = if j >= 0 && (j as usize) < recorded.len() {
+                recorded[j as usize]
+            } else {
+                0.0
+            };
+            dot += f64::from(a) * f64::from(b);
+            ea += f64::from(a) * f64::from(a);
+            eb += f64::from(b) * f64::from(b);
+        }
+        (dot / (ea.sqrt() * eb.sqrt()).max(1e-12)) as f32
+    };
+    let center = coarse * frame as isize;
+    let span = 2 * frame as isize;
+    (center - span..=center + span)
+        .map(|offset| (offset, correlation_at(offset)))
+        .fold(
+            (0, f32::MIN),
+            |best, cur| if cur.1 > best.1 { cur } else { best },
+        )
+}
+
+/// True when the pulse tests were asked for; otherwise says loudly that they are skipped.
+pub fn pulse_tests_enabled(test: &str) -> bool {
+    if std::env::var_os("LFM2D_PULSE_TESTS").is_some() {
+        return true;
+    }
+    eprintln!(
+        "\n*** SKIPPED {test}: set LFM2D_PULSE_TESTS=1 after `. .ci/pulse.sh` (a private PulseAudio \
+         server with virtual mic/speaker) to run the tests through a real device path ***\n"
+    );
+    false
 }
