@@ -57,7 +57,6 @@ pub struct ListenerConfig {
     pub tap_audio: bool,
 }
 
-
 /// A running capture pump. Dropping it stops the thread.
 pub struct Listener {
     events: Receiver<ListenEvent>,

@@ -244,9 +244,12 @@ pub fn pulse_tests_enabled(test: &str) -> bool {
     if std::env::var_os("LFM2D_PULSE_TESTS").is_some() {
         return true;
     }
-    eprintln!(
-        "\n*** SKIPPED {test}: set LFM2D_PULSE_TESTS=1 after `. .ci/pulse.sh` (a private PulseAudio \
-         server with virtual mic/speaker) to run the tests through a real device path ***\n"
+    // Straight to the process's stderr: the test harness captures `eprintln!` of passing tests.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED {test}: set LFM2D_PULSE_TESTS=1 after `. .ci/pulse.sh` (a private \
+         PulseAudio server with a virtual mic and speaker) to run it through a real device path ***"
     );
     false
 }
