@@ -9,7 +9,8 @@
 # the export line instead. Safe to run twice: an already running server is reused.
 #
 # Installs (apt-get, only if missing): pulseaudio pulseaudio-utils libasound2-plugins espeak-ng
-# sox alsa-utils libasound2-dev pkg-config.
+# sox alsa-utils libasound2-dev pkg-config. libasound2-dev and pkg-config are needed to BUILD the
+# workspace (cpal links ALSA), so run this before the first cargo command.
 
 lfm2d_pulse_setup() {
     local packages=(pulseaudio pulseaudio-utils libasound2-plugins espeak-ng sox alsa-utils libasound2-dev pkg-config)
@@ -23,7 +24,7 @@ lfm2d_pulse_setup() {
         local sudo=""
         [ "$(id -u)" = 0 ] || sudo="sudo"
         $sudo apt-get update -qq || return 1
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || return 1
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null || return 1
     fi
 
     local dir=${LFM2D_PULSE_DIR:-/tmp/lfm2d-pulse-$(id -u)}
@@ -56,7 +57,8 @@ lfm2d_pulse_setup() {
 
     # ALSA default -> pulse, for this user only (ALSA reads ~/.asoundrc). An existing file that
     # is not ours is left alone and reported.
-    local asoundrc="$HOME/.asoundrc"
+    local home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
+    local asoundrc="$home/.asoundrc"
     local marker="# written by lfm2d .ci/pulse.sh"
     if [ ! -e "$asoundrc" ] || grep -q "$marker" "$asoundrc"; then
         cat >"$asoundrc" <<ASOUND
