@@ -330,7 +330,9 @@ pub fn find_device(
 
 /// The error kinds after which a stream delivers no more audio (cpal's ALSA worker exits on
 /// them), in a fixed order so the callback can store one as a number. Other errors are counted:
-/// the stream goes on, and if it stops calling back, the stall check declares it lost.
+/// the stream goes on, and if it stops calling back, the stall check declares it lost. (Counting
+/// a flood of errors as a loss was tried: a fresh stream after a sound-server restart reports
+/// thousands of errors while playing correctly.)
 const FATAL_KINDS: [cpal::ErrorKind; 3] = [
     cpal::ErrorKind::DeviceNotAvailable,
     cpal::ErrorKind::StreamInvalidated,
@@ -455,8 +457,6 @@ where
 /// How long a running stream may go without a callback before it counts as lost. Generous:
 /// a cold capture stream can take a second to deliver its first callback.
 const STALL_LIMIT: Duration = Duration::from_secs(2);
-/// Driver errors between two health checks, with no callback, that count as a lost stream.
-const ERROR_FLOOD: u64 = 100;
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// How long `DevicePlayback::write` keeps trying to reopen a vanished device before it returns
 /// an error (capture keeps trying for as long as it is read).
@@ -474,15 +474,12 @@ struct Reopener {
     failure: Arc<Failure>,
     /// Set while the stream is down: when it went down, attempts so far, when to try next.
     down: Option<(Instant, u32, Instant)>,
-    /// Driver errors and callbacks at the previous check.
-    seen: (u64, u64),
 }
 
 impl Reopener {
     /// Watches a new stream (after a reopen).
     fn attach(&mut self, failure: &Arc<Failure>) {
         self.failure = Arc::clone(failure);
-        self.seen = (0, 0);
     }
 
     /// Checks the stream's health; returns the loss event the first time it fails.
@@ -490,23 +487,11 @@ impl Reopener {
         if self.down.is_some() {
             return None;
         }
-        let callbacks = counters.snapshot().callbacks;
-        let errors = self.failure.device_errors.load(Relaxed);
-        let (errors_before, callbacks_before) =
-            std::mem::replace(&mut self.seen, (errors, callbacks));
-        let reason = self
-            .failure
-            .get()
-            .or_else(|| {
-                // A driver that only fails (the ALSA `pulse` plugin returns EIO from every poll
-                // once its server is gone) is as dead as one that says so.
-                (errors - errors_before >= ERROR_FLOOD && callbacks == callbacks_before)
-                    .then(|| format!("{} driver errors without audio", errors - errors_before))
-            })
-            .or_else(|| {
-                (callbacks > 0 && counters.since_last_callback() > STALL_LIMIT)
-                    .then(|| format!("no audio callback for {STALL_LIMIT:?}"))
-            })?;
+        let reason = self.failure.get().or_else(|| {
+            let stats = counters.snapshot();
+            (stats.callbacks > 0 && counters.since_last_callback() > STALL_LIMIT)
+                .then(|| format!("no audio callback for {STALL_LIMIT:?}"))
+        })?;
         let now = Instant::now();
         self.down = Some((now, 0, now + FIRST_RETRY));
         Some(DeviceEvent::Lost {
@@ -646,7 +631,6 @@ impl DeviceCapture {
             device: open.name.clone(),
             failure: Arc::clone(&open.failure),
             down: None,
-            seen: (0, 0),
         };
         Ok(Self {
             format: open.format,
@@ -822,7 +806,6 @@ impl DevicePlayback {
             device: open.name.clone(),
             failure: Arc::clone(&open.failure),
             down: None,
-            seen: (0, 0),
         };
         Ok(Self {
             open: Some(open),

@@ -19,9 +19,13 @@ const CONTEXT: usize = 64;
 /// Boundaries are refined on 10 ms frames of the audio itself.
 const REFINE_FRAME: u64 = 160;
 /// A frame this far under the utterance's loudest frame is quiet.
-const REFINE_FLOOR_DB: f32 = -35.0;
-/// How far back from the window-aligned end the refinement looks.
-const REFINE_END_WINDOWS: u64 = 3;
+const REFINE_FLOOR_DB: f32 = -40.0;
+/// How far back from the window-aligned end the refinement looks: Silero's probability can stay
+/// above the threshold for a few windows after the voice stops.
+const REFINE_END_WINDOWS: u64 = 5;
+/// How far back from the window-aligned start the refinement looks: weak onsets ("th", "f")
+/// come before the probability rises.
+const REFINE_START_WINDOWS: u64 = 3;
 /// The recurrent state: `state` [2, 1, 128].
 const STATE_LEN: usize = 2 * 128;
 
@@ -512,24 +516,34 @@ impl Endpointer {
     }
 
     /// The level below which a 10 ms frame counts as quiet: [`REFINE_FLOOR_DB`] under the
-    /// loudest frame of the utterance so far.
+    /// loudest frame of `from..to`, but at least twice (6 dB over) the median level of the
+    /// pre-roll before `from`, so background noise never counts as speech.
     fn quiet_floor(&self, from: u64, to: u64) -> f32 {
         let peak = (from..to)
             .step_by(REFINE_FRAME as usize)
             .filter_map(|at| self.frame_rms(at))
             .fold(0.0f32, f32::max);
-        peak * 10f32.powf(REFINE_FLOOR_DB / 20.0)
+        let pre_roll = from
+            .saturating_sub(self.prefix_samples)
+            .max(self.audio_start);
+        let mut noise: Vec<f32> = (pre_roll..from.saturating_sub(REFINE_FRAME))
+            .step_by(REFINE_FRAME as usize)
+            .filter_map(|at| self.frame_rms(at))
+            .collect();
+        noise.sort_by(f32::total_cmp);
+        let noise = noise.get(noise.len() / 2).copied().unwrap_or(0.0);
+        (peak * 10f32.powf(REFINE_FLOOR_DB / 20.0)).max(2.0 * noise)
     }
 
-    /// Moves a window-aligned start to the first 10 ms frame that is not quiet, within one
-    /// window either side.
+    /// Moves a window-aligned start to the first 10 ms frame that is not quiet, from
+    /// [`REFINE_START_WINDOWS`] before it to one window after.
     fn refine_start(&self, start: u64) -> u64 {
         let now = self.audio_start + self.audio.len() as u64;
         let floor = self.quiet_floor(start, now);
         // Frames on a grid anchored at the window start, never reaching back into the previous
         // utterance.
         let earliest = self.audio_start.max(self.previous_end);
-        let back = (1..=WINDOW as u64 / REFINE_FRAME)
+        let back = (1..=REFINE_START_WINDOWS * WINDOW as u64 / REFINE_FRAME)
             .map(|k| k * REFINE_FRAME)
             .take_while(|&d| start >= earliest + d)
             .last()
@@ -541,8 +555,7 @@ impl Endpointer {
     }
 
     /// Moves a window-aligned end back to the end of the last 10 ms frame that is not quiet,
-    /// within [`REFINE_END_WINDOWS`]: Silero's probability stays high for a window or two after
-    /// the voice stops (on espeak-ng speech, ends came 50-80 ms late without this).
+    /// within [`REFINE_END_WINDOWS`] (on espeak-ng speech, ends came 50-100 ms late without this).
     fn refine_end(&self, start: u64, end: u64) -> u64 {
         let floor = self.quiet_floor(start, end);
         let earliest = end
@@ -581,8 +594,8 @@ impl Endpointer {
     }
 
     fn trim_to_prefix(&mut self) {
-        // The prefix, plus the window a refined start may move back into.
-        let keep = (self.prefix_samples + WINDOW as u64) as usize;
+        // The prefix, plus the windows a refined start may move back into.
+        let keep = (self.prefix_samples + REFINE_START_WINDOWS * WINDOW as u64) as usize;
         if self.audio.len() > keep {
             let drop = self.audio.len() - keep;
             self.audio.drain(..drop);
