@@ -31,11 +31,15 @@ pub enum ListenEvent {
         speech_prob: f32,
         in_speech: bool,
     },
-    /// An utterance boundary. `latency` is from the capture of the last sample the decision
-    /// needed (estimated from when samples reached the pump) to this event being sent; it
-    /// includes resampling and VAD time but not the hold times (`min_speech`, `min_silence`),
-    /// which are part of the decision.
-    Vad { event: VadEvent, latency: Duration },
+    /// An utterance boundary. `decided` is the audio time of the last sample the decision
+    /// needed (the end of the window that completed `min_speech` or `min_silence`); `latency`
+    /// is from that sample's capture (estimated from when samples reached the pump) to this
+    /// event being sent: resampling, VAD and queueing, not the hold times themselves.
+    Vad {
+        event: VadEvent,
+        decided: Duration,
+        latency: Duration,
+    },
     /// The capture device was lost or reopened.
     Device(DeviceEvent),
     /// The 16 kHz mono audio as it is processed. Only with [`ListenerConfig::tap_audio`].
@@ -215,6 +219,7 @@ impl Pump {
         if let Some(event) = self.endpointer.finish() {
             self.send(ListenEvent::Vad {
                 event,
+                decided: self.endpointer.now(),
                 latency: Duration::ZERO,
             });
         }
@@ -267,7 +272,11 @@ impl Pump {
             if let Some(event) = self.endpointer.push(&copy, prob) {
                 let decided = self.endpointer.now();
                 let latency = self.latency_since(decided);
-                self.send(ListenEvent::Vad { event, latency });
+                self.send(ListenEvent::Vad {
+                    event,
+                    decided,
+                    latency,
+                });
             }
         }
         self.pending.drain(..used);

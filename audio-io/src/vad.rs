@@ -326,14 +326,6 @@ pub enum VadEvent {
     },
 }
 
-impl VadEvent {
-    /// How long after the end of speech the endpointer decides it has ended: `min_silence`,
-    /// rounded up to whole windows.
-    pub fn hold_after_end(config: &VadConfig) -> Duration {
-        window_time(windows_in(config.min_silence).max(1))
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
     Silence,

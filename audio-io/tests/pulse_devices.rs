@@ -127,22 +127,30 @@ fn capture_finds_utterance_boundaries_through_pulseaudio() {
 
     // Capture-to-event latency: from the deciding sample's capture to the event, and from the
     // true end of speech (which includes the 500 ms of silence the endpointer waits for).
+    let shift = offset as f64 / 16e3;
+    let mut starts = clip.truth.iter().map(|t| t.0.as_secs_f64() + shift);
     let mut truths = clip.truth.iter();
     for e in &events {
-        if let ListenEvent::Vad { event, latency } = e {
+        if let ListenEvent::Vad {
+            event,
+            decided,
+            latency,
+        } = e
+        {
             match event {
                 VadEvent::SpeechStarted { at } => {
+                    let truth_start = starts.next().unwrap();
+                    let total = decided.as_secs_f64() - truth_start + latency.as_secs_f64();
                     println!(
-                        "SpeechStarted at {:.3}s: event {:.1} ms after its deciding sample",
+                        "SpeechStarted at {:.3}s: event {:.1} ms after its deciding sample, {:.0} ms after the true start of speech",
                         at.as_secs_f64(),
-                        latency.as_secs_f64() * 1e3
+                        latency.as_secs_f64() * 1e3,
+                        total * 1e3
                     )
                 }
                 VadEvent::SpeechEnded { at, .. } => {
-                    let truth_end = truths.next().unwrap().1.as_secs_f64() + offset as f64 / 16e3;
-                    let hold = VadEvent::hold_after_end(&ListenerConfig::default().vad);
-                    let total =
-                        at.as_secs_f64() - truth_end + hold.as_secs_f64() + latency.as_secs_f64();
+                    let truth_end = truths.next().unwrap().1.as_secs_f64() + shift;
+                    let total = decided.as_secs_f64() - truth_end + latency.as_secs_f64();
                     println!(
                         "SpeechEnded at {:.3}s: event {:.1} ms after its deciding sample, {:.0} ms after the true end of speech",
                         at.as_secs_f64(),

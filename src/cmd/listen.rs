@@ -159,6 +159,7 @@ impl View {
             ListenEvent::Vad {
                 event: VadEvent::SpeechStarted { at },
                 latency,
+                ..
             } => {
                 self.line(&format!(
                     "{:>8.2}s speech started (event {:.1} ms after the deciding sample)",
@@ -172,6 +173,7 @@ impl View {
                         started, at, audio, ..
                     },
                 latency,
+                ..
             } => {
                 self.utterances += 1;
                 let mut text = format!(
