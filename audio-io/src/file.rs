@@ -128,7 +128,7 @@ impl WavPlayback {
 
 impl Playback for WavPlayback {
     fn source_rate(&self) -> u32 {
-        self.sink_rate()
+        self.sink.rate
     }
 
     fn write(&mut self, samples: &[f32]) -> Result<(), AudioError> {
@@ -168,12 +168,6 @@ impl Playback for WavPlayback {
             frames: self.sink.written,
             ..StreamStats::default()
         }
-    }
-}
-
-impl WavPlayback {
-    fn sink_rate(&self) -> u32 {
-        self.writer.as_ref().map_or(0, |w| w.spec().sample_rate)
     }
 }
 

@@ -266,10 +266,7 @@ impl Pump {
                     in_speech,
                 });
             }
-            // `push` needs the window while `pending` is borrowed; copy it out (512 floats).
-            let mut copy = [0.0f32; WINDOW];
-            copy.copy_from_slice(window);
-            if let Some(event) = self.endpointer.push(&copy, prob) {
+            if let Some(event) = self.endpointer.push(window, prob) {
                 let decided = self.endpointer.now();
                 let latency = self.latency_since(decided);
                 self.send(ListenEvent::Vad {

@@ -109,7 +109,7 @@ impl Capture for MemoryCapture {
 /// everything written has been "played".
 #[derive(Debug)]
 pub(crate) struct PacedSink {
-    rate: u32,
+    pub(crate) rate: u32,
     pacing: Pacing,
     /// Start of the current stream and the samples written in it.
     stream: Option<(Instant, u64)>,

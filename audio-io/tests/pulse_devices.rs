@@ -20,7 +20,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use audio_io::vad::{SileroVad, VadAssets, VadEvent};
+use audio_io::vad::VadEvent;
 use audio_io::{
     write_wav, DeviceCapture, DevicePlayback, DeviceSelector, ListenEvent, Listener,
     ListenerConfig, Playback, PLAYBACK_SOURCE_RATE,
@@ -35,11 +35,6 @@ fn pactl(args: &[&str]) {
         .status()
         .expect("pactl (pulseaudio-utils) is needed; `.ci/pulse.sh` installs it");
     assert!(status.success(), "pactl {args:?} failed");
-}
-
-fn vad() -> SileroVad {
-    let assets = VadAssets::locate().unwrap_or_else(|e| panic!("{e}"));
-    SileroVad::load(&assets).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -58,7 +53,7 @@ fn capture_finds_utterance_boundaries_through_pulseaudio() {
         tap_audio: true,
         ..ListenerConfig::default()
     };
-    let listener = Listener::start(Box::new(capture), vad(), config).unwrap();
+    let listener = Listener::start(Box::new(capture), common::load_vad(), config).unwrap();
 
     // Wait for the stream to deliver (a cold capture stream can take a second).
     let mut events = Vec::new();

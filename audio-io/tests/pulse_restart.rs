@@ -8,16 +8,10 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use audio_io::vad::{SileroVad, VadAssets};
 use audio_io::{
     DeviceCapture, DevicePlayback, DeviceSelector, ListenEvent, Listener, ListenerConfig, Playback,
     PLAYBACK_SOURCE_RATE,
 };
-
-fn vad() -> SileroVad {
-    let assets = VadAssets::locate().unwrap_or_else(|e| panic!("{e}"));
-    SileroVad::load(&assets).unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// Kills the private PulseAudio server and starts it again with `.ci/pulse.sh`: to cpal, the
 /// default devices vanish and come back.
@@ -50,7 +44,7 @@ fn devices_are_reopened_after_the_sound_server_restarts() {
         tap_audio: true,
         ..ListenerConfig::default()
     };
-    let listener = Listener::start(Box::new(capture), vad(), config).unwrap();
+    let listener = Listener::start(Box::new(capture), common::load_vad(), config).unwrap();
     let mut playback = DevicePlayback::open(&DeviceSelector::Default, PLAYBACK_SOURCE_RATE)
         .unwrap_or_else(|e| panic!("{e}"));
     let device_events = playback.device_events();

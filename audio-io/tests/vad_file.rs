@@ -6,15 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use audio_io::vad::{SileroVad, VadAssets, VadConfig, WINDOW};
+use audio_io::vad::{VadConfig, WINDOW};
 use audio_io::{
     write_wav, ListenEvent, Listener, ListenerConfig, MemoryCapture, Pacing, WavCapture,
 };
-
-fn load_vad() -> SileroVad {
-    let assets = VadAssets::locate().unwrap_or_else(|e| panic!("{e}"));
-    SileroVad::load(&assets).unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn collect(listener: Listener) -> Vec<ListenEvent> {
     let events: Vec<ListenEvent> = listener.events().iter().collect();
@@ -29,7 +24,7 @@ fn silero_scores_speech_high_and_silence_low() {
     let dir = common::scratch_dir("silero");
     let (speech, rate) = common::espeak("Testing one two three four five", &dir, "count");
     let speech = audio_io::resample::resample_clip(&speech, rate, 16_000).unwrap();
-    let mut vad = load_vad();
+    let mut vad = common::load_vad();
     let silence = vec![0.0f32; WINDOW];
     let silent_prob = (0..10)
         .map(|_| vad.probability(&silence).unwrap())
@@ -63,8 +58,12 @@ fn utterance_boundaries_from_a_wav_file() {
     write_wav(&path, &clip.samples, clip.format()).unwrap();
 
     let capture = WavCapture::open(&path, Pacing::AsFastAsPossible).unwrap();
-    let listener =
-        Listener::start(Box::new(capture), load_vad(), ListenerConfig::default()).unwrap();
+    let listener = Listener::start(
+        Box::new(capture),
+        common::load_vad(),
+        ListenerConfig::default(),
+    )
+    .unwrap();
     let events = collect(listener);
     common::check_boundaries(&common::utterances(&events), &clip.truth, 0.0);
 }
@@ -86,7 +85,7 @@ fn stereo_48k_source_gives_the_same_boundaries() {
         levels: true,
         ..ListenerConfig::default()
     };
-    let listener = Listener::start(Box::new(capture), load_vad(), config).unwrap();
+    let listener = Listener::start(Box::new(capture), common::load_vad(), config).unwrap();
     let events = collect(listener);
     let levels = events
         .iter()
@@ -118,7 +117,7 @@ fn threshold_and_silence_knobs_change_the_result() {
     };
     let listener = Listener::start(
         Box::new(capture),
-        load_vad(),
+        common::load_vad(),
         ListenerConfig {
             vad,
             ..Default::default()
@@ -134,7 +133,7 @@ fn threshold_and_silence_knobs_change_the_result() {
     let vad = VadConfig::with_threshold(1.5);
     assert!(Listener::start(
         Box::new(capture),
-        load_vad(),
+        common::load_vad(),
         ListenerConfig {
             vad,
             ..Default::default()

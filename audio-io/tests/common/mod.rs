@@ -6,8 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use audio_io::vad::VadEvent;
+use audio_io::vad::{SileroVad, VadAssets, VadEvent};
 use audio_io::{read_wav, ListenEvent, StreamFormat};
+
+/// Loads the Silero VAD, or fails with the message that says how to get it.
+pub fn load_vad() -> SileroVad {
+    let assets = VadAssets::locate().unwrap_or_else(|e| panic!("{e}"));
+    SileroVad::load(&assets).unwrap_or_else(|e| panic!("{e}"))
+}
 
 /// How far a detected boundary may be from the truth.
 pub const TOLERANCE: Duration = Duration::from_millis(100);
