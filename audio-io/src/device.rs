@@ -574,40 +574,89 @@ impl OpenCapture {
     }
 }
 
-fn open_capture(selector: &DeviceSelector) -> Result<OpenCapture, AudioError> {
-    let (device, name) = find_device(Direction::Input, selector)?;
+/// A started stream on the selected device in its default format, with the ring end the
+/// program keeps (`R`) and what the error callback writes.
+struct Started<R> {
+    stream: cpal::Stream,
+    ring: R,
+    failure: Arc<Failure>,
+    format: StreamFormat,
+    name: String,
+}
+
+/// Opens and starts a stream: finds the device, takes its default format, makes a ring of
+/// `ring_seconds` and builds the stream with `build` (given the device, config, sample format,
+/// channel count, ring capacity and failure flags), asking for a [`DEVICE_PERIOD`] period first
+/// and the device's default buffer if that is refused.
+fn start_stream<R>(
+    direction: Direction,
+    selector: &DeviceSelector,
+    ring_seconds: usize,
+    build: impl Fn(
+        &cpal::Device,
+        &StreamConfig,
+        SampleFormat,
+        u16,
+        usize,
+        &Arc<Failure>,
+    ) -> Result<(cpal::Stream, R), cpal::Error>,
+) -> Result<Started<R>, AudioError> {
+    let (device, name) = find_device(direction, selector)?;
     let err = |e: cpal::Error| AudioError::Device {
         device: name.clone(),
         message: e.to_string(),
     };
-    let supported = device.default_input_config().map_err(err)?;
+    let supported = default_config(&device, direction).map_err(err)?;
     let format = StreamFormat::new(supported.sample_rate(), supported.channels()).validate()?;
-    let capacity =
-        format.sample_rate as usize * usize::from(format.channels) * CAPTURE_RING_SECONDS;
-    let counters = Arc::new(StreamCounters::default());
+    let capacity = format.sample_rate as usize * usize::from(format.channels) * ring_seconds;
     let failure = Arc::new(Failure::default());
     let sample_format = supported.sample_format();
-    let build = |config: &StreamConfig| {
-        let (prod, cons): (HeapProd<f32>, HeapCons<f32>) = HeapRb::new(capacity).split();
-        let callback = CaptureCallback::new(prod, format.channels, Arc::clone(&counters));
-        let stream = with_sample_type!(
+    let attempt = |config: &StreamConfig| {
+        build(
+            &device,
+            config,
             sample_format,
-            build_input(&device, config, callback, Arc::clone(&failure))
-        )?;
-        Ok::<_, cpal::Error>((stream, cons))
+            format.channels,
+            capacity,
+            &failure,
+        )
     };
-    // Ask for a short period; fall back to the device's default buffer if it refuses.
-    let (stream, ring) = build(&low_latency_config(&supported))
-        .or_else(|_| build(&supported.config()))
+    let (stream, ring) = attempt(&low_latency_config(&supported))
+        .or_else(|_| attempt(&supported.config()))
         .map_err(err)?;
     stream.play().map_err(err)?;
-    Ok(OpenCapture {
+    Ok(Started {
         stream,
         ring,
-        counters,
         failure,
         format,
         name,
+    })
+}
+
+fn open_capture(selector: &DeviceSelector) -> Result<OpenCapture, AudioError> {
+    let counters = Arc::new(StreamCounters::default());
+    let started = start_stream(
+        Direction::Input,
+        selector,
+        CAPTURE_RING_SECONDS,
+        |device, config, sample_format, channels, capacity, failure| {
+            let (prod, cons): (HeapProd<f32>, HeapCons<f32>) = HeapRb::new(capacity).split();
+            let callback = CaptureCallback::new(prod, channels, Arc::clone(&counters));
+            let stream = with_sample_type!(
+                sample_format,
+                build_input(device, config, callback, Arc::clone(failure))
+            )?;
+            Ok((stream, cons))
+        },
+    )?;
+    Ok(OpenCapture {
+        stream: started.stream,
+        ring: started.ring,
+        counters,
+        failure: started.failure,
+        format: started.format,
+        name: started.name,
     })
 }
 
@@ -740,38 +789,28 @@ impl OpenPlayback {
 }
 
 fn open_playback(selector: &DeviceSelector) -> Result<OpenPlayback, AudioError> {
-    let (device, name) = find_device(Direction::Output, selector)?;
-    let err = |e: cpal::Error| AudioError::Device {
-        device: name.clone(),
-        message: e.to_string(),
-    };
-    let supported = device.default_output_config().map_err(err)?;
-    let format = StreamFormat::new(supported.sample_rate(), supported.channels()).validate()?;
-    let capacity =
-        format.sample_rate as usize * usize::from(format.channels) * PLAYBACK_RING_SECONDS;
     let shared = Arc::new(PlaybackShared::default());
-    let failure = Arc::new(Failure::default());
-    let sample_format = supported.sample_format();
-    let build = |config: &StreamConfig| {
-        let (prod, cons): (HeapProd<f32>, HeapCons<f32>) = HeapRb::new(capacity).split();
-        let callback = PlaybackCallback::new(cons, format.channels, Arc::clone(&shared));
-        let stream = with_sample_type!(
-            sample_format,
-            build_output(&device, config, callback, Arc::clone(&failure))
-        )?;
-        Ok::<_, cpal::Error>((stream, prod))
-    };
-    let (stream, ring) = build(&low_latency_config(&supported))
-        .or_else(|_| build(&supported.config()))
-        .map_err(err)?;
-    stream.play().map_err(err)?;
+    let started = start_stream(
+        Direction::Output,
+        selector,
+        PLAYBACK_RING_SECONDS,
+        |device, config, sample_format, channels, capacity, failure| {
+            let (prod, cons): (HeapProd<f32>, HeapCons<f32>) = HeapRb::new(capacity).split();
+            let callback = PlaybackCallback::new(cons, channels, Arc::clone(&shared));
+            let stream = with_sample_type!(
+                sample_format,
+                build_output(device, config, callback, Arc::clone(failure))
+            )?;
+            Ok((stream, prod))
+        },
+    )?;
     Ok(OpenPlayback {
-        _stream: stream,
-        ring,
+        _stream: started.stream,
+        ring: started.ring,
         shared,
-        failure,
-        format,
-        name,
+        failure: started.failure,
+        format: started.format,
+        name: started.name,
     })
 }
 
