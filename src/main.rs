@@ -28,6 +28,10 @@ enum Command {
     Speak(cmd::speak::Args),
     /// Write a random-weight checkpoint with the real model's shapes (for benchmarks and demos).
     SynthModel(cmd::synth_model::Args),
+    /// List the sound devices (inputs and outputs) with their index and default format.
+    Devices(cmd::devices::Args),
+    /// Live view of the microphone: level, voice activity, utterance boundaries.
+    Listen(cmd::listen::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +42,8 @@ fn main() -> std::process::ExitCode {
         Command::SynthModel(args) => cmd::synth_model::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Speak(args) => cmd::speak::run(args),
+        Command::Devices(args) => cmd::devices::run(args),
+        Command::Listen(args) => cmd::listen::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a fresh machine for lfm2d: system packages, pinned assets (checked by sha256), and an
-# optimised build. Safe to run again; it skips what is already there.
+# optimised build (skipped with --no-build). Safe to run again; it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,5 +27,7 @@ if [ -f tools/fetch_vad.sh ]; then
     bash tools/fetch_vad.sh
 fi
 
-cargo build --release
-echo "setup: done; the binary is target/release/lfm2d"
+if [ "${1:-}" != "--no-build" ]; then
+    cargo build --release
+    echo "setup: done; the binary is target/release/lfm2d"
+fi

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: set up the machine, then every test of the workspace.
+# The whole test suite, as CI runs it: set up the machine, start the virtual sound devices, then
+# every test of the workspace (the device tests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh
-# Live-audio tests run against a private PulseAudio server with virtual devices when available.
-if [ -f .ci/pulse.sh ]; then
-    # shellcheck source=/dev/null
-    source .ci/pulse.sh
-fi
+bash tools/setup.sh --no-build
+# A private PulseAudio server with a virtual microphone and speaker (no sound card needed).
+# shellcheck source=/dev/null
+. .ci/pulse.sh
+export LFM2D_PULSE_TESTS=1
 cargo fmt --all -- --check
 cargo test --workspace

@@ -1,201 +1,250 @@
-//! Reading audio files of any common format (WAV 8/16/24/32-bit integer and float, FLAC, MP3,
-//! Ogg Vorbis, ...) as a stream of mono f32 chunks, with bounded memory.
+//! WAV files as capture sources and playback sinks (hound).
 
 use std::fs::File;
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use symphonia::core::audio::SampleBuffer;
-use symphonia::core::codecs::{Decoder, DecoderOptions, CODEC_TYPE_NULL};
-use symphonia::core::errors::Error as SymphoniaError;
-use symphonia::core::formats::{FormatOptions, FormatReader};
-use symphonia::core::io::MediaSourceStream;
-use symphonia::core::meta::MetadataOptions;
-use symphonia::core::probe::Hint;
+use crate::memory::PacedSink;
+use crate::{
+    AudioError, Capture, MemoryCapture, Pacing, Playback, ReadOutcome, StreamFormat, StreamStats,
+};
 
-/// Why a file could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum FileError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: the file is empty")]
-    Empty { path: PathBuf },
-    #[error("{path}: not a readable audio file ({message})")]
-    Format { path: PathBuf, message: String },
-    #[error("{path}: sample {index} is not a finite number")]
-    NotFinite { path: PathBuf, index: u64 },
+/// Reads a whole WAV file (PCM 8/16/24/32-bit or 32-bit float, any rate and channel count) as
+/// interleaved `f32` in [-1, 1]. A malformed or truncated file is an error, never a panic.
+pub fn read_wav(path: &Path) -> Result<(Vec<f32>, StreamFormat), AudioError> {
+    let reader = hound::WavReader::open(path).map_err(|e| AudioError::file(path, e))?;
+    let spec = reader.spec();
+    let format = StreamFormat::new(spec.sample_rate, spec.channels)
+        .validate()
+        .map_err(|e| AudioError::file(path, e))?;
+    let samples: Result<Vec<f32>, hound::Error> = match spec.sample_format {
+        hound::SampleFormat::Float if spec.bits_per_sample == 32 => {
+            reader.into_samples::<f32>().collect()
+        }
+        hound::SampleFormat::Int if (1..=32).contains(&spec.bits_per_sample) => {
+            let scale = 1.0 / (1u64 << (spec.bits_per_sample - 1)) as f32;
+            reader
+                .into_samples::<i32>()
+                .map(|s| s.map(|s| s as f32 * scale))
+                .collect()
+        }
+        _ => {
+            return Err(AudioError::file(
+                path,
+                format!(
+                    "unsupported WAV sample format: {:?} {} bit",
+                    spec.sample_format, spec.bits_per_sample
+                ),
+            ))
+        }
+    };
+    let samples = samples.map_err(|e| AudioError::file(path, e))?;
+    Ok((samples, format))
 }
 
-/// A decoding stream of an audio file, downmixed to mono (mean of the channels).
-pub struct AudioFileReader {
+/// Writes interleaved `f32` samples as a 16-bit PCM WAV file (clipped to [-1, 1]).
+pub fn write_wav(path: &Path, samples: &[f32], format: StreamFormat) -> Result<(), AudioError> {
+    let spec = hound::WavSpec {
+        channels: format.channels,
+        sample_rate: format.sample_rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec).map_err(|e| AudioError::file(path, e))?;
+    for &s in samples {
+        let v = (s.clamp(-1.0, 1.0) * f32::from(i16::MAX)).round() as i16;
+        writer
+            .write_sample(v)
+            .map_err(|e| AudioError::file(path, e))?;
+    }
+    writer.finalize().map_err(|e| AudioError::file(path, e))
+}
+
+/// A WAV file played as a capture source, real-time paced or as fast as possible.
+pub struct WavCapture(MemoryCapture);
+
+impl WavCapture {
+    pub fn open(path: impl AsRef<Path>, pacing: Pacing) -> Result<Self, AudioError> {
+        let path = path.as_ref();
+        let (samples, format) = read_wav(path)?;
+        let memory =
+            MemoryCapture::new(samples, format, pacing)?.with_name(path.display().to_string());
+        Ok(Self(memory))
+    }
+}
+
+impl Capture for WavCapture {
+    fn format(&self) -> StreamFormat {
+        self.0.format()
+    }
+    fn read(&mut self, buf: &mut [f32], timeout: Duration) -> Result<ReadOutcome, AudioError> {
+        self.0.read(buf, timeout)
+    }
+    fn stats(&self) -> StreamStats {
+        self.0.stats()
+    }
+    fn name(&self) -> String {
+        self.0.name()
+    }
+}
+
+/// Writes what would be played to a mono 32-bit float WAV file at the source rate.
+pub struct WavPlayback {
     path: PathBuf,
-    format: Box<dyn FormatReader>,
-    decoder: Box<dyn Decoder>,
-    track_id: u32,
-    sample_rate: u32,
-    channels: usize,
-    samples_read: u64,
-    done: bool,
+    writer: Option<hound::WavWriter<BufWriter<File>>>,
+    sink: PacedSink,
 }
 
-impl AudioFileReader {
-    pub fn open(path: &Path) -> Result<Self, FileError> {
-        let io = |source| FileError::Io {
-            path: path.to_owned(),
-            source,
+impl WavPlayback {
+    pub fn create(
+        path: impl AsRef<Path>,
+        source_rate: u32,
+        pacing: Pacing,
+    ) -> Result<Self, AudioError> {
+        let path = path.as_ref().to_path_buf();
+        StreamFormat::new(source_rate, 1).validate()?;
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: source_rate,
+            bits_per_sample: 32,
+            sample_format: hound::SampleFormat::Float,
         };
-        let format_err = |message: String| FileError::Format {
-            path: path.to_owned(),
-            message,
-        };
-        let file = File::open(path).map_err(io)?;
-        if file.metadata().map_err(io)?.len() == 0 {
-            return Err(FileError::Empty {
-                path: path.to_owned(),
-            });
-        }
-        let mss = MediaSourceStream::new(Box::new(file), Default::default());
-        let mut hint = Hint::new();
-        if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
-            hint.with_extension(ext);
-        }
-        let probed = symphonia::default::get_probe()
-            .format(
-                &hint,
-                mss,
-                &FormatOptions::default(),
-                &MetadataOptions::default(),
-            )
-            .map_err(|e| format_err(describe(&e)))?;
-        let format = probed.format;
-        let track = format
-            .tracks()
-            .iter()
-            .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
-            .ok_or_else(|| format_err("no audio track".into()))?;
-        let sample_rate = track
-            .codec_params
-            .sample_rate
-            .ok_or_else(|| format_err("no sample rate".into()))?;
-        if sample_rate == 0 {
-            return Err(format_err("the sample rate is 0".into()));
-        }
-        let channels = track
-            .codec_params
-            .channels
-            .map(|c| c.count())
-            .unwrap_or(1)
-            .max(1);
-        let track_id = track.id;
-        let decoder = symphonia::default::get_codecs()
-            .make(&track.codec_params, &DecoderOptions::default())
-            .map_err(|e| format_err(describe(&e)))?;
+        let writer =
+            hound::WavWriter::create(&path, spec).map_err(|e| AudioError::file(&path, e))?;
         Ok(Self {
-            path: path.to_owned(),
-            format,
-            decoder,
-            track_id,
-            sample_rate,
-            channels,
-            samples_read: 0,
-            done: false,
+            path,
+            writer: Some(writer),
+            sink: PacedSink::new(source_rate, pacing),
         })
     }
 
-    pub fn sample_rate(&self) -> u32 {
-        self.sample_rate
-    }
-
-    pub fn channels(&self) -> usize {
-        self.channels
-    }
-
-    /// The next chunk of mono samples, `None` at the end. A file cut short ends at the last
-    /// complete packet.
-    pub fn next_chunk(&mut self) -> Result<Option<Vec<f32>>, FileError> {
-        while !self.done {
-            let packet = match self.format.next_packet() {
-                Ok(p) => p,
-                Err(SymphoniaError::IoError(e))
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof =>
-                {
-                    self.done = true;
-                    break;
-                }
-                Err(SymphoniaError::ResetRequired) => {
-                    self.done = true;
-                    break;
-                }
-                Err(e) => {
-                    return Err(FileError::Format {
-                        path: self.path.clone(),
-                        message: describe(&e),
-                    })
-                }
-            };
-            if packet.track_id() != self.track_id {
-                continue;
-            }
-            let decoded = match self.decoder.decode(&packet) {
-                Ok(d) => d,
-                // A damaged packet is skipped, as players do; the rest of the file still counts.
-                Err(SymphoniaError::DecodeError(_)) => continue,
-                Err(e) => {
-                    return Err(FileError::Format {
-                        path: self.path.clone(),
-                        message: describe(&e),
-                    })
-                }
-            };
-            let spec = *decoded.spec();
-            let channels = spec.channels.count().max(1);
-            let mut buf = SampleBuffer::<f32>::new(decoded.capacity() as u64, spec);
-            buf.copy_interleaved_ref(decoded);
-            let mono: Vec<f32> = buf
-                .samples()
-                .chunks(channels)
-                .map(|frame| frame.iter().sum::<f32>() / channels as f32)
-                .collect();
-            if let Some(i) = mono.iter().position(|x| !x.is_finite()) {
-                return Err(FileError::NotFinite {
-                    path: self.path.clone(),
-                    index: self.samples_read + i as u64,
-                });
-            }
-            self.samples_read += mono.len() as u64;
-            if !mono.is_empty() {
-                return Ok(Some(mono));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Reads the rest of the file.
-    pub fn read_all(&mut self) -> Result<Vec<f32>, FileError> {
-        let mut all = Vec::new();
-        while let Some(chunk) = self.next_chunk()? {
-            all.extend_from_slice(&chunk);
-        }
-        Ok(all)
+    fn writer(&mut self) -> Result<&mut hound::WavWriter<BufWriter<File>>, AudioError> {
+        self.writer
+            .as_mut()
+            .ok_or_else(|| AudioError::file(&self.path, "already closed after a write error"))
     }
 }
 
-fn describe(e: &SymphoniaError) -> String {
-    match e {
-        SymphoniaError::Unsupported(what) => format!("unsupported format or codec: {what}"),
-        SymphoniaError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            "the file ends too early (truncated header?)".into()
+impl Playback for WavPlayback {
+    fn source_rate(&self) -> u32 {
+        self.sink.rate
+    }
+
+    fn write(&mut self, samples: &[f32]) -> Result<(), AudioError> {
+        self.sink.before_write(samples.len());
+        let path = self.path.clone();
+        let writer = self.writer()?;
+        for &s in samples {
+            writer
+                .write_sample(s)
+                .map_err(|e| AudioError::file(&path, e))?;
         }
-        other => other.to_string(),
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), AudioError> {
+        self.sink.finish();
+        let path = self.path.clone();
+        // Rewrites the header so the file is valid even if the process dies later.
+        self.writer()?
+            .flush()
+            .map_err(|e| AudioError::file(&path, e))
+    }
+
+    fn clear(&mut self) {}
+
+    fn played(&self) -> u64 {
+        self.sink.written
+    }
+
+    fn wait_idle(&mut self, _timeout: Duration) -> bool {
+        self.sink.finish();
+        true
+    }
+
+    fn stats(&self) -> StreamStats {
+        StreamStats {
+            frames: self.sink.written,
+            ..StreamStats::default()
+        }
     }
 }
 
-/// Reads a whole file as mono samples and its sample rate.
-pub fn read_mono(path: &Path) -> Result<(Vec<f32>, u32), FileError> {
-    let mut reader = AudioFileReader::open(path)?;
-    let samples = reader.read_all()?;
-    Ok((samples, reader.sample_rate()))
+impl Drop for WavPlayback {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.finalize();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("audio-io-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    #[test]
+    fn wav_round_trip_through_capture_and_playback() {
+        let path = tmp("round.wav");
+        let clip: Vec<f32> = (0..2400).map(|i| ((i as f32) * 0.01).sin() * 0.5).collect();
+        {
+            let mut playback =
+                WavPlayback::create(&path, 24_000, Pacing::AsFastAsPossible).unwrap();
+            playback.write(&clip[..1000]).unwrap();
+            playback.write(&clip[1000..]).unwrap();
+            playback.finish().unwrap();
+            assert_eq!(playback.played(), 2400);
+        }
+        let mut capture = WavCapture::open(&path, Pacing::AsFastAsPossible).unwrap();
+        assert_eq!(capture.format(), StreamFormat::new(24_000, 1));
+        let mut buf = vec![0.0; 4096];
+        let ReadOutcome::Samples(n) = capture.read(&mut buf, Duration::ZERO).unwrap() else {
+            panic!("expected samples");
+        };
+        assert_eq!(&buf[..n], &clip[..]);
+        assert_eq!(
+            capture.read(&mut buf, Duration::ZERO).unwrap(),
+            ReadOutcome::End
+        );
+    }
+
+    #[test]
+    fn sixteen_bit_stereo_decodes_to_unit_range() {
+        let path = tmp("stereo16.wav");
+        let clip = [0.5, -0.5, 1.0, -1.0];
+        write_wav(&path, &clip, StreamFormat::new(44_100, 2)).unwrap();
+        let (samples, format) = read_wav(&path).unwrap();
+        assert_eq!(format, StreamFormat::new(44_100, 2));
+        for (got, want) in samples.iter().zip(clip) {
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn malformed_files_are_errors() {
+        let garbage = tmp("garbage.wav");
+        std::fs::write(&garbage, b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk").unwrap();
+        assert!(WavCapture::open(&garbage, Pacing::AsFastAsPossible).is_err());
+
+        // A valid header whose data chunk is cut short.
+        let truncated = tmp("truncated.wav");
+        write_wav(&truncated, &vec![0.25; 1000], StreamFormat::new(16_000, 1)).unwrap();
+        let bytes = std::fs::read(&truncated).unwrap();
+        std::fs::write(&truncated, &bytes[..bytes.len() - 301]).unwrap();
+        let err = WavCapture::open(&truncated, Pacing::AsFastAsPossible);
+        assert!(err.is_err(), "a truncated file must not decode silently");
+
+        let missing = tmp("does-not-exist.wav");
+        let msg = WavCapture::open(&missing, Pacing::AsFastAsPossible)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("does-not-exist.wav"), "{msg}");
+    }
 }

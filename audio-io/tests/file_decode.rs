@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use audio_io::file::{read_mono, FileError};
+use audio_io::decode::{read_mono, FileError};
 use hound::{SampleFormat, WavSpec, WavWriter};
 
 fn tone(n: usize, rate: u32) -> Vec<f32> {

@@ -6,12 +6,16 @@
 //!
 //! matvec (decode) is reported as GB/s of weight bytes read (GGML size), with the weights rotated
 //! through enough copies to exceed the L3 cache, as in real decoding where ~1.2 GB of weights
-//! stream past per token. matmul (prefill) is reported as GOPS (2 * rows * cols * tokens / s)
-//! and as the equivalent backbone tokens/s, GOPS * 1e9 / (2 * 1.04e9). Every figure is the median
-//! of several runs. candle's thread count is fixed per process, so its figures come from child
-//! processes started with CANDLE_NUM_THREADS = 1 and 2.
+//! stream past per token. Before each timed run a plain read of a 256 MB buffer is timed with the
+//! same number of threads, and the ratio to it is reported too: the cores and the memory bus are
+//! shared with other processes, so the ratio is steadier than the absolute figure. matmul
+//! (prefill) is reported as GOPS (2 * rows * cols * tokens / s) and as the equivalent backbone
+//! tokens/s, GOPS * 1e9 / (2 * 1.04e9). Every figure is the median of several runs. candle's
+//! thread count is fixed per process, so its figures come from child processes started with
+//! CANDLE_NUM_THREADS = 1 and 2.
 
 use lfm2_audio::quant::{Format, Kernel, QMatrix, Threads};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const MV_SHAPES: [(usize, usize); 4] = [(2048, 8192), (8192, 2048), (6144, 2048), (65536, 2048)];
@@ -21,7 +25,9 @@ const PREFILL: usize = 512;
 const PREFILL_SCALAR: usize = 16;
 const BACKBONE_PARAMS: f64 = 1.04e9;
 const FORMATS: [Format; 2] = [Format::Q8_0, Format::Q4_0];
+const ROOF_BYTES: usize = 256 << 20;
 
+#[derive(Clone, Copy)]
 struct Cfg {
     runs: usize,
     /// Weight bytes the copies of a matrix must add up to (well above the 32 MB L3).
@@ -53,10 +59,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median seconds per call of `f`, calling it round-robin over `copies` items; each run lasts at
-/// least `cfg.run_time` and makes at least `min_calls` calls.
+/// Median seconds per call of `f`; each run lasts at least `cfg.run_time` and makes at least
+/// `min_calls` calls (`f` gets the call number, to rotate over copies).
 fn time_calls(cfg: &Cfg, min_calls: usize, mut f: impl FnMut(usize)) -> f64 {
-    f(0); // warm-up (page faults, lazy repacking, thread wake-up)
+    f(0); // warm-up: page faults, lazy repacking, thread wake-up
     let mut per_call = Vec::with_capacity(cfg.runs);
     for _ in 0..cfg.runs {
         let start = Instant::now();
@@ -70,8 +76,72 @@ fn time_calls(cfg: &Cfg, min_calls: usize, mut f: impl FnMut(usize)) -> f64 {
     median(per_call)
 }
 
+/// Like `time_calls` for a product reading `bytes` per call, but before each timed run reads the
+/// whole `roof` buffer once with `pool`, so that both see the same load from other processes.
+/// Returns the median GB/s and the median of the per-run ratios to the plain read's GB/s.
+fn gbs_vs_roof(
+    cfg: &Cfg,
+    roof: &[u64],
+    pool: &Threads,
+    bytes: usize,
+    min_calls: usize,
+    mut f: impl FnMut(usize),
+) -> (f64, f64) {
+    f(0);
+    let (mut gbs, mut ratio) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.runs {
+        let read = read_once(roof, pool);
+        let start = Instant::now();
+        let mut calls = 0;
+        while calls < min_calls || start.elapsed() < cfg.run_time {
+            f(calls);
+            calls += 1;
+        }
+        let g = (bytes * calls) as f64 / start.elapsed().as_secs_f64() / 1e9;
+        gbs.push(g);
+        ratio.push(g / read);
+    }
+    (median(gbs), median(ratio))
+}
+
+fn roof_buffer() -> Vec<u64> {
+    (0..ROOF_BYTES / 8).map(|i| i as u64).collect()
+}
+
+/// One plain read of `buf` (u64 sums, vectorized by the compiler), split over the pool in 512 KB
+/// chunks the way the products split their rows. Returns GB/s.
+fn read_once(buf: &[u64], pool: &Threads) -> f64 {
+    let chunk = 1 << 16;
+    let next = AtomicUsize::new(0);
+    let total = AtomicU64::new(0);
+    let start = Instant::now();
+    pool.run(|_| loop {
+        let c = next.fetch_add(1, Ordering::Relaxed);
+        if c * chunk >= buf.len() {
+            break;
+        }
+        let part = &buf[c * chunk..((c + 1) * chunk).min(buf.len())];
+        let mut acc = [0u64; 8];
+        for v in part.chunks_exact(8) {
+            for k in 0..8 {
+                acc[k] = acc[k].wrapping_add(v[k]);
+            }
+        }
+        total.fetch_add(
+            acc.iter().fold(0, |a, &b| a.wrapping_add(b)),
+            Ordering::Relaxed,
+        );
+    });
+    std::hint::black_box(total.into_inner());
+    (buf.len() * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
 fn copies_for(bytes: usize, cfg: &Cfg) -> usize {
     cfg.cold_bytes.div_ceil(bytes).max(1)
+}
+
+fn tok_s(gops: f64) -> f64 {
+    gops * 1e9 / (2.0 * BACKBONE_PARAMS)
 }
 
 fn main() {
@@ -86,11 +156,6 @@ fn main() {
         candle::child(&cfg, n.parse().unwrap_or(1));
         return;
     }
-    let candle_rows = if args.iter().any(|a| a == "--no-candle" || a == "--sections") {
-        Vec::new()
-    } else {
-        candle::run_children(quick)
-    };
     let list = |flag: &str| {
         args.iter()
             .position(|a| a == flag)
@@ -105,6 +170,12 @@ fn main() {
             .filter(|k| names.iter().any(|n| n == k.name()))
             .collect(),
         None => Kernel::supported(),
+    };
+    let with_candle = !args.iter().any(|a| a == "--no-candle") && (on("mv") || on("mm"));
+    let candle_rows = if with_candle {
+        candle::run_children(quick)
+    } else {
+        Vec::new()
     };
     println!(
         "lfm2-audio quantized kernels; {} cores available; kernels: {}; median of {} runs",
@@ -124,23 +195,29 @@ fn main() {
             (k, [p1, p2])
         })
         .collect();
+    let roof = roof_buffer();
+    let roof_pools = [Threads::new(1).unwrap(), Threads::new(2).unwrap()];
 
-    // ---- memory roofline ----------------------------------------------------------------------
     if on("roof") {
-        let roof = read_bandwidth(&cfg, &pools[0].1);
+        let mut g = [0f64; 2];
+        for (i, p) in roof_pools.iter().enumerate() {
+            read_once(&roof, p);
+            g[i] = median((0..cfg.runs).map(|_| read_once(&roof, p)).collect());
+        }
         println!(
-            "memory read bandwidth measured in this run (plain sum over {} MB, same pool): \
-         {:.1} GB/s with 1 thread, {:.1} GB/s with 2",
+            "plain memory read ({} MB, u64 sums): {:.1} GB/s with 1 thread, {:.1} GB/s with 2",
             ROOF_BYTES >> 20,
-            roof[0],
-            roof[1]
+            g[0],
+            g[1]
         );
     }
 
-    // ---- matvec -----------------------------------------------------------------------------
     if on("mv") {
         println!();
-        println!("## matvec (decode, one token): GB/s of weights read, weights cold (> L3)");
+        println!(
+            "## matvec (decode, one token): GB/s of weights read, weights cold (> L3); in \
+             parentheses the ratio to a plain memory read timed just before each run"
+        );
         println!();
         println!("| format | rows x cols | MB | kernel | 1 thread | 2 threads |");
         println!("|---|---|---|---|---|---|");
@@ -154,18 +231,18 @@ fn main() {
                 let x = Rng(7).vec(cols);
                 let mut y = vec![0f32; rows];
                 for (k, pool) in &pools {
-                    let mut gbs = [0f64; 2];
-                    for (i, p) in pool.iter().enumerate() {
-                        let s = time_calls(&cfg, copies.len(), |c| {
+                    let mut cells = Vec::new();
+                    for (p, rp) in pool.iter().zip(&roof_pools) {
+                        let (g, r) = gbs_vs_roof(&cfg, &roof, rp, bytes, copies.len(), |c| {
                             copies[c % copies.len()].matvec(&x, &mut y, p).unwrap()
                         });
-                        gbs[i] = bytes as f64 / s / 1e9;
+                        cells.push(format!("{g:.1} ({:.0} %)", r * 100.0));
                     }
                     println!(
-                        "| {format} | {rows}x{cols} | {:.1} | {k} | {:.1} | {:.1} |",
+                        "| {format} | {rows}x{cols} | {:.1} | {k} | {} | {} |",
                         bytes as f64 / 1e6,
-                        gbs[0],
-                        gbs[1]
+                        cells[0],
+                        cells[1]
                     );
                 }
                 candle::print_rows(&candle_rows, "mv", format, rows, cols, bytes);
@@ -173,7 +250,6 @@ fn main() {
         }
     }
 
-    // ---- matvec, cache-resident: kernel speed without the memory wall -------------------------
     if on("hot") {
         println!();
         println!("## matvec, weights hot in L3 (one 2048x2048 matrix reused): GB/s");
@@ -195,12 +271,11 @@ fn main() {
         }
     }
 
-    // ---- matmul -----------------------------------------------------------------------------
     if on("mm") {
         println!();
         println!(
             "## matmul (prefill, {PREFILL} tokens; scalar: {PREFILL_SCALAR}): GOPS \
-         (backbone-equivalent tokens/s)"
+             (backbone-equivalent tokens/s)"
         );
         println!();
         println!("| format | rows x cols | kernel | 1 thread | 2 threads |");
@@ -225,10 +300,7 @@ fn main() {
                     for p in pool {
                         let s = time_calls(&mm_cfg, 1, |_| m.matmul(&x, t, &mut y, p).unwrap());
                         let gops = 2.0 * (rows * cols * t) as f64 / s / 1e9;
-                        cells.push(format!(
-                            "{gops:.0} ({:.0} tok/s)",
-                            gops * 1e9 / (2.0 * BACKBONE_PARAMS)
-                        ));
+                        cells.push(format!("{gops:.0} ({:.0} tok/s)", tok_s(gops)));
                     }
                     println!(
                         "| {format} | {rows}x{cols} | {k} | {} | {} |",
@@ -240,10 +312,12 @@ fn main() {
         }
     }
 
-    // ---- per-call overhead --------------------------------------------------------------------
-    if !on("overhead") {
-        return;
+    if on("overhead") {
+        overhead(&cfg);
     }
+}
+
+fn overhead(cfg: &Cfg) {
     println!();
     println!("## per-call overhead, µs (best kernel)");
     println!();
@@ -251,9 +325,9 @@ fn main() {
     let pool2 = Threads::with_kernel(2, best).unwrap();
     let pool1 = Threads::with_kernel(1, best).unwrap();
     let fast = Cfg {
-        runs: cfg.runs,
         cold_bytes: 0,
         run_time: Duration::from_millis(50),
+        ..*cfg
     };
     let us = |s: f64| s * 1e6;
     let empty = time_calls(&fast, 1, |_| pool2.run(|_| {}));
@@ -265,7 +339,7 @@ fn main() {
     let (x, mut y) = (Rng(10).vec(512), vec![0f32; 64]);
     let t1 = time_calls(&fast, 1, |_| tiny.matvec(&x, &mut y, &pool1).unwrap());
     println!(
-        "- 64x512 Q8_0 matvec (run on the calling thread): {:.2}",
+        "- 64x512 Q8_0 matvec (runs on the calling thread): {:.2}",
         us(t1)
     );
     let small = QMatrix::quantize(&weights(512, 2048), 512, 2048, Format::Q4_0).unwrap();
@@ -273,60 +347,26 @@ fn main() {
     for (n, p) in [(1, &pool1), (2, &pool2)] {
         let t = time_calls(&fast, 1, |_| small.matvec(&x, &mut y, p).unwrap());
         println!(
-            "- 512x2048 Q4_0 matvec (576 KB, L2/L3-hot), {n} thread(s): {:.2}",
+            "- 512x2048 Q4_0 matvec (590 KB, cache-hot), {n} thread(s): {:.2}",
             us(t)
         );
     }
     pool2.set_spin(Duration::ZERO);
     let parked = Cfg {
-        runs: cfg.runs,
-        cold_bytes: 0,
         run_time: Duration::from_millis(20),
+        ..fast
     };
-    let wake = time_calls(&parked, 1, |_| {
+    let mut wakes = Vec::new();
+    time_calls(&parked, 1, |_| {
         std::thread::sleep(Duration::from_micros(300));
         let t = Instant::now();
         pool2.run(|_| {});
-        std::hint::black_box(t.elapsed());
+        wakes.push(t.elapsed().as_secs_f64());
     });
     println!(
-        "- fork/join waking a parked worker (incl. a 300 µs sleep before each call): {:.1}",
-        us(wake) - 300.0
+        "- fork/join waking a parked worker (spin disabled): {:.1}",
+        us(median(wakes))
     );
-}
-
-const ROOF_BYTES: usize = 256 << 20;
-
-/// GB/s of a plain read of a large buffer (u64 sums, vectorized by the compiler), split over the
-/// pool the same way the products are: the bandwidth the matvec figures should be compared to.
-fn read_bandwidth(cfg: &Cfg, pools: &[Threads; 2]) -> [f64; 2] {
-    let buf: Vec<u64> = (0..ROOF_BYTES / 8).map(|i| i as u64).collect();
-    let chunk = 1 << 16; // u64 per claimed chunk (512 KB)
-    let mut out = [0f64; 2];
-    for (i, p) in pools.iter().enumerate() {
-        let s = time_calls(cfg, 1, |_| {
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            let total = std::sync::atomic::AtomicU64::new(0);
-            p.run(|_| loop {
-                let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if c * chunk >= buf.len() {
-                    break;
-                }
-                let part = &buf[c * chunk..((c + 1) * chunk).min(buf.len())];
-                let mut acc = [0u64; 8];
-                for v in part.chunks_exact(8) {
-                    for k in 0..8 {
-                        acc[k] = acc[k].wrapping_add(v[k]);
-                    }
-                }
-                let sum = acc.iter().fold(0u64, |a, &b| a.wrapping_add(b));
-                total.fetch_add(sum, std::sync::atomic::Ordering::Relaxed);
-            });
-            std::hint::black_box(total.into_inner());
-        });
-        out[i] = ROOF_BYTES as f64 / s / 1e9;
-    }
-    out
 }
 
 mod candle {
@@ -334,8 +374,8 @@ mod candle {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    /// (kind "mv"/"mm", format, rows, cols, threads, value)
-    pub type Row = (String, String, usize, usize, usize, f64);
+    /// (kind "mv"/"mm", format, rows, cols, threads, value, ratio to the plain read)
+    pub type Row = (String, String, usize, usize, usize, f64, f64);
 
     pub fn run_children(quick: bool) -> Vec<Row> {
         let mut out = Vec::new();
@@ -354,9 +394,11 @@ mod candle {
             let Ok(res) = cmd.output() else { continue };
             for line in String::from_utf8_lossy(&res.stdout).lines() {
                 let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() == 6 && f[0] == "CANDLE" {
-                    if let (Ok(r), Ok(c), Ok(v)) = (f[3].parse(), f[4].parse(), f[5].parse()) {
-                        out.push((f[1].to_string(), f[2].to_string(), r, c, n, v));
+                if f.len() == 7 && f[0] == "CANDLE" {
+                    if let (Ok(r), Ok(c), Ok(v), Ok(q)) =
+                        (f[3].parse(), f[4].parse(), f[5].parse(), f[6].parse())
+                    {
+                        out.push((f[1].to_string(), f[2].to_string(), r, c, n, v, q));
                     }
                 }
             }
@@ -365,38 +407,35 @@ mod candle {
     }
 
     pub fn print_rows(
-        rows_: &[Row],
+        all: &[Row],
         kind: &str,
         format: Format,
         rows: usize,
         cols: usize,
         bytes: usize,
     ) {
-        let get = |n: usize| {
-            rows_
-                .iter()
-                .find(|r| {
-                    r.0 == kind && r.1 == format.name() && r.2 == rows && r.3 == cols && r.4 == n
-                })
-                .map(|r| r.5)
-        };
-        let cell = |v: Option<f64>| match (v, kind) {
-            (None, _) => "n/a".to_string(),
-            (Some(v), "mv") => format!("{v:.1}"),
-            (Some(v), _) => format!("{v:.0} ({:.0} tok/s)", v * 1e9 / (2.0 * BACKBONE_PARAMS)),
+        let cell = |n: usize| {
+            let row = all.iter().find(|r| {
+                r.0 == kind && r.1 == format.name() && r.2 == rows && r.3 == cols && r.4 == n
+            });
+            match (row, kind) {
+                (None, _) => "n/a".to_string(),
+                (Some(r), "mv") => format!("{:.1} ({:.0} %)", r.5, r.6 * 100.0),
+                (Some(r), _) => format!("{:.0} ({:.0} tok/s)", r.5, tok_s(r.5)),
+            }
         };
         if kind == "mv" {
             println!(
                 "| {format} | {rows}x{cols} | {:.1} | candle QMatMul | {} | {} |",
                 bytes as f64 / 1e6,
-                cell(get(1)),
-                cell(get(2))
+                cell(1),
+                cell(2)
             );
         } else {
             println!(
                 "| {format} | {rows}x{cols} | candle QMatMul | {} | {} |",
-                cell(get(1)),
-                cell(get(2))
+                cell(1),
+                cell(2)
             );
         }
     }
@@ -410,7 +449,10 @@ mod candle {
         QMatMul::from_qtensor(QTensor::quantize(&t, dt).unwrap()).unwrap()
     }
 
-    pub fn child(cfg: &Cfg, _threads: usize) {
+    /// Runs in a child process whose candle thread count was set through the environment.
+    pub fn child(cfg: &Cfg, threads: usize) {
+        let roof = roof_buffer();
+        let roof_pool = Threads::new(threads).unwrap();
         for format in FORMATS {
             for (rows, cols) in MV_SHAPES {
                 let w = weights(rows, cols);
@@ -421,16 +463,12 @@ mod candle {
                 drop(w);
                 let x = Tensor::from_vec(Rng(7).vec(cols), (1, cols), &Device::Cpu).unwrap();
                 for c in &copies {
-                    c.forward(&x).unwrap(); // candle repacks lazily on first use
+                    c.forward(&x).unwrap(); // candle repacks some formats lazily on first use
                 }
-                let s = time_calls(cfg, copies.len(), |c| {
+                let (g, r) = gbs_vs_roof(cfg, &roof, &roof_pool, bytes, copies.len(), |c| {
                     std::hint::black_box(copies[c % copies.len()].forward(&x).unwrap());
                 });
-                println!(
-                    "CANDLE mv {} {rows} {cols} {}",
-                    format.name(),
-                    bytes as f64 / s / 1e9
-                );
+                println!("CANDLE mv {} {rows} {cols} {g} {r}", format.name());
             }
             let mm_cfg = Cfg {
                 runs: cfg.runs.min(5),
@@ -445,7 +483,7 @@ mod candle {
                     std::hint::black_box(m.forward(&x).unwrap());
                 });
                 let gops = 2.0 * (rows * cols * PREFILL) as f64 / s / 1e9;
-                println!("CANDLE mm {} {rows} {cols} {gops}", format.name());
+                println!("CANDLE mm {} {rows} {cols} {gops} 0", format.name());
             }
         }
     }

@@ -33,7 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .params(SamplingParams::new(Some(1.0), Some(4)))?;
     let model = Lfm2AudioModel::load(&args.speech.model)
         .with_context(|| format!("loading the model in {}", args.speech.model.display()))?;
-    let (wave, rate) = audio_io::file::read_mono(&args.input)?;
+    let (wave, rate) = audio_io::decode::read_mono(&args.input)?;
     let audio = model
         .audio
         .embed_at(&wave, rate)

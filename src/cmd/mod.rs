@@ -1,5 +1,7 @@
 pub mod chat;
+pub mod devices;
 pub mod generate;
+pub mod listen;
 pub mod speak;
 pub mod speech;
 pub mod synth_model;

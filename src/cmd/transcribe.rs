@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use audio_io::file::AudioFileReader;
+use audio_io::decode::AudioFileReader;
 use audio_io::segment::{Segment, Segmenter};
 use lfm2_audio::audio::MIN_SAMPLES;
 use lfm2_audio::generate::{asr_chat, generate_text, prefill_chat, StopReason};
