@@ -2,7 +2,10 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_peer;
 mod cmd;
+mod config;
+mod daemon;
 mod voices;
 
 #[derive(Parser)]
@@ -26,6 +29,10 @@ enum Command {
     Chat(cmd::chat::Args),
     /// Read text aloud with a voice preset.
     Speak(cmd::speak::Args),
+    /// The voice assistant: listen on the microphone and answer out loud.
+    Serve(daemon::serve::Args),
+    /// Measure speed and memory on this machine (a table of medians).
+    Bench(cmd::bench::Args),
     /// Write a random-weight checkpoint with the real model's shapes (for benchmarks and demos).
     SynthModel(cmd::synth_model::Args),
     /// List the sound devices (inputs and outputs) with their index and default format.
@@ -40,6 +47,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Transcribe(args) => cmd::transcribe::run(args),
         Command::SynthModel(args) => cmd::synth_model::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
+        Command::Serve(args) => daemon::serve::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Speak(args) => cmd::speak::run(args),
         Command::Devices(args) => cmd::devices::run(args),

@@ -18,6 +18,11 @@
 //!   counts what was really played: [`DevicePlayback`] (resampled to the device rate and channel
 //!   count), [`WavPlayback`] and [`MemoryPlayback`].
 //!
+//! - [`echo`]: keeping the assistant from hearing itself: an echo canceller on the 16 kHz
+//!   microphone signal with the played audio ([`echo::EchoReference`]) as reference, a gate that
+//!   tells the user's barge-in from the echo, and a half-duplex fallback ([`echo::EchoMode`]).
+//!   The listener runs it before the VAD ([`Listener::start_with_echo`]).
+//!
 //! Real-time rules: the cpal data callbacks ([`rt::CaptureCallback`], [`rt::PlaybackCallback`]) only
 //! move samples between the device buffer and an SPSC ring and update atomic counters. They do not
 //! allocate, lock, log or make system calls; `tests/realtime.rs` checks the allocation part with a
@@ -26,6 +31,7 @@
 mod capture;
 pub mod decode;
 pub mod device;
+pub mod echo;
 mod error;
 mod file;
 mod listener;

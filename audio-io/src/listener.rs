@@ -1,5 +1,5 @@
 //! The capture pump: one thread that reads a [`Capture`], downmixes, resamples to 16 kHz, runs
-//! the VAD and endpointer, and sends [`ListenEvent`]s.
+//! the echo canceller (optional), the VAD and endpointer, and sends [`ListenEvent`]s.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::echo::{EchoCanceller, EchoMode};
 use crate::vad::{Endpointer, SileroVad, VadConfig, VadEvent, WINDOW};
 use crate::{
     downmix_into, frames_to_duration, AudioError, Capture, DeviceEvent, ReadOutcome, StreamFormat,
@@ -75,10 +76,41 @@ impl Listener {
         vad: SileroVad,
         config: ListenerConfig,
     ) -> Result<Self, AudioError> {
+        Self::start_inner(capture, vad, config, None)
+    }
+
+    /// Starts the pump with echo handling: `echo` processes every 16 kHz window before the VAD
+    /// (in [`EchoMode::Cancel`] the VAD, the audio tap and the utterances get its output; in
+    /// [`EchoMode::HalfDuplex`] the microphone is muted while the assistant is audible). In
+    /// `Cancel` and `Gate` mode a `SpeechStarted` while the assistant is audible is held back
+    /// until the echo gate says it is the user ([`EchoCanceller::is_user_speech`]); it is then
+    /// sent with `decided`/`latency` of the moment it was let through. The VAD hears speech in
+    /// the echo too, so the held utterance may have begun long before the user spoke: its start
+    /// is moved to a window before the first window the gate took for the user (with the usual
+    /// pre-roll before that), and that is the `at` sent. An utterance that ends while still held was the assistant's own voice: neither
+    /// of its events is sent (it is counted in [`crate::echo::EchoStats`]). So with echo
+    /// handling on, every `SpeechStarted` the daemon receives is a barge-in candidate.
+    ///
+    /// Keep [`EchoCanceller::status`] before handing the canceller over to read its measurements.
+    pub fn start_with_echo(
+        capture: Box<dyn Capture>,
+        vad: SileroVad,
+        config: ListenerConfig,
+        echo: EchoCanceller,
+    ) -> Result<Self, AudioError> {
+        Self::start_inner(capture, vad, config, Some(echo))
+    }
+
+    fn start_inner(
+        capture: Box<dyn Capture>,
+        vad: SileroVad,
+        config: ListenerConfig,
+        echo: Option<EchoCanceller>,
+    ) -> Result<Self, AudioError> {
         config.vad.validate().map_err(AudioError::BadFormat)?;
         let (tx, events) = crossbeam_channel::unbounded();
         let stop = Arc::new(AtomicBool::new(false));
-        let pump = Pump::new(capture, vad, config, tx, Arc::clone(&stop))?;
+        let pump = Pump::new(capture, vad, config, tx, Arc::clone(&stop), echo)?;
         let thread = std::thread::Builder::new()
             .name("lfm2d-capture".into())
             .spawn(move || pump.run())
@@ -141,6 +173,11 @@ struct Pump {
     /// Estimated wall-clock instant of audio time `audio_base`: the earliest moment consistent
     /// with every read so far (a sample cannot be read before it was captured).
     epoch: Option<Instant>,
+    /// Echo handling, and its output for the current window.
+    echo: Option<EchoCanceller>,
+    echo_out: Vec<f32>,
+    /// A `SpeechStarted` held back until the echo gate says it is the user.
+    held: Option<VadEvent>,
 }
 
 impl Pump {
@@ -150,6 +187,7 @@ impl Pump {
         config: ListenerConfig,
         tx: Sender<ListenEvent>,
         stop: Arc<AtomicBool>,
+        echo: Option<EchoCanceller>,
     ) -> Result<Self, AudioError> {
         let format = capture.format().validate()?;
         Ok(Self {
@@ -166,6 +204,9 @@ impl Pump {
             frames_read: 0,
             audio_base: Duration::ZERO,
             epoch: None,
+            echo,
+            echo_out: Vec::with_capacity(WINDOW),
+            held: None,
         })
     }
 
@@ -217,11 +258,8 @@ impl Pump {
             }
         }
         if let Some(event) = self.endpointer.finish() {
-            self.send(ListenEvent::Vad {
-                event,
-                decided: self.endpointer.now(),
-                latency: Duration::ZERO,
-            });
+            let decided = self.endpointer.now();
+            self.vad_event(event, decided, Duration::ZERO);
         }
         Ok(())
     }
@@ -239,16 +277,35 @@ impl Pump {
             + frames_to_duration(self.pending.len() as u64, MODEL_SAMPLE_RATE);
         self.frames_read = 0;
         self.epoch = None;
+        if let Some(echo) = self.echo.as_mut() {
+            echo.restart_stream();
+        }
         Ok(())
     }
 
     fn process_windows(&mut self) -> Result<(), crate::vad::VadError> {
         let mut used = 0;
         while self.pending.len() - used >= WINDOW {
-            let window = &self.pending[used..used + WINDOW];
+            let raw = &self.pending[used..used + WINDOW];
             used += WINDOW;
             let at = self.endpointer.now();
+            let window = match self.echo.as_mut() {
+                Some(echo) => {
+                    self.echo_out.clear();
+                    echo.process(raw, &mut self.echo_out);
+                    // A window is four whole canceller blocks, so all of it comes back.
+                    if self.echo_out.len() == WINDOW {
+                        &self.echo_out[..]
+                    } else {
+                        raw
+                    }
+                }
+                None => raw,
+            };
             let prob = self.vad.probability(window)?;
+            if let Some(echo) = self.echo.as_mut() {
+                echo.judge(prob >= self.config.vad.threshold);
+            }
             if self.config.tap_audio {
                 self.send(ListenEvent::Audio {
                     at,
@@ -269,15 +326,71 @@ impl Pump {
             if let Some(event) = self.endpointer.push(window, prob) {
                 let decided = self.endpointer.now();
                 let latency = self.latency_since(decided);
-                self.send(ListenEvent::Vad {
-                    event,
-                    decided,
-                    latency,
-                });
+                self.vad_event(event, decided, latency);
             }
+            self.release_held();
         }
         self.pending.drain(..used);
         Ok(())
+    }
+
+    /// Sends a VAD event, or holds it back while it may be the assistant's own echo.
+    fn vad_event(&mut self, event: VadEvent, decided: Duration, latency: Duration) {
+        if let Some(echo) = &self.echo {
+            let gated = matches!(echo.mode(), EchoMode::Cancel | EchoMode::Gate);
+            match event {
+                VadEvent::SpeechStarted { .. } if gated && !echo.is_user_speech() => {
+                    self.held = Some(event);
+                    return;
+                }
+                VadEvent::SpeechEnded { .. } if self.held.is_some() => {
+                    // It ended without the gate ever taking it for the user: echo.
+                    self.held = None;
+                    echo.count_suppressed();
+                    return;
+                }
+                _ => {}
+            }
+        }
+        self.send(ListenEvent::Vad {
+            event,
+            decided,
+            latency,
+        });
+    }
+
+    /// Lets a held `SpeechStarted` through once the gate says the user is speaking.
+    fn release_held(&mut self) {
+        if self.held.is_none() || !self.echo.as_ref().is_some_and(|e| e.is_user_speech()) {
+            return;
+        }
+        if let Some(event) = self.held.take() {
+            let decided = self.endpointer.now();
+            let latency = self.latency_since(decided);
+            // The held utterance may have begun as echo long before the user spoke (the VAD
+            // hears the canceller's residual as speech): it now begins a window before the
+            // first window the gate took for the user, and keeps only that much pre-roll.
+            let onset = self
+                .echo
+                .as_ref()
+                .and_then(|e| e.user_speech_onset())
+                .unwrap_or(0);
+            let user_start = decided.saturating_sub(crate::frames_to_duration(
+                ((onset + 2) * WINDOW) as u64,
+                MODEL_SAMPLE_RATE,
+            ));
+            let event = match event {
+                VadEvent::SpeechStarted { at } if at < user_start => VadEvent::SpeechStarted {
+                    at: self.endpointer.restart_at(user_start).unwrap_or(at),
+                },
+                other => other,
+            };
+            self.send(ListenEvent::Vad {
+                event,
+                decided,
+                latency,
+            });
+        }
     }
 
     /// Time from the estimated capture of audio time `t` to now.

@@ -472,6 +472,39 @@ impl Endpointer {
         event
     }
 
+    /// Moves the start of the utterance in progress to `at` (audio time, rounded down to a
+    /// window), dropping the audio before it except the prefix padding, and returns the new
+    /// start. Nothing changes outside an utterance, or for an `at` before its start or after
+    /// now. For the echo gate: an utterance that began as the assistant's own echo and turned
+    /// out to contain the user begins where the user did.
+    pub fn restart_at(&mut self, at: Duration) -> Option<Duration> {
+        let Phase::Speech {
+            start,
+            start_sample,
+            confirmed,
+            silent_since,
+            last_speech,
+        } = self.phase
+        else {
+            return None;
+        };
+        let window = (at.as_secs_f64() * f64::from(MODEL_SAMPLE_RATE)) as u64 / WINDOW as u64;
+        let window = window.clamp(start, self.windows.saturating_sub(1).max(start));
+        let sample = (window * WINDOW as u64).max(start_sample);
+        self.phase = Phase::Speech {
+            start: window,
+            start_sample: sample,
+            confirmed,
+            silent_since,
+            last_speech: last_speech.max(window + 1),
+        };
+        let keep_from = sample.saturating_sub(self.prefix_samples);
+        let drop = (keep_from.saturating_sub(self.audio_start) as usize).min(self.audio.len());
+        self.audio.drain(..drop);
+        self.audio_start += drop as u64;
+        Some(frames_to_duration(sample, MODEL_SAMPLE_RATE))
+    }
+
     /// Ends the stream: an announced utterance still open ends here.
     pub fn finish(&mut self) -> Option<VadEvent> {
         let event = match self.phase {

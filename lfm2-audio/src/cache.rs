@@ -57,8 +57,14 @@ impl PositionCache {
         }
         let keep = self.len - drop;
         if keep > 0 {
-            // A fresh copy: slice_set refuses a source that shares the destination's storage.
-            let rest = self.data.narrow(self.axis, drop, keep)?.copy()?;
+            // A fresh contiguous buffer: slice_set refuses a strided source, and one that shares
+            // the destination's storage (a contiguous slice is only a view).
+            let rest = self.data.narrow(self.axis, drop, keep)?;
+            let rest = if rest.is_contiguous() {
+                rest.copy()?
+            } else {
+                rest.contiguous()?
+            };
             self.data.slice_set(&rest, self.axis, 0)?;
         }
         self.base += drop;
@@ -147,6 +153,23 @@ mod tests {
         let v = c.view()?.to_vec3::<f32>()?;
         assert_eq!(v[0][1], vec![10.0, 11.0, 12.0]);
         assert_eq!(v[1][3], vec![7.0, 7.0, 7.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn forgetting_works_on_any_axis() -> Result<()> {
+        // Keys and values are [heads, positions, dim]: the position axis is not the first.
+        let mut c = PositionCache::new(&[2, 0, 3], 1, 2)?;
+        for i in 0..5 {
+            c.append(&Tensor::full(i as f32, (2, 1, 3), &Device::Cpu)?)?;
+        }
+        c.forget_before(3)?;
+        assert_eq!(
+            c.range(3, 2)?.to_vec3::<f32>()?[1],
+            vec![vec![3.0; 3], vec![4.0; 3]]
+        );
+        c.append(&Tensor::full(5f32, (2, 1, 3), &Device::Cpu)?)?;
+        assert_eq!(c.range(5, 1)?.to_vec3::<f32>()?[0], vec![vec![5.0; 3]]);
         Ok(())
     }
 

@@ -59,8 +59,13 @@ pub enum Error {
     Invalid(String),
 
     /// A numeric failure inside candle. Not caused by user input.
-    #[error("tensor computation failed: {0}")]
+    #[error("tensor computation failed: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// candle appends a backtrace to some messages; a user needs the first line only.
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
+}

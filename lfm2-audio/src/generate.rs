@@ -224,7 +224,7 @@ impl<'a> Generator<'a> {
     }
 
     /// Generates the next item, or `None` when the reply is over.
-    pub fn next(&mut self) -> Result<Option<Token>> {
+    pub fn next_item(&mut self) -> Result<Option<Token>> {
         if self.finished
             || self.steps >= self.max_new_tokens
             || (self.hidden.is_none() && self.session.remaining() == 0)

@@ -37,6 +37,14 @@ impl ChatState {
         Ok(chat)
     }
 
+    /// A continuation of a conversation already in a session: no `<|startoftext|>`.
+    pub fn empty() -> Self {
+        Self {
+            items: Vec::new(),
+            audio_in: Vec::new(),
+        }
+    }
+
     /// Opens a turn: `<|im_start|>{role}\n`.
     pub fn new_turn(&mut self, tok: &TextTokenizer, role: &str) -> Result<()> {
         self.push_text(tok, &format!("<|im_start|>{role}\n"))

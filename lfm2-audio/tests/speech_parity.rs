@@ -137,7 +137,7 @@ fn check_recording(model: &Lfm2AudioModel, name: &str, path: &Path) -> (usize, u
     let want_hidden = &r["steps.hidden"];
     let mut got = Vec::new();
     let mut first_audio_hidden = None;
-    while let Some(token) = gen.next().unwrap() {
+    while let Some(token) = gen.next_item().unwrap() {
         let step = got.len();
         let h = gen.last_hidden().unwrap().clone();
         if step < want_hidden.dim(0).unwrap() {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use lfm2_audio::generate::GenerationMode;
-use lfm2_audio::model::Lfm2AudioModel;
 use lfm2_audio::prompt::ChatState;
 use lfm2_audio::sampling::SamplingParams;
 
@@ -31,8 +30,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let params = args
         .speech
         .params(SamplingParams::new(Some(1.0), Some(4)))?;
-    let model = Lfm2AudioModel::load(&args.speech.model)
-        .with_context(|| format!("loading the model in {}", args.speech.model.display()))?;
+    let model = args.speech.runtime.load(&args.speech.model)?;
     let (wave, rate) = audio_io::decode::read_mono(&args.input)?;
     let audio = model
         .audio

@@ -3,9 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use lfm2_audio::generate::generate_text;
-use lfm2_audio::model::Lfm2AudioModel;
 use lfm2_audio::prompt::ChatState;
 use lfm2_audio::sampling::{Sampler, SamplingParams};
 use lfm2_audio::session::Session;
@@ -37,6 +35,8 @@ pub struct Args {
     /// Print one JSON object `{"text": ..., "text_ids": [...]}` instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub runtime: super::runtime::RuntimeArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -49,8 +49,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.top_k == Some(0) {
         anyhow::bail!("--top-k must be at least 1");
     }
-    let model = Lfm2AudioModel::load(&args.model)
-        .with_context(|| format!("loading the model in {}", args.model.display()))?;
+    let model = args.runtime.load(&args.model)?;
     let tok = &model.tokenizer;
     let chat = ChatState::text_chat(tok, args.system.as_deref(), &args.prompt)?;
     let mut session = Session::new(model.backbone.clone())?;

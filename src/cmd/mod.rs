@@ -1,7 +1,9 @@
+pub mod bench;
 pub mod chat;
 pub mod devices;
 pub mod generate;
 pub mod listen;
+pub mod runtime;
 pub mod speak;
 pub mod speech;
 pub mod synth_model;

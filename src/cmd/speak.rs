@@ -3,9 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use lfm2_audio::generate::GenerationMode;
-use lfm2_audio::model::Lfm2AudioModel;
 use lfm2_audio::prompt::ChatState;
 use lfm2_audio::sampling::SamplingParams;
 
@@ -36,8 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         voice.audio_temperature,
         voice.audio_top_k,
     ))?;
-    let model = Lfm2AudioModel::load(&args.speech.model)
-        .with_context(|| format!("loading the model in {}", args.speech.model.display()))?;
+    let model = args.speech.runtime.load(&args.speech.model)?;
     let tok = &model.tokenizer;
     let mut chat = ChatState::new(tok)?;
     chat.new_turn(tok, "system")?;

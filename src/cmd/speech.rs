@@ -67,6 +67,8 @@ pub struct SpeechArgs {
     /// Print one JSON object (text, ids, every frame, sample count) instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub runtime: super::runtime::RuntimeArgs,
 }
 
 impl SpeechArgs {
@@ -176,7 +178,7 @@ pub fn run_reply(
     let mut pcm = Vec::with_capacity(codec::SAMPLES_PER_FRAME);
     let mut skipped = 0usize;
     let stdout = std::io::stdout();
-    while let Some(token) = generator.next()? {
+    while let Some(token) = generator.next_item()? {
         match token {
             Token::Text(id) => {
                 text_ids.push(id);
@@ -189,7 +191,7 @@ pub fn run_reply(
                     {
                         let mut out = stdout.lock();
                         let _ = out
-                            .write_all(text[printed.len()..].as_bytes())
+                            .write_all(&text.as_bytes()[printed.len()..])
                             .and_then(|_| out.flush());
                         printed = text;
                     }

@@ -143,6 +143,7 @@ fn push(list: &mut Vec<Entry>, name: impl Into<String>, shape: &[usize], init: I
 }
 
 /// The LFM2 stack's tensors under `prefix` (layers, final norm, embeddings).
+#[allow(clippy::too_many_arguments)]
 fn lfm2_entries(
     list: &mut Vec<Entry>,
     prefix: &str,

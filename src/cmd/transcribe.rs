@@ -8,7 +8,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use audio_io::decode::AudioFileReader;
 use audio_io::segment::{Segment, Segmenter};
 use lfm2_audio::audio::MIN_SAMPLES;
@@ -36,6 +35,8 @@ pub struct Args {
     /// Longest clip given to the model at once; longer recordings are split at silences.
     #[arg(long, default_value_t = 30.0)]
     pub max_segment_seconds: f32,
+    #[command(flatten)]
+    pub runtime: super::runtime::RuntimeArgs,
 }
 
 /// The transcript of one clip.
@@ -52,8 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "--max-segment-seconds must be at least 1, got {}",
         args.max_segment_seconds
     );
-    let model = Lfm2AudioModel::load(&args.model)
-        .with_context(|| format!("loading the model in {}", args.model.display()))?;
+    let model = args.runtime.load(&args.model)?;
     let mut failed = 0;
     for file in &args.files {
         if !args.json && args.files.len() > 1 {

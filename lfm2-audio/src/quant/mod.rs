@@ -1,4 +1,76 @@
-//! Quantized weight matrices and the int8 kernels that multiply them (MODULE DOC PLACEHOLDER)
+//! Quantized weight matrices and the int8 kernels that multiply them.
+//!
+//! # Why
+//!
+//! Decoding one token reads every backbone weight once (1.04 B parameters), so batch-1 decode is
+//! bound by memory bandwidth and the bytes per weight set the token rate: 4.2 GB per token in
+//! f32, 1.1 GB in Q8_0, 0.59 GB in Q4_0, against roughly 20 to 30 GB/s of DRAM bandwidth on the
+//! reference machine. Prefill multiplies the same weights by hundreds of tokens at once and is
+//! compute bound; it runs on 8-bit integer dot products (`vpdpbusd`), which do four times the
+//! work of f32 FMAs per instruction.
+//!
+//! # Formats
+//!
+//! [`Format::Q8_0`] and [`Format::Q4_0`] are GGML's block formats: blocks of 32 values with an
+//! f16 scale `d`; Q8_0 stores 32 i8 (`value = d * q`, 8.5 bits per weight), Q4_0 stores 16
+//! bytes of nibbles (`value = d * (q - 8)`, low nibbles are values 0..16 and high nibbles
+//! 16..32, 4.5 bits per weight). [`QMatrix::quantize`] reproduces ggml-quants.c's reference
+//! quantizers operation for operation (Q8_0: `d = amax / 127`, `q = round(x / d)` with halves
+//! away from zero; Q4_0: `d = max / -8` with the sign of the element of largest magnitude, `q =
+//! min(15, trunc(x / d + 8.5))`), so [`QMatrix::to_ggml`] is byte-identical to the blocks
+//! llama.cpp writes into a GGUF file and [`QMatrix::from_ggml`] takes such blocks directly.
+//! [`QMatrix::to_bytes`] / [`QMatrix::from_bytes`] wrap the GGML blocks in a 32-byte header
+//! for an on-disk cache; a truncated or inconsistent buffer is an error, never a panic.
+//!
+//! In memory the same numbers are kept in an order the kernels read directly: each row is cut
+//! into groups of 16 blocks, the 4-byte pieces of the 16 blocks are interleaved so that 32-bit
+//! lane `i` of every 64-byte vector belongs to block `i`, and the scales sit in a separate array
+//! (see `layout.rs`). The size is the same as GGML's (rows are padded to whole groups of 512
+//! columns, which no model shape needs).
+//!
+//! # Kernels
+//!
+//! The activation is quantized on the fly, per block of 32, to i8 with an f32 scale (`d =
+//! amax / 127`, round half to even) plus the block sum times the weight's zero point (128 for
+//! Q8_0, stored as `q + 128`; 8 for Q4_0), interleaved like the weights. A `vpdpbusd`
+//! (u8 weights x i8 activations, no sign trick needed since both formats are stored unsigned)
+//! over the 8 vectors of a group, started from the zero-point term, leaves every lane holding
+//! the exact integer dot product of one block; one convert and one fused multiply-add by
+//! `d_w * d_x` per 16 blocks finish the group. The integer sums are exact and identical on every
+//! path; the paths differ only in the order of the f32 additions.
+//!
+//! - [`Kernel::Avx512Vnni`]: 512-bit `vpdpbusd`. Decode works on 4 rows at a time and
+//!   prefetches the next 4 rows (rows are 1 to 8 KiB, too short for the hardware prefetcher to
+//!   ramp up on each). Prefill uses 4-row x 3-token register tiles, tokens in L2-sized tiles
+//!   and the reduction in slices of 2048 columns, so that the tile's weights stay in L1.
+//! - [`Kernel::AvxVnni`]: the same on 256-bit vectors (VEX `vpdpbusd`), 2 x 2 tiles.
+//! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd`; Q8_0 uses the sign trick (|w| x sign(w) x)
+//!   because u8 255 x i8 127 pairs would saturate `vpmaddubsw`'s i16 sums.
+//! - [`Kernel::Scalar`]: portable Rust, the reference and the fallback (aarch64 included).
+//!
+//! [`Kernel::best`] picks the fastest one the CPU has (`is_x86_feature_detected!`, so the crate
+//! builds for any x86-64); [`Threads::with_kernel`] forces one, which the tests do for each.
+//!
+//! # Threads
+//!
+//! [`Threads`] is a persistent pool: the caller is participant 0, workers spin for
+//! [`DEFAULT_SPIN`] after each job and then park. Work is shared by claiming chunks of rows from
+//! an atomic counter, and a job is closed when the caller runs out of chunks, so a worker that
+//! was descheduled never delays the call unless it is inside a chunk. An empty fork/join costs
+//! about 0.5 µs; the pool owns the scratch buffer of quantized activations, so a call allocates
+//! nothing once the largest shape has been seen. Matrices under 128 KB run on the calling thread.
+//!
+//! # Accuracy
+//!
+//! Against f32 products of the dequantized weights the only error is the activation's 8-bit
+//! quantization (`sum |w| * d_x / 2` at most; the tests check this bound and, tighter, equality
+//! with the exact product of the quantized operands up to f32 rounding). Against the original
+//! weights, on Gaussian-like test matrices with outliers, the error is about 1 % of the natural
+//! scale `sqrt(sum (w x)^2)` for Q8_0 and 13 % for Q4_0.
+//!
+//! # Measured
+//!
+//! MEASURED-PLACEHOLDER
 
 mod blocks;
 mod kernels;
@@ -141,7 +213,12 @@ impl QMatrix {
     fn zeroed(rows: usize, cols: usize, format: Format) -> Result<Self> {
         check_shape(rows, cols)?;
         let groups = cols.div_ceil(GROUP);
-        let bytes = rows * groups * format.group_bytes();
+        // Padding to whole groups can make the layout larger than the values (16x for a single
+        // block per row), so check again.
+        let bytes = rows
+            .checked_mul(groups * format.group_bytes())
+            .filter(|&b| b <= isize::MAX as usize / 2)
+            .ok_or_else(|| invalid(format!("shape {rows}x{cols} is too large")))?;
         let mut quants = AlignedBuf::zeroed(bytes);
         if format == Format::Q8_0 {
             // Q8_0 is stored +128; padding blocks must hold the value 0 too.
@@ -168,41 +245,47 @@ impl QMatrix {
             )));
         }
         let mut m = Self::zeroed(rows, cols, format)?;
-        let row_bytes = m.row_bytes();
-        let row_scales = m.row_scales();
-        let nb = cols / BLOCK;
+        m.fill_rows(|r, qr, sr| {
+            let wr = &w[r * cols..(r + 1) * cols];
+            for (b, x) in wr.chunks_exact(BLOCK).enumerate() {
+                let mut xb = [0f32; BLOCK];
+                xb.copy_from_slice(x);
+                match format {
+                    Format::Q8_0 => {
+                        let (d, q) = blocks::quantize_q8_0(&xb);
+                        put_q8(qr, sr, b, d, &q);
+                    }
+                    Format::Q4_0 => {
+                        let (d, q) = blocks::quantize_q4_0(&xb);
+                        put_q4(qr, sr, b, d, &q);
+                    }
+                }
+            }
+        });
+        Ok(m)
+    }
+
+    /// Calls `f(row, row_quants, row_scales)` for every row, rows split over the available
+    /// cores (quantizing or converting a 1.2 B-parameter model is seconds of work).
+    fn fill_rows(&mut self, f: impl Fn(usize, &mut [u8], &mut [f16]) + Sync) {
+        let (rows, row_bytes, row_scales) = (self.rows, self.row_bytes(), self.row_scales());
         let threads = Threads::available().min(rows.div_ceil(64)).max(1);
         let per = rows.div_ceil(threads);
+        let f = &f;
         std::thread::scope(|scope| {
-            let quants = m.quants.as_mut_slice().chunks_mut(per * row_bytes);
-            let scales = m.scales.chunks_mut(per * row_scales);
+            let quants = self.quants.as_mut_slice().chunks_mut(per * row_bytes);
+            let scales = self.scales.chunks_mut(per * row_scales);
             for (c, (q, s)) in quants.zip(scales).enumerate() {
-                let w = &w[c * per * cols..((c + 1) * per).min(rows) * cols];
                 scope.spawn(move || {
-                    for ((wr, qr), sr) in w
-                        .chunks_exact(cols)
-                        .zip(q.chunks_exact_mut(row_bytes))
-                        .zip(s.chunks_exact_mut(row_scales))
-                    {
-                        for b in 0..nb {
-                            let mut x = [0f32; BLOCK];
-                            x.copy_from_slice(&wr[b * BLOCK..(b + 1) * BLOCK]);
-                            match format {
-                                Format::Q8_0 => {
-                                    let (d, q) = blocks::quantize_q8_0(&x);
-                                    put_q8(qr, sr, b, d, &q);
-                                }
-                                Format::Q4_0 => {
-                                    let (d, q) = blocks::quantize_q4_0(&x);
-                                    put_q4(qr, sr, b, d, &q);
-                                }
-                            }
-                        }
+                    let rows = q
+                        .chunks_exact_mut(row_bytes)
+                        .zip(s.chunks_exact_mut(row_scales));
+                    for (i, (qr, sr)) in rows.enumerate() {
+                        f(c * per + i, qr, sr);
                     }
                 });
             }
         });
-        Ok(m)
     }
 
     /// Builds a matrix from GGML blocks (`rows * cols / 32` blocks of [`Format::block_bytes`],
@@ -218,12 +301,9 @@ impl QMatrix {
             )));
         }
         let mut m = Self::zeroed(rows, cols, format)?;
-        let row_bytes = m.row_bytes();
-        let row_scales = m.row_scales();
-        let nb = cols / BLOCK;
-        let quants = m.quants.as_mut_slice().chunks_exact_mut(row_bytes);
-        let scales = m.scales.chunks_exact_mut(row_scales);
-        for ((src, qr), sr) in data.chunks_exact(nb * bb).zip(quants).zip(scales) {
+        let row_in = cols / BLOCK * bb;
+        m.fill_rows(|r, qr, sr| {
+            let src = &data[r * row_in..(r + 1) * row_in];
             for (b, blk) in src.chunks_exact(bb).enumerate() {
                 let d = f16::from_le_bytes([blk[0], blk[1]]);
                 match format {
@@ -241,7 +321,7 @@ impl QMatrix {
                     }
                 }
             }
-        }
+        });
         Ok(m)
     }
 

@@ -336,7 +336,25 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
                     a[t] = bias;
                 }
             }
-            if Q4 {
+            if Q4 && T == 1 {
+                // Decode: multiply the high nibbles in place, as 16 * q (masking with 0xF0
+                // instead of shifting), into a second accumulator that is divided by 16 at the
+                // end of the group (exact: every term is a multiple of 16, and 16 * 15 * 127 * 16
+                // fits easily in i32). One instruction less per vector, and no reload.
+                let hmask = _mm512_set1_epi8(0xF0u8 as i8);
+                let mut hi = [_mm512_setzero_si512(); R];
+                for p in 0..4 {
+                    let (xl, xh) = (xv(0, p), xv(0, p + 4));
+                    for i in 0..R {
+                        let raw = _mm512_loadu_si512(wg.add(i * w.row_bytes + p * 64).cast());
+                        acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], _mm512_and_si512(raw, nib), xl);
+                        hi[i] = _mm512_dpbusd_epi32(hi[i], _mm512_and_si512(raw, hmask), xh);
+                    }
+                }
+                for i in 0..R {
+                    acc[i][0] = _mm512_add_epi32(acc[i][0], _mm512_srai_epi32::<4>(hi[i]));
+                }
+            } else if Q4 {
                 for p in 0..4 {
                     // Low nibbles are values 4p.., matching activation vector p; the high
                     // nibbles (reloaded from L1 rather than kept, to save registers) match p + 4.

@@ -1,0 +1,851 @@
+//! Echo handling: keeping the assistant from hearing (and interrupting) itself when its voice
+//! comes back from the speaker into the microphone.
+//!
+//! Three layers, chosen with [`EchoMode`]:
+//! 1. An acoustic echo canceller ([`EchoCanceller`]): the audio sent to the speaker is the
+//!    reference; its echo in the 16 kHz microphone signal is modelled by an adaptive filter
+//!    ([`AdaptiveFilter`], a two-path partitioned-block frequency-domain NLMS) and subtracted,
+//!    before the VAD.
+//! 2. A barge-in gate ([`EchoGate`]): while the assistant is audible, speech only counts as the
+//!    user when the canceller could not explain it (it is much less attenuated than the echo).
+//! 3. Half duplex: the microphone is muted while the assistant is audible.
+//!
+//! Timing. The reference must be lined up with its echo to within a fraction of a millisecond.
+//! [`EchoReference`] places every played sample at the wall-clock time the playback consumed it
+//! (from the playback's `played()` counter, good to a device period); the canceller knows when
+//! each microphone sample was captured the same way (the earliest time consistent with every
+//! call, as the listener does). What remains (device buffers on both sides, the air, and the
+//! anchoring error) is the bulk delay, measured by cross-correlation ([`DelayEstimator`],
+//! GCC-PHAT) over up to a second of echo: at the start, after every new stretch of playing,
+//! and every 2 s of playing after that to follow clock drift. The adaptive filter starts
+//! [`PRE_DELAY`] samples before the measured arrival and spans [`EchoConfig::filter_ms`]. When a
+//! new measurement moves the arrival, the filter's taps are moved with it rather than learnt
+//! again.
+//!
+//! Wiring (see the crate README): the thread that writes the playback pushes every chunk to an
+//! [`EchoReference`] with the playback's `played()` counter; the listener runs the canceller on
+//! each 16 kHz window before the VAD ([`crate::Listener::start_with_echo`]) and holds back a
+//! `SpeechStarted` during playback until the gate says it is the user.
+
+mod delay;
+mod filter;
+mod gate;
+mod reference;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+pub use delay::{DelayEstimator, DelayPeak};
+pub use filter::{AdaptiveFilter, BlockReport};
+pub use gate::{EchoGate, GateConfig, GateWindow};
+pub use reference::EchoReference;
+
+use crate::MODEL_SAMPLE_RATE;
+
+/// Samples per adaptive-filter block at 16 kHz (8 ms). Feed the canceller multiples of this
+/// (the VAD window, 512, is one) and it adds no latency.
+pub const BLOCK: usize = 128;
+
+/// Taps the filter keeps before the measured arrival of the echo (4 ms): room for the
+/// estimate's error and for a loudspeaker whose response starts a little early.
+pub const PRE_DELAY: usize = 64;
+
+/// Microphone history kept for the delay measurement (2 s).
+const HISTORY: usize = 2 * MODEL_SAMPLE_RATE as usize;
+/// Longest correlation window (1 s) and shortest (0.25 s).
+const MEASURE_MAX: usize = MODEL_SAMPLE_RATE as usize;
+const MEASURE_MIN: usize = MODEL_SAMPLE_RATE as usize / 4;
+/// Playing time between two tries at a fresh measurement (0.25 s), and between two tracking
+/// measurements once aligned (1 s).
+const RETRY_AFTER: u64 = MODEL_SAMPLE_RATE as u64 / 4;
+const TRACK_AFTER: u64 = MODEL_SAMPLE_RATE as u64;
+/// Output history checked for echo before a barge-in is let through (0.5 s).
+const VETO_WINDOW: usize = MODEL_SAMPLE_RATE as usize / 2;
+/// A correlation peak this clear between the output and the reference means the output is
+/// still mostly echo.
+const VETO_CONFIDENCE: f32 = 12.0;
+/// Windows in a row attenuated less than this (dB) while the assistant is audible make the
+/// alignment suspect (or the user is talking): the delay is measured again at once.
+const SUSPECT_ATTENUATION: f32 = 6.0;
+const SUSPECT_WINDOWS: u32 = 2;
+/// The echo may arrive up to this long before the anchoring says it should (50 ms).
+const EARLY_LIMIT: i64 = MODEL_SAMPLE_RATE as i64 / 20;
+/// A correlation peak this far above the background is believed.
+const MIN_CONFIDENCE: f32 = 8.0;
+/// A fresh measurement may move the alignment by this much (30 ms, a device period and more)
+/// without confirmation; a tracking one must be confirmed by the next.
+const FRESH_JUMP: i64 = 480;
+/// Changes of at most this many samples are noise, not a new alignment.
+const SAME: i64 = 2;
+/// Mean reference power above which the assistant counts as audible (-60 dBFS).
+const AUDIBLE_POWER: f32 = 1e-6;
+
+/// How the assistant keeps from hearing itself. The string forms (`FromStr`/`Display`) are
+/// `off`, `gate`, `cancel` and `half-duplex`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EchoMode {
+    /// Nothing: every detected speech start counts. For headsets.
+    Off,
+    /// The VAD hears the microphone as it is; the canceller runs only to tell the user from the
+    /// echo, and a speech start while the assistant is audible counts only if the gate says it
+    /// is the user.
+    Gate,
+    /// The canceller's output goes to the VAD and into the utterances, and the gate judges
+    /// speech starts while the assistant is audible. For laptop speakers.
+    #[default]
+    Cancel,
+    /// The microphone is muted while the assistant is audible (plus
+    /// [`EchoConfig::half_duplex_tail_ms`]): no barge-in at all, but nothing to get wrong.
+    HalfDuplex,
+}
+
+impl std::str::FromStr for EchoMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "off" | "none" => Ok(Self::Off),
+            "gate" => Ok(Self::Gate),
+            "cancel" | "aec" => Ok(Self::Cancel),
+            "half-duplex" | "halfduplex" => Ok(Self::HalfDuplex),
+            other => Err(format!(
+                "unknown echo mode {other:?} (expected off, gate, cancel or half-duplex)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for EchoMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Gate => "gate",
+            Self::Cancel => "cancel",
+            Self::HalfDuplex => "half-duplex",
+        })
+    }
+}
+
+/// Echo handling settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EchoConfig {
+    pub mode: EchoMode,
+    /// Length of the echo path the filter models, after the measured arrival (ms; default
+    /// 128). Longer covers more of a reverberant room's tail and costs proportionally more.
+    pub filter_ms: u32,
+    /// NLMS step (0 < step ≤ 1; default 0.7): larger converges faster, smaller is steadier.
+    pub step: f32,
+    /// Longest bulk delay searched for, from the playback's counter to the echo (ms; default
+    /// 500): device buffers on both sides plus the way through the air.
+    pub max_delay_ms: u32,
+    /// Half duplex keeps the microphone muted this long after the assistant's last sound left
+    /// the speaker (ms; default 200): the room's reverberation.
+    pub half_duplex_tail_ms: u32,
+    pub gate: GateConfig,
+}
+
+impl Default for EchoConfig {
+    fn default() -> Self {
+        Self {
+            mode: EchoMode::Cancel,
+            filter_ms: 128,
+            step: 0.7,
+            max_delay_ms: 500,
+            half_duplex_tail_ms: 200,
+            gate: GateConfig::default(),
+        }
+    }
+}
+
+/// What the canceller has measured, for logs, metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EchoStats {
+    pub mode: EchoMode,
+    /// The measured bulk delay (ms) from the playback's counter to the echo's arrival.
+    pub delay_ms: Option<f32>,
+    /// Confidence of the last accepted delay measurement (peak over background).
+    pub delay_confidence: f32,
+    /// Delay measurements tried and accepted, and how often the filter was moved.
+    pub delay_attempts: u64,
+    pub delay_accepted: u64,
+    pub realignments: u64,
+    /// The gate's tracked ERLE (dB).
+    pub erle_db: f32,
+    /// Microphone and output energy summed over the blocks in which the assistant was audible
+    /// and the filter aligned; their ratio is the ERLE over that time (double talk included).
+    pub echo_mic_energy: f64,
+    pub echo_out_energy: f64,
+    /// The assistant was audible in the last processed chunk.
+    pub audible: bool,
+    /// The gate's current verdict.
+    pub user_speech: bool,
+    /// Utterances the listener dropped as echo.
+    pub suppressed_utterances: u64,
+    /// Times the gate's "user" verdict was overruled because the output still correlated with
+    /// the reference (the echo path had moved), and the correlation's confidence at the last
+    /// check.
+    pub vetoes: u64,
+    pub last_veto_check: f32,
+}
+
+impl EchoStats {
+    /// ERLE over `echo_mic_energy` / `echo_out_energy` (dB), once there is some.
+    pub fn measured_erle_db(&self) -> Option<f32> {
+        (self.echo_out_energy > 0.0)
+            .then(|| (10.0 * (self.echo_mic_energy / self.echo_out_energy).log10()) as f32)
+    }
+}
+
+/// A handle on a canceller's [`EchoStats`], readable from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct EchoStatus(Arc<Mutex<EchoStats>>);
+
+impl EchoStatus {
+    pub fn snapshot(&self) -> EchoStats {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Zeroes the summed energies (to measure ERLE over a stretch of interest).
+    pub fn reset_energies(&self) {
+        let mut stats = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        stats.echo_mic_energy = 0.0;
+        stats.echo_out_energy = 0.0;
+    }
+
+    fn update(&self, f: impl FnOnce(&mut EchoStats)) {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// Window accumulators between two [`EchoCanceller::judge`] calls.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pending {
+    mic: f64,
+    out: f64,
+    len: usize,
+    audible: bool,
+    aligned: bool,
+}
+
+/// The echo canceller on the 16 kHz microphone signal, with its gate. See the module
+/// documentation. Not for audio callbacks: it locks the reference briefly and allocates
+/// when it measures the delay.
+pub struct EchoCanceller {
+    config: EchoConfig,
+    reference: EchoReference,
+    filter: AdaptiveFilter,
+    gate: EchoGate,
+    estimator: DelayEstimator,
+    status: EchoStatus,
+    /// Microphone samples handed in and processed.
+    given: u64,
+    done: u64,
+    /// Wall index of microphone sample 0 on the current stream's clock.
+    epoch: Option<f64>,
+    /// The epoch before a stream restart, to carry the alignment over.
+    epoch_before_restart: Option<f64>,
+    fifo: Vec<f32>,
+    /// The reference's wall index of the echo's arrival for microphone sample `s` is
+    /// `s + offset`.
+    offset: Option<i64>,
+    /// The reference generation the alignment was measured on.
+    aligned_generation: Option<u64>,
+    generation: u64,
+    /// Microphone sample at which the current generation started playing.
+    generation_start: u64,
+    /// A tracking measurement waiting for confirmation.
+    candidate: Option<i64>,
+    audible_since_try: u64,
+    audible_since_measure: u64,
+    mic_history: Vec<f32>,
+    out_history: Vec<f32>,
+    x: Vec<f32>,
+    block_out: Vec<f32>,
+    measure_ref: Vec<f32>,
+    measure_mic: Vec<f32>,
+    pending: Pending,
+    last_audible: bool,
+    /// Windows in a row that the canceller barely attenuated.
+    suspect: u32,
+    /// Microphone sample at the last delay measurement.
+    last_measure: u64,
+}
+
+impl EchoCanceller {
+    /// A canceller reading the speaker's audio from `reference`.
+    pub fn new(config: EchoConfig, reference: EchoReference) -> Self {
+        let taps = (config.filter_ms.clamp(8, 1000) as usize * MODEL_SAMPLE_RATE as usize / 1000)
+            .div_ceil(BLOCK);
+        let filter = AdaptiveFilter::new(BLOCK, taps.max(1), config.step);
+        let status = EchoStatus::default();
+        status.update(|s| s.mode = config.mode);
+        Self {
+            gate: EchoGate::new(config.gate.clone()),
+            config,
+            reference,
+            filter,
+            estimator: DelayEstimator::new(),
+            status,
+            given: 0,
+            done: 0,
+            epoch: None,
+            epoch_before_restart: None,
+            fifo: Vec::with_capacity(4 * BLOCK),
+            offset: None,
+            aligned_generation: None,
+            generation: 0,
+            generation_start: 0,
+            candidate: None,
+            audible_since_try: 0,
+            audible_since_measure: 0,
+            mic_history: Vec::with_capacity(HISTORY + 4 * BLOCK),
+            out_history: Vec::with_capacity(VETO_WINDOW + 4 * BLOCK),
+            x: Vec::new(),
+            block_out: vec![0.0; BLOCK],
+            measure_ref: Vec::new(),
+            measure_mic: Vec::new(),
+            pending: Pending::default(),
+            last_audible: false,
+            suspect: 0,
+            last_measure: 0,
+        }
+    }
+
+    pub fn config(&self) -> &EchoConfig {
+        &self.config
+    }
+
+    pub fn mode(&self) -> EchoMode {
+        self.config.mode
+    }
+
+    /// Switches the mode on the fly (the filter keeps what it learnt).
+    pub fn set_mode(&mut self, mode: EchoMode) {
+        self.config.mode = mode;
+        self.status.update(|s| s.mode = mode);
+    }
+
+    /// The reference this canceller reads.
+    pub fn reference(&self) -> &EchoReference {
+        &self.reference
+    }
+
+    /// A handle on the statistics.
+    pub fn status(&self) -> EchoStatus {
+        self.status.clone()
+    }
+
+    pub fn gate(&self) -> &EchoGate {
+        &self.gate
+    }
+
+    /// The gate's verdict: the recent speech is the user's (always true with the echo handling
+    /// off, and whenever the assistant has not been audible).
+    pub fn is_user_speech(&self) -> bool {
+        self.config.mode == EchoMode::Off || self.gate.is_user_speech()
+    }
+
+    /// While [`is_user_speech`](Self::is_user_speech): how many judged windows back the user's
+    /// speech began (0: the latest).
+    pub fn user_speech_onset(&self) -> Option<usize> {
+        self.gate.user_speech_onset()
+    }
+
+    /// The assistant could be heard in the last processed chunk.
+    pub fn assistant_audible(&self) -> bool {
+        self.last_audible
+    }
+
+    /// Counts an utterance that was dropped as echo (the listener does this).
+    pub fn count_suppressed(&self) {
+        self.status.update(|s| s.suppressed_utterances += 1);
+    }
+
+    /// The capture stream was reopened: its clock starts afresh. The measured delay is kept
+    /// (same devices, most likely) and confirmed again.
+    pub fn restart_stream(&mut self) {
+        if let Some(epoch) = self.epoch.take() {
+            self.epoch_before_restart = Some(epoch);
+        }
+        self.aligned_generation = None;
+    }
+
+    /// Cancels echo in `mic` (16 kHz mono, captured just now) and appends the result to `out`.
+    /// Output comes in whole [`BLOCK`]s, sample-aligned with the input: after a call, `out`
+    /// has grown by every complete block handed in so far.
+    pub fn process(&mut self, mic: &[f32], out: &mut Vec<f32>) {
+        self.process_at(mic, Instant::now(), out);
+    }
+
+    /// [`process`](Self::process) with the time at which the last sample of `mic` was
+    /// available (for tests and replay).
+    pub fn process_at(&mut self, mic: &[f32], now: Instant, out: &mut Vec<f32>) {
+        self.given += mic.len() as u64;
+        self.update_clock(now);
+        self.fifo
+            .extend(mic.iter().map(|s| if s.is_finite() { *s } else { 0.0 }));
+        let n = self.fifo.len() / BLOCK * BLOCK;
+        if n == 0 {
+            return;
+        }
+        let s0 = self.done;
+        let audible = self.audible(s0, n);
+        self.last_audible = audible;
+        let start = out.len();
+        match self.config.mode {
+            EchoMode::Off => out.extend_from_slice(&self.fifo[..n]),
+            EchoMode::HalfDuplex => {
+                if audible || self.audible_tail(s0, n) {
+                    out.resize(start + n, 0.0);
+                } else {
+                    out.extend_from_slice(&self.fifo[..n]);
+                }
+            }
+            EchoMode::Gate | EchoMode::Cancel => self.cancel(s0, n, audible, out),
+        }
+        debug_assert_eq!(out.len(), start + n);
+        self.pending.audible |= audible;
+        self.remember_mic(n);
+        self.fifo.drain(..n);
+        self.done += n as u64;
+        if audible {
+            self.audible_since_try += n as u64;
+            self.audible_since_measure += n as u64;
+        }
+        if self.config.mode != EchoMode::Off {
+            self.maybe_measure();
+        }
+        let (erle, user) = (self.gate.erle_db(), self.is_user_speech());
+        self.status.update(|s| {
+            s.erle_db = erle;
+            s.audible = audible;
+            s.user_speech = user;
+        });
+    }
+
+    /// Passes on what is left of an incomplete block, uncancelled (end of the stream).
+    pub fn flush(&mut self, out: &mut Vec<f32>) {
+        out.extend_from_slice(&self.fifo);
+        self.done += self.fifo.len() as u64;
+        self.remember_mic(self.fifo.len());
+        self.fifo.clear();
+    }
+
+    /// Completes the judgement of the audio processed since the last call (one VAD window in
+    /// the listener): `speech` is the VAD's call on it. Returns the window's verdict; the
+    /// running one is [`is_user_speech`](Self::is_user_speech).
+    pub fn judge(&mut self, speech: bool) -> GateWindow {
+        let p = std::mem::take(&mut self.pending);
+        let was_user = self.gate.is_user_speech();
+        let window = match self.config.mode {
+            EchoMode::Off => self.gate.observe_quiet(speech),
+            EchoMode::HalfDuplex => self.gate.observe_quiet(speech && !p.audible),
+            EchoMode::Gate | EchoMode::Cancel => {
+                if !p.audible {
+                    self.gate.observe_quiet(speech)
+                } else if !p.aligned || p.len == 0 {
+                    self.gate.observe_unsure()
+                } else {
+                    let n = p.len as f64;
+                    self.gate
+                        .observe_power((p.mic / n) as f32, (p.out / n) as f32, speech)
+                }
+            }
+        };
+        let gated = matches!(self.config.mode, EchoMode::Gate | EchoMode::Cancel);
+        let poor = window
+            .attenuation_db
+            .is_some_and(|a| a < SUSPECT_ATTENUATION);
+        self.suspect = if gated && p.aligned && poor {
+            self.suspect + 1
+        } else {
+            0
+        };
+        if self.suspect >= SUSPECT_WINDOWS && self.done - self.last_measure >= RETRY_AFTER {
+            // The echo may have moved (an underrun somewhere in the playback path): measure at
+            // once instead of waiting for the next tracking measurement.
+            self.suspect = 0;
+            let window = MEASURE_MAX.min(self.mic_history.len()) / 2;
+            let generation = self.generation;
+            if let Some(offset) = self.measure(window) {
+                self.accept(offset, true, generation);
+            }
+        }
+        if gated && p.audible && !was_user && self.gate.is_user_speech() && self.output_is_echo() {
+            // What the gate took for a voice is the assistant's, arriving where the filter no
+            // longer expects it: measure the delay again before trusting the gate.
+            self.gate.reset_votes();
+            self.aligned_generation = None;
+            self.audible_since_try = RETRY_AFTER;
+            self.status.update(|s| s.vetoes += 1);
+        }
+        let user = self.is_user_speech();
+        self.status.update(|s| s.user_speech = user);
+        window
+    }
+
+    /// Whether the recent output correlates clearly with the reference.
+    fn output_is_echo(&mut self) -> bool {
+        let window = VETO_WINDOW.min(self.out_history.len());
+        if window < MEASURE_MIN {
+            return false;
+        }
+        let s_end = self.done as i64;
+        let s_start = s_end - window as i64;
+        let span = (self.max_delay() + EARLY_LIMIT) as usize;
+        let off_min = self.epoch() - self.max_delay();
+        self.measure_mic.clear();
+        self.measure_mic
+            .extend_from_slice(&self.out_history[self.out_history.len() - window..]);
+        self.measure_ref.resize(window + span, 0.0);
+        self.reference
+            .fetch(s_start + off_min, &mut self.measure_ref);
+        let confidence = self
+            .estimator
+            .find(&self.measure_mic, &self.measure_ref, span)
+            .map_or(0.0, |p| p.confidence);
+        self.status.update(|s| s.last_veto_check = confidence);
+        confidence >= VETO_CONFIDENCE
+    }
+
+    fn update_clock(&mut self, now: Instant) {
+        // A sample cannot be handed in before it was captured: the earliest epoch consistent
+        // with every call is the best estimate of the capture clock.
+        let candidate = self.reference.wall_index(now) - self.given as f64;
+        let epoch = self.epoch.map_or(candidate, |e| e.min(candidate));
+        self.epoch = Some(epoch);
+        if let Some(before) = self.epoch_before_restart.take() {
+            // Same delay on the new clock: the alignment moves with the epoch.
+            if let Some(offset) = self.offset.as_mut() {
+                *offset += (epoch - before).round() as i64;
+            }
+        }
+    }
+
+    fn epoch(&self) -> i64 {
+        self.epoch.unwrap_or(0.0).round() as i64
+    }
+
+    /// The alignment, if it was measured on the reference's current generation; an older one
+    /// may be off by anything after a stall or a reopened device.
+    fn confirmed_offset(&self) -> Option<i64> {
+        self.offset
+            .filter(|_| self.aligned_generation == Some(self.reference.generation()))
+    }
+
+    /// Whether the reference could be in the microphone samples `s0..s0 + n`.
+    fn audible(&self, s0: u64, n: usize) -> bool {
+        let (s0, s1) = (s0 as i64, (s0 + n as u64) as i64);
+        let (lo, hi) = match self.confirmed_offset() {
+            // The filter's span: arrivals from PRE_DELAY before the measured one to the end of
+            // the filter.
+            Some(offset) => (
+                s0 + offset + PRE_DELAY as i64 - self.filter.len() as i64,
+                s1 + offset + PRE_DELAY as i64,
+            ),
+            // Not measured (again) yet: anywhere in the searched range.
+            None => (
+                s0 + self.epoch() - self.max_delay() - self.filter.len() as i64,
+                s1 + self.epoch() + EARLY_LIMIT,
+            ),
+        };
+        self.reference.power(lo, hi) > AUDIBLE_POWER
+    }
+
+    /// Half duplex: the reference within the tail before `s0..s0 + n`.
+    fn audible_tail(&self, s0: u64, n: usize) -> bool {
+        let tail = i64::from(self.config.half_duplex_tail_ms) * MODEL_SAMPLE_RATE as i64 / 1000;
+        let (s0, s1) = (s0 as i64, (s0 + n as u64) as i64);
+        let (lo, hi) = match self.confirmed_offset() {
+            Some(offset) => (
+                s0 + offset - self.filter.len() as i64 - tail,
+                s1 + offset + PRE_DELAY as i64,
+            ),
+            None => (
+                s0 + self.epoch() - self.max_delay() - tail,
+                s1 + self.epoch() + EARLY_LIMIT,
+            ),
+        };
+        self.reference.power(lo, hi) > AUDIBLE_POWER
+    }
+
+    fn max_delay(&self) -> i64 {
+        i64::from(self.config.max_delay_ms.clamp(10, 5000)) * MODEL_SAMPLE_RATE as i64 / 1000
+    }
+
+    fn cancel(&mut self, s0: u64, n: usize, audible: bool, out: &mut Vec<f32>) {
+        let Some(offset) = self.offset else {
+            out.extend_from_slice(&self.fifo[..n]);
+            return;
+        };
+        self.x.resize(n, 0.0);
+        let generation = self
+            .reference
+            .fetch(s0 as i64 + offset + PRE_DELAY as i64, &mut self.x);
+        let aligned = self.aligned_generation == Some(generation);
+        let pass_through = self.config.mode == EchoMode::Gate;
+        let (mut mic_e, mut out_e) = (0.0f64, 0.0f64);
+        for (d, x) in self.fifo[..n]
+            .chunks_exact(BLOCK)
+            .zip(self.x.chunks_exact(BLOCK))
+        {
+            let report = self.filter.process_block(d, x, &mut self.block_out);
+            self.out_history.extend_from_slice(&self.block_out);
+            mic_e += f64::from(report.mic);
+            out_e += f64::from(report.out);
+            if pass_through {
+                out.extend_from_slice(d);
+            } else {
+                out.extend_from_slice(&self.block_out);
+            }
+        }
+        self.pending.mic += mic_e;
+        self.pending.out += out_e;
+        self.pending.len += n;
+        self.pending.aligned = aligned;
+        if audible && aligned {
+            self.status.update(|s| {
+                s.echo_mic_energy += mic_e;
+                s.echo_out_energy += out_e;
+            });
+        }
+    }
+
+    fn remember_mic(&mut self, n: usize) {
+        let start = self.fifo.len().min(n);
+        self.mic_history.extend_from_slice(&self.fifo[..start]);
+        if self.mic_history.len() > HISTORY {
+            let excess = self.mic_history.len() - HISTORY;
+            self.mic_history.drain(..excess);
+        }
+        // Without a running filter the output is the microphone.
+        if self.offset.is_none() || !matches!(self.config.mode, EchoMode::Gate | EchoMode::Cancel) {
+            self.out_history.extend_from_slice(&self.fifo[..start]);
+        }
+        if self.out_history.len() > VETO_WINDOW {
+            let excess = self.out_history.len() - VETO_WINDOW;
+            self.out_history.drain(..excess);
+        }
+    }
+
+    /// Decides whether to measure the delay now, and does.
+    fn maybe_measure(&mut self) {
+        let generation = self.reference.generation();
+        if generation != self.generation {
+            self.generation = generation;
+            // Where the new stretch began, in microphone samples.
+            let start = self
+                .reference
+                .segment_start()
+                .map_or(self.done as i64, |w| w - self.epoch());
+            self.generation_start = start.clamp(0, self.done as i64) as u64;
+            self.audible_since_try = 0;
+            self.candidate = None;
+        }
+        let fresh = self.offset.is_none() || self.aligned_generation != Some(generation);
+        if fresh {
+            if self.audible_since_try < RETRY_AFTER {
+                return;
+            }
+            self.audible_since_try = 0;
+            let since = (self.done - self.generation_start.min(self.done)) as usize;
+            let window = since.min(MEASURE_MAX).min(self.mic_history.len());
+            if window < MEASURE_MIN {
+                return;
+            }
+            if let Some(offset) = self.measure(window) {
+                self.accept(offset, true, generation);
+            }
+        } else if self.audible_since_measure >= TRACK_AFTER {
+            self.audible_since_measure = 0;
+            let window = MEASURE_MAX.min(self.mic_history.len());
+            if let Some(offset) = self.measure(window) {
+                self.accept(offset, false, generation);
+            }
+        }
+    }
+
+    /// Cross-correlates the last `window` microphone samples with the reference over the
+    /// searched delays; returns the echo's arrival as an offset, if the peak is clear.
+    fn measure(&mut self, window: usize) -> Option<i64> {
+        let s_end = self.done as i64;
+        let s_start = s_end - window as i64;
+        let span = (self.max_delay() + EARLY_LIMIT) as usize;
+        let off_min = self.epoch() - self.max_delay();
+        self.last_measure = self.done;
+        self.measure_mic.clear();
+        self.measure_mic
+            .extend_from_slice(&self.mic_history[self.mic_history.len() - window..]);
+        self.measure_ref.resize(window + span, 0.0);
+        self.reference
+            .fetch(s_start + off_min, &mut self.measure_ref);
+        let peak = self
+            .estimator
+            .find(&self.measure_mic, &self.measure_ref, span);
+        self.status.update(|s| s.delay_attempts += 1);
+        let peak = peak.filter(|p| p.confidence >= MIN_CONFIDENCE)?;
+        let confidence = peak.confidence;
+        self.status.update(|s| s.delay_confidence = confidence);
+        Some(off_min + peak.lag as i64)
+    }
+
+    fn accept(&mut self, offset: i64, fresh: bool, generation: u64) {
+        let accepted = match self.offset {
+            None => {
+                self.filter.reset();
+                true
+            }
+            Some(current) => {
+                let jump = offset - current;
+                if jump.abs() <= SAME {
+                    self.candidate = None;
+                    self.aligned_generation = Some(generation);
+                    self.status.update(|s| s.delay_accepted += 1);
+                    return;
+                }
+                let confirmed = self.candidate.is_some_and(|c| (c - offset).abs() <= SAME);
+                if (fresh && jump.abs() <= FRESH_JUMP) || confirmed {
+                    self.realign(current, offset);
+                    true
+                } else {
+                    self.candidate = Some(offset);
+                    false
+                }
+            }
+        };
+        if accepted {
+            self.offset = Some(offset);
+            self.candidate = None;
+            self.aligned_generation = Some(generation);
+            let delay = (self.epoch() - offset) as f32 * 1000.0 / MODEL_SAMPLE_RATE as f32;
+            self.status.update(|s| {
+                s.delay_accepted += 1;
+                s.delay_ms = Some(delay);
+            });
+        }
+    }
+
+    /// Moves the filter from alignment `old` to `new`.
+    fn realign(&mut self, old: i64, new: i64) {
+        let need = self.filter.len() + BLOCK;
+        let mut history = vec![0.0; need];
+        let start = self.done as i64 - need as i64 + new + PRE_DELAY as i64;
+        self.reference.fetch(start, &mut history);
+        self.filter.realign(new - old, &history);
+        self.status.update(|s| s.realignments += 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn modes_parse_and_print() {
+        for mode in [
+            EchoMode::Off,
+            EchoMode::Gate,
+            EchoMode::Cancel,
+            EchoMode::HalfDuplex,
+        ] {
+            assert_eq!(mode.to_string().parse::<EchoMode>(), Ok(mode));
+        }
+        assert_eq!("Half_Duplex".parse::<EchoMode>(), Ok(EchoMode::HalfDuplex));
+        assert!("loud".parse::<EchoMode>().is_err());
+    }
+
+    /// A simulated sound card: the playback consumes the reference at exactly 16 kHz from
+    /// wall 0, the microphone hears it `delay` samples later through `h`, plus `near`.
+    struct Room {
+        reference: EchoReference,
+        origin: Instant,
+    }
+
+    impl Room {
+        fn at(&self, wall: i64) -> Instant {
+            self.origin + Duration::from_secs_f64(wall as f64 / 16_000.0)
+        }
+    }
+
+    fn noise(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    fn run_room(
+        mode: EchoMode,
+        far: &[f32],
+        near: &[f32],
+        delay: usize,
+    ) -> (Vec<f32>, Vec<f32>, EchoCanceller) {
+        let reference = EchoReference::new(16_000).unwrap();
+        let room = Room {
+            origin: Instant::now() + Duration::from_secs(1),
+            reference: reference.clone(),
+        };
+        // Echo: a direct path and two reflections.
+        let mut mic = vec![0.0f32; far.len()];
+        for (n, m) in mic.iter_mut().enumerate() {
+            let tap = |k: usize, g: f32| {
+                if n >= delay + k {
+                    g * far[n - delay - k]
+                } else {
+                    0.0
+                }
+            };
+            *m = tap(0, 0.5) + tap(37, -0.2) + tap(300, 0.1) + near.get(n).copied().unwrap_or(0.0);
+        }
+        let config = EchoConfig {
+            mode,
+            ..EchoConfig::default()
+        };
+        let mut canceller = EchoCanceller::new(config, reference);
+        // The whole reference is pushed at the start (as a daemon that generates faster than
+        // real time does): anchored at wall 0.
+        room.reference.push_at(far, 0, room.at(0));
+        let mut out = Vec::new();
+        for (i, chunk) in mic.chunks(512).enumerate() {
+            // Handed in 2 ms after the chunk's last sample was captured.
+            let end = ((i + 1) * 512) as i64 + 32;
+            canceller.process_at(chunk, room.at(end), &mut out);
+            canceller.judge(true);
+        }
+        (mic, out, canceller)
+    }
+
+    #[test]
+    fn finds_the_delay_and_cancels_noise_echo() {
+        let far: Vec<f32> = noise(16_000 * 5, 11).iter().map(|v| v * 0.2).collect();
+        let (mic, out, canceller) = run_room(EchoMode::Cancel, &far, &[], 2400);
+        let stats = canceller.status().snapshot();
+        let delay = stats.delay_ms.unwrap();
+        // 2400 samples (150 ms) plus the 2 ms hand-in lag the clock cannot see past.
+        assert!((delay - 152.0).abs() < 0.5, "{stats:?}");
+        let e = |v: &[f32]| v.iter().map(|s| s * s).sum::<f32>();
+        let tail = 16_000 * 3..mic.len();
+        let erle = 10.0 * (e(&mic[tail.clone()]) / e(&out[tail])).log10();
+        assert!(erle > 30.0, "ERLE {erle:.1} dB; {stats:?}");
+        assert!(canceller.gate().ready());
+    }
+
+    #[test]
+    fn half_duplex_mutes_while_playing_and_off_passes_everything() {
+        let mut far: Vec<f32> = noise(16_000 * 2, 5).iter().map(|v| v * 0.2).collect();
+        far.extend(vec![0.0; 16_000 * 2]);
+        let (mic, out, _) = run_room(EchoMode::HalfDuplex, &far, &[], 800);
+        assert_eq!(out.len(), mic.len());
+        assert!(out[..16_000 * 2].iter().all(|&v| v == 0.0));
+        // After the playing ended (plus the delay and the tail), the microphone is back.
+        assert_eq!(&out[16_000 * 3..], &mic[16_000 * 3..]);
+        let (mic, out, _) = run_room(EchoMode::Off, &far, &[], 800);
+        assert_eq!(out, mic);
+    }
+}

@@ -1,0 +1,478 @@
+//! `lfm2d bench`: how fast the model runs on this machine, as a table of medians.
+//!
+//! Measured: prefill (tokens/s), text decode (steps/s, text head included), audio frames
+//! (backbone step + 8 depthformer steps, no text head), detokenizer time per frame, the real-time
+//! factor of interleaved speech-to-speech over 10 s of generated speech, time to first audio after
+//! a 4 s utterance (split into its stages), the top-1 agreement of quantized decoding with f32,
+//! and peak memory. Use a full-size random model (`lfm2d synth-model`): speed does not depend on
+//! the weights' values.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use lfm2_audio::depthformer::END_OF_AUDIO;
+use lfm2_audio::generate::{prefill_chat, GenerationMode, GenerationParams, Generator, Token};
+use lfm2_audio::model::Lfm2AudioModel;
+use lfm2_audio::prompt::{ChatState, Item};
+use lfm2_audio::sampling::{argmax, Sampler, SamplingParams};
+use lfm2_audio::session::Session;
+
+use super::runtime::{Quant, RuntimeArgs};
+use super::speech::CodecArg;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model directory (e.g. one written by `lfm2d synth-model`).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Repetitions of each measurement; the table shows medians.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_tokens: usize,
+    /// Seconds of generated speech for the real-time factor.
+    #[arg(long, default_value_t = 10.0)]
+    pub speech_seconds: f64,
+    /// Seconds of the user utterance for the time to first audio.
+    #[arg(long, default_value_t = 4.0)]
+    pub utterance_seconds: f64,
+    /// Greedy steps compared with f32 for the agreement (0 skips it; it loads the model twice).
+    #[arg(long, default_value_t = 200)]
+    pub agreement_steps: usize,
+    /// Also measure candle-transformers' quantized_lfm2 on the same backbone (Q8/Q4 only).
+    #[arg(long)]
+    pub peer: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub codec: CodecArg,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Deterministic token ids that avoid the special tokens.
+fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| (600 + (i * 7919 + salt * 104_729) % (vocab.saturating_sub(700).max(1))) as u32)
+        .collect()
+}
+
+/// A 4-second-like test utterance: a gliding tone with harmonics and a little noise, 16 kHz.
+fn utterance(seconds: f64) -> Vec<f32> {
+    let n = (seconds * 16_000.0) as usize;
+    let mut seed = 12345u32;
+    (0..n)
+        .map(|i| {
+            let t = i as f32 / 16_000.0;
+            let f = 140.0 + 60.0 * (t * 1.3).sin();
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let noise = (seed >> 9) as f32 / (1u32 << 23) as f32 - 0.5;
+            0.2 * (2.0 * std::f32::consts::PI * f * t).sin()
+                + 0.08 * (6.0 * std::f32::consts::PI * f * t).sin()
+                + 0.01 * noise
+        })
+        .collect()
+}
+
+/// Peak resident memory of this process so far (Linux), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+struct Row {
+    name: &'static str,
+    value: f64,
+    unit: &'static str,
+    note: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    let start = Instant::now();
+    let model = args.runtime.load(&args.model)?;
+    let load_s = start.elapsed().as_secs_f64();
+    let mut detok = codec::open_detokenizer(&args.model, args.codec.into())
+        .context("loading the audio decoder")?;
+    let threads = args
+        .runtime
+        .threads
+        .unwrap_or_else(lfm2_audio::quant::Threads::available);
+    eprintln!(
+        "bench: {} ({:?}, {threads} threads), backbone weights {:.0} MB, loaded in {load_s:.1} s",
+        args.model.display(),
+        args.runtime.quant,
+        model.backbone.weight_bytes() as f64 / 1e6
+    );
+    let vocab = model.config.lfm.vocab_size;
+    let mut rows = Vec::new();
+
+    // Prefill.
+    let mut v = Vec::new();
+    for r in 0..args.runs {
+        let ids = tokens(args.prefill_tokens, vocab, r);
+        let mut s = Session::new(model.backbone.clone())?;
+        let t = Instant::now();
+        s.prefill_text(&ids)?;
+        v.push(args.prefill_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    rows.push(Row {
+        name: "prefill",
+        value: median(v),
+        unit: "tok/s",
+        note: format!("{} positions", args.prefill_tokens),
+    });
+
+    // Text decode: backbone step + text head + argmax.
+    let steps = 32;
+    let mut v = Vec::new();
+    for r in 0..args.runs {
+        let mut s = Session::new(model.backbone.clone())?;
+        let mut h = s.prefill_text(&tokens(16, vocab, r))?.get(15)?;
+        let t = Instant::now();
+        for _ in 0..steps {
+            let logits = model
+                .backbone
+                .text_logits(&h.unsqueeze(0)?)?
+                .squeeze(0)?
+                .to_vec1::<f32>()?;
+            let id = argmax(&logits).min(vocab as u32 - 1);
+            h = s.step_text(id)?;
+        }
+        v.push(steps as f64 / t.elapsed().as_secs_f64());
+    }
+    rows.push(Row {
+        name: "text decode",
+        value: median(v),
+        unit: "step/s",
+        note: "backbone + text head".into(),
+    });
+
+    // Audio frames: backbone step on the frame embedding + depthformer, no text head.
+    let mut v = Vec::new();
+    for r in 0..args.runs {
+        let mut s = Session::new(model.backbone.clone())?;
+        let mut h = s.prefill_text(&tokens(16, vocab, r))?.get(15)?;
+        let mut sampler = Sampler::new(SamplingParams::new(Some(1.0), Some(4)), r as u64);
+        let t = Instant::now();
+        for _ in 0..steps {
+            let frame = model.audio_head.sample_frame(&h, &mut sampler)?;
+            h = s.step(&model.audio_head.frame_embedding(&frame)?, Item::AudioOut)?;
+        }
+        v.push(steps as f64 / t.elapsed().as_secs_f64());
+    }
+    rows.push(Row {
+        name: "audio frame",
+        value: median(v),
+        unit: "frame/s",
+        note: "backbone + depthformer (8 steps)".into(),
+    });
+
+    // Detokenizer.
+    let mut v = Vec::new();
+    let mut out = Vec::with_capacity(4096);
+    let mut seed = 7u32;
+    for _ in 0..args.runs {
+        detok.reset();
+        let mut times = Vec::new();
+        for _ in 0..25 {
+            let mut frame = [0u32; codec::CODEBOOKS];
+            for c in frame.iter_mut() {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                *c = (seed >> 8) % 2048;
+            }
+            out.clear();
+            let t = Instant::now();
+            detok.push_into(&frame, &mut out)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        v.push(median(times));
+    }
+    rows.push(Row {
+        name: "detokenizer",
+        value: median(v),
+        unit: "ms/frame",
+        note: "one 80 ms frame, streaming".into(),
+    });
+
+    // Time to first audio and real-time factor, on a speech-to-speech turn.
+    let wave = utterance(args.utterance_seconds);
+    let mut ttfa = Vec::new();
+    let mut stages: Vec<[f64; 4]> = Vec::new();
+    let mut rtf = Vec::new();
+    for r in 0..args.runs {
+        detok.reset();
+        let t0 = Instant::now();
+        let audio = model.audio.embed(&wave)?;
+        let t_enc = t0.elapsed().as_secs_f64();
+        let tok = &model.tokenizer;
+        let mut chat = ChatState::new(tok)?;
+        chat.new_turn(tok, "system")?;
+        chat.add_text(tok, super::chat::DEFAULT_SYSTEM)?;
+        chat.end_turn(tok)?;
+        chat.new_turn(tok, "user")?;
+        chat.add_audio(audio)?;
+        chat.end_turn(tok)?;
+        chat.new_turn(tok, "assistant")?;
+        let mut session = Session::new(model.backbone.clone())?;
+        let hidden = prefill_chat(&mut session, &chat)?;
+        let t_prefill = t0.elapsed().as_secs_f64();
+        let mode = GenerationMode::Interleaved {
+            n_text: model.config.interleaved_n_text,
+            n_audio: model.config.interleaved_n_audio,
+        };
+        let params = GenerationParams {
+            max_new_tokens: usize::MAX,
+            text: SamplingParams::GREEDY,
+            audio: SamplingParams::new(Some(1.0), Some(4)),
+            seed: r as u64,
+        };
+        let mut gen = Generator::new(
+            &mut session,
+            &model.audio_head,
+            tok.special(),
+            mode,
+            params,
+            hidden,
+        );
+        let mut first: Option<(f64, f64)> = None;
+        let target_frames = (args.speech_seconds * 12.5).round() as usize;
+        let mut frames = 0usize;
+        let mut gen_start = None;
+        while frames < target_frames {
+            let Some(token) = gen.next_item()? else {
+                // A random model may end its reply; the measurement continues with another.
+                break;
+            };
+            if let Token::Audio(frame) = token {
+                if frame.contains(&END_OF_AUDIO) {
+                    continue;
+                }
+                let before_detok = t0.elapsed().as_secs_f64();
+                let f: codec::Frame = frame
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("frame of {} codes", frame.len()))?;
+                out.clear();
+                detok.push_into(&f, &mut out)?;
+                frames += 1;
+                if first.is_none() {
+                    first = Some((before_detok, t0.elapsed().as_secs_f64()));
+                    gen_start = Some(Instant::now());
+                }
+            }
+        }
+        if let (Some((first_frame, first_audio)), Some(gs)) = (first, gen_start) {
+            ttfa.push(first_audio);
+            stages.push([
+                t_enc,
+                t_prefill - t_enc,
+                first_frame - t_prefill,
+                first_audio - first_frame,
+            ]);
+            if frames > 1 {
+                rtf.push(gs.elapsed().as_secs_f64() / ((frames - 1) as f64 * 0.08));
+            }
+        }
+    }
+    if !ttfa.is_empty() {
+        let stage = |i: usize| median(stages.iter().map(|s| s[i] * 1e3).collect());
+        rows.push(Row {
+            name: "time to first audio",
+            value: median(ttfa),
+            unit: "s",
+            note: format!(
+                "after a {:.0} s utterance: encoder {:.0} ms, prefill {:.0} ms, text + first frame {:.0} ms, detokenizer {:.0} ms",
+                args.utterance_seconds,
+                stage(0),
+                stage(1),
+                stage(2),
+                stage(3)
+            ),
+        });
+    }
+    if !rtf.is_empty() {
+        rows.push(Row {
+            name: "real-time factor",
+            value: median(rtf),
+            unit: "x",
+            note: format!("interleaved speech-to-speech over {:.0} s of speech (< 1 is faster than real time)", args.speech_seconds),
+        });
+    }
+    if let Some(bytes) = peak_rss() {
+        rows.push(Row {
+            name: "peak RSS",
+            value: bytes as f64 / 1e9,
+            unit: "GB",
+            note: "whole process so far".into(),
+        });
+    }
+
+    // Agreement of quantized greedy decoding with f32.
+    if args.agreement_steps > 0 && args.runtime.quant != Quant::F32 {
+        let (text, audio) = agreement(&model, &args.model, args.agreement_steps)?;
+        rows.push(Row {
+            name: "top-1 agreement, text",
+            value: text * 100.0,
+            unit: "%",
+            note: format!(
+                "vs f32, teacher-forced, {} greedy steps",
+                args.agreement_steps
+            ),
+        });
+        rows.push(Row {
+            name: "top-1 agreement, audio",
+            value: audio * 100.0,
+            unit: "%",
+            note: "vs f32, per codebook".into(),
+        });
+    }
+
+    if args.peer && args.runtime.quant != Quant::F32 {
+        let format = match args.runtime.quant {
+            Quant::Q8 => lfm2_audio::quant::Format::Q8_0,
+            _ => lfm2_audio::quant::Format::Q4_0,
+        };
+        let work = std::env::temp_dir().join(format!("lfm2d-peer-{}", std::process::id()));
+        let peer = crate::bench_peer::candle_quantized_lfm2(
+            &args.model,
+            format,
+            args.prefill_tokens,
+            32,
+            args.runs,
+            &work,
+        );
+        let _ = std::fs::remove_dir_all(&work);
+        match peer {
+            Ok(p) => {
+                rows.push(Row {
+                    name: "peer prefill",
+                    value: p.prefill_tok_s,
+                    unit: "tok/s",
+                    note: format!("candle-transformers quantized_lfm2, {format}"),
+                });
+                rows.push(Row {
+                    name: "peer text decode",
+                    value: p.decode_tok_s,
+                    unit: "step/s",
+                    note: format!("candle-transformers quantized_lfm2, {format}"),
+                });
+            }
+            Err(e) => eprintln!("bench: the candle peer could not run: {e:#}"),
+        }
+    }
+
+    println!("| measurement | median | unit | notes |");
+    println!("| --- | ---: | --- | --- |");
+    for r in &rows {
+        let value = if r.value >= 100.0 {
+            format!("{:.0}", r.value)
+        } else if r.value >= 1.0 {
+            format!("{:.2}", r.value)
+        } else {
+            format!("{:.3}", r.value)
+        };
+        println!("| {} | {value} | {} | {} |", r.name, r.unit, r.note);
+    }
+    if args.json {
+        let obj: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.name.to_string(),
+                    serde_json::json!({"value": r.value, "unit": r.unit}),
+                )
+            })
+            .collect();
+        println!("{}", serde_json::Value::Object(obj));
+    }
+    Ok(())
+}
+
+/// Greedy interleaved decoding of the f32 model, with the quantized model fed the same items
+/// (teacher forcing): the share of steps where the quantized model's own top-1 choice agrees,
+/// for text tokens and for audio codes (per codebook).
+fn agreement(quant: &Lfm2AudioModel, dir: &Path, steps: usize) -> anyhow::Result<(f64, f64)> {
+    let exact = RuntimeArgs {
+        quant: Quant::F32,
+        threads: None,
+    }
+    .load(dir)?;
+    let tok = &exact.tokenizer;
+    let chat = ChatState::text_chat(
+        tok,
+        Some(super::chat::DEFAULT_SYSTEM),
+        "Tell me something about the sea, please.",
+    )?;
+    let mut ref_session = Session::new(exact.backbone.clone())?;
+    let mut q_session = Session::new(quant.backbone.clone())?;
+    let ref_hidden = prefill_chat(&mut ref_session, &chat)?;
+    let mut q_hidden = prefill_chat(&mut q_session, &chat)?;
+    let mode = GenerationMode::Interleaved {
+        n_text: exact.config.interleaved_n_text,
+        n_audio: exact.config.interleaved_n_audio,
+    };
+    let params = GenerationParams {
+        max_new_tokens: steps,
+        text: SamplingParams::GREEDY,
+        audio: SamplingParams::GREEDY,
+        seed: 0,
+    };
+    let mut gen = Generator::new(
+        &mut ref_session,
+        &exact.audio_head,
+        tok.special(),
+        mode,
+        params,
+        ref_hidden,
+    );
+    let (mut text_same, mut text_n, mut codes_same, mut codes_n) = (0usize, 0usize, 0usize, 0usize);
+    let mut greedy = Sampler::new(SamplingParams::GREEDY, 0);
+    while let Some(token) = gen.next_item()? {
+        match &token {
+            Token::Text(id) => {
+                let logits = quant
+                    .backbone
+                    .text_logits(&q_hidden.unsqueeze(0)?)?
+                    .squeeze(0)?
+                    .to_vec1::<f32>()?;
+                text_same += usize::from(argmax(&logits) == *id);
+                text_n += 1;
+                q_hidden = q_session.step_text(*id)?;
+            }
+            Token::Audio(frame) => {
+                let mine = quant.audio_head.sample_frame(&q_hidden, &mut greedy)?;
+                // The reference turns a frame whose first code is end-of-audio into all 2048.
+                let eoa = mine[0] == END_OF_AUDIO;
+                for (c, (&a, &b)) in mine.iter().zip(frame).enumerate() {
+                    let a = if eoa && c > 0 { END_OF_AUDIO } else { a };
+                    codes_same += usize::from(a == b);
+                    codes_n += 1;
+                }
+                q_hidden =
+                    q_session.step(&quant.audio_head.frame_embedding(frame)?, Item::AudioOut)?;
+            }
+        }
+    }
+    let ratio = |a: usize, n: usize| {
+        if n == 0 {
+            f64::NAN
+        } else {
+            a as f64 / n as f64
+        }
+    };
+    Ok((ratio(text_same, text_n), ratio(codes_same, codes_n)))
+}
