@@ -92,6 +92,8 @@ pub struct Engine {
     interrupt: Arc<Interrupt>,
     events: Sender<EngineEvent>,
     conv: Conversation,
+    /// The items of the last reply that stayed in the conversation.
+    kept: Vec<Token>,
 }
 
 impl Engine {
@@ -112,6 +114,7 @@ impl Engine {
             cfg,
             interrupt,
             events,
+            kept: Vec::new(),
         };
         engine.start_conversation()?;
         Ok(engine)
@@ -208,6 +211,7 @@ impl Engine {
         let mut first = true;
         self.detok.reset();
         let mut cut: Option<Cut> = None;
+        let mut items: Vec<Token> = Vec::new();
         loop {
             if let Some(played) = self.interrupt.take() {
                 let c = tracker.cut(played);
@@ -219,6 +223,7 @@ impl Engine {
                 break;
             }
             let Some(token) = gen.next_item()? else { break };
+            items.push(token.clone());
             if first {
                 first = false;
                 let _ = self.events.send(EngineEvent::ReplyStarted {
@@ -262,6 +267,8 @@ impl Engine {
         match cut {
             Some(c) => {
                 drop(gen);
+                items.truncate(c.position - reply_start);
+                self.kept = items;
                 self.detok.reset();
                 self.conv.session.truncate_to(c.position)?;
                 self.close_turn()?;
@@ -277,6 +284,7 @@ impl Engine {
                 // Everything yielded goes into the history, as the reference's `append` does.
                 gen.feed_pending()?;
                 drop(gen);
+                self.kept = items;
                 pcm.clear();
                 self.detok.flush_into(&mut pcm)?;
                 if !pcm.is_empty() {
@@ -321,4 +329,145 @@ fn strip_specials(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lfm2_audio::prompt::Item;
+    use lfm2_audio::sampling::SamplingParams;
+    use std::path::Path;
+
+    fn clip() -> Vec<f32> {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio/what_time_16k.wav");
+        let (wave, _) = audio_io::decode::read_mono(&path).unwrap();
+        wave
+    }
+
+    /// A barge-in truncates the assistant's turn to the frames that were played (and the text
+    /// before them), and the conversation is then exactly a fresh prefill of that history.
+    #[test]
+    fn barge_in_leaves_the_state_of_a_fresh_prefill_of_what_was_heard() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-c/model");
+        let model = Arc::new(Lfm2AudioModel::load(&dir).unwrap());
+        let detok = codec::open_detokenizer(&dir, codec::DetokenizerChoice::Auto).unwrap();
+        let params = GenerationParams {
+            max_new_tokens: 60,
+            text: SamplingParams::GREEDY,
+            audio: SamplingParams::GREEDY,
+            seed: 0,
+        };
+        let system = "Respond with interleaved text and audio.".to_string();
+        let interrupt = Arc::new(Interrupt::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut engine = Engine::new(
+            Arc::clone(&model),
+            detok,
+            EngineConfig {
+                system_prompt: system.clone(),
+                params,
+            },
+            Arc::clone(&interrupt),
+            tx,
+        )
+        .unwrap();
+
+        // The listener interrupts after the third piece of audio, having heard 2.5 frames.
+        let watcher = {
+            let interrupt = Arc::clone(&interrupt);
+            std::thread::spawn(move || {
+                let mut audio = 0;
+                for ev in rx.iter() {
+                    if let EngineEvent::Audio { .. } = ev {
+                        audio += 1;
+                        if audio == 3 {
+                            interrupt.interrupt(4800);
+                        }
+                    }
+                    if let EngineEvent::ReplyDone {
+                        frames, cancelled, ..
+                    } = ev
+                    {
+                        return (frames, cancelled);
+                    }
+                }
+                (0, false)
+            })
+        };
+        let wave = clip();
+        engine.user_turn(Some(wave.clone()), None).unwrap();
+        let (frames, cancelled) = watcher.join().unwrap();
+        assert!(cancelled, "the reply was interrupted");
+        assert_eq!(frames, 3, "ceil(4800 / 1920) frames were heard");
+        assert_eq!(
+            engine
+                .kept
+                .iter()
+                .filter(|t| matches!(t, Token::Audio(_)))
+                .count(),
+            3
+        );
+
+        // The same history, prefilled from scratch.
+        let tok = &model.tokenizer;
+        let mut chat = ChatState::new(tok).unwrap();
+        chat.new_turn(tok, "system").unwrap();
+        chat.add_text(tok, &system).unwrap();
+        chat.end_turn(tok).unwrap();
+        chat.new_turn(tok, "user").unwrap();
+        chat.add_audio(model.audio.embed(&wave).unwrap()).unwrap();
+        chat.end_turn(tok).unwrap();
+        chat.new_turn(tok, "assistant").unwrap();
+        let mut fresh = Session::new(model.backbone.clone()).unwrap();
+        prefill_chat(&mut fresh, &chat).unwrap();
+        for t in &engine.kept {
+            match t {
+                Token::Text(id) => drop(fresh.step_text(*id).unwrap()),
+                Token::Audio(f) => drop(
+                    fresh
+                        .step(
+                            &model.audio_head.frame_embedding(f).unwrap(),
+                            Item::AudioOut,
+                        )
+                        .unwrap(),
+                ),
+            }
+        }
+        fresh
+            .prefill_text(&tok.encode("<|im_end|>\n").unwrap())
+            .unwrap();
+
+        let got = engine.conv.session.state().caches().unwrap();
+        let want = fresh.state().caches().unwrap();
+        assert_eq!(engine.conv.session.len(), fresh.len());
+        for (g, w) in got.iter().zip(&want) {
+            let diff = (g - w)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = w
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-5 * scale.max(1e-6),
+                "cache differs: {diff} (scale {scale})"
+            );
+        }
+        // And the conversation goes on from there.
+        engine.user_turn(Some(wave), None).unwrap();
+        assert!(engine.conv.session.len() > fresh.len());
+    }
 }
