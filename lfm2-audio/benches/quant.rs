@@ -10,9 +10,13 @@
 //! same number of threads, and the ratio to it is reported too: the cores and the memory bus are
 //! shared with other processes, so the ratio is steadier than the absolute figure. matmul
 //! (prefill) is reported as GOPS (2 * rows * cols * tokens / s) and as the equivalent backbone
-//! tokens/s, GOPS * 1e9 / (2 * 1.04e9). Every figure is the median of several runs. candle's
-//! thread count is fixed per process, so its figures come from child processes started with
-//! CANDLE_NUM_THREADS = 1 and 2.
+//! tokens/s, GOPS * 1e9 / (2 * 1.04e9). Every figure is the median of several runs.
+//!
+//! candle's thread count is fixed per process, so its figures come from child processes started
+//! with CANDLE_NUM_THREADS = 1 and 2, in which candle's `QMatMul` and our best kernel (on a pool
+//! of as many threads) alternate run by run. A candle row shows candle's figure, ours measured
+//! alongside it, and `xR`, the median of the per-run speed ratios ours / candle: the ratio is
+//! meaningful even when other processes slow both down.
 
 use lfm2_audio::quant::{Format, Kernel, QMatrix, Threads};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -374,8 +378,9 @@ mod candle {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    /// (kind "mv"/"mm", format, rows, cols, threads, value, ratio to the plain read)
-    pub type Row = (String, String, usize, usize, usize, f64, f64);
+    /// (kind "mv"/"mm", format, rows, cols, threads, candle's figure, ours measured alongside,
+    /// median of the per-run ratios candle time / our time)
+    pub type Row = (String, String, usize, usize, usize, f64, f64, f64);
 
     pub fn run_children(quick: bool) -> Vec<Row> {
         let mut out = Vec::new();
@@ -394,11 +399,12 @@ mod candle {
             let Ok(res) = cmd.output() else { continue };
             for line in String::from_utf8_lossy(&res.stdout).lines() {
                 let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() == 7 && f[0] == "CANDLE" {
-                    if let (Ok(r), Ok(c), Ok(v), Ok(q)) =
-                        (f[3].parse(), f[4].parse(), f[5].parse(), f[6].parse())
+                if f.len() == 8 && f[0] == "CANDLE" {
+                    let num = |i: usize| f[i].parse::<f64>().ok();
+                    if let (Ok(r), Ok(c), Some(v), Some(o), Some(q)) =
+                        (f[3].parse(), f[4].parse(), num(5), num(6), num(7))
                     {
-                        out.push((f[1].to_string(), f[2].to_string(), r, c, n, v, q));
+                        out.push((f[1].to_string(), f[2].to_string(), r, c, n, v, o, q));
                     }
                 }
             }
@@ -420,8 +426,14 @@ mod candle {
             });
             match (row, kind) {
                 (None, _) => "n/a".to_string(),
-                (Some(r), "mv") => format!("{:.1} ({:.0} %)", r.5, r.6 * 100.0),
-                (Some(r), _) => format!("{:.0} ({:.0} tok/s)", r.5, tok_s(r.5)),
+                (Some(r), "mv") => format!("{:.1} (ours {:.1}: x{:.2})", r.5, r.6, r.7),
+                (Some(r), _) => format!(
+                    "{:.0} ({:.0} tok/s; ours {:.0}: x{:.2})",
+                    r.5,
+                    tok_s(r.5),
+                    r.6,
+                    r.7
+                ),
             }
         };
         if kind == "mv" {
@@ -450,25 +462,73 @@ mod candle {
     }
 
     /// Runs in a child process whose candle thread count was set through the environment.
+    /// Alternates runs of `a` and `b` (each at least `cfg.run_time` and `min_calls` calls) so
+    /// that both see the same load; returns the median seconds per call of each and the median
+    /// of the per-run ratios time(a) / time(b).
+    fn alternate(
+        cfg: &Cfg,
+        min_calls: usize,
+        mut a: impl FnMut(usize),
+        mut b: impl FnMut(usize),
+    ) -> (f64, f64, f64) {
+        let run = |f: &mut dyn FnMut(usize)| {
+            let start = Instant::now();
+            let mut calls = 0;
+            while calls < min_calls || start.elapsed() < cfg.run_time {
+                f(calls);
+                calls += 1;
+            }
+            start.elapsed().as_secs_f64() / calls as f64
+        };
+        a(0);
+        b(0);
+        let (mut ta, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cfg.runs {
+            let x = run(&mut a);
+            let y = run(&mut b);
+            ta.push(x);
+            tb.push(y);
+            ratio.push(x / y);
+        }
+        (median(ta), median(tb), median(ratio))
+    }
+
+    /// Runs in a child process whose candle thread count was set through the environment:
+    /// candle and our best kernel (with a pool of as many threads) alternate, so their ratio
+    /// is measured under the same conditions.
     pub fn child(cfg: &Cfg, threads: usize) {
-        let roof = roof_buffer();
-        let roof_pool = Threads::new(threads).unwrap();
+        let ours = Threads::new(threads).unwrap();
         for format in FORMATS {
             for (rows, cols) in MV_SHAPES {
                 let w = weights(rows, cols);
                 let bytes = rows * cols / 32 * format.block_bytes();
-                let copies: Vec<QMatMul> = (0..copies_for(bytes, cfg))
-                    .map(|_| qmatmul(&w, rows, cols, format))
-                    .collect();
-                drop(w);
-                let x = Tensor::from_vec(Rng(7).vec(cols), (1, cols), &Device::Cpu).unwrap();
+                let n = copies_for(bytes, cfg);
+                let copies: Vec<QMatMul> =
+                    (0..n).map(|_| qmatmul(&w, rows, cols, format)).collect();
+                let q = QMatrix::quantize(&w, rows, cols, format).unwrap();
+                let qcopies: Vec<QMatrix> = (0..n).map(|_| q.clone()).collect();
+                drop((w, q));
+                let xv = Rng(7).vec(cols);
+                let x = Tensor::from_slice(&xv, (1, cols), &Device::Cpu).unwrap();
                 for c in &copies {
                     c.forward(&x).unwrap(); // candle repacks some formats lazily on first use
                 }
-                let (g, r) = gbs_vs_roof(cfg, &roof, &roof_pool, bytes, copies.len(), |c| {
-                    std::hint::black_box(copies[c % copies.len()].forward(&x).unwrap());
-                });
-                println!("CANDLE mv {} {rows} {cols} {g} {r}", format.name());
+                let mut y = vec![0f32; rows];
+                let (tc, to, r) = alternate(
+                    cfg,
+                    n,
+                    |c| {
+                        std::hint::black_box(copies[c % n].forward(&x).unwrap());
+                    },
+                    |c| qcopies[c % n].matvec(&xv, &mut y, &ours).unwrap(),
+                );
+                let gb = |t: f64| bytes as f64 / t / 1e9;
+                println!(
+                    "CANDLE mv {} {rows} {cols} {} {} {r}",
+                    format.name(),
+                    gb(tc),
+                    gb(to)
+                );
             }
             let mm_cfg = Cfg {
                 runs: cfg.runs.min(5),
@@ -476,14 +536,27 @@ mod candle {
                 run_time: Duration::from_millis(1),
             };
             for (rows, cols) in MM_SHAPES {
-                let m = qmatmul(&weights(rows, cols), rows, cols, format);
-                let x = Tensor::from_vec(Rng(9).vec(PREFILL * cols), (PREFILL, cols), &Device::Cpu)
-                    .unwrap();
-                let s = time_calls(&mm_cfg, 1, |_| {
-                    std::hint::black_box(m.forward(&x).unwrap());
-                });
-                let gops = 2.0 * (rows * cols * PREFILL) as f64 / s / 1e9;
-                println!("CANDLE mm {} {rows} {cols} {gops} 0", format.name());
+                let w = weights(rows, cols);
+                let m = qmatmul(&w, rows, cols, format);
+                let q = QMatrix::quantize(&w, rows, cols, format).unwrap();
+                let xv = Rng(9).vec(PREFILL * cols);
+                let x = Tensor::from_slice(&xv, (PREFILL, cols), &Device::Cpu).unwrap();
+                let mut y = vec![0f32; PREFILL * rows];
+                let (tc, to, r) = alternate(
+                    &mm_cfg,
+                    1,
+                    |_| {
+                        std::hint::black_box(m.forward(&x).unwrap());
+                    },
+                    |_| q.matmul(&xv, PREFILL, &mut y, &ours).unwrap(),
+                );
+                let gops = |t: f64| 2.0 * (rows * cols * PREFILL) as f64 / t / 1e9;
+                println!(
+                    "CANDLE mm {} {rows} {cols} {} {} {r}",
+                    format.name(),
+                    gops(tc),
+                    gops(to)
+                );
             }
         }
     }

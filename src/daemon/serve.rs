@@ -166,8 +166,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     turns.handle(Event::Start);
     eprintln!("{} listening (say something; Ctrl-C to stop)", stamp(start));
 
-    // Samples written to the player since it opened, and where the current reply began.
+    // Samples written to the player since it opened, and where the current reply began. Audio
+    // waits in `pending` and goes to the player at most LEAD ahead of what has been heard, so
+    // that writing never blocks this loop and a barge-in has little to throw away.
+    const LEAD: u64 = 24_000 * 2 / 5;
+    let mut pending: std::collections::VecDeque<f32> = std::collections::VecDeque::new();
+    // Replies that were interrupted: their late events are dropped.
+    let mut cancelled_turn: Option<u64> = None;
+    let mut current_turn: u64 = 0;
     let mut written: u64 = 0;
+    let mut finish_called = false;
     let mut reply_base: Option<u64> = None;
     let mut reply_done = false;
     let mut replies = 0u64;
@@ -200,7 +208,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Err(_) => break,
             },
             recv(ev_rx) -> ev => match ev {
-                Ok(EngineEvent::ReplyStarted { prefill_ms, .. }) => {
+                Ok(EngineEvent::ReplyStarted { turn, prefill_ms }) => {
+                    current_turn = turn;
+                    finish_called = false;
                     let _ = write!(stdout.lock(), "{} assistant: ", stamp(start));
                     let _ = stdout.lock().flush();
                     let _ = prefill_ms;
@@ -208,6 +218,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     reply_done = false;
                     actions = turns.handle(Event::ReplyStarted);
                 }
+                Ok(EngineEvent::Text { turn, .. }) if Some(turn) == cancelled_turn => {}
+                Ok(EngineEvent::Audio { turn, .. }) if Some(turn) == cancelled_turn => {}
                 Ok(EngineEvent::Text { piece, .. }) => {
                     let _ = write!(stdout.lock(), "{piece}");
                     let _ = stdout.lock().flush();
@@ -216,10 +228,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     if let Some(t) = spoke_at.take() {
                         eprintln!("{} first audio {:.0} ms after the end of speech", stamp(start), t.elapsed().as_secs_f64() * 1e3);
                     }
-                    if let Err(e) = playback.write(&samples) {
-                        eprintln!("{} playback: {e}", stamp(start));
-                    }
-                    written += samples.len() as u64;
+                    pending.extend(samples);
                 }
                 Ok(EngineEvent::ReplyDone { text, frames, cancelled, .. }) => {
                     let _ = writeln!(stdout.lock());
@@ -234,9 +243,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     if cancelled {
                         reply_base = None;
                         reply_done = false;
-                    } else if let Err(e) = playback.finish() {
-                        // Let the queued audio (and the resampler's tail) play out.
-                        eprintln!("{} playback: {e}", stamp(start));
                     }
                 }
                 Ok(EngineEvent::Error(e)) => {
@@ -247,8 +253,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             },
             default(Duration::from_millis(20)) => {}
         }
+        // Feed the player, never more than LEAD ahead of what has been heard.
+        while !pending.is_empty() && written.saturating_sub(playback.played()) < LEAD {
+            let n = pending.len().min(1920);
+            let chunk: Vec<f32> = pending.drain(..n).collect();
+            if let Err(e) = playback.write(&chunk) {
+                eprintln!("{} playback: {e}", stamp(start));
+            }
+            written += n as u64;
+        }
+        if reply_done && pending.is_empty() && !finish_called {
+            // Let the rest (and the resampler's tail) play out.
+            finish_called = true;
+            if let Err(e) = playback.finish() {
+                eprintln!("{} playback: {e}", stamp(start));
+            }
+        }
         // The reply is over once it has been generated and played out.
-        if reply_done && (reply_base.is_none() || playback.wait_idle(Duration::ZERO)) {
+        if reply_done
+            && pending.is_empty()
+            && (reply_base.is_none() || playback.wait_idle(Duration::ZERO))
+        {
             reply_done = false;
             reply_base = None;
             actions.extend(turns.handle(Event::ReplyFinished));
@@ -261,8 +286,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Action::Respond { audio } | Action::ExtendUtterance { audio } => {
                     let _ = req_tx.send(Request::UserAudio(audio));
                 }
-                Action::StopPlayback => playback.clear(),
+                Action::StopPlayback => {
+                    pending.clear();
+                    playback.clear();
+                }
                 Action::CancelAndTruncateReply => {
+                    cancelled_turn = Some(current_turn);
                     let heard = reply_base.map_or(0, |base| playback.played().saturating_sub(base));
                     println!(
                         "{} barge-in: the assistant is cut after {:.2} s of its reply",
