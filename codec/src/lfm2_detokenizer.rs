@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use lfm2_audio::config::Lfm2Config;
 use lfm2_audio::lfm2::{Lfm2, Lfm2State, Linear};
+use lfm2_audio::weights::QuantPlan;
 use lfm2_audio::weights::Weights;
 use serde_json::Value;
 
@@ -68,8 +69,14 @@ struct Network {
 }
 
 impl Lfm2Detokenizer {
-    /// Loads `config.json` and `model.safetensors` from an `audio_detokenizer/` directory.
+    /// Loads `config.json` and `model.safetensors` from an `audio_detokenizer/` directory, in f32.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, QuantPlan::f32())
+    }
+
+    /// As [`Lfm2Detokenizer::load`], storing the matrices as `plan` says (they are decode
+    /// weights of the detokenizer's own stack).
+    pub fn load_with(dir: &Path, plan: QuantPlan) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::MissingFile {
                 path: dir.to_owned(),
@@ -78,8 +85,10 @@ impl Lfm2Detokenizer {
         }
         let config_path = dir.join("config.json");
         let cfg = read_config(&config_path)?;
-        let weights = Weights::open(&dir.join("model.safetensors"))?;
-        Self::from_weights(cfg, &weights)
+        let weights = Weights::open(&dir.join("model.safetensors"))?.with_plan(plan);
+        let det = Self::from_weights(cfg, &weights)?;
+        let _ = weights.save_cache();
+        Ok(det)
     }
 
     /// Builds the detokenizer from a parsed configuration and its weights.

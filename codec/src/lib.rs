@@ -118,11 +118,26 @@ pub enum DetokenizerChoice {
     Mimi,
 }
 
-/// Loads the decoder `choice` names from a model directory in the Hugging Face layout.
+/// Loads the decoder `choice` names from a model directory in the Hugging Face layout, in f32.
 pub fn open_detokenizer(
     model_dir: &Path,
     choice: DetokenizerChoice,
 ) -> Result<Box<dyn Detokenizer>> {
+    open_detokenizer_with(model_dir, choice, &lfm2_audio::weights::QuantPlan::f32())
+}
+
+/// As [`open_detokenizer`], with the LFM2 detokenizer's matrices stored in the auxiliary format
+/// of `plan` (Q8_0 when the model is quantized; Mimi stays in f32).
+pub fn open_detokenizer_with(
+    model_dir: &Path,
+    choice: DetokenizerChoice,
+    plan: &lfm2_audio::weights::QuantPlan,
+) -> Result<Box<dyn Detokenizer>> {
+    let plan = lfm2_audio::weights::QuantPlan {
+        decode: plan.auxiliary,
+        auxiliary: plan.auxiliary,
+        threads: plan.threads.clone(),
+    };
     if !model_dir.is_dir() {
         return Err(Error::MissingFile {
             path: model_dir.to_owned(),
@@ -132,11 +147,11 @@ pub fn open_detokenizer(
     let detok_dir = model_dir.join(lfm2_detokenizer::DIR);
     let mimi_file = model_dir.join(lfm2_audio::model::MIMI_FILE);
     match choice {
-        DetokenizerChoice::Lfm2 => Ok(Box::new(Lfm2Detokenizer::load(&detok_dir)?)),
+        DetokenizerChoice::Lfm2 => Ok(Box::new(Lfm2Detokenizer::load_with(&detok_dir, plan)?)),
         DetokenizerChoice::Mimi => Ok(Box::new(MimiDecoder::load(&mimi_file)?)),
         DetokenizerChoice::Auto => {
             if detok_dir.is_dir() {
-                Ok(Box::new(Lfm2Detokenizer::load(&detok_dir)?))
+                Ok(Box::new(Lfm2Detokenizer::load_with(&detok_dir, plan)?))
             } else if mimi_file.exists() {
                 Ok(Box::new(MimiDecoder::load(&mimi_file)?))
             } else {

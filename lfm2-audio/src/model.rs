@@ -86,6 +86,8 @@ pub struct Lfm2AudioModel {
     pub backbone: Arc<Backbone>,
     pub audio: Arc<AudioEncoder>,
     pub audio_head: Arc<AudioHead>,
+    /// How the weights are stored (for loading companions such as the detokenizer alike).
+    pub plan: QuantPlan,
 }
 
 impl Lfm2AudioModel {
@@ -99,7 +101,7 @@ impl Lfm2AudioModel {
         let dir = ModelDir::open(root)?;
         let config = Lfm2AudioConfig::from_file(&dir.config())?;
         let tokenizer = TextTokenizer::from_file(&dir.tokenizer())?;
-        let weights = Weights::open(&dir.weights())?.with_plan(plan);
+        let weights = Weights::open(&dir.weights())?.with_plan(plan.clone());
         let backbone = Arc::new(Backbone::load(&weights, &config.lfm)?);
         let audio = Arc::new(AudioEncoder::load(&weights, &config)?);
         let audio_head = Arc::new(AudioHead::load(
@@ -129,6 +131,7 @@ impl Lfm2AudioModel {
             backbone,
             audio,
             audio_head,
+            plan,
         })
     }
 }

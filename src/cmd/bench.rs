@@ -105,7 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let start = Instant::now();
     let model = args.runtime.load(&args.model)?;
     let load_s = start.elapsed().as_secs_f64();
-    let mut detok = codec::open_detokenizer(&args.model, args.codec.into())
+    let mut detok = codec::open_detokenizer_with(&args.model, args.codec.into(), &model.plan)
         .context("loading the audio decoder")?;
     let threads = args
         .runtime

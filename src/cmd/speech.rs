@@ -156,9 +156,10 @@ pub fn run_reply(
     params: GenerationParams,
 ) -> anyhow::Result<()> {
     let mut detok: Box<dyn Detokenizer> =
-        codec::open_detokenizer(&model.dir.root, args.codec.into()).with_context(|| {
-            format!("loading the audio decoder of {}", model.dir.root.display())
-        })?;
+        codec::open_detokenizer_with(&model.dir.root, args.codec.into(), &model.plan)
+            .with_context(|| {
+                format!("loading the audio decoder of {}", model.dir.root.display())
+            })?;
     let mut wav = WavOut::create(&args.out, detok.sample_rate())?;
     let tok = &model.tokenizer;
     let mut session = Session::new(model.backbone.clone())?;

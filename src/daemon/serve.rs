@@ -92,8 +92,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "mimi" => CodecArg::Mimi,
         _ => CodecArg::Auto,
     };
-    let detok =
-        codec::open_detokenizer(&model_dir, codec.into()).context("loading the audio decoder")?;
+    let detok = codec::open_detokenizer_with(&model_dir, codec.into(), &model.plan)
+        .context("loading the audio decoder")?;
     eprintln!(
         "{} model loaded from {} ({quant:?})",
         stamp(start),
