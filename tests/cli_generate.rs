@@ -1,24 +1,15 @@
 //! `lfm2d generate` as a user runs it, on the fixture models.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+use common::{fixtures, lfm2d};
+use std::process::Command;
 
 fn reference(model: &str) -> serde_json::Value {
     serde_json::from_str(
         &std::fs::read_to_string(fixtures().join(model).join("reference.json")).unwrap(),
     )
     .unwrap()
-}
-
-fn lfm2d(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lfm2d"))
-        .args(args)
-        .output()
-        .expect("lfm2d runs")
 }
 
 #[test]

@@ -1,19 +1,9 @@
 //! `lfm2d chat` and `lfm2d speak` as a user runs them, on the fixture models: the frames they
 //! emit are the reference's, and the WAV files hold exactly the decoded frames.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn lfm2d(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lfm2d"))
-        .args(args)
-        .output()
-        .expect("lfm2d runs")
-}
+use common::{fixtures, lfm2d};
 
 /// The reference's (text ids, frames) of a speech recording.
 fn reference(model: &str, recording: &str) -> (Vec<u64>, Vec<Vec<u64>>) {

@@ -1,18 +1,9 @@
 //! `lfm2d transcribe` as a user runs it.
 
+mod common;
+
+use common::{fixtures, lfm2d};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn lfm2d(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lfm2d"))
-        .args(args)
-        .output()
-        .expect("lfm2d runs")
-}
 
 fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(out)
