@@ -16,11 +16,24 @@
 //! each microphone sample was captured the same way (the earliest time consistent with every
 //! call, as the listener does). What remains (device buffers on both sides, the air, and the
 //! anchoring error) is the bulk delay, measured by cross-correlation ([`DelayEstimator`],
-//! GCC-PHAT) over up to a second of echo: at the start, after every new stretch of playing,
-//! and every 2 s of playing after that to follow clock drift. The adaptive filter starts
+//! GCC-PHAT) over up to a second of echo: at the start, after every new stretch of playing (and
+//! after a stall the reference noticed), every second of playing after that to follow drift,
+//! and at once when the canceller's attenuation collapses. The adaptive filter starts
 //! [`PRE_DELAY`] samples before the measured arrival and spans [`EchoConfig::filter_ms`]. When a
-//! new measurement moves the arrival, the filter's taps are moved with it rather than learnt
-//! again.
+//! measurement moves the arrival, the learnt echo path is moved so that its strongest tap stays
+//! at the arrival, rather than learnt again.
+//!
+//! Underruns. A playback that runs dry or a driver xrun delays everything played after it: the
+//! echo moves under the filter, the output suddenly holds the whole echo, and an adaptive
+//! filter left alone would unlearn the room to learn the shifted timing. The filter therefore
+//! only learns on a measured alignment. When a converged canceller's attenuation collapses (two
+//! windows under [`SUSPECT_ATTENUATION`]), or its gate says "user" while the assistant is
+//! audible, adaptation pauses and the gate's verdict is withheld until the delay has been
+//! measured on the microphone since then: unchanged, or no echo to be found, means the user is
+//! talking; moved means the assistant's own voice arrived where the filter no longer expected
+//! it, the verdict is refused (a "veto"), the learnt path is moved, and the gate waits until
+//! the canceller has again shown [`GateConfig::min_erle_db`] of attenuation. While the filter
+//! makes things worse than nothing, the microphone is passed on untouched.
 //!
 //! Wiring (see the crate README): the thread that writes the playback pushes every chunk to an
 //! [`EchoReference`] with the playback's `played()` counter; the listener runs the canceller on
@@ -59,21 +72,34 @@ const MEASURE_MIN: usize = MODEL_SAMPLE_RATE as usize / 4;
 /// measurements once aligned (1 s).
 const RETRY_AFTER: u64 = MODEL_SAMPLE_RATE as u64 / 4;
 const TRACK_AFTER: u64 = MODEL_SAMPLE_RATE as u64;
-/// Output history checked for echo before a barge-in is let through (0.5 s).
-const VETO_WINDOW: usize = MODEL_SAMPLE_RATE as usize / 2;
-/// A correlation peak this clear between the output and the reference means the output is
-/// still mostly echo.
-const VETO_CONFIDENCE: f32 = 12.0;
-/// Windows in a row attenuated less than this (dB) while the assistant is audible make the
-/// alignment suspect (or the user is talking): the delay is measured again at once.
+/// Longest stretch of microphone after a collapse used to confirm the alignment (0.5 s), and
+/// how long a collapse found to be the user is not looked into again (1 s).
+const CONFIRM_WINDOW: usize = MODEL_SAMPLE_RATE as usize / 2;
+const CONFIRM_HOLD: u64 = MODEL_SAMPLE_RATE as u64;
+/// After the alignment moved, the gate judges nothing for this long (0.5 s), and then not
+/// before the canceller has again reached [`GateConfig::min_erle_db`]: the filter is right
+/// again at once only when the move was measured to the sample.
+const SETTLE: u64 = MODEL_SAMPLE_RATE as u64 / 2;
+/// A converged canceller that attenuates windows in a row by less than this (dB) while the
+/// assistant is audible, or whose gate says "user" then, has "collapsed": the user started
+/// talking, or the echo moved in time under the filter (an underrun). Its adaptation pauses
+/// and the gate's verdict is withheld until the delay, measured on the microphone since the
+/// collapse (at least [`MEASURE_MIN`]), tells which: unchanged (or no echo to be found: the
+/// microphone is not mostly echo) means the user; moved means the echo, and the filter is
+/// moved with it. The attenuation recovering in between settles nothing (the user pauses
+/// between words); after [`SUSPECT_LIMIT`] without a settling measurement the room itself
+/// changed: learn it.
 const SUSPECT_ATTENUATION: f32 = 6.0;
 const SUSPECT_WINDOWS: u32 = 2;
+const SUSPECT_LIMIT: u64 = 2 * MODEL_SAMPLE_RATE as u64;
 /// The echo may arrive up to this long before the anchoring says it should (50 ms).
 const EARLY_LIMIT: i64 = MODEL_SAMPLE_RATE as i64 / 20;
-/// A correlation peak this far above the background is believed.
+/// A correlation peak this far above the background is believed...
 const MIN_CONFIDENCE: f32 = 8.0;
-/// A fresh measurement may move the alignment by this much (30 ms, a device period and more)
-/// without confirmation; a tracking one must be confirmed by the next.
+/// ... and may move the alignment at once when it is this clear; otherwise only by up to
+/// [`FRESH_JUMP`] (30 ms, about the anchoring error) when the alignment is being measured
+/// afresh, and in every other case once the next measurement agrees.
+const SURE_CONFIDENCE: f32 = 20.0;
 const FRESH_JUMP: i64 = 480;
 /// Changes of at most this many samples are noise, not a new alignment.
 const SAME: i64 = 2;
@@ -163,8 +189,11 @@ pub struct EchoStats {
     pub mode: EchoMode,
     /// The measured bulk delay (ms) from the playback's counter to the echo's arrival.
     pub delay_ms: Option<f32>,
-    /// Confidence of the last accepted delay measurement (peak over background).
+    /// Confidence of the last believed delay measurement (peak over background).
     pub delay_confidence: f32,
+    /// Stretches of playing the reference has been placed in (a new one for every reply, and
+    /// after every stall or suspect timing it noticed): each is measured afresh.
+    pub generations: u64,
     /// Delay measurements tried and accepted, and how often the filter was moved.
     pub delay_attempts: u64,
     pub delay_accepted: u64,
@@ -181,11 +210,10 @@ pub struct EchoStats {
     pub user_speech: bool,
     /// Utterances the listener dropped as echo.
     pub suppressed_utterances: u64,
-    /// Times the gate's "user" verdict was overruled because the output still correlated with
-    /// the reference (the echo path had moved), and the correlation's confidence at the last
-    /// check.
+    /// Collapses of the canceller's attenuation (see the module documentation), and how many
+    /// of them turned out to be the echo moving (the gate's verdict was then refused).
+    pub collapses: u64,
     pub vetoes: u64,
-    pub last_veto_check: f32,
 }
 
 impl EchoStats {
@@ -253,12 +281,12 @@ pub struct EchoCanceller {
     generation: u64,
     /// Microphone sample at which the current generation started playing.
     generation_start: u64,
-    /// A tracking measurement waiting for confirmation.
-    candidate: Option<i64>,
+    /// A measurement waiting for confirmation by a later one, and the microphone sample it was
+    /// measured up to.
+    candidate: Option<(i64, u64)>,
     audible_since_try: u64,
     audible_since_measure: u64,
     mic_history: Vec<f32>,
-    out_history: Vec<f32>,
     x: Vec<f32>,
     block_out: Vec<f32>,
     measure_ref: Vec<f32>,
@@ -267,6 +295,12 @@ pub struct EchoCanceller {
     last_audible: bool,
     /// Windows in a row that the canceller barely attenuated.
     suspect: u32,
+    /// Where (microphone sample) the attenuation collapsed, while that is being looked into,
+    /// and until when a collapse found to be the user is not looked into again.
+    collapse_at: Option<u64>,
+    user_confirmed_until: u64,
+    /// Until when (microphone sample) the gate judges nothing after the alignment moved.
+    settle_until: u64,
     /// Microphone sample at the last delay measurement.
     last_measure: u64,
 }
@@ -299,7 +333,6 @@ impl EchoCanceller {
             audible_since_try: 0,
             audible_since_measure: 0,
             mic_history: Vec::with_capacity(HISTORY + 4 * BLOCK),
-            out_history: Vec::with_capacity(VETO_WINDOW + 4 * BLOCK),
             x: Vec::new(),
             block_out: vec![0.0; BLOCK],
             measure_ref: Vec::new(),
@@ -307,6 +340,9 @@ impl EchoCanceller {
             pending: Pending::default(),
             last_audible: false,
             suspect: 0,
+            collapse_at: None,
+            user_confirmed_until: 0,
+            settle_until: 0,
             last_measure: 0,
         }
     }
@@ -342,13 +378,18 @@ impl EchoCanceller {
     /// The gate's verdict: the recent speech is the user's (always true with the echo handling
     /// off, and whenever the assistant has not been audible).
     pub fn is_user_speech(&self) -> bool {
-        self.config.mode == EchoMode::Off || self.gate.is_user_speech()
+        self.config.mode == EchoMode::Off
+            || (self.gate.is_user_speech() && self.collapse_at.is_none())
     }
 
     /// While [`is_user_speech`](Self::is_user_speech): how many judged windows back the user's
     /// speech began (0: the latest).
     pub fn user_speech_onset(&self) -> Option<usize> {
-        self.gate.user_speech_onset()
+        if self.is_user_speech() {
+            self.gate.user_speech_onset()
+        } else {
+            None
+        }
     }
 
     /// The assistant could be heard in the last processed chunk.
@@ -436,14 +477,13 @@ impl EchoCanceller {
     /// running one is [`is_user_speech`](Self::is_user_speech).
     pub fn judge(&mut self, speech: bool) -> GateWindow {
         let p = std::mem::take(&mut self.pending);
-        let was_user = self.gate.is_user_speech();
         let window = match self.config.mode {
             EchoMode::Off => self.gate.observe_quiet(speech),
             EchoMode::HalfDuplex => self.gate.observe_quiet(speech && !p.audible),
             EchoMode::Gate | EchoMode::Cancel => {
                 if !p.audible {
                     self.gate.observe_quiet(speech)
-                } else if !p.aligned || p.len == 0 {
+                } else if !p.aligned || p.len == 0 || self.done < self.settle_until {
                     self.gate.observe_unsure()
                 } else {
                     let n = p.len as f64;
@@ -453,59 +493,88 @@ impl EchoCanceller {
             }
         };
         let gated = matches!(self.config.mode, EchoMode::Gate | EchoMode::Cancel);
-        let poor = window
-            .attenuation_db
-            .is_some_and(|a| a < SUSPECT_ATTENUATION);
-        self.suspect = if gated && p.aligned && poor {
-            self.suspect + 1
-        } else {
-            0
-        };
-        if self.suspect >= SUSPECT_WINDOWS && self.done - self.last_measure >= RETRY_AFTER {
-            // The echo may have moved (an underrun somewhere in the playback path): measure at
-            // once instead of waiting for the next tracking measurement.
-            self.suspect = 0;
-            let window = MEASURE_MAX.min(self.mic_history.len()) / 2;
-            let generation = self.generation;
-            if let Some(offset) = self.measure(window) {
-                self.accept(offset, true, generation);
-            }
-        }
-        if gated && p.audible && !was_user && self.gate.is_user_speech() && self.output_is_echo() {
-            // What the gate took for a voice is the assistant's, arriving where the filter no
-            // longer expects it: measure the delay again before trusting the gate.
-            self.gate.reset_votes();
-            self.aligned_generation = None;
-            self.audible_since_try = RETRY_AFTER;
-            self.status.update(|s| s.vetoes += 1);
+        if gated && p.aligned {
+            self.watch_alignment(window.attenuation_db, p.len, p.audible);
         }
         let user = self.is_user_speech();
         self.status.update(|s| s.user_speech = user);
         window
     }
 
-    /// Whether the recent output correlates clearly with the reference.
-    fn output_is_echo(&mut self) -> bool {
-        let window = VETO_WINDOW.min(self.out_history.len());
-        if window < MEASURE_MIN {
-            return false;
+    /// Watches for a collapse of the attenuation: see [`SUSPECT_ATTENUATION`].
+    fn watch_alignment(&mut self, attenuation: Option<f32>, window: usize, audible: bool) {
+        match attenuation {
+            Some(a) if a < SUSPECT_ATTENUATION => self.suspect += 1,
+            Some(_) => self.suspect = 0,
+            None => {}
         }
-        let s_end = self.done as i64;
-        let s_start = s_end - window as i64;
-        let span = (self.max_delay() + EARLY_LIMIT) as usize;
-        let off_min = self.epoch() - self.max_delay();
-        self.measure_mic.clear();
-        self.measure_mic
-            .extend_from_slice(&self.out_history[self.out_history.len() - window..]);
-        self.measure_ref.resize(window + span, 0.0);
-        self.reference
-            .fetch(s_start + off_min, &mut self.measure_ref);
-        let confidence = self
-            .estimator
-            .find(&self.measure_mic, &self.measure_ref, span)
-            .map_or(0.0, |p| p.confidence);
-        self.status.update(|s| s.last_veto_check = confidence);
-        confidence >= VETO_CONFIDENCE
+        let Some(at) = self.collapse_at else {
+            // A "user" verdict while the assistant is audible is checked the same way: the
+            // windows it rests on may be echo that moved.
+            let verdict = audible && self.gate.is_user_speech();
+            if !(verdict || self.suspect >= SUSPECT_WINDOWS)
+                || self.done < self.user_confirmed_until
+            {
+                return;
+            }
+            if self.gate.ready() {
+                let back = match self.gate.user_speech_onset() {
+                    Some(k) if verdict => k + 1,
+                    _ => self.suspect as usize,
+                };
+                self.collapse_at = Some(self.done.saturating_sub((back * window) as u64));
+                self.filter.freeze(true);
+                self.status.update(|s| s.collapses += 1);
+            } else if self.done - self.last_measure >= RETRY_AFTER {
+                // Still converging: the alignment may just be off; measure on recent audio.
+                let window = MEASURE_MIN.min(self.mic_history.len());
+                let generation = self.generation;
+                if let Some((offset, confidence)) = self.measure(window) {
+                    self.accept(offset, confidence, true, generation);
+                }
+            }
+            return;
+        };
+        let since = self.done - at;
+        if since >= SUSPECT_LIMIT {
+            // No measurement settled it: a room that changed. What the gate saw in the
+            // meantime is not to be trusted.
+            self.gate.reset_votes();
+            self.end_collapse();
+            return;
+        }
+        if since < MEASURE_MIN as u64 || self.done - self.last_measure < window as u64 {
+            return;
+        }
+        let length = (since as usize)
+            .min(CONFIRM_WINDOW)
+            .min(self.mic_history.len());
+        let generation = self.generation;
+        let user = |me: &mut Self| {
+            // The user is talking; while they go on, the attenuation stays low.
+            me.user_confirmed_until = me.done + CONFIRM_HOLD;
+            me.end_collapse();
+        };
+        match (self.measure(length), self.offset) {
+            (Some((offset, _)), Some(current)) if (offset - current).abs() <= SAME => user(self),
+            (Some((offset, confidence)), _) => {
+                // The echo moved: the windows the gate took for the user were the assistant.
+                self.accept(offset, confidence, true, generation);
+                if self.offset == Some(offset) {
+                    self.gate.reset_votes();
+                    self.status.update(|s| s.vetoes += 1);
+                    self.end_collapse();
+                }
+            }
+            // No echo in the microphone to speak of: it is someone else.
+            (None, _) => user(self),
+        }
+    }
+
+    fn end_collapse(&mut self) {
+        self.collapse_at = None;
+        self.filter.freeze(false);
+        self.suspect = 0;
     }
 
     fn update_clock(&mut self, now: Instant) {
@@ -526,11 +595,14 @@ impl EchoCanceller {
         self.epoch.unwrap_or(0.0).round() as i64
     }
 
-    /// The alignment, if it was measured on the reference's current generation; an older one
-    /// may be off by anything after a stall or a reopened device.
+    /// The alignment, if it was measured on the reference's current generation and has settled;
+    /// an older one may be off by anything after a stall or a reopened device, and a new one
+    /// may be wrong (the gate is careful for a while).
     fn confirmed_offset(&self) -> Option<i64> {
-        self.offset
-            .filter(|_| self.aligned_generation == Some(self.reference.generation()))
+        self.offset.filter(|_| {
+            self.aligned_generation == Some(self.reference.generation())
+                && self.done >= self.settle_until
+        })
     }
 
     /// Whether the reference could be in the microphone samples `s0..s0 + n`.
@@ -583,6 +655,9 @@ impl EchoCanceller {
             .reference
             .fetch(s0 as i64 + offset + PRE_DELAY as i64, &mut self.x);
         let aligned = self.aligned_generation == Some(generation);
+        // Learn only on a measured alignment: before it is measured the reference may be off
+        // by a device period or more, and the filter would unlearn the room to follow it.
+        self.filter.freeze(!aligned || self.collapse_at.is_some());
         let pass_through = self.config.mode == EchoMode::Gate;
         let (mut mic_e, mut out_e) = (0.0f64, 0.0f64);
         for (d, x) in self.fifo[..n]
@@ -590,7 +665,6 @@ impl EchoCanceller {
             .zip(self.x.chunks_exact(BLOCK))
         {
             let report = self.filter.process_block(d, x, &mut self.block_out);
-            self.out_history.extend_from_slice(&self.block_out);
             mic_e += f64::from(report.mic);
             out_e += f64::from(report.out);
             if pass_through {
@@ -618,14 +692,6 @@ impl EchoCanceller {
             let excess = self.mic_history.len() - HISTORY;
             self.mic_history.drain(..excess);
         }
-        // Without a running filter the output is the microphone.
-        if self.offset.is_none() || !matches!(self.config.mode, EchoMode::Gate | EchoMode::Cancel) {
-            self.out_history.extend_from_slice(&self.fifo[..start]);
-        }
-        if self.out_history.len() > VETO_WINDOW {
-            let excess = self.out_history.len() - VETO_WINDOW;
-            self.out_history.drain(..excess);
-        }
     }
 
     /// Decides whether to measure the delay now, and does.
@@ -633,6 +699,7 @@ impl EchoCanceller {
         let generation = self.reference.generation();
         if generation != self.generation {
             self.generation = generation;
+            self.status.update(|s| s.generations = generation);
             // Where the new stretch began, in microphone samples.
             let start = self
                 .reference
@@ -653,21 +720,22 @@ impl EchoCanceller {
             if window < MEASURE_MIN {
                 return;
             }
-            if let Some(offset) = self.measure(window) {
-                self.accept(offset, true, generation);
+            if let Some((offset, confidence)) = self.measure(window) {
+                self.accept(offset, confidence, true, generation);
             }
         } else if self.audible_since_measure >= TRACK_AFTER {
             self.audible_since_measure = 0;
             let window = MEASURE_MAX.min(self.mic_history.len());
-            if let Some(offset) = self.measure(window) {
-                self.accept(offset, false, generation);
+            if let Some((offset, confidence)) = self.measure(window) {
+                self.accept(offset, confidence, false, generation);
             }
         }
     }
 
     /// Cross-correlates the last `window` microphone samples with the reference over the
-    /// searched delays; returns the echo's arrival as an offset, if the peak is clear.
-    fn measure(&mut self, window: usize) -> Option<i64> {
+    /// searched delays; returns the echo's arrival as an offset, and the peak's confidence, if
+    /// the peak is clear.
+    fn measure(&mut self, window: usize) -> Option<(i64, f32)> {
         let s_end = self.done as i64;
         let s_start = s_end - window as i64;
         let span = (self.max_delay() + EARLY_LIMIT) as usize;
@@ -686,10 +754,10 @@ impl EchoCanceller {
         let peak = peak.filter(|p| p.confidence >= MIN_CONFIDENCE)?;
         let confidence = peak.confidence;
         self.status.update(|s| s.delay_confidence = confidence);
-        Some(off_min + peak.lag as i64)
+        Some((off_min + peak.lag as i64, confidence))
     }
 
-    fn accept(&mut self, offset: i64, fresh: bool, generation: u64) {
+    fn accept(&mut self, offset: i64, confidence: f32, fresh: bool, generation: u64) {
         let accepted = match self.offset {
             None => {
                 self.filter.reset();
@@ -703,17 +771,32 @@ impl EchoCanceller {
                     self.status.update(|s| s.delay_accepted += 1);
                     return;
                 }
-                let confirmed = self.candidate.is_some_and(|c| (c - offset).abs() <= SAME);
-                if (fresh && jump.abs() <= FRESH_JUMP) || confirmed {
-                    self.realign(current, offset);
+                // Confirmed by a measurement on at least a quarter second of new audio.
+                let confirmed = self.candidate.is_some_and(|(c, at)| {
+                    (c - offset).abs() <= SAME && self.done >= at + MEASURE_MIN as u64
+                });
+                if confirmed || confidence >= SURE_CONFIDENCE || (fresh && jump.abs() <= FRESH_JUMP)
+                {
+                    self.realign(offset);
                     true
                 } else {
-                    self.candidate = Some(offset);
+                    if self
+                        .candidate
+                        .is_none_or(|(c, _)| (c - offset).abs() > SAME)
+                    {
+                        self.candidate = Some((offset, self.done));
+                    }
                     false
                 }
             }
         };
         if accepted {
+            self.settle_until = self.done + SETTLE;
+            if self.offset.is_some() {
+                // The echo moved: whatever the canceller achieved before says nothing about
+                // now. The gate waits until it has seen it work again.
+                self.gate.reset_erle();
+            }
             self.offset = Some(offset);
             self.candidate = None;
             self.aligned_generation = Some(generation);
@@ -725,13 +808,21 @@ impl EchoCanceller {
         }
     }
 
-    /// Moves the filter from alignment `old` to `new`.
-    fn realign(&mut self, old: i64, new: i64) {
+    /// Moves the filter to alignment `new`. The measurement says the echo's main arrival is
+    /// now at tap [`PRE_DELAY`]; the learnt echo path is moved so that its strongest tap is
+    /// there too. (Moving it by the change of alignment instead would be right only if the old
+    /// alignment still held, and not when the sound moved under it: after an underrun the
+    /// filter's taps are right for the new alignment as they are.)
+    fn realign(&mut self, new: i64) {
         let need = self.filter.len() + BLOCK;
         let mut history = vec![0.0; need];
         let start = self.done as i64 - need as i64 + new + PRE_DELAY as i64;
         self.reference.fetch(start, &mut history);
-        self.filter.realign(new - old, &history);
+        let shift = self
+            .filter
+            .peak_tap()
+            .map_or(0, |k| PRE_DELAY as i64 - k as i64);
+        self.filter.realign(shift, &history);
         self.status.update(|s| s.realignments += 1);
     }
 }

@@ -46,6 +46,7 @@ pub use capture::{Capture, Pacing, ReadOutcome};
 pub use device::{
     DeviceCapture, DeviceEvent, DeviceInfo, DevicePlayback, DeviceSelector, Direction,
 };
+pub use echo::{EchoCanceller, EchoConfig, EchoMode, EchoReference};
 pub use error::AudioError;
 pub use file::{read_wav, write_wav, WavCapture, WavPlayback};
 pub use listener::{ListenEvent, Listener, ListenerConfig};

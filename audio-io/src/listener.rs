@@ -87,9 +87,10 @@ impl Listener {
     /// sent with `decided`/`latency` of the moment it was let through. The VAD hears speech in
     /// the echo too, so the held utterance may have begun long before the user spoke: its start
     /// is moved to a window before the first window the gate took for the user (with the usual
-    /// pre-roll before that), and that is the `at` sent. An utterance that ends while still held was the assistant's own voice: neither
-    /// of its events is sent (it is counted in [`crate::echo::EchoStats`]). So with echo
-    /// handling on, every `SpeechStarted` the daemon receives is a barge-in candidate.
+    /// pre-roll before that), and that is the `at` sent. An utterance that ends while still
+    /// held was the assistant's own voice: neither of its events is sent (it is counted in
+    /// [`crate::echo::EchoStats`]). So with echo handling on, every `SpeechStarted` the daemon
+    /// receives is a barge-in candidate.
     ///
     /// Keep [`EchoCanceller::status`] before handing the canceller over to read its measurements.
     pub fn start_with_echo(

@@ -691,6 +691,37 @@ mod tests {
     }
 
     #[test]
+    fn an_utterance_can_be_restarted_later() {
+        // Speech from window 20 on; at window 60 the start moves to window 50: the utterance
+        // keeps 300 ms of pre-roll before that and nothing earlier.
+        let mut endpointer = Endpointer::new(VadConfig::default());
+        assert_eq!(endpointer.restart_at(ms(0)), None, "not in an utterance");
+        let mut events = Vec::new();
+        for i in 0..100usize {
+            let p = if (20..70).contains(&i) { 0.9 } else { 0.05 };
+            let level = if p > 0.5 { (i + 1) as f32 } else { 0.0 };
+            events.extend(endpointer.push(&vec![level; WINDOW], p));
+            if i == 60 {
+                assert_eq!(endpointer.restart_at(ms(50 * 32 + 5)), Some(ms(50 * 32)));
+                // Not before the start, not after now.
+                assert_eq!(endpointer.restart_at(ms(0)), Some(ms(50 * 32)));
+            }
+        }
+        let Some(VadEvent::SpeechEnded {
+            started,
+            audio_start,
+            audio,
+            ..
+        }) = events.last()
+        else {
+            panic!("{events:?}")
+        };
+        assert_eq!(*started, ms(50 * 32));
+        assert_eq!(*audio_start, ms(50 * 32 - 300));
+        assert_eq!(audio[4800], 51.0);
+    }
+
+    #[test]
     fn boundaries_are_refined_to_the_audio_energy() {
         // Speech energy from sample 10 * 512 + 200 to 40 * 512 + 100; the probabilities lag:
         // high from window 10 to 42 (two windows after the voice stopped).

@@ -7,6 +7,8 @@
 //! - What the device played (at 16 kHz) goes through a synthetic room impulse response (direct
 //!   sound, early reflections, an exponentially decaying diffuse tail, RT60 250 ms) and a bulk
 //!   delay (device buffers and air) into the microphone, with a noise floor at -70 dBFS.
+//! - 5 s into the first reply the playback stalls for 40 ms (an underrun: the counter stops,
+//!   the speaker is silent, and everything after comes 40 ms later).
 //! - A user (another espeak-ng voice) talks over the second reply (double talk), and once more
 //!   after it.
 //! - The canceller gets 32 ms microphone windows 1-4 ms after their last sample, and the
@@ -131,6 +133,28 @@ struct Turn {
     /// Wall index (16 kHz) at which the device starts consuming the reply.
     start: usize,
     audio24: Vec<f32>,
+    /// The device stalls (an underrun: silence is heard, the counter stops) this far into the
+    /// reply, for this long (16 kHz samples).
+    stall: Option<(usize, usize)>,
+}
+
+impl Turn {
+    /// 16 kHz samples the device has consumed `elapsed` samples after the reply began.
+    fn consumed(&self, elapsed: usize) -> usize {
+        match self.stall {
+            Some((at, len)) if elapsed >= at => at.max(elapsed.saturating_sub(len)),
+            _ => elapsed,
+        }
+    }
+
+    /// What is heard of `clip` (the reply at 16 kHz), the stall included.
+    fn heard(&self, clip: &[f32]) -> Vec<f32> {
+        let mut out = clip.to_vec();
+        if let Some((at, len)) = self.stall {
+            out.splice(at..at, std::iter::repeat_n(0.0, len));
+        }
+        out
+    }
 }
 
 #[test]
@@ -170,14 +194,18 @@ fn cancels_speech_echo_in_a_simulated_room_and_keeps_the_user() {
     );
 
     let to24 = |v: &[f32]| resample_clip(v, FS as u32, PLAYBACK_SOURCE_RATE).unwrap();
+    let stall = (5 * FS, 640);
     let turn1 = Turn {
         start: FS,
         audio24: to24(&reply1),
+        stall: Some(stall),
     };
+    let reply1 = turn1.heard(&reply1);
     let turn2_start = turn1.start + reply1.len() + FS * 3 / 2;
     let turn2 = Turn {
         start: turn2_start,
         audio24: to24(&reply2),
+        stall: None,
     };
     let total = turn2.start + reply2.len() + FS * 4;
 
@@ -289,7 +317,8 @@ fn cancels_speech_echo_in_a_simulated_room_and_keeps_the_user() {
             db(m / o)
         };
         let first_second = erle_over(turn1.start, turn1.start + FS);
-        let steady = erle_over(turn1.start + 2 * FS, turn1.start + reply1.len());
+        let steady = erle_over(turn1.start + 2 * FS, turn1.start + stall.0);
+        let after_stall = erle_over(turn1.start + stall.0 + FS, turn1.start + reply1.len());
         let second_reply_start = erle_over(turn2.start, turn2.start + FS / 2);
         let after_double_talk = erle_over(talk1 + user1.len() + FS / 2, turn2.start + reply2.len());
         let profile: Vec<String> = (0..reply1.len() / FS)
@@ -307,7 +336,8 @@ fn cancels_speech_echo_in_a_simulated_room_and_keeps_the_user() {
         println!(
             "ERLE: first second {first_second:.1} dB, steady state {steady:.1} dB, first 0.5 s \
              of the second reply {second_reply_start:.1} dB, after the double talk \
-             {after_double_talk:.1} dB"
+             {after_double_talk:.1} dB; from 1 s after the 40 ms stall to the end of the first \
+             reply {after_stall:.1} dB"
         );
 
         // Double talk: the user's voice in the output.
@@ -334,6 +364,10 @@ fn cancels_speech_echo_in_a_simulated_room_and_keeps_the_user() {
         );
         assert!(gate_ok, "gate: echo passed or the user was missed");
         assert!(steady >= 20.0, "steady-state ERLE {steady:.1} dB");
+        assert!(
+            after_stall >= 15.0,
+            "ERLE after the stall {after_stall:.1} dB"
+        );
         assert!(
             after_double_talk >= 15.0,
             "ERLE after double talk {after_double_talk:.1} dB"
@@ -377,7 +411,7 @@ fn simulate(mode: EchoMode, mic: &[f32], turns: &[&Turn], total: usize) -> Run {
             if wall < turn.start {
                 return played_before;
             }
-            let periods = (wall - turn.start) / PERIOD + 1;
+            let periods = turn.consumed(wall - turn.start) / PERIOD + 1;
             played_before + (periods * 480).min(turn.audio24.len()) as u64
         };
         // The first chunk goes out 7 ms before the device's next period takes it.
@@ -424,22 +458,8 @@ fn simulate(mode: EchoMode, mic: &[f32], turns: &[&Turn], total: usize) -> Run {
         };
         let prob = vad.probability(vad_input).unwrap();
         let started = Instant::now();
-        let verdict = canceller.judge(prob >= 0.5);
+        canceller.judge(prob >= 0.5);
         busy += started.elapsed();
-        if std::env::var_os("ECHO_SIM_TRACE").is_some() {
-            let p = |v: &[f32]| 10.0 * (energy(v) / v.len() as f64).max(1e-12).log10();
-            println!(
-                "{:7.3} mic {:6.1} out {:6.1} vad {prob:.2} audible {} erle {:5.1} att {:?} user {} {}",
-                end as f64 / FS as f64,
-                p(window),
-                p(&cleaned),
-                canceller.assistant_audible() as u8,
-                canceller.gate().erle_db(),
-                verdict.attenuation_db.map(|a| a.round()),
-                verdict.user as u8,
-                canceller.is_user_speech() as u8,
-            );
-        }
         user_speech.push(canceller.is_user_speech());
         out.extend_from_slice(&cleaned);
     }

@@ -34,7 +34,8 @@ use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 pub struct BlockReport {
     /// The microphone block.
     pub mic: f32,
-    /// The canceller's output (microphone minus the foreground's echo estimate).
+    /// The canceller's output: the microphone minus the foreground's echo estimate (or the
+    /// microphone, while the foreground makes things worse).
     pub out: f32,
     /// The foreground's echo estimate.
     pub echo: f32,
@@ -68,6 +69,11 @@ pub struct AdaptiveFilter {
     /// Slow estimate of the foreground's echo return loss enhancement (power ratio), for the
     /// double-talk step control.
     fg_erle: f32,
+    /// The foreground currently adds more than it removes (a stale echo path, right after the
+    /// echo moved): the microphone is passed on as it is until that changes.
+    bypass: bool,
+    /// Adaptation is paused (see [`AdaptiveFilter::freeze`]).
+    frozen: bool,
     // Scratch, sized once.
     time: Vec<f32>,
     spec: Vec<Complex32>,
@@ -129,6 +135,8 @@ impl AdaptiveFilter {
             err_bg: 0.0,
             mic_avg: 0.0,
             fg_erle: 1.0,
+            bypass: false,
+            frozen: false,
             time: vec![0.0; n],
             spec: vec![Complex32::default(); bins],
             norm: vec![0.0; bins],
@@ -169,6 +177,7 @@ impl AdaptiveFilter {
         self.err_bg = 0.0;
         self.mic_avg = 0.0;
         self.fg_erle = 1.0;
+        self.bypass = false;
     }
 
     fn forward(&mut self) {
@@ -263,12 +272,13 @@ impl AdaptiveFilter {
         self.y_bg.copy_from_slice(&self.time[b..]);
 
         let (mut mic_e, mut out_e, mut echo_e, mut bg_e) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
+        let bypassed = self.bypass;
         for i in 0..b {
             let d = self.mic_buf[i];
             let e = d - self.y_fg[i];
             let eb = d - self.y_bg[i];
             if let Some(o) = out.get_mut(i) {
-                *o = e;
+                *o = if bypassed { d } else { e };
             }
             self.e_bg[i] = eb;
             mic_e += d * d;
@@ -281,12 +291,14 @@ impl AdaptiveFilter {
         let mut adapted = false;
         if active && bg_e.is_finite() && out_e.is_finite() {
             self.compare_paths(mic_e, out_e, bg_e, echo_e);
-            adapted = true;
-            self.adapt(mic_e, out_e, echo_e);
+            if !self.frozen {
+                adapted = true;
+                self.adapt(mic_e, out_e, echo_e);
+            }
         }
         BlockReport {
             mic: mic_e,
-            out: out_e,
+            out: if bypassed { mic_e } else { out_e },
             echo: echo_e,
             reference: ref_energy,
             adapted,
@@ -308,11 +320,10 @@ impl AdaptiveFilter {
             self.err_bg = self.err_fg;
         }
         // A foreground that adds more than it removes (a misaligned or stale echo path) is worse
-        // than none.
-        if self.err_fg > RESET_RATIO * self.mic_avg + floor {
-            self.foreground.fill(Complex32::default());
-            self.err_fg = self.mic_avg;
-        }
+        // than none: pass the microphone on while it is. It is not thrown away: after an
+        // underrun it is right again as soon as the delay has been measured anew, and a truly
+        // new echo path is learnt by the background, which then replaces it.
+        self.bypass = self.err_fg > self.mic_avg + floor;
         // The foreground's enhancement, slowly, from blocks where the echo estimate is
         // substantial; it only gates the double-talk step control.
         if echo_e > floor && fg_e > 0.0 {
@@ -413,10 +424,30 @@ impl AdaptiveFilter {
         }
     }
 
-    /// The reference alignment moved: the reference the filter sees is now `shift` samples
-    /// later than before (`x_new[n] = x_old[n + shift]`), so the echo path moves `shift` taps
-    /// later. `history` is the reference at the new alignment for the last `len() + block()`
-    /// samples before the next block (zero-padded at the front if shorter).
+    /// Pauses (or resumes) adaptation; the filter keeps cancelling with what it learnt. For a
+    /// converged filter whose output suddenly grows: either the user talks (adapting would
+    /// unlearn the echo path) or the echo moved in time (adapting would learn a path that is
+    /// only wrong because of the timing, which a new delay measurement puts right).
+    pub fn freeze(&mut self, frozen: bool) {
+        self.frozen = frozen;
+    }
+
+    /// The foreground's strongest tap, once it has learnt something.
+    pub fn peak_tap(&mut self) -> Option<usize> {
+        let taps = self.taps();
+        let (k, peak) = taps.iter().enumerate().fold((0, 0.0f32), |best, (k, t)| {
+            if t.abs() > best.1 {
+                (k, t.abs())
+            } else {
+                best
+            }
+        });
+        (peak > 1e-3).then_some(k)
+    }
+
+    /// The reference alignment moved: the echo path moves `shift` taps later (earlier when
+    /// negative), and `history` is the reference at the new alignment for the last
+    /// `len() + block()` samples before the next block (zero-padded at the front if shorter).
     pub fn realign(&mut self, shift: i64, history: &[f32]) {
         let len = self.len();
         let mut taps = vec![0.0; len];

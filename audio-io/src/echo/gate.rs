@@ -202,6 +202,13 @@ impl EchoGate {
         (0..window).rev().find(|&k| self.votes >> k & 1 == 1)
     }
 
+    /// Forgets what the canceller was shown to achieve: after the echo moved, the gate waits
+    /// to see it work again before it tells the user from the echo.
+    pub fn reset_erle(&mut self) {
+        self.erle_db = 0.0;
+        self.votes = 0;
+    }
+
     /// Forgets the votes (not the ERLE).
     pub fn reset_votes(&mut self) {
         self.votes = 0;

@@ -130,7 +130,7 @@ impl Timeline {
         // A writer that keeps the playback just barely fed re-enters here on every push;
         // when the new anchor agrees with the old timing the stretch is simply continued.
         let continued = self.pieces.back().is_some_and(|piece| {
-            let predicted = piece.wall0 as f64 + (q0 - piece.q0) as f64;
+            let predicted = piece.wall0 as f64 + (q0 as f64 - piece.q0 as f64);
             (predicted - wall).abs() < CONTINUOUS
         });
         let wall = if continued {
@@ -139,7 +139,7 @@ impl Timeline {
                 .back()
                 .copied()
                 .unwrap_or(Piece { q0, wall0: 0 });
-            piece.wall0 as f64 + (q0 - piece.q0) as f64
+            piece.wall0 as f64 + (q0 as f64 - piece.q0 as f64)
         } else {
             self.pieces.push_back(Piece {
                 q0,
@@ -249,12 +249,14 @@ impl Timeline {
         let mut cut_q = self.first_q;
         for (i, piece) in self.pieces.iter().enumerate() {
             let end_q = self.pieces.get(i + 1).map_or(self.end_q(), |next| next.q0);
-            let end_wall = piece.wall0 + (end_q - piece.q0) as i64;
+            // A piece may start past what has been pushed yet (a stall found ahead).
+            let len = end_q.saturating_sub(piece.q0);
+            let end_wall = piece.wall0 + len as i64;
             if end_wall <= cutoff {
                 cut_q = cut_q.max(end_q);
             } else {
                 let inside = (cutoff - piece.wall0).max(0) as u64;
-                cut_q = cut_q.max(piece.q0 + inside.min(end_q - piece.q0));
+                cut_q = cut_q.max(piece.q0 + inside.min(len));
                 break;
             }
         }
@@ -500,10 +502,10 @@ mod tests {
     fn a_run_of_late_readings_asks_for_a_new_measurement() {
         let reference = EchoReference::new(16_000).unwrap();
         let mut played = 0u64;
-        let chunk = vec![0.25f32; 1280]; // 80 ms
-                                         // A device with 20 ms periods (320 samples): the counter moves in steps. The writer
-                                         // pushes every 80 ms at various phases of the period; at 3 s the device stalls 15 ms.
-                                         // 2 s queued at once, then one chunk per chunk played.
+        // 80 ms chunks. A device with 20 ms periods (320 samples): the counter moves in steps.
+        // The writer pushes every 80 ms at various phases of the period; at 3 s the device
+        // stalls 15 ms. 2 s are queued at once, then one chunk per chunk played.
+        let chunk = vec![0.25f32; 1280];
         for _ in 0..25 {
             reference.push_at(&chunk, 0, at(&reference, 0));
         }
