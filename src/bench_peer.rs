@@ -339,7 +339,7 @@ fn check_supported(cfg: &Lfm2Config, dtype: GgmlDType) -> Result<()> {
     );
     let block = dtype.block_size();
     ensure!(
-        cfg.hidden_size % block == 0 && cfg.ff_dim % block == 0,
+        cfg.hidden_size.is_multiple_of(block) && cfg.ff_dim.is_multiple_of(block),
         "hidden ({}) and feed-forward ({}) widths must be multiples of {dtype:?}'s {block}-value block",
         cfg.hidden_size,
         cfg.ff_dim

@@ -352,7 +352,7 @@ impl Lfm2AudioConfig {
         };
         d.check(depthformer.layers > 0, "layers", "must be positive")?;
         d.check(
-            depthformer.dim > 0 && depthformer.dim % 32 == 0,
+            depthformer.dim > 0 && depthformer.dim.is_multiple_of(32),
             "dim",
             "must be a positive multiple of 32 (32 heads)",
         )?;

@@ -85,7 +85,7 @@ impl AudioHead {
         let hidden = lfm.hidden_size;
         let dim = cfg.dim;
         let head_dim = dim / HEADS;
-        if head_dim == 0 || dim % HEADS != 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !dim.is_multiple_of(HEADS) || !head_dim.is_multiple_of(2) {
             return Err(Error::Config {
                 path: w.path().to_owned(),
                 key: "depthformer.dim".into(),

@@ -148,7 +148,7 @@ impl Weights {
     ) -> Result<Matrix> {
         let format = match self.plan.format(class) {
             Some(f)
-                if cols % BLOCK == 0
+                if cols.is_multiple_of(BLOCK)
                     && rows * cols >= MIN_QUANT_ELEMENTS
                     && self.plan.threads.is_some() =>
             {

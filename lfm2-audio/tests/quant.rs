@@ -32,7 +32,7 @@ impl Rng {
         (0..n)
             .map(|_| {
                 let v = self.normal();
-                if self.next_u64() % 97 == 0 {
+                if self.next_u64().is_multiple_of(97) {
                     v * 8.0
                 } else {
                     v

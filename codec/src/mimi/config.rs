@@ -328,8 +328,8 @@ impl MimiConfig {
         check(
             t.d_model > 0
                 && t.num_heads > 0
-                && t.d_model % t.num_heads == 0
-                && (t.d_model / t.num_heads) % 2 == 0,
+                && t.d_model.is_multiple_of(t.num_heads)
+                && (t.d_model / t.num_heads).is_multiple_of(2),
             "transformer_kwargs.num_heads",
             format!("must divide d_model {} into heads of even width", t.d_model),
         )?;

@@ -220,7 +220,7 @@ fn check_shape(rows: usize, cols: usize) -> Result<usize> {
     if rows == 0 || cols == 0 {
         return Err(invalid(format!("empty shape {rows}x{cols}")));
     }
-    if cols % BLOCK != 0 {
+    if !cols.is_multiple_of(BLOCK) {
         return Err(invalid(format!(
             "cols = {cols} is not a multiple of the block size {BLOCK}"
         )));

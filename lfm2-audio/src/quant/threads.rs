@@ -321,7 +321,7 @@ fn wait_for_epoch(s: &Shared, seen: u64) -> u64 {
             return e;
         }
         n = n.wrapping_add(1);
-        if n % 64 == 0 && start.elapsed() >= spin {
+        if n.is_multiple_of(64) && start.elapsed() >= spin {
             let mut g = s.park.lock().unwrap_or_else(|e| e.into_inner());
             // Announce the sleep before the final check (both SeqCst): the dispatcher stores the
             // new job before reading `sleepers`, so either it sees us and notifies under the
