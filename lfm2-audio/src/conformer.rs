@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::config::Reader;
 use crate::error::{Error, Result};
-use crate::lfm2::Linear;
+use crate::lfm2::{LayerNorm, Linear};
 use crate::weights::{WeightClass, Weights};
 
 /// Epsilon of every LayerNorm and BatchNorm of the encoder and adapter.
@@ -304,30 +304,6 @@ impl Subsampling {
 }
 
 #[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    fn load(w: &Weights, name: &str, dim: usize) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[dim])?,
-            bias: w.get(&format!("{name}.bias"), &[dim])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            NORM_EPS as f32,
-        )?)
-    }
-}
-
-#[derive(Debug, Clone)]
 struct FeedForward {
     linear1: Linear,
     linear2: Linear,
@@ -560,15 +536,15 @@ impl ConformerLayer {
         let d = cfg.d_model;
         let ff = d * cfg.ff_expansion_factor;
         Ok(Self {
-            norm_ff1: LayerNorm::load(w, &format!("{p}.norm_feed_forward1"), d)?,
+            norm_ff1: LayerNorm::load(w, &format!("{p}.norm_feed_forward1"), d, NORM_EPS)?,
             ff1: FeedForward::load(w, &format!("{p}.feed_forward1"), d, ff)?,
-            norm_att: LayerNorm::load(w, &format!("{p}.norm_self_att"), d)?,
+            norm_att: LayerNorm::load(w, &format!("{p}.norm_self_att"), d, NORM_EPS)?,
             attn: RelPosAttention::load(w, &format!("{p}.self_attn"), d, cfg.n_heads)?,
-            norm_conv: LayerNorm::load(w, &format!("{p}.norm_conv"), d)?,
+            norm_conv: LayerNorm::load(w, &format!("{p}.norm_conv"), d, NORM_EPS)?,
             conv: ConvModule::load(w, &format!("{p}.conv"), d, cfg.conv_kernel_size)?,
-            norm_ff2: LayerNorm::load(w, &format!("{p}.norm_feed_forward2"), d)?,
+            norm_ff2: LayerNorm::load(w, &format!("{p}.norm_feed_forward2"), d, NORM_EPS)?,
             ff2: FeedForward::load(w, &format!("{p}.feed_forward2"), d, ff)?,
-            norm_out: LayerNorm::load(w, &format!("{p}.norm_out"), d)?,
+            norm_out: LayerNorm::load(w, &format!("{p}.norm_out"), d, NORM_EPS)?,
         })
     }
 
@@ -670,7 +646,7 @@ impl AudioAdapter {
         let shape = w.shape(&format!("{p}.1.weight"))?;
         let inner = shape.first().copied().unwrap_or(0);
         Ok(Self {
-            norm: LayerNorm::load(w, &format!("{p}.0"), d_model)?,
+            norm: LayerNorm::load(w, &format!("{p}.0"), d_model, NORM_EPS)?,
             fc1: Linear::load_class(
                 w,
                 &format!("{p}.1"),

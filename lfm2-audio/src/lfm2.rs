@@ -277,6 +277,34 @@ impl RmsNorm {
     }
 }
 
+/// `(x − mean) / √(var + eps) · w + b` over the last axis, with affine weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// Loads `{name}.weight` and `{name}.bias` of width `dim`.
+    pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&format!("{name}.weight"), &[dim])?,
+            bias: w.get(&format!("{name}.bias"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
 /// SwiGLU feed-forward: `w2(silu(w1 x) ⊙ w3 x)`.
 #[derive(Debug, Clone)]
 pub struct FeedForward {

@@ -10,14 +10,14 @@
 //! `context − 1` steps before the call, so streaming equals batch decoding.
 
 use candle_core::{DType, Device, Tensor};
-use lfm2_audio::lfm2::Linear;
+use lfm2_audio::lfm2::{LayerNorm, Linear};
 use lfm2_audio::weights::Weights;
 
 use super::config::TransformerConfig;
 use crate::{Error, Result};
 
 /// LayerNorm epsilon of the reference (`nn.LayerNorm(d, eps=1e-5)`).
-const LAYER_NORM_EPS: f32 = 1e-5;
+const LAYER_NORM_EPS: f64 = 1e-5;
 /// Up to this many rows, a linear map runs row by row: the matrix-vector path of the CPU
 /// matmul reads the weight as stored, while a small matrix-matrix product first repacks the
 /// whole weight (measured 3× slower for the 2 rows of a streamed frame).
@@ -33,30 +33,6 @@ fn apply(linear: &Linear, x: &Tensor) -> Result<Tensor> {
         .map(|i| linear.forward(&x.narrow(0, i, 1)?))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&rows, 0)?)
-}
-
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    fn load(w: &Weights, name: &str, dim: usize) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[dim])?,
-            bias: w.get(&format!("{name}.bias"), &[dim])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            LAYER_NORM_EPS,
-        )?)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -234,10 +210,10 @@ impl DecoderTransformer {
                     .transpose()
             };
             layers.push(Layer {
-                norm1: LayerNorm::load(w, &format!("{p}.norm1"), d)?,
+                norm1: LayerNorm::load(w, &format!("{p}.norm1"), d, LAYER_NORM_EPS)?,
                 in_proj: Linear::load(w, &format!("{p}.self_attn.in_projs.0"), 3 * d, d, false)?,
                 out_proj: Linear::load(w, &format!("{p}.self_attn.out_projs.0"), d, d, false)?,
-                norm2: LayerNorm::load(w, &format!("{p}.norm2"), d)?,
+                norm2: LayerNorm::load(w, &format!("{p}.norm2"), d, LAYER_NORM_EPS)?,
                 linear1: Linear::load(w, &format!("{p}.linear1"), ff, d, false)?,
                 linear2: Linear::load(w, &format!("{p}.linear2"), d, ff, false)?,
                 scale1: scale(1)?,
