@@ -69,9 +69,15 @@ pub fn generate_text(
 /// The reference's speech-recognition prompt for one clip: system "Perform ASR.", a user turn
 /// holding the audio, and the opened assistant turn.
 pub fn asr_chat(tok: &TextTokenizer, audio: Tensor) -> Result<ChatState> {
+    audio_chat(tok, ASR_SYSTEM_PROMPT, audio)
+}
+
+/// A conversation of one spoken question: the system turn, a user turn holding the audio
+/// embeddings, and the opened assistant turn.
+pub fn audio_chat(tok: &TextTokenizer, system: &str, audio: Tensor) -> Result<ChatState> {
     let mut chat = ChatState::new(tok)?;
     chat.new_turn(tok, "system")?;
-    chat.add_text(tok, ASR_SYSTEM_PROMPT)?;
+    chat.add_text(tok, system)?;
     chat.end_turn(tok)?;
     chat.new_turn(tok, "user")?;
     chat.add_audio(audio)?;

@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use lfm2_audio::depthformer::END_OF_AUDIO;
-use lfm2_audio::generate::{prefill_chat, GenerationMode, GenerationParams, Generator, Token};
+use lfm2_audio::generate::{
+    audio_chat, prefill_chat, GenerationMode, GenerationParams, Generator, Token,
+};
 use lfm2_audio::model::Lfm2AudioModel;
 use lfm2_audio::prompt::{ChatState, Item};
 use lfm2_audio::sampling::{argmax, Sampler, SamplingParams};
@@ -219,14 +221,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let audio = model.audio.embed(&wave)?;
         let t_enc = t0.elapsed().as_secs_f64();
         let tok = &model.tokenizer;
-        let mut chat = ChatState::new(tok)?;
-        chat.new_turn(tok, "system")?;
-        chat.add_text(tok, super::chat::DEFAULT_SYSTEM)?;
-        chat.end_turn(tok)?;
-        chat.new_turn(tok, "user")?;
-        chat.add_audio(audio)?;
-        chat.end_turn(tok)?;
-        chat.new_turn(tok, "assistant")?;
+        let chat = audio_chat(tok, super::chat::DEFAULT_SYSTEM, audio)?;
         let mut session = Session::new(model.backbone.clone())?;
         let hidden = prefill_chat(&mut session, &chat)?;
         let t_prefill = t0.elapsed().as_secs_f64();

@@ -4,8 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use lfm2_audio::generate::GenerationMode;
-use lfm2_audio::prompt::ChatState;
+use lfm2_audio::generate::{audio_chat, GenerationMode};
 use lfm2_audio::sampling::SamplingParams;
 
 use super::speech::{run_reply, SpeechArgs};
@@ -37,14 +36,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .embed_at(&wave, rate)
         .with_context(|| format!("encoding {}", args.input.display()))?;
     let tok = &model.tokenizer;
-    let mut chat = ChatState::new(tok)?;
-    chat.new_turn(tok, "system")?;
-    chat.add_text(tok, &args.system)?;
-    chat.end_turn(tok)?;
-    chat.new_turn(tok, "user")?;
-    chat.add_audio(audio)?;
-    chat.end_turn(tok)?;
-    chat.new_turn(tok, "assistant")?;
+    let chat = audio_chat(tok, &args.system, audio)?;
     let mode = GenerationMode::Interleaved {
         n_text: model.config.interleaved_n_text,
         n_audio: model.config.interleaved_n_audio,
