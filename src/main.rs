@@ -6,6 +6,7 @@ mod bench_peer;
 mod cmd;
 mod config;
 mod daemon;
+mod engine;
 mod voices;
 
 #[derive(Parser)]

@@ -1,0 +1,362 @@
+//! The engine: one thread that owns the model and runs every conversation in turn.
+#![allow(dead_code)] // the API is used as the daemon and the servers move onto it
+//!
+//! Clients (the voice daemon, the Realtime WebSocket server, tests) [`open`](EngineHandle::open)
+//! a [`Conversation`] and talk to it through its methods; each call queues a job for the engine
+//! thread, and what happens comes back as [`ConvEvent`]s on the conversation's own channel. The
+//! model state of a conversation (its backbone caches) is kept between jobs: history is never
+//! recomputed, except when it must change in the middle (an item deleted or truncated, the
+//! instructions replaced, the oldest turns dropped when the context is full), and then the
+//! history from the first changed item on is prefilled again, once.
+//!
+//! Jobs of all conversations go through one queue, so at most one reply is being generated at a
+//! time; a reply can be cancelled between two decode steps ([`Conversation::cancel`] does not
+//! wait for the queue).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use dialog::tools::ToolSpec;
+use lfm2_audio::generate::GenerationParams;
+
+/// What a reply is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Interleaved text and speech (the model's assistant mode).
+    Speech,
+    /// Text only.
+    Text,
+}
+
+/// Who runs the tools the model calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolPolicy {
+    /// The engine runs them (configured commands and built-ins), feeds the results back as a
+    /// `tool` turn and lets the model answer, up to `max_rounds` times per reply.
+    Run { max_rounds: usize },
+    /// The engine reports each call ([`ConvEvent::ToolCall`]) and ends the reply; the client
+    /// answers with a [`Content::ToolResult`] item and asks for a new reply.
+    Report,
+}
+
+/// How a conversation behaves.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The system prompt (the tool list is appended to it when there are tools).
+    pub instructions: String,
+    pub tools: Vec<ToolSpec>,
+    pub tool_policy: ToolPolicy,
+    pub params: GenerationParams,
+    pub output: Output,
+}
+
+/// An item of the conversation.
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// A user turn of 16 kHz mono speech.
+    UserAudio(Vec<f32>),
+    /// A user turn of text.
+    UserText(String),
+    /// An assistant turn of text (written by the client, not generated).
+    AssistantText(String),
+    /// The result of a tool call, as a `tool` turn.
+    ToolResult { call_id: String, output: String },
+}
+
+/// A request for a reply.
+#[derive(Debug, Clone)]
+pub struct Respond {
+    /// Names the reply in the events.
+    pub response_id: String,
+    /// The id the reply's item gets in the conversation (for later truncation or deletion).
+    pub item_id: String,
+    /// Overrides the conversation's output for this reply.
+    pub output: Option<Output>,
+}
+
+/// What happens in a conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConvEvent {
+    /// An item is in the conversation (prefilled).
+    Added { item_id: String },
+    /// A reply has begun; `latency_ms` is the time from the job's start to its first item.
+    ReplyStarted {
+        response_id: String,
+        item_id: String,
+        latency_ms: f64,
+    },
+    /// Readable text of the reply as it grows.
+    Text { response_id: String, piece: String },
+    /// 24 kHz samples of the reply's speech.
+    Audio {
+        response_id: String,
+        samples: Vec<f32>,
+    },
+    /// The model called a tool. With [`ToolPolicy::Run`] a [`ConvEvent::ToolResult`] follows.
+    ToolCall {
+        response_id: String,
+        call_id: String,
+        name: String,
+        /// The arguments as a JSON object.
+        arguments: String,
+    },
+    /// The engine ran a tool (with [`ToolPolicy::Run`]); `output` went back to the model.
+    ToolResult {
+        response_id: String,
+        call_id: String,
+        output: String,
+        ok: bool,
+    },
+    /// The reply is over: what stays in the conversation. `audio_samples` counts the 24 kHz
+    /// samples kept (all generated ones, or what was heard when cancelled with a count).
+    ReplyDone {
+        response_id: String,
+        item_id: String,
+        text: String,
+        audio_samples: u64,
+        cancelled: bool,
+    },
+    /// An assistant item was cut to `audio_samples` of its speech (and the text before it).
+    Truncated {
+        item_id: String,
+        audio_samples: u64,
+        text: String,
+    },
+    Deleted { item_id: String },
+    /// The transcript of a user audio item (asked for with [`Conversation::transcribe`]).
+    Transcript { item_id: String, text: String },
+    /// The oldest items were dropped to make room (the context was full).
+    Trimmed { item_ids: Vec<String> },
+    /// A job failed; the conversation is as it was before the job.
+    Error {
+        item_id: Option<String>,
+        message: String,
+    },
+}
+
+/// Cancellation of replies, shared by a conversation's handle and the engine thread. Replies are
+/// numbered; a cancel covers every reply asked for before it, started or still queued, and never
+/// a later one.
+#[derive(Debug, Default)]
+pub(crate) struct Cancel {
+    /// Number of replies asked for.
+    asked: AtomicU64,
+    /// Replies up to this number are cancelled.
+    upto: AtomicU64,
+    /// Samples of the cancelled reply the user heard, plus one; 0: keep everything generated.
+    heard: AtomicU64,
+}
+
+impl Cancel {
+    fn ask(&self) -> u64 {
+        self.asked.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn cancel(&self, heard: Option<u64>) {
+        self.heard
+            .store(heard.map_or(0, |h| h.saturating_add(1)), Ordering::SeqCst);
+        self.upto
+            .store(self.asked.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// Whether reply `seq` is cancelled, and if so how much of it was heard (None: all kept).
+    pub(crate) fn check(&self, seq: u64) -> Option<Option<u64>> {
+        (self.upto.load(Ordering::SeqCst) >= seq).then(|| {
+            let h = self.heard.load(Ordering::SeqCst);
+            (h > 0).then(|| h - 1)
+        })
+    }
+}
+
+pub(crate) enum Job {
+    Open {
+        conv: u64,
+        setup: Setup,
+        events: Sender<ConvEvent>,
+        cancel: Arc<Cancel>,
+        done: Sender<anyhow::Result<()>>,
+    },
+    Configure {
+        conv: u64,
+        setup: Setup,
+    },
+    Add {
+        conv: u64,
+        item_id: String,
+        content: Content,
+    },
+    Respond {
+        conv: u64,
+        seq: u64,
+        respond: Respond,
+    },
+    Truncate {
+        conv: u64,
+        item_id: String,
+        audio_samples: u64,
+    },
+    Delete {
+        conv: u64,
+        item_id: String,
+    },
+    Transcribe {
+        conv: u64,
+        item_id: String,
+        audio: Vec<f32>,
+    },
+    Close {
+        conv: u64,
+    },
+    Shutdown,
+}
+
+/// A handle on the engine thread; cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: Sender<Job>,
+    next_conv: Arc<AtomicU64>,
+}
+
+impl EngineHandle {
+    /// Opens a conversation: its system turn is prefilled before this returns.
+    pub fn open(&self, setup: Setup) -> anyhow::Result<Conversation> {
+        let conv = self.next_conv.fetch_add(1, Ordering::SeqCst);
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let cancel = Arc::new(Cancel::default());
+        self.jobs
+            .send(Job::Open {
+                conv,
+                setup,
+                events: events_tx,
+                cancel: Arc::clone(&cancel),
+                done: done_tx,
+            })
+            .map_err(|_| anyhow::anyhow!("the engine has stopped"))?;
+        done.recv()
+            .map_err(|_| anyhow::anyhow!("the engine has stopped"))??;
+        Ok(Conversation {
+            id: conv,
+            jobs: self.jobs.clone(),
+            events,
+            cancel,
+        })
+    }
+
+    /// Asks the engine thread to stop after the job in progress.
+    pub fn shutdown(&self) {
+        let _ = self.jobs.send(Job::Shutdown);
+    }
+}
+
+/// One conversation with the model. Dropping it frees its state in the engine.
+pub struct Conversation {
+    id: u64,
+    jobs: Sender<Job>,
+    events: Receiver<ConvEvent>,
+    cancel: Arc<Cancel>,
+}
+
+impl Conversation {
+    /// Everything that happens in this conversation, in order.
+    pub fn events(&self) -> &Receiver<ConvEvent> {
+        &self.events
+    }
+
+    fn send(&self, job: Job) {
+        // A stopped engine reports nothing more; the client sees its event channel close.
+        let _ = self.jobs.send(job);
+    }
+
+    /// Replaces the instructions, tools, sampling or output (the history is prefilled again
+    /// after the new system turn).
+    pub fn configure(&self, setup: Setup) {
+        self.send(Job::Configure {
+            conv: self.id,
+            setup,
+        });
+    }
+
+    /// Appends an item (prefilled at once; [`ConvEvent::Added`] follows).
+    pub fn add(&self, item_id: impl Into<String>, content: Content) {
+        self.send(Job::Add {
+            conv: self.id,
+            item_id: item_id.into(),
+            content,
+        });
+    }
+
+    /// Asks for a reply to the conversation so far.
+    pub fn respond(&self, respond: Respond) {
+        let seq = self.cancel.ask();
+        self.send(Job::Respond {
+            conv: self.id,
+            seq,
+            respond,
+        });
+    }
+
+    /// Cancels the reply in progress and any queued, within one decode step. With `heard`, the
+    /// reply is cut to that many 24 kHz samples of its speech (what the user heard) and the text
+    /// before them; without, everything generated so far is kept.
+    pub fn cancel(&self, heard: Option<u64>) {
+        self.cancel.cancel(heard);
+    }
+
+    /// Cuts an assistant item to its first `audio_samples` samples of speech (24 kHz).
+    pub fn truncate(&self, item_id: impl Into<String>, audio_samples: u64) {
+        self.send(Job::Truncate {
+            conv: self.id,
+            item_id: item_id.into(),
+            audio_samples,
+        });
+    }
+
+    /// Removes an item from the conversation.
+    pub fn delete(&self, item_id: impl Into<String>) {
+        self.send(Job::Delete {
+            conv: self.id,
+            item_id: item_id.into(),
+        });
+    }
+
+    /// Transcribes 16 kHz speech (without adding it to the conversation);
+    /// [`ConvEvent::Transcript`] carries the text.
+    pub fn transcribe(&self, item_id: impl Into<String>, audio: Vec<f32>) {
+        self.send(Job::Transcribe {
+            conv: self.id,
+            item_id: item_id.into(),
+            audio,
+        });
+    }
+}
+
+impl Drop for Conversation {
+    fn drop(&mut self) {
+        self.cancel(None);
+        self.send(Job::Close { conv: self.id });
+    }
+}
+
+/// Starts the engine thread. It owns the model and the audio decoder (`detok`) until
+/// [`EngineHandle::shutdown`] or until every handle is dropped.
+pub fn spawn(
+    model: Arc<lfm2_audio::model::Lfm2AudioModel>,
+    detok: Box<dyn codec::Detokenizer>,
+) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    let (jobs, rx) = crossbeam_channel::unbounded();
+    let mut worker = worker::Worker::new(model, detok);
+    let thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || worker.run(rx))?;
+    Ok((
+        EngineHandle {
+            jobs,
+            next_conv: Arc::new(AtomicU64::new(1)),
+        },
+        thread,
+    ))
+}
+
+mod worker;
