@@ -7,6 +7,7 @@ mod cmd;
 mod config;
 mod daemon;
 mod engine;
+mod realtime;
 mod voices;
 
 #[derive(Parser)]

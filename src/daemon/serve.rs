@@ -55,6 +55,14 @@ pub struct Args {
     /// Stop after this many seconds.
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// Serve the OpenAI-Realtime-compatible WebSocket API at ws://ADDR/v1/realtime instead of
+    /// using the microphone and speaker (only the API server runs; no sound devices are opened).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// API key Realtime clients must send (`Authorization: Bearer KEY`); required when --listen
+    /// is not a loopback address.
+    #[arg(long, env = "LFM2D_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Seconds since the daemon started, for the log.
@@ -63,6 +71,9 @@ fn stamp(start: Instant) -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(listen) = &args.listen {
+        return crate::realtime::run(&args, listen);
+    }
     let mut cfg = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),

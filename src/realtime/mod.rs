@@ -1,0 +1,162 @@
+//! An OpenAI-Realtime-compatible WebSocket API (`lfm2d serve --listen ADDR`).
+//!
+//! Voice clients written for the OpenAI Realtime API (the official SDKs, pipecat and LiveKit
+//! plugins, browser demos) connect to `ws://ADDR/v1/realtime` and talk to the local model
+//! unchanged. Each connection is one session with its own conversation in the engine; the one
+//! engine serves them in turn, so at most one reply is generated at a time across all sessions.
+//!
+//! - [`protocol`]: client events parsed from text frames (both the beta and the GA dialect),
+//!   server events written in the client's dialect.
+//! - [`session`]: one session's state machine (settings, input buffer and server VAD, items,
+//!   the reply in progress), free of I/O.
+//! - [`server`]: the WebSocket server, authentication and limits.
+
+pub mod protocol;
+pub mod server;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use audio_io::vad::VadAssets;
+use lfm2_audio::generate::GenerationParams;
+use lfm2_audio::sampling::SamplingParams;
+
+use crate::cmd::runtime::{Quant, RuntimeArgs};
+use crate::cmd::speech::CodecArg;
+use crate::config::Config;
+use crate::daemon::serve::Args;
+
+/// The most input audio a session buffers before a commit.
+pub const MAX_BUFFER_SECONDS: usize = 120;
+
+/// Parses `--listen` and refuses an address other than loopback without an API key.
+fn listen_address(listen: &str, api_key: Option<&str>) -> anyhow::Result<SocketAddr> {
+    let addr: SocketAddr = listen.parse().with_context(|| {
+        format!("--listen {listen:?}: expected an address and port such as 127.0.0.1:8765")
+    })?;
+    if !addr.ip().is_loopback() && api_key.is_none_or(str::is_empty) {
+        anyhow::bail!(
+            "--listen {addr} is reachable from other machines: give an API key with --api-key KEY \
+             (or LFM2D_API_KEY), or listen on 127.0.0.1"
+        );
+    }
+    Ok(addr)
+}
+
+/// `lfm2d serve --listen ADDR`: the Realtime API server alone (no sound devices).
+pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
+    let api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    let addr = listen_address(listen, api_key.as_deref())?;
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(m) = &args.model {
+        cfg.model.dir = m.display().to_string();
+    }
+    if let Some(s) = &args.system {
+        cfg.assistant.system_prompt = s.clone();
+    }
+    let model_dir = cfg.model_dir().ok_or_else(|| {
+        anyhow::anyhow!("no model: pass --model DIR or set model.dir in the configuration (`lfm2d synth-model --out DIR --size tiny` makes a demo model)")
+    })?;
+    let quant = args.quant.unwrap_or(match cfg.model.quant.as_str() {
+        "f32" => Quant::F32,
+        "q8" => Quant::Q8,
+        _ => Quant::Q4,
+    });
+    let threads = args
+        .threads
+        .or((cfg.model.threads > 0).then_some(cfg.model.threads));
+    let started = Instant::now();
+    let model = Arc::new(RuntimeArgs { quant, threads }.load(&model_dir)?);
+    let codec = match cfg.model.codec.as_str() {
+        "lfm2" => CodecArg::Lfm2,
+        "mimi" => CodecArg::Mimi,
+        _ => CodecArg::Auto,
+    };
+    let detok = codec::open_detokenizer_with(&model_dir, codec.into(), &model.plan)
+        .context("loading the audio decoder")?;
+    let opt = |v: f32| (v > 0.0).then_some(v);
+    let params = GenerationParams {
+        max_new_tokens: cfg.assistant.max_reply_tokens,
+        text: SamplingParams::new(
+            opt(cfg.sampling.text_temperature),
+            (cfg.sampling.text_top_k > 0).then_some(cfg.sampling.text_top_k),
+        ),
+        audio: SamplingParams::new(
+            opt(cfg.sampling.audio_temperature),
+            (cfg.sampling.audio_top_k > 0).then_some(cfg.sampling.audio_top_k),
+        ),
+        seed: cfg.sampling.seed,
+    };
+    let vad_assets = VadAssets::locate().map_err(|e| e.to_string());
+    if let Err(e) = &vad_assets {
+        eprintln!("warning: server VAD is off (sessions start with manual turn-taking): {e}");
+    }
+    let defaults = session::SessionDefaults {
+        model: model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "lfm2-audio".into()),
+        instructions: cfg.assistant.system_prompt.clone(),
+        voice: cfg.assistant.voice.clone(),
+        params,
+        vad_assets,
+        min_speech: Duration::from_millis(cfg.vad.min_speech_ms),
+        max_buffer_samples: MAX_BUFFER_SECONDS * protocol::SAMPLE_RATE as usize,
+    };
+    let (engine, engine_thread) = crate::engine::spawn(Arc::clone(&model), detok)?;
+    let limits = server::Limits::default();
+    let shared = Arc::new(server::Shared {
+        engine: engine.clone(),
+        defaults,
+        api_key,
+        sessions: tokio::sync::Semaphore::new(limits.max_sessions),
+        limits,
+        next_session: AtomicU64::new(1),
+        started,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let local = listener.local_addr()?;
+        eprintln!(
+            "[{:>8.2}s] model loaded from {} ({quant:?}); listening on ws://{local}{}",
+            started.elapsed().as_secs_f64(),
+            model_dir.display(),
+            server::PATH
+        );
+        server::serve(listener, shared).await
+    });
+    engine.shutdown();
+    let _ = engine_thread.join();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_needs_no_key_and_other_addresses_do() {
+        assert!(listen_address("127.0.0.1:8765", None).is_ok());
+        assert!(listen_address("[::1]:0", None).is_ok());
+        let e = listen_address("0.0.0.0:8765", None).unwrap_err().to_string();
+        assert!(e.contains("--api-key"), "{e}");
+        assert!(listen_address("0.0.0.0:8765", Some("")).is_err());
+        assert!(listen_address("0.0.0.0:8765", Some("secret")).is_ok());
+        let e = listen_address("localhost", None).unwrap_err().to_string();
+        assert!(e.contains("127.0.0.1:8765"), "{e}");
+    }
+}

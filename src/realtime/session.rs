@@ -1,0 +1,1456 @@
+//! One Realtime session: its settings, the input audio buffer and server VAD, the items of the
+//! conversation, and the reply in progress.
+//!
+//! The session is a state machine with no I/O: client events and engine events go in, and
+//! [`Effect`]s come out, server events to send and calls to make on the engine conversation.
+//! The server applies them in order.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use audio_io::vad::{Endpointer, SileroVad, VadAssets, VadConfig, VadEvent, WINDOW};
+use dialog::tools::ToolSpec;
+use lfm2_audio::generate::GenerationParams;
+use lfm2_audio::resample::Resampler;
+
+use super::protocol::{
+    ClientEvent, Dialect, Envelope, FunctionTool, ItemBody, ItemStatus, ItemView, Modality,
+    NewItemContent, PartRef, ProtocolError, ResponseOptions, ResponseStatus, ResponseView,
+    ServerEvent, ServerVad, SessionUpdate, SessionView, SAMPLE_RATE,
+};
+use crate::engine::{ConvEvent, Content, Output, Respond, Setup, ToolPolicy};
+
+/// The model's input rate.
+const MODEL_RATE: u32 = 16_000;
+/// Samples of 24 kHz audio per millisecond.
+const SAMPLES_PER_MS: u64 = SAMPLE_RATE as u64 / 1000;
+/// The shortest audio a commit takes (the OpenAI server's rule).
+const MIN_COMMIT_MS: u64 = 100;
+
+/// What the session asks of the server.
+#[derive(Debug)]
+pub enum Effect {
+    Send(ServerEvent),
+    Engine(EngineCall),
+}
+
+/// A call on the session's engine conversation.
+#[derive(Debug)]
+pub enum EngineCall {
+    Configure(Setup),
+    Add { item_id: String, content: Content },
+    Respond(Respond),
+    /// Cancel the reply in progress, keeping what the client was sent (`heard` samples).
+    Cancel { heard: Option<u64> },
+    Truncate { item_id: String, audio_samples: u64 },
+    Delete { item_id: String },
+    Transcribe { item_id: String, audio: Vec<f32> },
+}
+
+/// Fixed for the server's life: the model, defaults and limits every session starts from.
+#[derive(Debug, Clone)]
+pub struct SessionDefaults {
+    pub model: String,
+    pub instructions: String,
+    pub voice: String,
+    pub params: GenerationParams,
+    /// Where the VAD's files are; None when server VAD is unavailable (then sessions start with
+    /// manual turn-taking, and asking for server_vad is an error that says why).
+    pub vad_assets: Result<VadAssets, String>,
+    pub min_speech: Duration,
+    /// The most audio the input buffer holds, in 24 kHz samples.
+    pub max_buffer_samples: usize,
+}
+
+/// The session settings a client can change.
+#[derive(Debug, Clone, PartialEq)]
+struct Settings {
+    instructions: String,
+    voice: String,
+    modality: Modality,
+    transcription: Option<String>,
+    turn_detection: Option<ServerVad>,
+    tools: Vec<FunctionTool>,
+    temperature: f32,
+    max_output_tokens: Option<u32>,
+}
+
+/// Server VAD on the input stream.
+struct Vad {
+    silero: SileroVad,
+    endpointer: Endpointer,
+    resampler: Resampler,
+    /// 16 kHz samples not yet in a full window.
+    pending: Vec<f32>,
+    /// The item the utterance in progress will become.
+    item_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum ItemKind {
+    User,
+    Assistant { modality: Modality, audio_samples: u64 },
+    FunctionCall,
+    FunctionCallOutput,
+}
+
+#[derive(Debug, Clone)]
+struct Item {
+    id: String,
+    kind: ItemKind,
+    /// Whether the engine holds it (function call items of a reply with a message do not).
+    in_engine: bool,
+}
+
+/// The reply in progress.
+struct Active {
+    view: ResponseView,
+    /// The id the engine gives the reply's item.
+    item_id: String,
+    started: bool,
+    /// Output index of the message item, once shown.
+    message: Option<u32>,
+    /// Whether the reply's engine item has been shown to the client (as the message or as the
+    /// first function call).
+    engine_item_shown: bool,
+    text: String,
+    sent_samples: u64,
+    /// Set once cancelled: by the user speaking (true) or the client (false).
+    cancelled: Option<bool>,
+}
+
+pub struct Session {
+    id: String,
+    defaults: SessionDefaults,
+    dialect: Dialect,
+    settings: Settings,
+    next_id: u64,
+    /// Uncommitted input audio, 24 kHz.
+    buffer: Vec<f32>,
+    /// Server VAD, while turn detection is on.
+    vad: Option<Vad>,
+    items: Vec<Item>,
+    active: Option<Active>,
+    /// A reply asked for (by the VAD) while another was in progress.
+    pending_reply: bool,
+    /// Truncations asked for and not yet confirmed: item → audio_end_ms.
+    truncating: HashMap<String, u64>,
+    /// Transcriptions asked for: item → seconds of audio.
+    transcribing: HashMap<String, f64>,
+    out: Vec<Effect>,
+}
+
+fn setup_of(settings: &Settings, params: &GenerationParams) -> Setup {
+    let mut params = params.clone();
+    if let Some(n) = settings.max_output_tokens {
+        params.max_new_tokens = n as usize;
+    }
+    params.text = lfm2_audio::sampling::SamplingParams::new(
+        (settings.temperature > 0.0).then_some(settings.temperature),
+        params.text.top_k,
+    );
+    Setup {
+        instructions: settings.instructions.clone(),
+        tools: settings
+            .tools
+            .iter()
+            .map(|t| ToolSpec {
+                name: t.name.clone(),
+                description: t.description.clone(),
+                parameters: t.parameters.clone(),
+                command: Vec::new(),
+                timeout_secs: 10.0,
+            })
+            .collect(),
+        tool_policy: ToolPolicy::Report,
+        params,
+        output: output_of(settings.modality),
+    }
+}
+
+fn output_of(m: Modality) -> Output {
+    match m {
+        Modality::Audio => Output::Speech,
+        Modality::Text => Output::Text,
+    }
+}
+
+impl Session {
+    /// A new session (`number` makes its ids unique in the server) and the setup of its engine
+    /// conversation. `dialect` is the one the client announced (the `OpenAI-Beta` header).
+    pub fn new(number: u64, defaults: SessionDefaults, dialect: Dialect) -> (Self, Setup) {
+        let settings = Settings {
+            instructions: defaults.instructions.clone(),
+            voice: defaults.voice.clone(),
+            modality: Modality::Audio,
+            transcription: None,
+            turn_detection: defaults
+                .vad_assets
+                .is_ok()
+                .then(ServerVad::default),
+            tools: Vec::new(),
+            temperature: defaults.params.text.temperature.unwrap_or(0.0),
+            max_output_tokens: None,
+        };
+        let setup = setup_of(&settings, &defaults.params);
+        let session = Self {
+            id: format!("sess_{number:06}"),
+            defaults,
+            dialect,
+            settings,
+            next_id: 0,
+            buffer: Vec::new(),
+            vad: None,
+            items: Vec::new(),
+            active: None,
+            pending_reply: false,
+            truncating: HashMap::new(),
+            transcribing: HashMap::new(),
+            out: Vec::new(),
+        };
+        (session, setup)
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Whether a reply is being generated (the idle timer waits for it).
+    pub fn busy(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// The first events: `session.created` (and the VAD, if it is on).
+    pub fn start(&mut self) -> Vec<Effect> {
+        if let Some(vad) = self.settings.turn_detection.clone() {
+            if let Err(e) = self.start_vad(&vad) {
+                self.settings.turn_detection = None;
+                self.error(None, "vad_unavailable", e);
+            }
+        }
+        let view = self.view();
+        self.send(ServerEvent::SessionCreated(view));
+        std::mem::take(&mut self.out)
+    }
+
+    fn view(&self) -> SessionView {
+        SessionView {
+            id: self.id.clone(),
+            model: self.defaults.model.clone(),
+            instructions: self.settings.instructions.clone(),
+            voice: self.settings.voice.clone(),
+            modality: self.settings.modality,
+            transcription: self.settings.transcription.clone(),
+            turn_detection: self.settings.turn_detection.clone(),
+            tools: self.settings.tools.clone(),
+            temperature: self.settings.temperature,
+            max_output_tokens: self.settings.max_output_tokens,
+        }
+    }
+
+    fn new_id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        let session = self.id.trim_start_matches("sess_");
+        format!("{prefix}_{session}_{:06}", self.next_id)
+    }
+
+    fn send(&mut self, e: ServerEvent) {
+        self.out.push(Effect::Send(e));
+    }
+
+    fn engine(&mut self, c: EngineCall) {
+        self.out.push(Effect::Engine(c));
+    }
+
+    fn error(&mut self, event_id: Option<String>, code: &'static str, message: impl Into<String>) {
+        let mut e = ProtocolError::new(code, message);
+        e.event_id = event_id;
+        self.send(ServerEvent::Error(e));
+    }
+
+    /// A client event that did not parse.
+    pub fn reject(&mut self, e: ProtocolError) -> Vec<Effect> {
+        self.send(ServerEvent::Error(e));
+        std::mem::take(&mut self.out)
+    }
+
+    /// A client event.
+    pub fn handle_client(&mut self, env: Envelope) -> Vec<Effect> {
+        if let Some(d) = env.dialect {
+            self.dialect = d;
+        }
+        let eid = env.event_id;
+        match env.event {
+            ClientEvent::SessionUpdate(u) => self.update(eid, u),
+            ClientEvent::AudioAppend(samples) => self.append(eid, &samples),
+            ClientEvent::AudioCommit => self.commit(eid),
+            ClientEvent::AudioClear => {
+                self.buffer.clear();
+                if let Some(vad) = &mut self.vad {
+                    vad.endpointer = Endpointer::new(vad.endpointer.config().clone());
+                    vad.resampler.reset();
+                    vad.pending.clear();
+                    vad.item_id = None;
+                }
+                self.send(ServerEvent::Cleared);
+            }
+            ClientEvent::OutputAudioClear => {}
+            ClientEvent::ItemCreate {
+                previous_item_id,
+                item,
+            } => self.create_item(eid, previous_item_id, item.id, item.content),
+            ClientEvent::ItemTruncate {
+                item_id,
+                content_index,
+                audio_end_ms,
+            } => self.truncate(eid, item_id, content_index, audio_end_ms),
+            ClientEvent::ItemDelete { item_id } => self.delete(eid, item_id),
+            ClientEvent::ResponseCreate(o) => {
+                if self.active.is_some() {
+                    self.error(
+                        eid,
+                        "conversation_already_has_active_response",
+                        "a reply is in progress: wait for its response.done or cancel it",
+                    );
+                } else {
+                    self.respond(o);
+                }
+            }
+            ClientEvent::ResponseCancel { response_id } => match &self.active {
+                Some(a) if response_id.as_ref().is_none_or(|r| *r == a.view.id) => {
+                    self.cancel(false)
+                }
+                Some(_) => self.error(
+                    eid,
+                    "invalid_value",
+                    format!("response {response_id:?} is not the reply in progress"),
+                ),
+                None => self.error(
+                    eid,
+                    "response_cancel_not_active",
+                    "there is no reply in progress to cancel",
+                ),
+            },
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn start_vad(&mut self, v: &ServerVad) -> Result<(), String> {
+        let assets = self.defaults.vad_assets.clone()?;
+        let config = VadConfig {
+            prefix_padding: Duration::from_millis(v.prefix_padding_ms),
+            min_silence: Duration::from_millis(v.silence_duration_ms),
+            min_speech: self.defaults.min_speech,
+            ..VadConfig::with_threshold(v.threshold)
+        };
+        config.validate()?;
+        // Keep the model (and its ONNX session) when only the knobs change.
+        let silero = match self.vad.take() {
+            Some(mut old) => {
+                old.silero.reset();
+                old.silero
+            }
+            None => SileroVad::load(&assets).map_err(|e| e.to_string())?,
+        };
+        self.vad = Some(Vad {
+            silero,
+            endpointer: Endpointer::new(config),
+            resampler: Resampler::new(SAMPLE_RATE, MODEL_RATE)?,
+            pending: Vec::new(),
+            item_id: None,
+        });
+        Ok(())
+    }
+
+    fn update(&mut self, eid: Option<String>, u: SessionUpdate) {
+        let mut s = self.settings.clone();
+        if let Some(i) = u.instructions {
+            s.instructions = i;
+        }
+        if let Some(v) = u.voice {
+            s.voice = v;
+        }
+        if let Some(m) = u.modality {
+            s.modality = m;
+        }
+        if let Some(t) = u.transcription {
+            s.transcription = t;
+        }
+        if let Some(t) = u.turn_detection {
+            s.turn_detection = t;
+        }
+        if let Some(t) = u.tools {
+            s.tools = t;
+        }
+        if let Some(t) = u.temperature {
+            s.temperature = t;
+        }
+        if let Some(m) = u.max_output_tokens {
+            s.max_output_tokens = m;
+        }
+        if s.turn_detection != self.settings.turn_detection {
+            match &s.turn_detection {
+                Some(v) => {
+                    if let Err(e) = self.start_vad(v) {
+                        self.error(
+                            eid,
+                            "vad_unavailable",
+                            format!("server_vad is not available: {e}"),
+                        );
+                        return;
+                    }
+                }
+                None => self.vad = None,
+            }
+        }
+        let old = setup_of(&self.settings, &self.defaults.params);
+        let new = setup_of(&s, &self.defaults.params);
+        let changed = old.instructions != new.instructions
+            || old.tools != new.tools
+            || old.output != new.output
+            || old.params.max_new_tokens != new.params.max_new_tokens
+            || old.params.text.temperature != new.params.text.temperature;
+        self.settings = s;
+        if changed {
+            self.engine(EngineCall::Configure(new));
+        }
+        let view = self.view();
+        self.send(ServerEvent::SessionUpdated(view));
+    }
+
+    fn append(&mut self, eid: Option<String>, samples: &[f32]) {
+        let max = self.defaults.max_buffer_samples;
+        if self.vad.is_none() && self.buffer.len() + samples.len() > max {
+            self.error(
+                eid,
+                "input_audio_buffer_full",
+                format!(
+                    "the input audio buffer holds at most {} s; commit or clear it (this append was dropped)",
+                    max as u64 / u64::from(SAMPLE_RATE)
+                ),
+            );
+            return;
+        }
+        self.buffer.extend_from_slice(samples);
+        if self.buffer.len() > max {
+            // With server VAD the buffer only backs a manual commit; the VAD keeps what it
+            // needs of an utterance itself.
+            let extra = self.buffer.len() - max;
+            self.buffer.drain(..extra);
+        }
+        let Some(vad) = &mut self.vad else { return };
+        let mut resampled = Vec::with_capacity(samples.len() * 2 / 3 + 1);
+        vad.resampler.push(samples, &mut resampled);
+        vad.pending.extend_from_slice(&resampled);
+        let mut events = Vec::new();
+        let mut failure = None;
+        let mut start = 0;
+        while vad.pending.len() - start >= WINDOW {
+            let window = &vad.pending[start..start + WINDOW];
+            start += WINDOW;
+            match vad.silero.probability(window) {
+                Ok(p) => {
+                    if let Some(e) = vad.endpointer.push(window, p) {
+                        events.push(e);
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        vad.pending.drain(..start);
+        if let Some(e) = failure {
+            self.vad = None;
+            self.settings.turn_detection = None;
+            self.error(
+                eid,
+                "vad_failed",
+                format!("server VAD failed and is now off (manual turn-taking): {e}"),
+            );
+            return;
+        }
+        for e in events {
+            self.vad_event(e);
+        }
+    }
+
+    fn vad_event(&mut self, e: VadEvent) {
+        let Some(settings) = self.settings.turn_detection.clone() else {
+            return;
+        };
+        match e {
+            VadEvent::SpeechStarted { at } => {
+                let item_id = self.new_id("item");
+                if let Some(vad) = &mut self.vad {
+                    vad.item_id = Some(item_id.clone());
+                }
+                self.send(ServerEvent::SpeechStarted {
+                    audio_start_ms: at.as_millis() as u64,
+                    item_id,
+                });
+                if settings.interrupt_response && self.active.is_some() {
+                    self.cancel(true);
+                }
+            }
+            VadEvent::SpeechEnded { at, audio, .. } => {
+                let item_id = self
+                    .vad
+                    .as_mut()
+                    .and_then(|v| v.item_id.take())
+                    .unwrap_or_else(|| self.new_id("item"));
+                self.send(ServerEvent::SpeechStopped {
+                    audio_end_ms: at.as_millis() as u64,
+                    item_id: item_id.clone(),
+                });
+                self.buffer.clear();
+                self.commit_audio(item_id, audio);
+                if settings.create_response {
+                    if self.active.is_some() {
+                        self.pending_reply = true;
+                    } else {
+                        self.respond(ResponseOptions::default());
+                    }
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self, eid: Option<String>) {
+        let ms = self.buffer.len() as u64 / SAMPLES_PER_MS;
+        if ms < MIN_COMMIT_MS {
+            self.error(
+                eid,
+                "input_audio_buffer_commit_empty",
+                format!(
+                    "the input audio buffer has {ms} ms of audio; a commit needs at least {MIN_COMMIT_MS} ms"
+                ),
+            );
+            return;
+        }
+        let audio = std::mem::take(&mut self.buffer);
+        let item_id = match &mut self.vad {
+            Some(vad) => {
+                vad.endpointer = Endpointer::new(vad.endpointer.config().clone());
+                vad.resampler.reset();
+                vad.pending.clear();
+                vad.item_id.take()
+            }
+            None => None,
+        }
+        .unwrap_or_else(|| self.new_id("item"));
+        match Resampler::resample_all(SAMPLE_RATE, MODEL_RATE, &audio) {
+            Ok(audio16) => self.commit_audio(item_id, audio16),
+            Err(e) => self.error(eid, "invalid_audio", e),
+        }
+    }
+
+    /// A user audio item from the input buffer (16 kHz).
+    fn commit_audio(&mut self, item_id: String, audio16: Vec<f32>) {
+        let previous = self.items.last().map(|i| i.id.clone());
+        self.send(ServerEvent::Committed {
+            item_id: item_id.clone(),
+            previous_item_id: previous.clone(),
+        });
+        self.add_user_audio(item_id, previous, audio16);
+    }
+
+    fn add_user_audio(&mut self, item_id: String, previous: Option<String>, audio16: Vec<f32>) {
+        self.items.push(Item {
+            id: item_id.clone(),
+            kind: ItemKind::User,
+            in_engine: true,
+        });
+        self.send(ServerEvent::ItemCreated {
+            previous_item_id: previous,
+            item: ItemView {
+                id: item_id.clone(),
+                status: ItemStatus::Completed,
+                body: ItemBody::UserAudio { transcript: None },
+            },
+        });
+        if self.settings.transcription.is_some() {
+            self.transcribing.insert(
+                item_id.clone(),
+                audio16.len() as f64 / f64::from(MODEL_RATE),
+            );
+            self.engine(EngineCall::Transcribe {
+                item_id: item_id.clone(),
+                audio: audio16.clone(),
+            });
+        }
+        self.engine(EngineCall::Add {
+            item_id,
+            content: Content::UserAudio(audio16),
+        });
+    }
+
+    fn create_item(
+        &mut self,
+        eid: Option<String>,
+        previous_item_id: Option<String>,
+        id: Option<String>,
+        content: NewItemContent,
+    ) {
+        let last = self.items.last().map(|i| i.id.clone());
+        if let Some(p) = &previous_item_id {
+            let at_end = match &last {
+                Some(l) => l == p,
+                None => p == "root",
+            };
+            if !at_end {
+                self.error(
+                    eid,
+                    "unsupported_value",
+                    format!(
+                        "lfm2d adds items at the end of the conversation: previous_item_id must be the last item ({}), got {p:?}",
+                        last.as_deref().unwrap_or("root")
+                    ),
+                );
+                return;
+            }
+        }
+        if let Some(id) = &id {
+            if self.items.iter().any(|i| &i.id == id) {
+                self.error(
+                    eid,
+                    "duplicate_item_id",
+                    format!("an item with id {id:?} exists already"),
+                );
+                return;
+            }
+        }
+        let item_id = id.unwrap_or_else(|| self.new_id("item"));
+        let (kind, body, content) = match content {
+            NewItemContent::UserText(t) => (
+                ItemKind::User,
+                ItemBody::UserText(t.clone()),
+                Content::UserText(t),
+            ),
+            NewItemContent::UserAudio(a) => {
+                if (a.len() as u64) < SAMPLES_PER_MS * 20 {
+                    self.error(
+                        eid,
+                        "invalid_audio",
+                        "an audio item needs at least 20 ms of audio",
+                    );
+                    return;
+                }
+                match Resampler::resample_all(SAMPLE_RATE, MODEL_RATE, &a) {
+                    Ok(a16) => {
+                        self.add_user_audio(item_id, last, a16);
+                        return;
+                    }
+                    Err(e) => {
+                        self.error(eid, "invalid_audio", e);
+                        return;
+                    }
+                }
+            }
+            NewItemContent::AssistantText(t) => (
+                ItemKind::Assistant {
+                    modality: Modality::Text,
+                    audio_samples: 0,
+                },
+                ItemBody::Assistant {
+                    modality: Modality::Text,
+                    text: t.clone(),
+                },
+                Content::AssistantText(t),
+            ),
+            NewItemContent::FunctionCallOutput { call_id, output } => (
+                ItemKind::FunctionCallOutput,
+                ItemBody::FunctionCallOutput {
+                    call_id: call_id.clone(),
+                    output: output.clone(),
+                },
+                Content::ToolResult { call_id, output },
+            ),
+        };
+        self.items.push(Item {
+            id: item_id.clone(),
+            kind,
+            in_engine: true,
+        });
+        self.send(ServerEvent::ItemCreated {
+            previous_item_id: last,
+            item: ItemView {
+                id: item_id.clone(),
+                status: ItemStatus::Completed,
+                body,
+            },
+        });
+        self.engine(EngineCall::Add { item_id, content });
+    }
+
+    fn truncate(&mut self, eid: Option<String>, item_id: String, content_index: u32, ms: u64) {
+        let Some(item) = self.items.iter().find(|i| i.id == item_id) else {
+            self.error(eid, "item_not_found", format!("no item {item_id:?} in the conversation"));
+            return;
+        };
+        let ItemKind::Assistant {
+            modality: Modality::Audio,
+            audio_samples,
+        } = item.kind
+        else {
+            self.error(
+                eid,
+                "invalid_value",
+                format!("item {item_id:?} is not an assistant message with audio; only those can be truncated"),
+            );
+            return;
+        };
+        if content_index != 0 {
+            self.error(
+                eid,
+                "invalid_value",
+                format!("content_index {content_index} does not exist: an assistant message has one content part (0)"),
+            );
+            return;
+        }
+        // The reply in progress: what has been sent so far.
+        let have = match &self.active {
+            Some(a) if a.item_id == item_id => a.sent_samples,
+            _ => audio_samples,
+        };
+        let want = ms.saturating_mul(SAMPLES_PER_MS);
+        if want > have {
+            self.error(
+                eid,
+                "invalid_value",
+                format!(
+                    "audio_end_ms {ms} is beyond the item's audio ({} ms)",
+                    have / SAMPLES_PER_MS
+                ),
+            );
+            return;
+        }
+        self.truncating.insert(item_id.clone(), ms);
+        self.engine(EngineCall::Truncate {
+            item_id,
+            audio_samples: want,
+        });
+    }
+
+    fn delete(&mut self, eid: Option<String>, item_id: String) {
+        let Some(pos) = self.items.iter().position(|i| i.id == item_id) else {
+            self.error(eid, "item_not_found", format!("no item {item_id:?} in the conversation"));
+            return;
+        };
+        let item = self.items.remove(pos);
+        if item.in_engine {
+            self.engine(EngineCall::Delete { item_id });
+        } else {
+            self.send(ServerEvent::ItemDeleted { item_id });
+        }
+    }
+
+    fn respond(&mut self, o: ResponseOptions) {
+        self.pending_reply = false;
+        let modality = o.modality.unwrap_or(self.settings.modality);
+        let response_id = self.new_id("resp");
+        let item_id = self.new_id("item");
+        let view = ResponseView {
+            id: response_id.clone(),
+            status: ResponseStatus::InProgress,
+            modality,
+            output: Vec::new(),
+            error: None,
+            metadata: o.metadata,
+        };
+        self.send(ServerEvent::ResponseCreated(view.clone()));
+        self.active = Some(Active {
+            view,
+            item_id: item_id.clone(),
+            started: false,
+            message: None,
+            engine_item_shown: false,
+            text: String::new(),
+            sent_samples: 0,
+            cancelled: None,
+        });
+        self.engine(EngineCall::Respond(Respond {
+            response_id,
+            item_id,
+            output: Some(output_of(modality)),
+        }));
+    }
+
+    fn cancel(&mut self, turn_detected: bool) {
+        let Some(a) = &mut self.active else { return };
+        if a.cancelled.is_some() {
+            return;
+        }
+        a.cancelled = Some(turn_detected);
+        let heard = a.started.then_some(a.sent_samples);
+        let started = a.started;
+        self.engine(EngineCall::Cancel { heard });
+        if !started {
+            // Not begun: it ends here, and whatever the engine says of it later is dropped.
+            self.finish(ResponseStatus::Cancelled { turn_detected }, None);
+        }
+    }
+
+    /// Ends the reply in progress: closes its message item and sends `response.done`.
+    fn finish(&mut self, status: ResponseStatus, kept_samples: Option<u64>) {
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
+        let dialect_modality = a.view.modality;
+        if let Some(index) = a.message {
+            let at = PartRef {
+                response_id: a.view.id.clone(),
+                item_id: a.item_id.clone(),
+                output_index: index,
+                content_index: 0,
+            };
+            match dialect_modality {
+                Modality::Audio => {
+                    self.out.push(Effect::Send(ServerEvent::AudioDone { at: at.clone() }));
+                    self.out.push(Effect::Send(ServerEvent::TranscriptDone {
+                        at: at.clone(),
+                        transcript: a.text.clone(),
+                    }));
+                }
+                Modality::Text => self.out.push(Effect::Send(ServerEvent::TextDone {
+                    at: at.clone(),
+                    text: a.text.clone(),
+                })),
+            }
+            self.out.push(Effect::Send(ServerEvent::ContentPartDone {
+                at,
+                modality: dialect_modality,
+                text: a.text.clone(),
+            }));
+            let status_item = if status == ResponseStatus::Completed {
+                ItemStatus::Completed
+            } else {
+                ItemStatus::Incomplete
+            };
+            let item = ItemView {
+                id: a.item_id.clone(),
+                status: status_item,
+                body: ItemBody::Assistant {
+                    modality: dialect_modality,
+                    text: a.text.clone(),
+                },
+            };
+            if let Some(slot) = a.view.output.get_mut(index as usize) {
+                *slot = item.clone();
+            }
+            self.out.push(Effect::Send(ServerEvent::OutputItemDone {
+                response_id: a.view.id.clone(),
+                output_index: index,
+                item,
+            }));
+            let kept = kept_samples.unwrap_or(a.sent_samples);
+            if let Some(i) = self.items.iter_mut().find(|i| i.id == a.item_id) {
+                i.kind = ItemKind::Assistant {
+                    modality: dialect_modality,
+                    audio_samples: kept,
+                };
+            }
+        }
+        a.view.status = status;
+        self.out
+            .push(Effect::Send(ServerEvent::ResponseDone(a.view)));
+        if self.pending_reply {
+            self.respond(ResponseOptions::default());
+        }
+    }
+
+    /// Shows the reply's message item, once.
+    fn ensure_message(&mut self) {
+        let Some(a) = &mut self.active else { return };
+        if a.message.is_some() {
+            return;
+        }
+        let index = a.view.output.len() as u32;
+        a.message = Some(index);
+        a.engine_item_shown = true;
+        let item = ItemView {
+            id: a.item_id.clone(),
+            status: ItemStatus::InProgress,
+            body: ItemBody::Assistant {
+                modality: a.view.modality,
+                text: String::new(),
+            },
+        };
+        a.view.output.push(item.clone());
+        let response_id = a.view.id.clone();
+        let modality = a.view.modality;
+        let item_id = a.item_id.clone();
+        let previous = self.items.last().map(|i| i.id.clone());
+        self.items.push(Item {
+            id: item_id.clone(),
+            kind: ItemKind::Assistant {
+                modality,
+                audio_samples: 0,
+            },
+            in_engine: true,
+        });
+        self.send(ServerEvent::OutputItemAdded {
+            response_id: response_id.clone(),
+            output_index: index,
+            item: item.clone(),
+        });
+        self.send(ServerEvent::ItemCreated {
+            previous_item_id: previous,
+            item,
+        });
+        self.send(ServerEvent::ContentPartAdded {
+            at: PartRef {
+                response_id,
+                item_id,
+                output_index: index,
+                content_index: 0,
+            },
+            modality,
+        });
+    }
+
+    /// The part reference of the reply's message, if `response_id` is the live reply.
+    fn live_part(&self, response_id: &str) -> Option<PartRef> {
+        let a = self.active.as_ref()?;
+        if a.view.id != response_id || a.cancelled.is_some() {
+            return None;
+        }
+        Some(PartRef {
+            response_id: a.view.id.clone(),
+            item_id: a.item_id.clone(),
+            output_index: a.message?,
+            content_index: 0,
+        })
+    }
+
+    fn is_live(&self, response_id: &str) -> bool {
+        self.active
+            .as_ref()
+            .is_some_and(|a| a.view.id == response_id)
+    }
+
+    /// An event of the engine conversation.
+    pub fn handle_engine(&mut self, ev: ConvEvent) -> Vec<Effect> {
+        match ev {
+            ConvEvent::Added { .. } | ConvEvent::ToolResult { .. } => {}
+            ConvEvent::ReplyStarted { response_id, .. } => {
+                if let Some(a) = &mut self.active {
+                    if a.view.id == response_id {
+                        a.started = true;
+                    }
+                }
+            }
+            ConvEvent::Text { response_id, piece } => {
+                if self.is_live(&response_id)
+                    && self.active.as_ref().is_some_and(|a| a.cancelled.is_none())
+                {
+                    self.ensure_message();
+                    if let (Some(at), Some(a)) = (self.live_part(&response_id), &mut self.active)
+                    {
+                        a.text.push_str(&piece);
+                        let ev = match a.view.modality {
+                            Modality::Audio => ServerEvent::TranscriptDelta { at, delta: piece },
+                            Modality::Text => ServerEvent::TextDelta { at, delta: piece },
+                        };
+                        self.send(ev);
+                    }
+                }
+            }
+            ConvEvent::Audio {
+                response_id,
+                samples,
+            } => {
+                let speaking = self.active.as_ref().is_some_and(|a| {
+                    a.view.id == response_id
+                        && a.cancelled.is_none()
+                        && a.view.modality == Modality::Audio
+                });
+                if speaking && !samples.is_empty() {
+                    self.ensure_message();
+                    if let (Some(at), Some(a)) = (self.live_part(&response_id), &mut self.active)
+                    {
+                        a.sent_samples += samples.len() as u64;
+                        let delta = super::protocol::encode_pcm16(&samples);
+                        self.send(ServerEvent::AudioDelta { at, delta });
+                    }
+                }
+            }
+            ConvEvent::ToolCall {
+                response_id,
+                call_id,
+                name,
+                arguments,
+            } => self.tool_call(response_id, call_id, name, arguments),
+            ConvEvent::ReplyDone {
+                response_id,
+                audio_samples,
+                cancelled,
+                text,
+                ..
+            } => {
+                if self.is_live(&response_id) {
+                    if let Some(a) = &mut self.active {
+                        if a.message.is_some() && a.view.modality == Modality::Text {
+                            // The engine's final text is authoritative.
+                            a.text = text;
+                        }
+                    }
+                    let status = match self.active.as_ref().and_then(|a| a.cancelled) {
+                        Some(turn_detected) => ResponseStatus::Cancelled { turn_detected },
+                        None if cancelled => ResponseStatus::Cancelled {
+                            turn_detected: false,
+                        },
+                        None => ResponseStatus::Completed,
+                    };
+                    self.finish(status, Some(audio_samples));
+                }
+            }
+            ConvEvent::Truncated {
+                item_id,
+                audio_samples,
+                ..
+            } => {
+                let ms = self
+                    .truncating
+                    .remove(&item_id)
+                    .unwrap_or(audio_samples / SAMPLES_PER_MS);
+                if let Some(i) = self.items.iter_mut().find(|i| i.id == item_id) {
+                    if let ItemKind::Assistant { audio_samples: s, .. } = &mut i.kind {
+                        *s = audio_samples;
+                    }
+                }
+                self.send(ServerEvent::ItemTruncated {
+                    item_id,
+                    content_index: 0,
+                    audio_end_ms: ms,
+                });
+            }
+            ConvEvent::Deleted { item_id } => self.send(ServerEvent::ItemDeleted { item_id }),
+            ConvEvent::Transcript { item_id, text } => {
+                let seconds = self.transcribing.remove(&item_id).unwrap_or(0.0);
+                self.send(ServerEvent::TranscriptionCompleted {
+                    item_id,
+                    transcript: text,
+                    seconds,
+                })
+            }
+            ConvEvent::Trimmed { item_ids } => {
+                for id in item_ids {
+                    self.items.retain(|i| i.id != id);
+                    self.send(ServerEvent::ItemDeleted { item_id: id });
+                }
+            }
+            ConvEvent::Error { item_id, message } => {
+                let reply_failed = matches!(
+                    (&self.active, &item_id),
+                    (Some(a), Some(id)) if a.item_id == *id
+                );
+                if let Some(id) = &item_id {
+                    self.truncating.remove(id);
+                    self.transcribing.remove(id);
+                }
+                self.error(None, "engine_error", message.clone());
+                if reply_failed {
+                    if let Some(a) = &mut self.active {
+                        a.view.error = Some(message);
+                    }
+                    self.finish(ResponseStatus::Failed, None);
+                } else if let Some(id) = item_id {
+                    // A failed add: the item is not in the conversation.
+                    if let Some(pos) = self.items.iter().position(|i| i.id == id && i.in_engine) {
+                        if !matches!(self.items[pos].kind, ItemKind::Assistant { .. }) {
+                            self.items.remove(pos);
+                        }
+                    }
+                }
+            }
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn tool_call(&mut self, response_id: String, call_id: String, name: String, arguments: String) {
+        if !self.is_live(&response_id) || self.active.as_ref().is_some_and(|a| a.cancelled.is_some()) {
+            return;
+        }
+        // The first visible item of the reply carries the engine's item id, so that deleting
+        // it reaches the engine.
+        let use_engine_id = self.active.as_ref().is_some_and(|a| !a.engine_item_shown);
+        let item_id = if use_engine_id {
+            self.active
+                .as_ref()
+                .map(|a| a.item_id.clone())
+                .unwrap_or_default()
+        } else {
+            self.new_id("item")
+        };
+        let Some(a) = &mut self.active else { return };
+        if use_engine_id {
+            a.engine_item_shown = true;
+        }
+        let index = a.view.output.len() as u32;
+        let body = ItemBody::FunctionCall {
+            call_id: call_id.clone(),
+            name: name.clone(),
+            arguments: String::new(),
+        };
+        let added = ItemView {
+            id: item_id.clone(),
+            status: ItemStatus::InProgress,
+            body,
+        };
+        let done = ItemView {
+            id: item_id.clone(),
+            status: ItemStatus::Completed,
+            body: ItemBody::FunctionCall {
+                call_id: call_id.clone(),
+                name: name.clone(),
+                arguments: arguments.clone(),
+            },
+        };
+        a.view.output.push(done.clone());
+        let response_id = a.view.id.clone();
+        let previous = self.items.last().map(|i| i.id.clone());
+        self.items.push(Item {
+            id: item_id.clone(),
+            kind: ItemKind::FunctionCall,
+            in_engine: use_engine_id,
+        });
+        self.send(ServerEvent::OutputItemAdded {
+            response_id: response_id.clone(),
+            output_index: index,
+            item: added.clone(),
+        });
+        self.send(ServerEvent::ItemCreated {
+            previous_item_id: previous,
+            item: added,
+        });
+        self.send(ServerEvent::FunctionCallArgumentsDelta {
+            response_id: response_id.clone(),
+            item_id: item_id.clone(),
+            output_index: index,
+            call_id: call_id.clone(),
+            delta: arguments.clone(),
+        });
+        self.send(ServerEvent::FunctionCallArgumentsDone {
+            response_id: response_id.clone(),
+            item_id,
+            output_index: index,
+            call_id,
+            name,
+            arguments,
+        });
+        self.send(ServerEvent::OutputItemDone {
+            response_id,
+            output_index: index,
+            item: done,
+        });
+    }
+
+    /// The engine conversation has gone: an error, and the reply in progress fails.
+    pub fn engine_gone(&mut self) -> Vec<Effect> {
+        self.error(None, "engine_stopped", "the model engine has stopped");
+        if self.active.is_some() {
+            if let Some(a) = &mut self.active {
+                a.view.error = Some("the model engine has stopped".into());
+            }
+            self.finish(ResponseStatus::Failed, None);
+        }
+        std::mem::take(&mut self.out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::realtime::protocol::parse;
+    use lfm2_audio::sampling::SamplingParams;
+
+    fn defaults(vad: bool) -> SessionDefaults {
+        SessionDefaults {
+            model: "tiny".into(),
+            instructions: "Be brief.".into(),
+            voice: "us-female".into(),
+            params: GenerationParams {
+                max_new_tokens: 64,
+                text: SamplingParams::GREEDY,
+                audio: SamplingParams::GREEDY,
+                seed: 0,
+            },
+            vad_assets: if vad {
+                VadAssets::locate().map_err(|e| e.to_string())
+            } else {
+                Err("off in this test".into())
+            },
+            min_speech: Duration::from_millis(250),
+            max_buffer_samples: 10 * SAMPLE_RATE as usize,
+        }
+    }
+
+    fn manual() -> Session {
+        let (mut s, setup) = Session::new(1, defaults(false), Dialect::Beta);
+        assert_eq!(setup.instructions, "Be brief.");
+        assert_eq!(setup.tool_policy, ToolPolicy::Report);
+        let start = s.start();
+        assert!(matches!(start[..], [Effect::Send(ServerEvent::SessionCreated(_))]), "{start:?}");
+        s
+    }
+
+    fn client(s: &mut Session, text: &str) -> Vec<Effect> {
+        s.handle_client(parse(text).unwrap_or_else(|e| panic!("{text}: {e}")))
+    }
+
+    fn names(effects: &[Effect], dialect: Dialect) -> Vec<String> {
+        effects
+            .iter()
+            .map(|e| match e {
+                Effect::Send(ev) => ev.name(dialect).to_string(),
+                Effect::Engine(c) => format!("engine:{}", format!("{c:?}").split([' ', '(', '{']).next().unwrap_or("")),
+            })
+            .collect()
+    }
+
+    fn error_message(effects: &[Effect]) -> String {
+        effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Send(ServerEvent::Error(e)) => Some(e.message.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no error in {effects:?}"))
+    }
+
+    fn append_ms(s: &mut Session, ms: usize) -> Vec<Effect> {
+        let samples = vec![0.1f32; ms * 24];
+        let text = serde_json::json!({"type": "input_audio_buffer.append", "audio": crate::realtime::protocol::encode_pcm16(&samples)});
+        client(s, &text.to_string())
+    }
+
+    /// Asks for a reply and returns its response and item ids.
+    fn start_reply(s: &mut Session) -> (String, String) {
+        let out = client(s, r#"{"type": "response.create"}"#);
+        let Some(Effect::Engine(EngineCall::Respond(r))) = out.last() else {
+            panic!("{out:?}")
+        };
+        assert!(matches!(out[0], Effect::Send(ServerEvent::ResponseCreated(_))));
+        let ids = (r.response_id.clone(), r.item_id.clone());
+        s.handle_engine(ConvEvent::ReplyStarted {
+            response_id: ids.0.clone(),
+            item_id: ids.1.clone(),
+            latency_ms: 1.0,
+        });
+        ids
+    }
+
+    #[test]
+    fn a_manual_commit_becomes_a_16khz_user_item() {
+        let mut s = manual();
+        assert!(append_ms(&mut s, 300).is_empty());
+        let out = client(&mut s, r#"{"type": "input_audio_buffer.commit"}"#);
+        assert_eq!(
+            names(&out, Dialect::Beta),
+            ["input_audio_buffer.committed", "conversation.item.created", "engine:Add"]
+        );
+        let Effect::Engine(EngineCall::Add { content: Content::UserAudio(a), .. }) = &out[2] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(a.len(), 300 * 16);
+        // The buffer is empty again.
+        let out = client(&mut s, r#"{"type": "input_audio_buffer.commit"}"#);
+        assert!(error_message(&out).contains("0 ms"));
+    }
+
+    #[test]
+    fn an_overfull_buffer_refuses_the_append_and_goes_on() {
+        let mut s = manual();
+        assert!(append_ms(&mut s, 9_000).is_empty());
+        let out = append_ms(&mut s, 2_000);
+        assert!(error_message(&out).contains("at most 10 s"));
+        let out = client(&mut s, r#"{"type": "input_audio_buffer.clear"}"#);
+        assert_eq!(names(&out, Dialect::Beta), ["input_audio_buffer.cleared"]);
+        assert!(append_ms(&mut s, 2_000).is_empty());
+    }
+
+    #[test]
+    fn a_reply_streams_deltas_and_ends_with_response_done() {
+        let mut s = manual();
+        let (rid, iid) = start_reply(&mut s);
+        let mut out = s.handle_engine(ConvEvent::Text { response_id: rid.clone(), piece: "Hel".into() });
+        out.extend(s.handle_engine(ConvEvent::Audio { response_id: rid.clone(), samples: vec![0.0; 1920] }));
+        out.extend(s.handle_engine(ConvEvent::Text { response_id: rid.clone(), piece: "lo".into() }));
+        out.extend(s.handle_engine(ConvEvent::ReplyDone {
+            response_id: rid.clone(),
+            item_id: iid.clone(),
+            text: "Hello".into(),
+            audio_samples: 1920,
+            cancelled: false,
+        }));
+        assert_eq!(
+            names(&out, Dialect::Ga),
+            [
+                "response.output_item.added",
+                "conversation.item.created",
+                "response.content_part.added",
+                "response.output_audio_transcript.delta",
+                "response.output_audio.delta",
+                "response.output_audio_transcript.delta",
+                "response.output_audio.done",
+                "response.output_audio_transcript.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.done",
+            ]
+        );
+        let Some(Effect::Send(ServerEvent::ResponseDone(r))) = out.last() else { panic!() };
+        assert_eq!(r.status, ResponseStatus::Completed);
+        assert_eq!(r.output[0].body, ItemBody::Assistant { modality: Modality::Audio, text: "Hello".into() });
+        // Truncation: within the audio is asked of the engine, beyond it is an error.
+        let out = client(&mut s, &format!(r#"{{"type": "conversation.item.truncate", "item_id": "{iid}", "content_index": 0, "audio_end_ms": 80}}"#));
+        assert!(matches!(&out[..], [Effect::Engine(EngineCall::Truncate { audio_samples: 1920, .. })]), "{out:?}");
+        let out = s.handle_engine(ConvEvent::Truncated { item_id: iid.clone(), audio_samples: 1920, text: "Hel".into() });
+        assert!(matches!(&out[..], [Effect::Send(ServerEvent::ItemTruncated { audio_end_ms: 80, .. })]), "{out:?}");
+        let out = client(&mut s, &format!(r#"{{"type": "conversation.item.truncate", "item_id": "{iid}", "content_index": 0, "audio_end_ms": 81}}"#));
+        assert!(error_message(&out).contains("beyond the item's audio (80 ms)"));
+        let out = client(&mut s, r#"{"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 1}"#);
+        assert!(error_message(&out).contains("no item"));
+    }
+
+    #[test]
+    fn a_cancelled_reply_keeps_what_was_sent() {
+        let mut s = manual();
+        let (rid, iid) = start_reply(&mut s);
+        s.handle_engine(ConvEvent::Audio { response_id: rid.clone(), samples: vec![0.0; 960] });
+        let out = client(&mut s, r#"{"type": "response.cancel"}"#);
+        assert!(matches!(&out[..], [Effect::Engine(EngineCall::Cancel { heard: Some(960) })]), "{out:?}");
+        // Late audio is not forwarded.
+        assert!(s.handle_engine(ConvEvent::Audio { response_id: rid.clone(), samples: vec![0.0; 960] }).is_empty());
+        let out = s.handle_engine(ConvEvent::ReplyDone { response_id: rid, item_id: iid, text: String::new(), audio_samples: 960, cancelled: true });
+        let Some(Effect::Send(ServerEvent::ResponseDone(r))) = out.last() else { panic!("{out:?}") };
+        assert_eq!(r.status, ResponseStatus::Cancelled { turn_detected: false });
+        let out = client(&mut s, r#"{"type": "response.cancel"}"#);
+        assert!(error_message(&out).contains("no reply in progress"));
+    }
+
+    #[test]
+    fn a_reply_cancelled_before_it_began_ends_at_once() {
+        let mut s = manual();
+        let out = client(&mut s, r#"{"type": "response.create"}"#);
+        let Some(Effect::Engine(EngineCall::Respond(r))) = out.last() else { panic!() };
+        let rid = r.response_id.clone();
+        let out = client(&mut s, r#"{"type": "response.create"}"#);
+        assert!(error_message(&out).contains("in progress"));
+        let out = client(&mut s, r#"{"type": "response.cancel"}"#);
+        assert_eq!(names(&out, Dialect::Beta), ["engine:Cancel", "response.done"]);
+        // What the engine says of it later is dropped.
+        assert!(s.handle_engine(ConvEvent::Text { response_id: rid.clone(), piece: "x".into() }).is_empty());
+        assert!(s.handle_engine(ConvEvent::ReplyDone { response_id: rid, item_id: "i".into(), text: "x".into(), audio_samples: 0, cancelled: true }).is_empty());
+    }
+
+    #[test]
+    fn a_tool_call_becomes_a_function_call_item_and_its_output_goes_back() {
+        let mut s = manual();
+        let out = client(&mut s, r#"{"type": "session.update", "session": {"type": "realtime", "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}}"#);
+        assert_eq!(s.dialect(), Dialect::Ga);
+        let Effect::Engine(EngineCall::Configure(setup)) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(setup.tools[0].name, "get_weather");
+        assert!(setup.tools[0].command.is_empty());
+        let (rid, iid) = start_reply(&mut s);
+        let mut out = s.handle_engine(ConvEvent::ToolCall {
+            response_id: rid.clone(),
+            call_id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        });
+        out.extend(s.handle_engine(ConvEvent::ReplyDone { response_id: rid, item_id: iid.clone(), text: String::new(), audio_samples: 0, cancelled: false }));
+        assert_eq!(
+            names(&out, Dialect::Ga),
+            [
+                "response.output_item.added",
+                "conversation.item.created",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.done",
+            ]
+        );
+        let Effect::Send(ServerEvent::FunctionCallArgumentsDone { item_id, arguments, .. }) = &out[3] else { panic!() };
+        assert_eq!(item_id, &iid);
+        assert_eq!(arguments, r#"{"city":"Paris"}"#);
+        let out = client(&mut s, r#"{"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "call_1", "output": "{\"sky\": \"clear\"}"}}"#);
+        let Some(Effect::Engine(EngineCall::Add { content: Content::ToolResult { call_id, output }, .. })) = out.last() else { panic!("{out:?}") };
+        assert_eq!((call_id.as_str(), output.as_str()), ("call_1", "{\"sky\": \"clear\"}"));
+    }
+
+    #[test]
+    fn items_are_added_at_the_end_and_deleted_by_id() {
+        let mut s = manual();
+        let out = client(&mut s, r#"{"type": "conversation.item.create", "item": {"id": "u1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#);
+        assert_eq!(names(&out, Dialect::Beta), ["conversation.item.created", "engine:Add"]);
+        let out = client(&mut s, r#"{"type": "conversation.item.create", "item": {"id": "u1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#);
+        assert!(error_message(&out).contains("exists already"));
+        let out = client(&mut s, r#"{"type": "conversation.item.create", "previous_item_id": "root", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#);
+        assert!(error_message(&out).contains("previous_item_id"));
+        let out = client(&mut s, r#"{"type": "conversation.item.delete", "item_id": "u1"}"#);
+        assert!(matches!(&out[..], [Effect::Engine(EngineCall::Delete { .. })]));
+        let out = client(&mut s, r#"{"type": "conversation.item.delete", "item_id": "u1"}"#);
+        assert!(error_message(&out).contains("no item"));
+    }
+
+    #[test]
+    fn server_vad_is_refused_with_the_reason_when_it_is_unavailable() {
+        let mut s = manual();
+        let out = client(&mut s, r#"{"type": "session.update", "session": {"turn_detection": {"type": "server_vad"}}}"#);
+        assert!(error_message(&out).contains("off in this test"));
+    }
+
+    /// `tests/fixtures/audio/what_time_16k.wav` at 24 kHz.
+    fn question_24k() -> Vec<f32> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/audio/what_time_16k.wav");
+        let mut r = hound::WavReader::open(path).unwrap();
+        let x: Vec<f32> = r.samples::<i16>().map(|s| f32::from(s.unwrap()) / 32768.0).collect();
+        Resampler::resample_all(16_000, 24_000, &x).unwrap()
+    }
+
+    #[test]
+    fn server_vad_finds_the_question_commits_it_and_asks_for_a_reply() {
+        let (mut s, _) = Session::new(2, defaults(true), Dialect::Ga);
+        let start = s.start();
+        assert_eq!(names(&start, Dialect::Ga), ["session.created"], "{start:?}");
+        let mut audio = vec![0.0f32; 24_000 / 2];
+        audio.extend(question_24k());
+        audio.extend(vec![0.0f32; 24_000]);
+        let mut out = Vec::new();
+        for chunk in audio.chunks(2400) {
+            let text = serde_json::json!({"type": "input_audio_buffer.append", "audio": crate::realtime::protocol::encode_pcm16(chunk)});
+            out.extend(client(&mut s, &text.to_string()));
+        }
+        assert_eq!(
+            names(&out, Dialect::Ga),
+            [
+                "input_audio_buffer.speech_started",
+                "input_audio_buffer.speech_stopped",
+                "input_audio_buffer.committed",
+                "conversation.item.created",
+                "engine:Add",
+                "response.created",
+                "engine:Respond",
+            ]
+        );
+        let (Effect::Send(ServerEvent::SpeechStarted { audio_start_ms, item_id: a }), Effect::Send(ServerEvent::SpeechStopped { audio_end_ms, item_id: b })) = (&out[0], &out[1]) else { panic!() };
+        assert_eq!(a, b);
+        assert!((400..700).contains(audio_start_ms), "{audio_start_ms}");
+        assert!(*audio_end_ms > audio_start_ms + 500, "{audio_end_ms}");
+        // Speaking over the reply cancels it (interrupt_response).
+        let (rid, _) = {
+            let Effect::Engine(EngineCall::Respond(r)) = &out[6] else { panic!() };
+            (r.response_id.clone(), r.item_id.clone())
+        };
+        s.handle_engine(ConvEvent::ReplyStarted { response_id: rid, item_id: "x".into(), latency_ms: 0.0 });
+        let mut out = Vec::new();
+        for chunk in question_24k().chunks(2400) {
+            let text = serde_json::json!({"type": "input_audio_buffer.append", "audio": crate::realtime::protocol::encode_pcm16(chunk)});
+            out.extend(client(&mut s, &text.to_string()));
+        }
+        assert_eq!(names(&out, Dialect::Ga)[..2], ["input_audio_buffer.speech_started", "engine:Cancel"]);
+    }
+}
