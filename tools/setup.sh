@@ -27,6 +27,14 @@ if [ -f tools/fetch_vad.sh ]; then
     bash tools/fetch_vad.sh
 fi
 
+# The official openai Python package (pinned) for the Realtime API test
+# (tests/realtime_openai.rs runs tests/realtime/client_test.py with it).
+if ! .venv-rt/bin/python -c "import openai, websockets; assert openai.__version__ == '3.54.0'" 2>/dev/null; then
+    echo "setup: installing openai==3.54.0 into .venv-rt/"
+    python3 -m venv .venv-rt
+    .venv-rt/bin/pip install -q "openai==3.54.0" "websockets==15.0.1"
+fi
+
 if [ "${1:-}" != "--no-build" ]; then
     cargo build --release
     echo "setup: done; the binary is target/release/lfm2d"

@@ -1,0 +1,294 @@
+"""Drives `lfm2d serve --listen` with the official `openai` package's Realtime clients.
+
+Run by tests/realtime_openai.rs against the tiny-c fixture model (random weights: the words are
+noise, the pipeline is real). The server must run with
+LFM2D_FORCE_REPLY='<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>', the test seam
+that makes the first reply of a session with tools that tool call.
+
+Usage: client_test.py PORT QUESTION_WAV
+"""
+
+import asyncio
+import base64
+import json
+import sys
+import wave
+
+from openai import AsyncOpenAI
+
+TIMEOUT = 20.0
+
+
+def pcm16_24k(path):
+    """A 16 kHz mono 16-bit WAV as 24 kHz pcm16 bytes (linear interpolation, 2 -> 3 samples)."""
+    with wave.open(path, "rb") as w:
+        assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
+        raw = w.readframes(w.getnframes())
+    x = [int.from_bytes(raw[i : i + 2], "little", signed=True) for i in range(0, len(raw), 2)]
+    out = []
+    n = len(x)
+    for j in range(n * 3 // 2):
+        pos = j * 2 / 3
+        i = int(pos)
+        frac = pos - i
+        a = x[i]
+        b = x[i + 1] if i + 1 < n else a
+        out.append(int(round(a + (b - a) * frac)))
+    return b"".join(max(-32768, min(32767, v)).to_bytes(2, "little", signed=True) for v in out)
+
+
+def silence(ms):
+    return b"\0\0" * (24 * ms)
+
+
+class Events:
+    """Reads server events; remembers every type seen."""
+
+    def __init__(self, conn, label):
+        self.conn = conn
+        self.label = label
+        self.seen = []
+
+    async def next(self):
+        event = await asyncio.wait_for(self.conn.recv(), TIMEOUT)
+        self.seen.append(event.type)
+        return event
+
+    async def until(self, kind):
+        """Events up to and including the first of type `kind`."""
+        got = []
+        while True:
+            event = await self.next()
+            got.append(event)
+            if event.type == kind:
+                return got
+            if event.type == "error" and kind != "error":
+                raise AssertionError(f"{self.label}: error while waiting for {kind}: {event.error}")
+
+    async def error(self):
+        """The next event, which must be an error."""
+        event = await self.next()
+        assert event.type == "error", f"{self.label}: expected an error, got {event.type}"
+        return event.error
+
+
+def check(cond, message):
+    if not cond:
+        raise AssertionError(message)
+
+
+async def spoken_question_beta(client, question):
+    """Beta dialect: server VAD on a streamed question, transcription, a spoken reply."""
+    async with client.beta.realtime.connect(model="lfm2-audio") as conn:
+        ev = Events(conn, "beta")
+        created = await ev.next()
+        check(created.type == "session.created", f"first event {created.type}")
+        await conn.session.update(
+            session={
+                "modalities": ["text", "audio"],
+                "instructions": "Answer briefly.",
+                "voice": "alloy",
+                "input_audio_format": "pcm16",
+                "output_audio_format": "pcm16",
+                "input_audio_transcription": {"model": "whisper-1"},
+                "turn_detection": {
+                    "type": "server_vad",
+                    "threshold": 0.5,
+                    "prefix_padding_ms": 300,
+                    "silence_duration_ms": 500,
+                    "create_response": True,
+                    "interrupt_response": True,
+                },
+                "max_response_output_tokens": 40,
+            }
+        )
+        updated = (await ev.until("session.updated"))[-1]
+        check(updated.session.input_audio_format == "pcm16", "beta session is flat")
+        check(updated.session.turn_detection.silence_duration_ms == 500, "turn_detection kept")
+        audio = silence(500) + question + silence(1500)
+        step = 24 * 2 * 100  # 100 ms of pcm16
+        for i in range(0, len(audio), step):
+            await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i : i + step]).decode())
+        events = await ev.until("response.done")
+        kinds = [e.type for e in events]
+        for kind in [
+            "input_audio_buffer.speech_started",
+            "input_audio_buffer.speech_stopped",
+            "input_audio_buffer.committed",
+            "conversation.item.created",
+            "conversation.item.input_audio_transcription.completed",
+            "response.created",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.audio_transcript.delta",
+            "response.audio.delta",
+            "response.audio.done",
+            "response.audio_transcript.done",
+            "response.content_part.done",
+            "response.output_item.done",
+        ]:
+            check(kind in kinds, f"beta: no {kind} in {kinds}")
+        order = [k for k in kinds if k.startswith("input_audio_buffer.")]
+        check(order[:3] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed"], f"VAD events in order: {order}")
+        started = next(e for e in events if e.type == "input_audio_buffer.speech_started")
+        stopped = next(e for e in events if e.type == "input_audio_buffer.speech_stopped")
+        check(300 <= started.audio_start_ms <= 800, f"speech starts near 500 ms: {started.audio_start_ms}")
+        check(stopped.audio_end_ms > started.audio_start_ms + 500, f"speech stops later: {stopped.audio_end_ms}")
+        samples = sum(len(base64.b64decode(e.delta)) // 2 for e in events if e.type == "response.audio.delta")
+        check(samples > 0 and all(len(base64.b64decode(e.delta)) % 2 == 0 for e in events if e.type == "response.audio.delta"), "pcm16 audio deltas")
+        transcript = "".join(e.delta for e in events if e.type == "response.audio_transcript.delta")
+        done = events[-1]
+        check(done.response.status == "completed", f"status {done.response.status}")
+        check(done.response.output[0].content[0].transcript == transcript, "transcript.done matches the deltas")
+        print(f"beta: {len(kinds)} events, {samples / 24000:.2f} s of reply audio, transcript {transcript[:40]!r}")
+
+
+async def interrupt_and_truncate_ga(client):
+    """GA dialect: manual turns, a text question, cancel a reply mid-way, truncate it."""
+    async with client.realtime.connect(model="lfm2-audio") as conn:
+        ev = Events(conn, "ga")
+        check((await ev.next()).type == "session.created", "session.created")
+        await conn.session.update(
+            session={
+                "type": "realtime",
+                "output_modalities": ["audio"],
+                "instructions": "Tell long stories.",
+                "audio": {
+                    "input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": None},
+                    "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "marin"},
+                },
+                "max_output_tokens": 4096,
+            }
+        )
+        updated = (await ev.until("session.updated"))[-1]
+        check(updated.session.audio.input.turn_detection is None, "manual turns")
+        await conn.conversation.item.create(
+            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}
+        )
+        await ev.until("conversation.item.created")
+        await conn.response.create()
+        events = await ev.until("response.output_audio.delta")
+        item_id = events[-1].item_id
+        received = len(base64.b64decode(events[-1].delta)) // 2
+        await conn.response.cancel()
+        rest = await ev.until("response.done")
+        received += sum(len(base64.b64decode(e.delta)) // 2 for e in rest if e.type == "response.output_audio.delta")
+        done = rest[-1]
+        check(done.response.status == "cancelled", f"cancelled, got {done.response.status}")
+        heard_ms = max(1, received // 24 // 2)
+        await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=heard_ms)
+        truncated = (await ev.until("conversation.item.truncated"))[-1]
+        check(truncated.item_id == item_id and truncated.audio_end_ms == heard_ms, f"truncated: {truncated}")
+        # Beyond what was sent: an error, and the session goes on.
+        await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=heard_ms + 60_000)
+        err = await ev.error()
+        check("beyond" in err.message, err.message)
+        # A text-only reply in the GA names.
+        await conn.response.create(response={"output_modalities": ["text"]})
+        events = await ev.until("response.done")
+        check(events[-1].response.status == "completed", "text reply completed")
+        check(not any(e.type == "response.output_audio.delta" for e in events), "no audio in a text reply")
+        print(f"ga: cancelled after {received / 24000:.2f} s, truncated to {heard_ms} ms; text reply events {[e.type for e in events]}")
+
+
+async def function_call_round_trip(client):
+    """A tool call (the LFM2D_FORCE_REPLY seam) and its output sent back."""
+    async with client.realtime.connect(model="lfm2-audio") as conn:
+        ev = Events(conn, "tools")
+        await ev.until("session.created")
+        await conn.session.update(
+            session={
+                "type": "realtime",
+                "output_modalities": ["audio"],
+                "audio": {"input": {"turn_detection": None}},
+                "tools": [
+                    {
+                        "type": "function",
+                        "name": "get_weather",
+                        "description": "The weather in a city",
+                        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                    }
+                ],
+                "max_output_tokens": 40,
+            }
+        )
+        await ev.until("session.updated")
+        await conn.conversation.item.create(
+            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}
+        )
+        await conn.response.create()
+        events = await ev.until("response.done")
+        calls = [e for e in events if e.type == "response.function_call_arguments.done"]
+        check(len(calls) == 1, f"one function call in {[e.type for e in events]}")
+        call = calls[0]
+        check(call.name == "get_weather", call.name)
+        check(json.loads(call.arguments) == {"city": "Paris"}, call.arguments)
+        check(any(e.type == "response.function_call_arguments.delta" for e in events), "arguments delta")
+        output = events[-1].response.output
+        check(any(o.type == "function_call" and o.call_id == call.call_id for o in output), "function_call in response.done")
+        await conn.conversation.item.create(
+            item={"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"sky": "clear", "celsius": 21})}
+        )
+        created = (await ev.until("conversation.item.created"))[-1]
+        check(created.item.type == "function_call_output", created.item.type)
+        await conn.response.create()
+        events = await ev.until("response.done")
+        check(events[-1].response.status == "completed", "the reply after the tool output")
+        check(not any(e.type == "response.function_call_arguments.done" for e in events), "the second reply is not forced")
+        print(f"tools: get_weather({call.arguments}) -> output -> {len(events)} events")
+
+
+async def garbage(client):
+    """Malformed input gives error events, and the session still works afterwards."""
+    async with client.realtime.connect(model="lfm2-audio") as conn:
+        ev = Events(conn, "garbage")
+        await ev.until("session.created")
+        await conn.send_raw("this is not json")
+        check((await ev.error()).code == "invalid_json", "non-JSON")
+        await conn.send_raw(json.dumps({"type": "no.such.event", "event_id": "evt_garbage"}))
+        err = await ev.error()
+        check(err.code == "unknown_event" and err.event_id == "evt_garbage", f"unknown type: {err}")
+        await conn.send_raw(json.dumps({"type": "input_audio_buffer.append", "audio": "%%% not base64 %%%"}))
+        err = await ev.error()
+        check(err.code == "invalid_audio" and "base64" in err.message, f"bad base64: {err}")
+        await conn.send_raw(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu"}}}}}))
+        err = await ev.error()
+        check(err.code == "unsupported_audio_format" and "24000" in err.message, f"wrong format: {err}")
+        await conn.send_raw(json.dumps({"type": "session.update", "session": {"input_audio_format": "g711_ulaw"}}))
+        check((await ev.error()).code == "unsupported_audio_format", "wrong beta format")
+        await conn.send_raw(json.dumps({"type": "conversation.item.truncate", "item_id": "item_nope", "content_index": 0, "audio_end_ms": 5}))
+        check("no item" in (await ev.error()).message, "truncate of an unknown item")
+        await conn.send_raw(json.dumps([1, 2, 3]))
+        check((await ev.error()).code == "invalid_event", "not an object")
+        await conn.send_raw(json.dumps({"type": "input_audio_buffer.commit"}))
+        check((await ev.error()).code == "input_audio_buffer_commit_empty", "empty commit")
+        # Still working: a question and a reply.
+        await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}, "max_output_tokens": 20})
+        await ev.until("session.updated")
+        await conn.conversation.item.create(
+            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Still there?"}]}
+        )
+        await conn.response.create()
+        events = await ev.until("response.done")
+        check(events[-1].response.status == "completed", "a reply after the garbage")
+        print(f"garbage: {ev.seen.count('error')} errors, then a reply")
+
+
+async def main():
+    port, wav = int(sys.argv[1]), sys.argv[2]
+    question = pcm16_24k(wav)
+    client = AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        # The beta client always dials wss:// unless told where the WebSocket is.
+        websocket_base_url=f"ws://127.0.0.1:{port}/v1",
+        api_key="any-key",
+    )
+    await spoken_question_beta(client, question)
+    await interrupt_and_truncate_ga(client)
+    await function_call_round_trip(client)
+    await garbage(client)
+    print("realtime client test: all parts passed")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
