@@ -417,6 +417,7 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
     let mut user_turns = 0u64;
     let mut last_user: Option<(String, Vec<f32>)> = None;
     let mut spoke_at: Option<Instant> = None;
+    let mut tool_round = false;
     let deadline = args
         .seconds
         .map(|s| start + Duration::from_secs_f64(s.max(0.0)));
@@ -474,6 +475,8 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     player.queue(&samples);
                 }
                 Ok(ConvEvent::ToolCall { name, arguments, call_id, .. }) => {
+                    // The answer comes in a reply of its own, after the result.
+                    tool_round = true;
                     say(format!("\n{} tool call {call_id}: {name}({arguments})", stamp(start)));
                 }
                 Ok(ConvEvent::ToolResult { call_id, output, ok, .. }) => {
@@ -493,7 +496,9 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                         if was_cut { "(interrupted, kept)" } else { "(done)" },
                         audio_samples as f64 / 24_000.0
                     ));
-                    if Some(&response_id) == current.as_ref() || current.is_none() {
+                    if std::mem::take(&mut tool_round) && !was_cut {
+                        // The tool runs, then the model answers: the response goes on.
+                    } else if Some(&response_id) == current.as_ref() || current.is_none() {
                         replies += 1;
                         if was_cut {
                             reply_base = None;
@@ -507,8 +512,8 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     say(format!("{} context full: dropped the {} oldest items", stamp(start), item_ids.len()));
                 }
                 Ok(ConvEvent::Error { message, .. }) => {
+                    // Every reply ends with ReplyDone, failed ones too: this is only news.
                     eprintln!("{} error: {message}", stamp(start));
-                    reply_done = true;
                 }
                 Ok(_) => {}
                 Err(_) => break,
@@ -686,11 +691,10 @@ fn transcribe_or_translate(args: &Args, r: &Resolved, engine: &EngineHandle) -> 
     loop {
         select! {
             recv(listener.events()) -> ev => match ev {
-                Ok(ListenEvent::Vad { event: VadEvent::SpeechEnded { at, audio, .. }, .. }) => {
+                Ok(ListenEvent::Vad { event: VadEvent::SpeechEnded { started, at, audio, .. }, .. }) => {
                     n += 1;
                     let id = format!("utterance-{n}");
-                    let begin = at.saturating_sub(Duration::from_secs_f64(audio.len() as f64 / 16_000.0));
-                    spans.insert(id.clone(), (begin, at));
+                    spans.insert(id.clone(), (started, at));
                     if translate {
                         conv.add(id.clone(), Content::UserAudio(audio));
                         conv.respond(Respond { response_id: id.clone(), item_id: format!("{id}-reply"), output: None });

@@ -545,7 +545,24 @@ impl Worker {
         let mut round = 0;
         let mut item_id = req.item_id.clone();
         loop {
-            let calls = self.reply(conv, seq, &req.response_id, &item_id, output, started)?;
+            // Every reply ends with ReplyDone, a failed one too, so that clients waiting for
+            // the end of a response are never left hanging.
+            let closing = |conv: &Conv, item_id: &str| {
+                conv.emit(ConvEvent::ReplyDone {
+                    response_id: req.response_id.clone(),
+                    item_id: item_id.to_owned(),
+                    text: String::new(),
+                    audio_samples: 0,
+                    cancelled: false,
+                })
+            };
+            let calls = match self.reply(conv, seq, &req.response_id, &item_id, output, started) {
+                Ok(calls) => calls,
+                Err(e) => {
+                    closing(conv, &item_id);
+                    return Err(e);
+                }
+            };
             if calls.is_empty() {
                 return Ok(());
             }
@@ -575,11 +592,14 @@ impl Worker {
                     output: output.clone(),
                     ok,
                 });
-                self.add(
+                if let Err(e) = self.add(
                     conv,
                     format!("{item_id}-result-{call_id}"),
                     Content::ToolResult { call_id, output },
-                )?;
+                ) {
+                    closing(conv, &item_id);
+                    return Err(e);
+                }
             }
             if conv.cancel.check(seq).is_some() {
                 return Ok(());
@@ -855,24 +875,18 @@ impl Worker {
                 footer,
             },
         });
-        conv.emit(ConvEvent::ReplyDone {
-            response_id: response_id.to_owned(),
-            item_id: item_id.to_owned(),
-            text,
-            audio_samples: kept_samples,
-            cancelled,
-        });
-        if cancelled {
-            return Ok(Vec::new());
-        }
-        let Some(call_text) = tools::extract_call_text(&raw) else {
-            return Ok(Vec::new());
+        // Calls are reported before the reply ends.
+        let call_text = if cancelled {
+            None
+        } else {
+            tools::extract_call_text(&raw)
         };
-        let parsed = tools::parse_calls(call_text).map_err(|e| e.to_string());
+        let parsed = call_text.map(|t| tools::parse_calls(t).map_err(|e| e.to_string()));
         let calls: Vec<Result<ToolCall, String>> = match parsed {
-            Ok(calls) if calls.is_empty() => vec![Err("an empty tool call".to_owned())],
-            Ok(calls) => calls.into_iter().map(Ok).collect(),
-            Err(e) => vec![Err(e)],
+            None => Vec::new(),
+            Some(Ok(calls)) if calls.is_empty() => vec![Err("an empty tool call".to_owned())],
+            Some(Ok(calls)) => calls.into_iter().map(Ok).collect(),
+            Some(Err(e)) => vec![Err(e)],
         };
         let mut out = Vec::new();
         for call in calls {
@@ -892,6 +906,13 @@ impl Worker {
             }
             out.push((call_id, call));
         }
+        conv.emit(ConvEvent::ReplyDone {
+            response_id: response_id.to_owned(),
+            item_id: item_id.to_owned(),
+            text,
+            audio_samples: kept_samples,
+            cancelled,
+        });
         Ok(out)
     }
 }
