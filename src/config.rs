@@ -56,7 +56,11 @@ pub struct AssistantSection {
     pub voice: String,
     pub translate_to: String,
     pub transcript_file: String,
+    pub speak_translation: bool,
     pub max_reply_tokens: usize,
+    pub context_limit: usize,
+    pub builtin_tools: bool,
+    pub max_tool_rounds: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -117,7 +121,11 @@ impl Default for AssistantSection {
             voice: "us-female".into(),
             translate_to: String::new(),
             transcript_file: String::new(),
+            speak_translation: false,
             max_reply_tokens: 1024,
+            context_limit: 0,
+            builtin_tools: true,
+            max_tool_rounds: 3,
         }
     }
 }

@@ -51,8 +51,24 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, extra: &[&str]) -> Self {
+        Self::start_with(config, extra, &[], None)
+    }
+
+    /// With extra environment variables, and optionally `stdin` text.
+    fn start_with(
+        config: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        stdin: Option<&str>,
+    ) -> Self {
         let model = root().join("tests/fixtures/tiny-c/model");
         let mut child = Command::new(env!("CARGO_BIN_EXE_lfm2d"))
+            .envs(env.iter().copied())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .args([
                 "serve",
                 "--config",
@@ -67,6 +83,14 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("lfm2d serve starts");
+        if let Some(text) = stdin {
+            let mut pipe = child.stdin.take().unwrap();
+            let text = text.to_owned();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = pipe.write_all(text.as_bytes());
+            });
+        }
         let (tx, rx) = mpsc::channel();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -147,11 +171,18 @@ fn record_speaker<R>(dir: &Path, f: impl FnOnce() -> R) -> (R, f32) {
     (r, peak)
 }
 
+/// The tests share one microphone and one speaker: one at a time.
+fn devices() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn spoken_turns_get_spoken_replies_and_barge_in_cuts_the_reply() {
     if !enabled("spoken_turns_get_spoken_replies_and_barge_in_cuts_the_reply") {
         return;
     }
+    let _devices = devices();
     let tmp = tempfile::tempdir().unwrap();
     let q1 = espeak(tmp.path(), "q1", "What is the weather like today?");
     let q2 = espeak(tmp.path(), "q2", "And what about tomorrow?");
@@ -160,7 +191,7 @@ fn spoken_turns_get_spoken_replies_and_barge_in_cuts_the_reply() {
     let config = tmp.path().join("short.toml");
     std::fs::write(
         &config,
-        "[assistant]\nmax_reply_tokens = 40\n[sampling]\naudio_temperature = 0.0\n",
+        "[assistant]\nmax_reply_tokens = 40\nbuiltin_tools = false\n[sampling]\naudio_temperature = 0.0\n",
     )
     .unwrap();
     let mut d = Daemon::start(&config, &["--max-turns", "2", "--seconds", "90"]);
@@ -189,7 +220,7 @@ fn spoken_turns_get_spoken_replies_and_barge_in_cuts_the_reply() {
     let config = tmp.path().join("long.toml");
     std::fs::write(
         &config,
-        "[assistant]\nmax_reply_tokens = 400\n[sampling]\naudio_temperature = 0.0\n",
+        "[assistant]\nmax_reply_tokens = 400\nbuiltin_tools = false\n[sampling]\naudio_temperature = 0.0\n",
     )
     .unwrap();
     let mut d = Daemon::start(&config, &["--max-turns", "2", "--seconds", "90"]);
@@ -228,4 +259,178 @@ fn spoken_turns_get_spoken_replies_and_barge_in_cuts_the_reply() {
         }
     }
     assert_eq!(d.count("first audio"), 2, "{}", d.seen.join("\n"));
+}
+
+/// A spoken question whose reply is a tool call (forced through the engine's test seam,
+/// `LFM2D_FORCE_REPLY`): the configured tool runs with the JSON arguments on stdin, its result
+/// goes back to the model, and the answer is spoken.
+#[test]
+fn a_tool_call_runs_the_configured_tool_and_the_answer_is_spoken() {
+    if !enabled("a_tool_call_runs_the_configured_tool_and_the_answer_is_spoken") {
+        return;
+    }
+    let _devices = devices();
+    let tmp = tempfile::tempdir().unwrap();
+    let q = espeak(tmp.path(), "q", "What is the weather in Paris?");
+    let seen_args = tmp.path().join("args.json");
+    let config = tmp.path().join("tools.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[assistant]
+max_reply_tokens = 40
+[sampling]
+audio_temperature = 0.0
+[[tools]]
+name = "get_weather"
+description = "Get the weather forecast for a city."
+parameters = {{ type = "object", properties = {{ city = {{ type = "string" }} }}, required = ["city"] }}
+command = ["sh", "-c", "cat > {}; echo '{{\"forecast\": \"sunny\"}}'"]
+timeout_secs = 5
+"#,
+            seen_args.display()
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::start_with(
+        &config,
+        &["--max-turns", "1", "--seconds", "90"],
+        &[(
+            "LFM2D_FORCE_REPLY",
+            r#"<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>"#,
+        )],
+        None,
+    );
+    d.wait_for("listening", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(800));
+    let ((), peak) = record_speaker(tmp.path(), || {
+        play_into_mic(&q);
+        d.wait_for("stopped after 1 replies", Duration::from_secs(60));
+    });
+    let log = d.seen.join("\n");
+    let call = d.wait_for("tool call", Duration::ZERO);
+    assert!(call.contains(r#"get_weather({"city":"Paris"})"#), "{log}");
+    let result = d.wait_for("tool result", Duration::ZERO);
+    assert!(result.contains("(ok)") && result.contains("sunny"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&seen_args).unwrap(),
+        r#"{"city":"Paris"}"#,
+        "the tool got the arguments on stdin"
+    );
+    assert_eq!(
+        d.count("assistant (done)"),
+        2,
+        "the call, then the answer: {log}"
+    );
+    assert!(peak > 0.01, "the answer is spoken (peak {peak}): {log}");
+}
+
+/// Live transcription: each utterance, timestamped, on stdout and in the transcript file.
+#[test]
+fn transcribe_mode_writes_timestamped_lines() {
+    if !enabled("transcribe_mode_writes_timestamped_lines") {
+        return;
+    }
+    let _devices = devices();
+    let tmp = tempfile::tempdir().unwrap();
+    let q = espeak(tmp.path(), "q", "Please take a note of this sentence.");
+    let file = tmp.path().join("transcript.txt");
+    let config = tmp.path().join("c.toml");
+    std::fs::write(&config, "").unwrap();
+    let mut d = Daemon::start(
+        &config,
+        &[
+            "--mode",
+            "transcribe",
+            "--transcript",
+            file.to_str().unwrap(),
+            "--max-turns",
+            "1",
+            "--seconds",
+            "60",
+        ],
+    );
+    d.wait_for("transcribing", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(800));
+    play_into_mic(&q);
+    d.wait_for("stopped after 1 utterances", Duration::from_secs(30));
+    let line = d.wait_for("-->", Duration::ZERO);
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(
+        written.trim(),
+        line.trim(),
+        "the file holds what was printed"
+    );
+    // [00:00:01.23 --> 00:00:03.45] text: the span is the utterance's, about the clip's length.
+    let times: Vec<f64> = line[1..line.find(']').unwrap()]
+        .split(" --> ")
+        .map(|t| {
+            let p: Vec<f64> = t.split(':').map(|x| x.parse().unwrap()).collect();
+            p[0] * 3600.0 + p[1] * 60.0 + p[2]
+        })
+        .collect();
+    let spoken = hound::WavReader::open(&q).unwrap().duration() as f64 / 22_050.0;
+    let span = times[1] - times[0];
+    assert!(
+        times[0] >= 0.0 && (span - spoken).abs() < 0.8,
+        "{line} for {spoken:.2} s of speech"
+    );
+}
+
+/// Translation: the utterance is translated (printed with the language) and spoken.
+#[test]
+fn translate_mode_prints_and_speaks_each_utterance() {
+    if !enabled("translate_mode_prints_and_speaks_each_utterance") {
+        return;
+    }
+    let _devices = devices();
+    let tmp = tempfile::tempdir().unwrap();
+    let q = espeak(tmp.path(), "q", "Where is the train station?");
+    let config = tmp.path().join("c.toml");
+    std::fs::write(&config, "[assistant]\nmax_reply_tokens = 30\n").unwrap();
+    let mut d = Daemon::start(
+        &config,
+        &[
+            "--mode",
+            "translate",
+            "--to",
+            "French",
+            "--speak",
+            "--max-turns",
+            "1",
+            "--seconds",
+            "60",
+        ],
+    );
+    d.wait_for("translating into French", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(800));
+    let ((), peak) = record_speaker(tmp.path(), || {
+        play_into_mic(&q);
+        d.wait_for("stopped after 1 utterances", Duration::from_secs(30));
+    });
+    d.wait_for("(French)", Duration::ZERO);
+    assert!(peak > 0.01, "the translation is spoken (peak {peak})");
+}
+
+/// Speak mode reads stdin lines aloud and stops at the end of the input.
+#[test]
+fn speak_mode_reads_stdin_aloud() {
+    if !enabled("speak_mode_reads_stdin_aloud") {
+        return;
+    }
+    let _devices = devices();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("c.toml");
+    std::fs::write(&config, "[assistant]\nmax_reply_tokens = 40\n").unwrap();
+    let ((), peak) = record_speaker(tmp.path(), || {
+        let mut d = Daemon::start_with(
+            &config,
+            &["--mode", "speak", "--voice", "uk-male", "--seconds", "60"],
+            &[],
+            Some("Hello there.\n\nGoodbye now.\n"),
+        );
+        d.wait_for("stopped after 2 lines", Duration::from_secs(60));
+        assert_eq!(d.count(" said "), 2, "{}", d.seen.join("\n"));
+    });
+    assert!(peak > 0.01, "the lines are spoken (peak {peak})");
 }

@@ -63,6 +63,10 @@ pub const BLOCK: usize = 128;
 /// estimate's error and for a loudspeaker whose response starts a little early.
 pub const PRE_DELAY: usize = 64;
 
+/// Playing time after which a canceller that has never found an echo takes the microphone to
+/// be deaf to the speaker (1.5 s; a real echo path is measured well within it).
+const NO_ECHO_AFTER: u64 = MODEL_SAMPLE_RATE as u64 * 3 / 2;
+
 /// Microphone history kept for the delay measurement (2 s).
 const HISTORY: usize = 2 * MODEL_SAMPLE_RATE as usize;
 /// Longest correlation window (1 s) and shortest (0.25 s).
@@ -482,6 +486,13 @@ impl EchoCanceller {
             EchoMode::HalfDuplex => self.gate.observe_quiet(speech && !p.audible),
             EchoMode::Gate | EchoMode::Cancel => {
                 if !p.audible {
+                    self.gate.observe_quiet(speech)
+                } else if !p.aligned
+                    && self.offset.is_none()
+                    && self.done.saturating_sub(self.generation_start) >= NO_ECHO_AFTER
+                {
+                    // No echo has ever been found, after this long of playing: the microphone
+                    // does not hear the speaker (headphones), so speech is the user's.
                     self.gate.observe_quiet(speech)
                 } else if !p.aligned || p.len == 0 || self.done < self.settle_until {
                     self.gate.observe_unsure()

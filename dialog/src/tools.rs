@@ -626,3 +626,56 @@ mod tests {
         );
     }
 }
+
+/// Runs a built-in tool (see [`built_in`]). `on_timer` is called with the timer's label when a
+/// timer set with `set_timer` runs out (from a thread of its own).
+pub fn run_built_in(
+    call: &ToolCall,
+    on_timer: impl FnOnce(String) + Send + 'static,
+) -> ToolOutcome {
+    match call.name.as_str() {
+        "get_current_time" => {
+            let now = chrono::Local::now();
+            ToolOutcome::Ok(
+                serde_json::json!({
+                    "date": now.format("%A %-d %B %Y").to_string(),
+                    "time": now.format("%H:%M").to_string(),
+                    "iso": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+                })
+                .to_string(),
+            )
+        }
+        "set_timer" => {
+            let seconds = match call.arguments.get("seconds").and_then(Value::as_f64) {
+                Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => s,
+                Some(s) => {
+                    return ToolOutcome::Failed(format!(
+                        "seconds = {s}: expected a duration between 0 and 86400"
+                    ))
+                }
+                None => return ToolOutcome::Failed("set_timer needs a number `seconds`".into()),
+            };
+            let label = call
+                .arguments
+                .get("label")
+                .and_then(Value::as_str)
+                .unwrap_or("timer")
+                .to_owned();
+            let name = label.clone();
+            let spawned = std::thread::Builder::new()
+                .name("timer".into())
+                .spawn(move || {
+                    std::thread::sleep(Duration::from_secs_f64(seconds));
+                    on_timer(name);
+                });
+            match spawned {
+                Ok(_) => ToolOutcome::Ok(
+                    serde_json::json!({"status": "set", "seconds": seconds, "label": label})
+                        .to_string(),
+                ),
+                Err(e) => ToolOutcome::Failed(format!("cannot start the timer: {e}")),
+            }
+        }
+        other => ToolOutcome::Failed(format!("there is no built-in tool named {other:?}")),
+    }
+}

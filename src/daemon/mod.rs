@@ -1,4 +1,2 @@
-//! The voice assistant daemon: the engine thread and the serve loop.
-
-pub mod engine;
+//! The voice assistant daemon: the serve loop (the model runs in `crate::engine`).
 pub mod serve;

@@ -1,5 +1,4 @@
 //! The engine: one thread that owns the model and runs every conversation in turn.
-#![allow(dead_code)] // the API is used as the daemon and the servers move onto it
 //!
 //! Clients (the voice daemon, the Realtime WebSocket server, tests) [`open`](EngineHandle::open)
 //! a [`Conversation`] and talk to it through its methods; each call queues a job for the engine
@@ -27,6 +26,8 @@ pub enum Output {
     Speech,
     /// Text only.
     Text,
+    /// The text first, then its speech (the model's sequential mode, used for text to speech).
+    Tts,
 }
 
 /// Who runs the tools the model calls.
@@ -79,7 +80,9 @@ pub struct Respond {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConvEvent {
     /// An item is in the conversation (prefilled).
-    Added { item_id: String },
+    Added {
+        item_id: String,
+    },
     /// A reply has begun; `latency_ms` is the time from the job's start to its first item.
     ReplyStarted {
         response_id: String,
@@ -87,7 +90,10 @@ pub enum ConvEvent {
         latency_ms: f64,
     },
     /// Readable text of the reply as it grows.
-    Text { response_id: String, piece: String },
+    Text {
+        response_id: String,
+        piece: String,
+    },
     /// 24 kHz samples of the reply's speech.
     Audio {
         response_id: String,
@@ -123,11 +129,22 @@ pub enum ConvEvent {
         audio_samples: u64,
         text: String,
     },
-    Deleted { item_id: String },
+    Deleted {
+        item_id: String,
+    },
     /// The transcript of a user audio item (asked for with [`Conversation::transcribe`]).
-    Transcript { item_id: String, text: String },
+    Transcript {
+        item_id: String,
+        text: String,
+    },
+    /// A timer set with the built-in `set_timer` tool has run out.
+    TimerFired {
+        label: String,
+    },
     /// The oldest items were dropped to make room (the context was full).
-    Trimmed { item_ids: Vec<String> },
+    Trimmed {
+        item_ids: Vec<String>,
+    },
     /// A job failed; the conversation is as it was before the job.
     Error {
         item_id: Option<String>,
@@ -149,11 +166,11 @@ pub(crate) struct Cancel {
 }
 
 impl Cancel {
-    fn ask(&self) -> u64 {
+    pub(crate) fn ask(&self) -> u64 {
         self.asked.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    fn cancel(&self, heard: Option<u64>) {
+    pub(crate) fn cancel(&self, heard: Option<u64>) {
         self.heard
             .store(heard.map_or(0, |h| h.saturating_add(1)), Ordering::SeqCst);
         self.upto
@@ -339,14 +356,31 @@ impl Drop for Conversation {
     }
 }
 
+/// Settings of the engine as a whole.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Positions a conversation may hold before its oldest turns are dropped (None: the model's
+    /// context).
+    pub context_limit: Option<usize>,
+}
+
 /// Starts the engine thread. It owns the model and the audio decoder (`detok`) until
 /// [`EngineHandle::shutdown`] or until every handle is dropped.
 pub fn spawn(
     model: Arc<lfm2_audio::model::Lfm2AudioModel>,
     detok: Box<dyn codec::Detokenizer>,
 ) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    spawn_with(model, detok, EngineOptions::default())
+}
+
+/// [`spawn`] with options.
+pub fn spawn_with(
+    model: Arc<lfm2_audio::model::Lfm2AudioModel>,
+    detok: Box<dyn codec::Detokenizer>,
+    options: EngineOptions,
+) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (jobs, rx) = crossbeam_channel::unbounded();
-    let mut worker = worker::Worker::new(model, detok);
+    let mut worker = worker::Worker::new(model, detok, options);
     let thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || worker.run(rx))?;
@@ -359,4 +393,8 @@ pub fn spawn(
     ))
 }
 
+#[cfg(test)]
+mod tests;
 mod worker;
+
+pub use worker::strip_specials;

@@ -1,30 +1,954 @@
 //! The engine thread's side: conversations, their histories, and the reply loop.
+//!
+//! A conversation is the system turn followed by entries (user turns, tool turns, replies), each
+//! remembering the positions it occupies in the session and what is needed to prefill it again.
+//! Appending an entry prefills only that entry. Changing the history in the middle (deleting or
+//! truncating an entry, dropping the oldest turns, new instructions) truncates the session at the
+//! first changed entry and prefills everything after it in one batch.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
+use anyhow::Context;
+use candle_core::Tensor;
 use codec::Detokenizer;
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
+use dialog::reply::{ReplyItem, ReplyTracker};
+use dialog::tools::{self, ToolCall, ToolOutcome};
+use lfm2_audio::depthformer::{Frame, END_OF_AUDIO};
+use lfm2_audio::generate::{
+    asr_chat, generate_text, prefill_chat, GenerationMode, Generator, Token,
+};
 use lfm2_audio::model::Lfm2AudioModel;
+use lfm2_audio::prompt::{ChatState, Item};
+use lfm2_audio::sampling::{Sampler, SamplingParams};
+use lfm2_audio::session::Session;
+use lfm2_audio::tokenizer::TextStream;
 
-use super::Job;
+use super::{Cancel, Content, ConvEvent, EngineOptions, Job, Output, Respond, Setup, ToolPolicy};
+
+/// Environment variable of the test seam: text teacher-forced at the start of the first reply of
+/// every conversation that declares tools (see the README).
+pub const FORCE_REPLY_ENV: &str = "LFM2D_FORCE_REPLY";
+
+/// Longest transcript of one clip, in tokens.
+const MAX_TRANSCRIPT_TOKENS: usize = 448;
+
+/// A run of positions, as needed to prefill it again.
+#[derive(Debug, Clone)]
+pub(crate) enum Part {
+    Text(Vec<u32>),
+    /// Encoder output of a clip, `[n, hidden]`.
+    AudioIn(Tensor),
+    /// Generated audio frames.
+    Frames(Vec<Frame>),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Body {
+    /// A whole turn, markers included.
+    Turn(Vec<Part>),
+    /// A generated reply: `<|im_start|>assistant\n`, what was generated, `<|im_end|>\n`.
+    Reply {
+        header: Vec<u32>,
+        tokens: Vec<Token>,
+        footer: Vec<u32>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) id: String,
+    pub(crate) body: Body,
+    /// Where it starts in the session, and how many positions it has.
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+}
+
+impl Entry {
+    fn parts(&self) -> Vec<Part> {
+        match &self.body {
+            Body::Turn(parts) => parts.clone(),
+            Body::Reply {
+                header,
+                tokens,
+                footer,
+            } => {
+                let mut parts = vec![Part::Text(header.clone())];
+                parts.extend(token_parts(tokens));
+                parts.push(Part::Text(footer.clone()));
+                parts
+            }
+        }
+    }
+}
+
+/// Groups a reply's tokens into runs of text and of frames.
+fn token_parts(tokens: &[Token]) -> Vec<Part> {
+    let mut parts: Vec<Part> = Vec::new();
+    for t in tokens {
+        match (t, parts.last_mut()) {
+            (Token::Text(id), Some(Part::Text(ids))) => ids.push(*id),
+            (Token::Text(id), _) => parts.push(Part::Text(vec![*id])),
+            (Token::Audio(f), Some(Part::Frames(fs))) => fs.push(f.clone()),
+            (Token::Audio(f), _) => parts.push(Part::Frames(vec![f.clone()])),
+        }
+    }
+    parts
+}
+
+fn samples_of(tokens: &[Token]) -> u64 {
+    tokens
+        .iter()
+        .filter(|t| matches!(t, Token::Audio(f) if !f.contains(&END_OF_AUDIO)))
+        .count() as u64
+        * codec::SAMPLES_PER_FRAME as u64
+}
+
+pub(crate) struct Conv {
+    pub(crate) setup: Setup,
+    pub(crate) session: Session,
+    events: Sender<ConvEvent>,
+    pub(crate) cancel: Arc<Cancel>,
+    /// Positions of `<|startoftext|>` and the system turn.
+    base: usize,
+    pub(crate) entries: Vec<Entry>,
+    /// Replies generated so far (the test seam forces only the first).
+    replies: u64,
+    /// Tool calls so far, for their ids.
+    calls: u64,
+}
+
+impl Conv {
+    fn emit(&self, ev: ConvEvent) {
+        // A client that went away no longer listens; the engine carries on.
+        let _ = self.events.send(ev);
+    }
+
+    fn position_of(&self, item_id: &str) -> Option<usize> {
+        self.entries.iter().position(|e| e.id == item_id)
+    }
+}
+
+/// How a reply ended.
+enum Ending {
+    /// The model finished (or reached the step or context limit).
+    Done,
+    /// Cancelled; `Some(samples)` heard, or `None` to keep everything generated.
+    Cancelled(Option<u64>),
+    /// Text output and the model wanted to speak: stopped before the audio.
+    TextOnly,
+}
 
 pub(crate) struct Worker {
     model: Arc<Lfm2AudioModel>,
     detok: Box<dyn Detokenizer>,
+    options: EngineOptions,
+    convs: HashMap<u64, Conv>,
+    forced: Option<String>,
 }
 
 impl Worker {
-    pub(crate) fn new(model: Arc<Lfm2AudioModel>, detok: Box<dyn Detokenizer>) -> Self {
-        Self { model, detok }
+    pub(crate) fn new(
+        model: Arc<Lfm2AudioModel>,
+        detok: Box<dyn Detokenizer>,
+        options: EngineOptions,
+    ) -> Self {
+        let forced = std::env::var(FORCE_REPLY_ENV)
+            .ok()
+            .filter(|s| !s.is_empty());
+        Self {
+            model,
+            detok,
+            options,
+            convs: HashMap::new(),
+            forced,
+        }
     }
 
     pub(crate) fn run(&mut self, jobs: Receiver<Job>) {
-        let _ = (&self.model, &self.detok);
         while let Ok(job) = jobs.recv() {
-            if let Job::Shutdown = job {
-                break;
+            match job {
+                Job::Shutdown => break,
+                Job::Open {
+                    conv,
+                    setup,
+                    events,
+                    cancel,
+                    done,
+                } => {
+                    let r = self.open(setup, events, cancel).map(|c| {
+                        self.convs.insert(conv, c);
+                    });
+                    let _ = done.send(r);
+                }
+                Job::Close { conv } => {
+                    self.convs.remove(&conv);
+                }
+                job => self.conversation_job(job),
             }
-            todo!("engine jobs")
         }
     }
+
+    /// Teacher-forces `text` at the start of the first reply of conversations with tools (the
+    /// test seam that [`FORCE_REPLY_ENV`] sets).
+    pub(crate) fn force_reply(&mut self, text: &str) {
+        self.forced = Some(text.to_owned());
+    }
+
+    /// The model's context, or the configured smaller one.
+    fn context_limit(&self) -> usize {
+        let model = self.model.config.lfm.max_position_embeddings;
+        match self.options.context_limit {
+            Some(n) if n > 0 => n.min(model),
+            _ => model,
+        }
+    }
+
+    fn conversation_job(&mut self, job: Job) {
+        let (id, item_id) = match &job {
+            Job::Configure { conv, .. } => (*conv, None),
+            Job::Add { conv, item_id, .. }
+            | Job::Truncate { conv, item_id, .. }
+            | Job::Delete { conv, item_id }
+            | Job::Transcribe { conv, item_id, .. } => (*conv, Some(item_id.clone())),
+            Job::Respond { conv, respond, .. } => (*conv, Some(respond.item_id.clone())),
+            Job::Open { .. } | Job::Close { .. } | Job::Shutdown => return,
+        };
+        // A job of a closed conversation has nobody to report to.
+        let Some(mut conv) = self.convs.remove(&id) else {
+            return;
+        };
+        let result = match job {
+            Job::Configure { setup, .. } => self.configure(&mut conv, setup),
+            Job::Add {
+                item_id, content, ..
+            } => self.add(&mut conv, item_id, content),
+            Job::Respond { seq, respond, .. } => self.respond(&mut conv, seq, respond),
+            Job::Truncate {
+                item_id,
+                audio_samples,
+                ..
+            } => self.truncate(&mut conv, &item_id, audio_samples),
+            Job::Delete { item_id, .. } => self.delete(&mut conv, &item_id),
+            Job::Transcribe { item_id, audio, .. } => self.transcribe(&conv, item_id, &audio),
+            Job::Open { .. } | Job::Close { .. } | Job::Shutdown => Ok(()),
+        };
+        if let Err(e) = result {
+            // Whatever failed, the session must match the entries again.
+            if let Err(e2) = self.rebuild(&mut conv, 0) {
+                conv.emit(ConvEvent::Error {
+                    item_id: None,
+                    message: format!("the conversation could not be restored: {e2:#}"),
+                });
+            }
+            conv.emit(ConvEvent::Error {
+                item_id,
+                message: format!("{e:#}"),
+            });
+        }
+        self.convs.insert(id, conv);
+    }
+
+    fn system_chat(&self, setup: &Setup) -> anyhow::Result<ChatState> {
+        let tok = &self.model.tokenizer;
+        let mut chat = ChatState::new(tok)?;
+        let system = tools::system_prompt(&setup.instructions, &setup.tools);
+        if !system.is_empty() {
+            chat.new_turn(tok, "system")?;
+            chat.add_text(tok, &system)?;
+            chat.end_turn(tok)?;
+        }
+        Ok(chat)
+    }
+
+    pub(crate) fn open(
+        &self,
+        setup: Setup,
+        events: Sender<ConvEvent>,
+        cancel: Arc<Cancel>,
+    ) -> anyhow::Result<Conv> {
+        let chat = self.system_chat(&setup)?;
+        anyhow::ensure!(
+            chat.len() < self.context_limit() / 2,
+            "the instructions take {} positions, over half the context of {}",
+            chat.len(),
+            self.context_limit()
+        );
+        let mut session = Session::new(self.model.backbone.clone())?;
+        prefill_chat(&mut session, &chat)?;
+        Ok(Conv {
+            setup,
+            base: session.len(),
+            session,
+            events,
+            cancel,
+            entries: Vec::new(),
+            replies: 0,
+            calls: 0,
+        })
+    }
+
+    /// New instructions or tools: a new system turn, and the history prefilled after it.
+    pub(crate) fn configure(&self, conv: &mut Conv, setup: Setup) -> anyhow::Result<()> {
+        let old = std::mem::replace(&mut conv.setup, setup);
+        let chat = match self.system_chat(&conv.setup) {
+            Ok(c) => c,
+            Err(e) => {
+                conv.setup = old;
+                return Err(e);
+            }
+        };
+        if chat.items() == &conv.session.items()[..conv.base.min(conv.session.len())]
+            && chat.len() == conv.base
+        {
+            return Ok(());
+        }
+        conv.session.truncate_to(0)?;
+        prefill_chat(&mut conv.session, &chat)?;
+        conv.base = conv.session.len();
+        self.rebuild(conv, 0)
+    }
+
+    /// Truncates the session at entry `from` and prefills it and everything after in one batch.
+    fn rebuild(&self, conv: &mut Conv, from: usize) -> anyhow::Result<()> {
+        // Entries before `from` are where they were; the rest start after them.
+        let start = match from.checked_sub(1).and_then(|i| conv.entries.get(i)) {
+            Some(prev) => prev.start + prev.len,
+            None => conv.base,
+        };
+        conv.session.truncate_to(start)?;
+        let mut parts = Vec::new();
+        let mut at = start;
+        for e in &mut conv.entries[from..] {
+            let p = e.parts();
+            e.start = at;
+            e.len = parts_len(&p)?;
+            at += e.len;
+            parts.extend(p);
+        }
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let (emb, items) = self.embed(&parts)?;
+        conv.session.prefill(&emb, &items)?;
+        Ok(())
+    }
+
+    /// Input embeddings and position kinds of `parts`.
+    fn embed(&self, parts: &[Part]) -> anyhow::Result<(Tensor, Vec<Item>)> {
+        let mut rows = Vec::with_capacity(parts.len());
+        let mut items = Vec::new();
+        for p in parts {
+            match p {
+                Part::Text(ids) if ids.is_empty() => {}
+                Part::Text(ids) => {
+                    rows.push(self.model.backbone.embed_text(ids)?);
+                    items.extend(ids.iter().map(|&id| Item::Text(id)));
+                }
+                Part::AudioIn(t) => {
+                    items.extend(std::iter::repeat_n(Item::AudioIn, t.dim(0)?));
+                    rows.push(t.clone());
+                }
+                Part::Frames(frames) => {
+                    for f in frames {
+                        rows.push(self.model.audio_head.frame_embedding(f)?.unsqueeze(0)?);
+                        items.push(Item::AudioOut);
+                    }
+                }
+            }
+        }
+        anyhow::ensure!(!rows.is_empty(), "nothing to prefill");
+        Ok((Tensor::cat(&rows, 0)?, items))
+    }
+
+    /// Makes room for `needed` more positions, dropping the oldest entries (with one re-prefill
+    /// of the rest) when the context would overflow.
+    fn make_room(&self, conv: &mut Conv, needed: usize) -> anyhow::Result<()> {
+        let limit = self.context_limit();
+        anyhow::ensure!(
+            conv.base + needed <= limit,
+            "this needs {needed} positions; the context holds {limit} ({} taken by the instructions)",
+            conv.base
+        );
+        if conv.session.len() + needed <= limit {
+            return Ok(());
+        }
+        // Keep at most three quarters of the context after trimming, so that trimming is rare.
+        let target = (limit * 3 / 4).max(conv.base + needed).min(limit);
+        let mut dropped = Vec::new();
+        let mut len = conv.session.len();
+        let mut n = 0;
+        while n < conv.entries.len() && len + needed > target {
+            len -= conv.entries[n].len;
+            dropped.push(conv.entries[n].id.clone());
+            n += 1;
+        }
+        conv.entries.drain(..n);
+        self.rebuild(conv, 0)?;
+        conv.emit(ConvEvent::Trimmed { item_ids: dropped });
+        Ok(())
+    }
+
+    pub(crate) fn add(
+        &self,
+        conv: &mut Conv,
+        item_id: String,
+        content: Content,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            conv.position_of(&item_id).is_none(),
+            "an item with id {item_id:?} is already in the conversation"
+        );
+        let tok = &self.model.tokenizer;
+        let text_turn = |role: &str, text: &str| -> anyhow::Result<Vec<u32>> {
+            let mut ids = tok.encode(&format!("<|im_start|>{role}\n"))?;
+            ids.extend(tok.encode(text)?);
+            ids.extend(tok.encode("<|im_end|>\n")?);
+            Ok(ids)
+        };
+        let parts = match content {
+            Content::UserAudio(audio) => {
+                let emb = self
+                    .model
+                    .audio
+                    .embed(&audio)
+                    .context("encoding the user's speech")?;
+                vec![
+                    Part::Text(tok.encode("<|im_start|>user\n")?),
+                    Part::AudioIn(emb),
+                    Part::Text(tok.encode("<|im_end|>\n")?),
+                ]
+            }
+            Content::UserText(text) => vec![Part::Text(text_turn("user", &text)?)],
+            Content::AssistantText(text) => vec![Part::Text(text_turn("assistant", &text)?)],
+            Content::ToolResult { output, .. } => {
+                vec![Part::Text(text_turn(
+                    "tool",
+                    &tools::response_content(&output),
+                )?)]
+            }
+        };
+        self.append(conv, item_id.clone(), Body::Turn(parts))?;
+        conv.emit(ConvEvent::Added { item_id });
+        Ok(())
+    }
+
+    /// Appends an entry and prefills it.
+    fn append(&self, conv: &mut Conv, id: String, body: Body) -> anyhow::Result<()> {
+        let mut entry = Entry {
+            id,
+            body,
+            start: 0,
+            len: 0,
+        };
+        let parts = entry.parts();
+        entry.len = parts_len(&parts)?;
+        self.make_room(conv, entry.len)?;
+        entry.start = conv.session.len();
+        let (emb, items) = self.embed(&parts)?;
+        conv.session.prefill(&emb, &items)?;
+        conv.entries.push(entry);
+        Ok(())
+    }
+
+    pub(crate) fn delete(&self, conv: &mut Conv, item_id: &str) -> anyhow::Result<()> {
+        let i = conv
+            .position_of(item_id)
+            .ok_or_else(|| anyhow::anyhow!("no item {item_id:?} in the conversation"))?;
+        conv.entries.remove(i);
+        self.rebuild(conv, i)?;
+        conv.emit(ConvEvent::Deleted {
+            item_id: item_id.to_owned(),
+        });
+        Ok(())
+    }
+
+    pub(crate) fn truncate(
+        &self,
+        conv: &mut Conv,
+        item_id: &str,
+        audio_samples: u64,
+    ) -> anyhow::Result<()> {
+        let i = conv
+            .position_of(item_id)
+            .ok_or_else(|| anyhow::anyhow!("no item {item_id:?} in the conversation"))?;
+        let Body::Reply { tokens, .. } = &conv.entries[i].body else {
+            anyhow::bail!(
+                "item {item_id:?} is not a generated reply; only those have audio to cut"
+            );
+        };
+        let total = samples_of(tokens);
+        anyhow::ensure!(
+            audio_samples <= total,
+            "item {item_id:?} has {total} samples ({} ms) of audio; cannot truncate at {audio_samples} ({} ms)",
+            total / 24,
+            audio_samples / 24
+        );
+        let mut tracker = ReplyTracker::new(0);
+        for t in tokens {
+            tracker.push(reply_item(t));
+        }
+        let cut = tracker.cut(audio_samples);
+        let tok = &self.model.tokenizer;
+        let text = strip_specials(&tok.decode_readable(&cut.text)?);
+        if let Body::Reply { tokens, .. } = &mut conv.entries[i].body {
+            tokens.truncate(cut.position);
+        }
+        self.rebuild(conv, i)?;
+        conv.emit(ConvEvent::Truncated {
+            item_id: item_id.to_owned(),
+            audio_samples: cut.frames as u64 * codec::SAMPLES_PER_FRAME as u64,
+            text,
+        });
+        Ok(())
+    }
+
+    pub(crate) fn transcribe(
+        &self,
+        conv: &Conv,
+        item_id: String,
+        audio: &[f32],
+    ) -> anyhow::Result<()> {
+        let model = &self.model;
+        let emb = model.audio.embed(audio).context("encoding the speech")?;
+        let chat = asr_chat(&model.tokenizer, emb)?;
+        let mut session = Session::new(model.backbone.clone())?;
+        let hidden = prefill_chat(&mut session, &chat)?;
+        let mut sampler = Sampler::new(SamplingParams::GREEDY, 0);
+        let special = model.tokenizer.special();
+        let (ids, _) = generate_text(
+            &mut session,
+            &hidden,
+            &mut sampler,
+            MAX_TRANSCRIPT_TOKENS,
+            &[special.im_end],
+            |_| Ok(true),
+        )?;
+        let text = strip_specials(&model.tokenizer.decode_readable(&ids)?)
+            .trim()
+            .to_owned();
+        conv.emit(ConvEvent::Transcript { item_id, text });
+        Ok(())
+    }
+
+    /// A reply, and with [`ToolPolicy::Run`] the rounds of tool calls that follow it.
+    pub(crate) fn respond(
+        &mut self,
+        conv: &mut Conv,
+        seq: u64,
+        req: Respond,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let output = req.output.unwrap_or(conv.setup.output);
+        let mut round = 0;
+        let mut item_id = req.item_id.clone();
+        loop {
+            // Every reply ends with ReplyDone, a failed one too, so that clients waiting for
+            // the end of a response are never left hanging.
+            let closing = |conv: &Conv, item_id: &str| {
+                conv.emit(ConvEvent::ReplyDone {
+                    response_id: req.response_id.clone(),
+                    item_id: item_id.to_owned(),
+                    text: String::new(),
+                    audio_samples: 0,
+                    cancelled: false,
+                })
+            };
+            let calls = match self.reply(conv, seq, &req.response_id, &item_id, output, started) {
+                Ok(calls) => calls,
+                Err(e) => {
+                    closing(conv, &item_id);
+                    return Err(e);
+                }
+            };
+            if calls.is_empty() {
+                return Ok(());
+            }
+            let ToolPolicy::Run { max_rounds } = conv.setup.tool_policy else {
+                return Ok(());
+            };
+            if round >= max_rounds {
+                conv.emit(ConvEvent::Error {
+                    item_id: Some(item_id),
+                    message: format!(
+                        "the model called tools again after {max_rounds} rounds; not run"
+                    ),
+                });
+                return Ok(());
+            }
+            round += 1;
+            for (call_id, call) in calls {
+                let outcome = match call {
+                    Ok(call) => self.run_tool(conv, &call),
+                    Err(e) => ToolOutcome::Failed(e),
+                };
+                let ok = matches!(outcome, ToolOutcome::Ok(_));
+                let output = outcome.as_result_text();
+                conv.emit(ConvEvent::ToolResult {
+                    response_id: req.response_id.clone(),
+                    call_id: call_id.clone(),
+                    output: output.clone(),
+                    ok,
+                });
+                if let Err(e) = self.add(
+                    conv,
+                    format!("{item_id}-result-{call_id}"),
+                    Content::ToolResult { call_id, output },
+                ) {
+                    closing(conv, &item_id);
+                    return Err(e);
+                }
+            }
+            if conv.cancel.check(seq).is_some() {
+                return Ok(());
+            }
+            item_id = format!("{}-{round}", req.item_id);
+        }
+    }
+
+    fn run_tool(&self, conv: &Conv, call: &ToolCall) -> ToolOutcome {
+        let Some(spec) = conv.setup.tools.iter().find(|t| t.name == call.name) else {
+            return ToolOutcome::Failed(format!("there is no tool named {:?}", call.name));
+        };
+        if spec.command.is_empty() {
+            let events = conv.events.clone();
+            tools::run_built_in(call, move |label| {
+                let _ = events.send(ConvEvent::TimerFired { label });
+            })
+        } else {
+            tools::run_command(spec, call)
+        }
+    }
+
+    /// Generates one assistant turn. Returns the tool calls it made (each with its call id; a
+    /// malformed one as the parse error).
+    fn reply(
+        &mut self,
+        conv: &mut Conv,
+        seq: u64,
+        response_id: &str,
+        item_id: &str,
+        output: Output,
+        started: Instant,
+    ) -> anyhow::Result<Vec<(String, Result<ToolCall, String>)>> {
+        let model = Arc::clone(&self.model);
+        let tok = &model.tokenizer;
+        let special = tok.special();
+        if let Some(heard) = conv.cancel.check(seq) {
+            // Cancelled before it began: nothing was said.
+            let _ = heard;
+            conv.emit(ConvEvent::ReplyDone {
+                response_id: response_id.to_owned(),
+                item_id: item_id.to_owned(),
+                text: String::new(),
+                audio_samples: 0,
+                cancelled: true,
+            });
+            return Ok(Vec::new());
+        }
+        anyhow::ensure!(
+            conv.position_of(item_id).is_none(),
+            "an item with id {item_id:?} is already in the conversation"
+        );
+        let header = tok.encode("<|im_start|>assistant\n")?;
+        let footer = tok.encode("<|im_end|>\n")?;
+        let reserve = (conv.setup.params.max_new_tokens + header.len() + footer.len())
+            .min(self.context_limit() / 4);
+        self.make_room(conv, reserve)?;
+
+        let forced: Vec<u32> = match &self.forced {
+            Some(text) if conv.replies == 0 && !conv.setup.tools.is_empty() => tok.encode(text)?,
+            _ => Vec::new(),
+        };
+        conv.replies += 1;
+        let call_end = tok.encode(tools::TOOL_CALL_END)?;
+        let call_end = (call_end.len() == 1).then(|| call_end[0]);
+        let call_start = tok.encode(tools::TOOL_CALL_START)?;
+        let call_start = (call_start.len() == 1).then(|| call_start[0]);
+
+        let start = conv.session.len();
+        let mut prompt = header.clone();
+        prompt.extend(&forced);
+        let hidden = conv.session.prefill_text(&prompt)?;
+        let hidden = hidden.get(hidden.dim(0)? - 1)?;
+        let reply_start = start + header.len();
+
+        let mut tokens: Vec<Token> = Vec::new();
+        let mut tracker = ReplyTracker::new(reply_start);
+        let mut stream = TextStream::new();
+        let mut pcm = Vec::with_capacity(codec::SAMPLES_PER_FRAME);
+        let mut samples: u64 = 0;
+        let mut in_call = false;
+        let mut call_done = false;
+        let mut first = true;
+        self.detok.reset();
+
+        let events = conv.events.clone();
+        let emit = |ev: ConvEvent| {
+            let _ = events.send(ev);
+        };
+        let mut on_text = |id: u32,
+                           tokens: &mut Vec<Token>,
+                           tracker: &mut ReplyTracker,
+                           first: &mut bool,
+                           in_call: &mut bool|
+         -> anyhow::Result<bool> {
+            if *first {
+                *first = false;
+                emit(ConvEvent::ReplyStarted {
+                    response_id: response_id.to_owned(),
+                    item_id: item_id.to_owned(),
+                    latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                });
+            }
+            tokens.push(Token::Text(id));
+            tracker.push(ReplyItem::Text(id));
+            if Some(id) == call_start {
+                *in_call = true;
+            }
+            let ended = Some(id) == call_end;
+            if ended {
+                *in_call = false;
+            }
+            if let Some(piece) = stream.push(tok, id)? {
+                let piece = strip_specials(&piece);
+                if !piece.is_empty() {
+                    emit(ConvEvent::Text {
+                        response_id: response_id.to_owned(),
+                        piece,
+                    });
+                }
+            }
+            Ok(ended)
+        };
+        for &id in &forced {
+            if on_text(id, &mut tokens, &mut tracker, &mut first, &mut in_call)? {
+                call_done = true;
+            }
+        }
+
+        let mode = match output {
+            Output::Speech => GenerationMode::Interleaved {
+                n_text: model.config.interleaved_n_text,
+                n_audio: model.config.interleaved_n_audio,
+            },
+            Output::Text | Output::Tts => GenerationMode::Sequential,
+        };
+        let params = lfm2_audio::generate::GenerationParams {
+            seed: conv.setup.params.seed.wrapping_add(conv.replies),
+            ..conv.setup.params
+        };
+        let head = Arc::clone(&model.audio_head);
+        let mut ending = Ending::Done;
+        let mut cut = None;
+        {
+            let mut gen = Generator::new(&mut conv.session, &head, special, mode, params, hidden);
+            while !call_done {
+                if let Some(heard) = conv.cancel.check(seq) {
+                    ending = Ending::Cancelled(heard);
+                    if let Some(h) = heard {
+                        let c = tracker.cut(h);
+                        // The last item may not have run through the model yet; the cut may
+                        // need it.
+                        if c.position > gen.session().len() {
+                            gen.feed_pending()?;
+                        }
+                        cut = Some(c);
+                    } else {
+                        gen.feed_pending()?;
+                    }
+                    break;
+                }
+                let Some(token) = gen.next_item()? else {
+                    gen.feed_pending()?;
+                    break;
+                };
+                match token {
+                    Token::Text(id)
+                        if mode == GenerationMode::Sequential && id == special.im_end =>
+                    {
+                        // Sequential generation yields its stop token; the footer closes the turn.
+                        break;
+                    }
+                    Token::Text(id) if output == Output::Text && id == special.audio_start => {
+                        ending = Ending::TextOnly;
+                        break;
+                    }
+                    Token::Text(id) => {
+                        if on_text(id, &mut tokens, &mut tracker, &mut first, &mut in_call)? {
+                            gen.feed_pending()?;
+                            call_done = true;
+                        }
+                    }
+                    Token::Audio(frame) => {
+                        if first {
+                            first = false;
+                            emit(ConvEvent::ReplyStarted {
+                                response_id: response_id.to_owned(),
+                                item_id: item_id.to_owned(),
+                                latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                            });
+                        }
+                        let audible = !frame.contains(&END_OF_AUDIO);
+                        tracker.push(ReplyItem::Frame { audible });
+                        // Speech of a tool call is not played.
+                        if audible && !in_call {
+                            let f: &codec::Frame = frame
+                                .as_slice()
+                                .try_into()
+                                .map_err(|_| anyhow::anyhow!("a frame of {} codes", frame.len()))?;
+                            pcm.clear();
+                            self.detok.push_into(f, &mut pcm)?;
+                            samples += pcm.len() as u64;
+                            emit(ConvEvent::Audio {
+                                response_id: response_id.to_owned(),
+                                samples: pcm.clone(),
+                            });
+                        }
+                        tokens.push(Token::Audio(frame));
+                    }
+                }
+            }
+        }
+        let kept_samples = match (&ending, &cut) {
+            (_, Some(c)) => {
+                tokens.truncate(c.position - reply_start);
+                conv.session.truncate_to(c.position)?;
+                c.frames as u64 * codec::SAMPLES_PER_FRAME as u64
+            }
+            (Ending::Cancelled(None), None) => {
+                // Everything generated stays; the positions fed are exactly the tokens.
+                let fed = conv.session.len() - reply_start;
+                tokens.truncate(fed);
+                samples
+            }
+            _ => {
+                if matches!(ending, Ending::Done) {
+                    pcm.clear();
+                    self.detok.flush_into(&mut pcm)?;
+                    if !pcm.is_empty() {
+                        samples += pcm.len() as u64;
+                        conv.emit(ConvEvent::Audio {
+                            response_id: response_id.to_owned(),
+                            samples: pcm.clone(),
+                        });
+                    }
+                }
+                let fed = conv.session.len() - reply_start;
+                tokens.truncate(fed);
+                samples
+            }
+        };
+        self.detok.reset();
+        let cancelled = matches!(ending, Ending::Cancelled(_));
+        if cancelled && tokens.is_empty() {
+            // Cancelled before anything was heard: the turn leaves no trace.
+            conv.session.truncate_to(start)?;
+            conv.emit(ConvEvent::ReplyDone {
+                response_id: response_id.to_owned(),
+                item_id: item_id.to_owned(),
+                text: String::new(),
+                audio_samples: 0,
+                cancelled,
+            });
+            return Ok(Vec::new());
+        }
+        conv.session.prefill_text(&footer)?;
+        let text_ids: Vec<u32> = tokens
+            .iter()
+            .filter_map(|t| match t {
+                Token::Text(id) => Some(*id),
+                Token::Audio(_) => None,
+            })
+            .collect();
+        let raw = tok.decode(&text_ids)?;
+        let text = strip_specials(&tok.decode_readable(&text_ids)?);
+        conv.entries.push(Entry {
+            id: item_id.to_owned(),
+            start,
+            len: conv.session.len() - start,
+            body: Body::Reply {
+                header,
+                tokens,
+                footer,
+            },
+        });
+        // Calls are reported before the reply ends.
+        let call_text = if cancelled {
+            None
+        } else {
+            tools::extract_call_text(&raw)
+        };
+        let parsed = call_text.map(|t| tools::parse_calls(t).map_err(|e| e.to_string()));
+        let calls: Vec<Result<ToolCall, String>> = match parsed {
+            None => Vec::new(),
+            Some(Ok(calls)) if calls.is_empty() => vec![Err("an empty tool call".to_owned())],
+            Some(Ok(calls)) => calls.into_iter().map(Ok).collect(),
+            Some(Err(e)) => vec![Err(e)],
+        };
+        let mut out = Vec::new();
+        for call in calls {
+            conv.calls += 1;
+            let call_id = format!("call_{}_{}", seq, conv.calls);
+            match &call {
+                Ok(c) => conv.emit(ConvEvent::ToolCall {
+                    response_id: response_id.to_owned(),
+                    call_id: call_id.clone(),
+                    name: c.name.clone(),
+                    arguments: serde_json::Value::Object(c.arguments.clone()).to_string(),
+                }),
+                Err(e) => conv.emit(ConvEvent::Error {
+                    item_id: Some(item_id.to_owned()),
+                    message: format!("the model made a malformed tool call: {e}"),
+                }),
+            }
+            out.push((call_id, call));
+        }
+        conv.emit(ConvEvent::ReplyDone {
+            response_id: response_id.to_owned(),
+            item_id: item_id.to_owned(),
+            text,
+            audio_samples: kept_samples,
+            cancelled,
+        });
+        Ok(out)
+    }
+}
+
+fn parts_len(parts: &[Part]) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for p in parts {
+        n += match p {
+            Part::Text(ids) => ids.len(),
+            Part::AudioIn(t) => t.dim(0)?,
+            Part::Frames(f) => f.len(),
+        };
+    }
+    Ok(n)
+}
+
+fn reply_item(t: &Token) -> ReplyItem {
+    match t {
+        Token::Text(id) => ReplyItem::Text(*id),
+        Token::Audio(f) => ReplyItem::Frame {
+            audible: !f.contains(&END_OF_AUDIO),
+        },
+    }
+}
+
+/// Text without the special-token markers (`<|text_end|>`, `<|tool_call_start|>`, ...).
+pub fn strip_specials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("<|") {
+        out.push_str(&rest[..start]);
+        match rest[start..].find("|>") {
+            Some(end) => rest = &rest[start + end + 2..],
+            None => rest = "",
+        }
+    }
+    out.push_str(rest);
+    out
 }

@@ -22,8 +22,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use audio_io::vad::VadAssets;
-use lfm2_audio::generate::GenerationParams;
-use lfm2_audio::sampling::SamplingParams;
 
 use crate::cmd::runtime::{Quant, RuntimeArgs};
 use crate::cmd::speech::CodecArg;
@@ -61,6 +59,9 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
     if let Some(s) = &args.system {
         cfg.assistant.system_prompt = s.clone();
     }
+    if let Some(n) = args.context_limit {
+        cfg.assistant.context_limit = n;
+    }
     let model_dir = cfg.model_dir().ok_or_else(|| {
         anyhow::anyhow!("no model: pass --model DIR or set model.dir in the configuration (`lfm2d synth-model --out DIR --size tiny` makes a demo model)")
     })?;
@@ -81,19 +82,7 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
     };
     let detok = codec::open_detokenizer_with(&model_dir, codec.into(), &model.plan)
         .context("loading the audio decoder")?;
-    let opt = |v: f32| (v > 0.0).then_some(v);
-    let params = GenerationParams {
-        max_new_tokens: cfg.assistant.max_reply_tokens,
-        text: SamplingParams::new(
-            opt(cfg.sampling.text_temperature),
-            (cfg.sampling.text_top_k > 0).then_some(cfg.sampling.text_top_k),
-        ),
-        audio: SamplingParams::new(
-            opt(cfg.sampling.audio_temperature),
-            (cfg.sampling.audio_top_k > 0).then_some(cfg.sampling.audio_top_k),
-        ),
-        seed: cfg.sampling.seed,
-    };
+    let params = crate::daemon::serve::sampling(&cfg);
     let vad_assets = VadAssets::locate().map_err(|e| e.to_string());
     if let Err(e) = &vad_assets {
         eprintln!("warning: server VAD is off (sessions start with manual turn-taking): {e}");
@@ -110,7 +99,13 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
         min_speech: Duration::from_millis(cfg.vad.min_speech_ms),
         max_buffer_samples: MAX_BUFFER_SECONDS * protocol::SAMPLE_RATE as usize,
     };
-    let (engine, engine_thread) = crate::engine::spawn(Arc::clone(&model), detok)?;
+    let (engine, engine_thread) = crate::engine::spawn_with(
+        model,
+        detok,
+        crate::engine::EngineOptions {
+            context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
+        },
+    )?;
     let limits = server::Limits::default();
     let shared = Arc::new(server::Shared {
         engine: engine.clone(),

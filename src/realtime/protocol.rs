@@ -283,7 +283,7 @@ fn parse_body(
         }
         "input_audio_buffer.commit" => Ok((ClientEvent::AudioCommit, None)),
         "input_audio_buffer.clear" => Ok((ClientEvent::AudioClear, None)),
-        "output_audio_buffer.clear" => Ok((ClientEvent::OutputAudioClear, Some(Dialect::Ga))),
+        "output_audio_buffer.clear" => Ok((ClientEvent::OutputAudioClear, None)),
         "conversation.item.create" => {
             let wire: ItemCreateWire = from_map(obj).map_err(typed)?;
             let previous_item_id = wire.previous_item_id.map(check_id).transpose();
@@ -1617,7 +1617,7 @@ mod tests {
         let e = error(r#"{"type": "input_audio_buffer.append", "audio": "***"}"#);
         assert_eq!(e.code, "invalid_audio");
         assert!(e.message.contains("base64"), "{}", e.message);
-        let e = error(r#"{"type": "input_audio_buffer.append", "audio": "AAA="}"#);
+        let e = error(r#"{"type": "input_audio_buffer.append", "audio": "AAAA"}"#);
         assert!(e.message.contains("odd"), "{}", e.message);
         let e = error(r#"{"type": "input_audio_buffer.append"}"#);
         assert!(e.message.contains("audio"), "{}", e.message);

@@ -933,7 +933,7 @@ impl Session {
     /// An event of the engine conversation.
     pub fn handle_engine(&mut self, ev: ConvEvent) -> Vec<Effect> {
         match ev {
-            ConvEvent::Added { .. } | ConvEvent::ToolResult { .. } => {}
+            ConvEvent::Added { .. } | ConvEvent::ToolResult { .. } | ConvEvent::TimerFired { .. } => {}
             ConvEvent::ReplyStarted { response_id, .. } => {
                 if let Some(a) = &mut self.active {
                     if a.view.id == response_id {
