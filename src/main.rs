@@ -31,7 +31,8 @@ enum Command {
     Chat(cmd::chat::Args),
     /// Read text aloud with a voice preset.
     Speak(cmd::speak::Args),
-    /// The voice assistant: listen on the microphone and answer out loud.
+    /// The voice assistant: listen on the microphone and answer out loud (or, with --listen,
+    /// serve the OpenAI-Realtime-compatible WebSocket API).
     Serve(daemon::serve::Args),
     /// Measure speed and memory on this machine (a table of medians).
     Bench(cmd::bench::Args),

@@ -147,7 +147,9 @@ mod tests {
     fn loopback_needs_no_key_and_other_addresses_do() {
         assert!(listen_address("127.0.0.1:8765", None).is_ok());
         assert!(listen_address("[::1]:0", None).is_ok());
-        let e = listen_address("0.0.0.0:8765", None).unwrap_err().to_string();
+        let e = listen_address("0.0.0.0:8765", None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--api-key"), "{e}");
         assert!(listen_address("0.0.0.0:8765", Some("")).is_err());
         assert!(listen_address("0.0.0.0:8765", Some("secret")).is_ok());

@@ -227,8 +227,9 @@ pub fn parse_value(value: Value) -> Result<Envelope, ProtocolError> {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s),
         Some(_) => {
-            return Err(ProtocolError::new("invalid_event", "event_id must be a string")
-                .param("event_id"))
+            return Err(
+                ProtocolError::new("invalid_event", "event_id must be a string").param("event_id"),
+            )
         }
     };
     let with_id = |mut e: ProtocolError| {
@@ -287,7 +288,8 @@ fn parse_body(
         "conversation.item.create" => {
             let wire: ItemCreateWire = from_map(obj).map_err(typed)?;
             let previous_item_id = wire.previous_item_id.map(check_id).transpose();
-            let previous_item_id = previous_item_id.map_err(|e| typed(e.param("previous_item_id")))?;
+            let previous_item_id =
+                previous_item_id.map_err(|e| typed(e.param("previous_item_id")))?;
             let (item, dialect) = new_item(wire.item).map_err(typed)?;
             Ok((
                 ClientEvent::ItemCreate {
@@ -319,7 +321,8 @@ fn parse_body(
         }
         "response.create" => {
             let wire: ResponseCreateWire = from_map(obj).map_err(typed)?;
-            let (options, dialect) = response_options(wire.response.unwrap_or_default()).map_err(typed)?;
+            let (options, dialect) =
+                response_options(wire.response.unwrap_or_default()).map_err(typed)?;
             Ok((ClientEvent::ResponseCreate(options), dialect))
         }
         "response.cancel" => {
@@ -331,9 +334,12 @@ fn parse_body(
                 None,
             ))
         }
-        "conversation.item.retrieve" | "transcription_session.update" | "session.close" => Err(
-            ProtocolError::new("unsupported_event", format!("{kind} is not supported by lfm2d")),
-        ),
+        "conversation.item.retrieve" | "transcription_session.update" | "session.close" => {
+            Err(ProtocolError::new(
+                "unsupported_event",
+                format!("{kind} is not supported by lfm2d"),
+            ))
+        }
         other => Err(ProtocolError::new(
             "unknown_event",
             format!(
@@ -364,7 +370,9 @@ fn check_id(id: String) -> Result<String, ProtocolError> {
 pub fn decode_pcm16(b64: &str) -> Result<Vec<f32>, ProtocolError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
-        .map_err(|e| ProtocolError::new("invalid_audio", format!("audio is not valid base64: {e}")))?;
+        .map_err(|e| {
+            ProtocolError::new("invalid_audio", format!("audio is not valid base64: {e}"))
+        })?;
     if bytes.len() % 2 != 0 {
         return Err(ProtocolError::new(
             "invalid_audio",
@@ -593,7 +601,9 @@ fn session_update(s: SessionWire) -> Result<(ClientEvent, Option<Dialect>), Prot
         if kind != "realtime" {
             return Err(ProtocolError::new(
                 "unsupported_session",
-                format!("session type {kind:?} is not supported; lfm2d serves \"realtime\" sessions"),
+                format!(
+                    "session type {kind:?} is not supported; lfm2d serves \"realtime\" sessions"
+                ),
             )
             .param("session.type"));
         }
@@ -685,7 +695,9 @@ fn session_update(s: SessionWire) -> Result<(ClientEvent, Option<Dialect>), Prot
                 Some(other) => {
                     return Err(ProtocolError::new(
                         "unsupported_tool",
-                        format!("tool type {other:?} is not supported; lfm2d calls \"function\" tools"),
+                        format!(
+                            "tool type {other:?} is not supported; lfm2d calls \"function\" tools"
+                        ),
                     )
                     .param(&param))
                 }
@@ -693,7 +705,9 @@ fn session_update(s: SessionWire) -> Result<(ClientEvent, Option<Dialect>), Prot
             let name = t.name.unwrap_or_default();
             let valid = !name.is_empty()
                 && name.len() <= MAX_ID_LEN
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
             if !valid {
                 return Err(ProtocolError::new(
                     "invalid_value",
@@ -743,7 +757,11 @@ fn modality(list: &[String]) -> Result<Modality, ProtocolError> {
             "modalities is empty: use [\"text\"] or [\"audio\"] ([\"text\", \"audio\"] in the beta dialect)",
         ));
     }
-    Ok(if audio { Modality::Audio } else { Modality::Text })
+    Ok(if audio {
+        Modality::Audio
+    } else {
+        Modality::Text
+    })
 }
 
 fn check_format(f: &FormatWire, which: &str) -> Result<(), ProtocolError> {
@@ -792,7 +810,10 @@ fn turn_detection(t: Option<TurnDetectionWire>) -> Result<Option<ServerVad>, Pro
     if !(vad.threshold > 0.0 && vad.threshold < 1.0) {
         return Err(ProtocolError::new(
             "invalid_value",
-            format!("threshold must be between 0 and 1 (exclusive), got {}", vad.threshold),
+            format!(
+                "threshold must be between 0 and 1 (exclusive), got {}",
+                vad.threshold
+            ),
         ));
     }
     if vad.prefix_padding_ms > 5_000 || !(32..=10_000).contains(&vad.silence_duration_ms) {
@@ -808,7 +829,10 @@ fn turn_detection(t: Option<TurnDetectionWire>) -> Result<Option<ServerVad>, Pro
 }
 
 fn new_item(w: ItemWire) -> Result<(NewItem, Option<Dialect>), ProtocolError> {
-    let id = w.id.map(check_id).transpose().map_err(|e| e.param("item.id"))?;
+    let id =
+        w.id.map(check_id)
+            .transpose()
+            .map_err(|e| e.param("item.id"))?;
     let kind = w.kind.as_deref().unwrap_or("message");
     let mut dialect = None;
     let content = match kind {
@@ -826,8 +850,10 @@ fn new_item(w: ItemWire) -> Result<(NewItem, Option<Dialect>), ProtocolError> {
             let role = w.role.as_deref().unwrap_or("");
             let parts = w.content.unwrap_or_default();
             if parts.is_empty() {
-                return Err(ProtocolError::new("missing_field", "a message needs content")
-                    .param("item.content"));
+                return Err(
+                    ProtocolError::new("missing_field", "a message needs content")
+                        .param("item.content"),
+                );
             }
             match role {
                 "user" => {
@@ -912,7 +938,9 @@ fn new_item(w: ItemWire) -> Result<(NewItem, Option<Dialect>), ProtocolError> {
         other => {
             return Err(ProtocolError::new(
                 "unsupported_item",
-                format!("item type {other:?} is not supported; use message or function_call_output"),
+                format!(
+                    "item type {other:?} is not supported; use message or function_call_output"
+                ),
             )
             .param("item.type"))
         }
@@ -955,21 +983,33 @@ fn response_options(r: ResponseWire) -> Result<(ResponseOptions, Option<Dialect>
     ))
 }
 
-// ---- client events written out (for Rust clients and the round-trip tests) ----
+// ---- client events written out (for the round-trip tests) ----
 
+#[cfg(test)]
 impl ClientEvent {
     /// The event as a client in `dialect` writes it.
     pub fn to_json(&self, dialect: Dialect, event_id: Option<&str>) -> Value {
         let mut v = match self {
-            ClientEvent::SessionUpdate(u) => json!({"type": "session.update", "session": session_update_json(u, dialect)}),
-            ClientEvent::AudioAppend(a) => json!({"type": "input_audio_buffer.append", "audio": encode_pcm16(a)}),
+            ClientEvent::SessionUpdate(u) => {
+                json!({"type": "session.update", "session": session_update_json(u, dialect)})
+            }
+            ClientEvent::AudioAppend(a) => {
+                json!({"type": "input_audio_buffer.append", "audio": encode_pcm16(a)})
+            }
             ClientEvent::AudioCommit => json!({"type": "input_audio_buffer.commit"}),
             ClientEvent::AudioClear => json!({"type": "input_audio_buffer.clear"}),
             ClientEvent::OutputAudioClear => json!({"type": "output_audio_buffer.clear"}),
-            ClientEvent::ItemCreate { previous_item_id, item } => {
+            ClientEvent::ItemCreate {
+                previous_item_id,
+                item,
+            } => {
                 let mut item_json = match &item.content {
-                    NewItemContent::UserText(t) => json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": t}]}),
-                    NewItemContent::UserAudio(a) => json!({"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": encode_pcm16(a)}]}),
+                    NewItemContent::UserText(t) => {
+                        json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": t}]})
+                    }
+                    NewItemContent::UserAudio(a) => {
+                        json!({"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": encode_pcm16(a)}]})
+                    }
                     NewItemContent::AssistantText(t) => {
                         let kind = match dialect {
                             Dialect::Beta => "text",
@@ -977,7 +1017,9 @@ impl ClientEvent {
                         };
                         json!({"type": "message", "role": "assistant", "content": [{"type": kind, "text": t}]})
                     }
-                    NewItemContent::FunctionCallOutput { call_id, output } => json!({"type": "function_call_output", "call_id": call_id, "output": output}),
+                    NewItemContent::FunctionCallOutput { call_id, output } => {
+                        json!({"type": "function_call_output", "call_id": call_id, "output": output})
+                    }
                 };
                 if let Some(id) = &item.id {
                     item_json["id"] = json!(id);
@@ -988,8 +1030,16 @@ impl ClientEvent {
                 }
                 v
             }
-            ClientEvent::ItemTruncate { item_id, content_index, audio_end_ms } => json!({"type": "conversation.item.truncate", "item_id": item_id, "content_index": content_index, "audio_end_ms": audio_end_ms}),
-            ClientEvent::ItemDelete { item_id } => json!({"type": "conversation.item.delete", "item_id": item_id}),
+            ClientEvent::ItemTruncate {
+                item_id,
+                content_index,
+                audio_end_ms,
+            } => {
+                json!({"type": "conversation.item.truncate", "item_id": item_id, "content_index": content_index, "audio_end_ms": audio_end_ms})
+            }
+            ClientEvent::ItemDelete { item_id } => {
+                json!({"type": "conversation.item.delete", "item_id": item_id})
+            }
             ClientEvent::ResponseCreate(o) => {
                 let mut r = Map::new();
                 if let Some(m) = o.modality {
@@ -1057,6 +1107,7 @@ fn transcription_json(t: &Option<String>) -> Value {
     }
 }
 
+#[cfg(test)]
 fn session_update_json(u: &SessionUpdate, dialect: Dialect) -> Value {
     let mut s = Map::new();
     if let Some(i) = &u.instructions {
@@ -1207,7 +1258,9 @@ impl ItemStatus {
 pub enum ItemBody {
     /// A user message: text, or audio with its transcript (when known).
     UserText(String),
-    UserAudio { transcript: Option<String> },
+    UserAudio {
+        transcript: Option<String>,
+    },
     /// An assistant message: speech with its transcript, or text.
     Assistant {
         modality: Modality,
@@ -1244,17 +1297,33 @@ fn assistant_part(m: Modality, dialect: Dialect) -> &'static str {
 impl ItemView {
     pub fn to_json(&self, dialect: Dialect) -> Value {
         let mut v = match &self.body {
-            ItemBody::UserText(t) => json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": t}]}),
-            ItemBody::UserAudio { transcript } => json!({"type": "message", "role": "user", "content": [{"type": "input_audio", "transcript": transcript}]}),
+            ItemBody::UserText(t) => {
+                json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": t}]})
+            }
+            ItemBody::UserAudio { transcript } => {
+                json!({"type": "message", "role": "user", "content": [{"type": "input_audio", "transcript": transcript}]})
+            }
             ItemBody::Assistant { modality, text } => {
                 let part = match modality {
-                    Modality::Audio => json!({"type": assistant_part(*modality, dialect), "transcript": text}),
-                    Modality::Text => json!({"type": assistant_part(*modality, dialect), "text": text}),
+                    Modality::Audio => {
+                        json!({"type": assistant_part(*modality, dialect), "transcript": text})
+                    }
+                    Modality::Text => {
+                        json!({"type": assistant_part(*modality, dialect), "text": text})
+                    }
                 };
                 json!({"type": "message", "role": "assistant", "content": [part]})
             }
-            ItemBody::FunctionCall { call_id, name, arguments } => json!({"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments}),
-            ItemBody::FunctionCallOutput { call_id, output } => json!({"type": "function_call_output", "call_id": call_id, "output": output}),
+            ItemBody::FunctionCall {
+                call_id,
+                name,
+                arguments,
+            } => {
+                json!({"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments})
+            }
+            ItemBody::FunctionCallOutput { call_id, output } => {
+                json!({"type": "function_call_output", "call_id": call_id, "output": output})
+            }
         };
         v["id"] = json!(self.id);
         v["object"] = json!("realtime.item");
@@ -1269,7 +1338,9 @@ pub enum ResponseStatus {
     InProgress,
     Completed,
     /// Cancelled by the client (`client_cancelled`) or by the user speaking (`turn_detected`).
-    Cancelled { turn_detected: bool },
+    Cancelled {
+        turn_detected: bool,
+    },
     Failed,
 }
 
@@ -1337,28 +1408,95 @@ impl PartRef {
 pub enum ServerEvent {
     SessionCreated(SessionView),
     SessionUpdated(SessionView),
-    SpeechStarted { audio_start_ms: u64, item_id: String },
-    SpeechStopped { audio_end_ms: u64, item_id: String },
-    Committed { item_id: String, previous_item_id: Option<String> },
+    SpeechStarted {
+        audio_start_ms: u64,
+        item_id: String,
+    },
+    SpeechStopped {
+        audio_end_ms: u64,
+        item_id: String,
+    },
+    Committed {
+        item_id: String,
+        previous_item_id: Option<String>,
+    },
     Cleared,
-    ItemCreated { previous_item_id: Option<String>, item: ItemView },
-    ItemTruncated { item_id: String, content_index: u32, audio_end_ms: u64 },
-    ItemDeleted { item_id: String },
-    TranscriptionCompleted { item_id: String, transcript: String, seconds: f64 },
+    ItemCreated {
+        previous_item_id: Option<String>,
+        item: ItemView,
+    },
+    ItemTruncated {
+        item_id: String,
+        content_index: u32,
+        audio_end_ms: u64,
+    },
+    ItemDeleted {
+        item_id: String,
+    },
+    TranscriptionCompleted {
+        item_id: String,
+        transcript: String,
+        seconds: f64,
+    },
     ResponseCreated(ResponseView),
     ResponseDone(ResponseView),
-    OutputItemAdded { response_id: String, output_index: u32, item: ItemView },
-    OutputItemDone { response_id: String, output_index: u32, item: ItemView },
-    ContentPartAdded { at: PartRef, modality: Modality },
-    ContentPartDone { at: PartRef, modality: Modality, text: String },
-    AudioDelta { at: PartRef, delta: String },
-    AudioDone { at: PartRef },
-    TranscriptDelta { at: PartRef, delta: String },
-    TranscriptDone { at: PartRef, transcript: String },
-    TextDelta { at: PartRef, delta: String },
-    TextDone { at: PartRef, text: String },
-    FunctionCallArgumentsDelta { response_id: String, item_id: String, output_index: u32, call_id: String, delta: String },
-    FunctionCallArgumentsDone { response_id: String, item_id: String, output_index: u32, call_id: String, name: String, arguments: String },
+    OutputItemAdded {
+        response_id: String,
+        output_index: u32,
+        item: ItemView,
+    },
+    OutputItemDone {
+        response_id: String,
+        output_index: u32,
+        item: ItemView,
+    },
+    ContentPartAdded {
+        at: PartRef,
+        modality: Modality,
+    },
+    ContentPartDone {
+        at: PartRef,
+        modality: Modality,
+        text: String,
+    },
+    AudioDelta {
+        at: PartRef,
+        delta: String,
+    },
+    AudioDone {
+        at: PartRef,
+    },
+    TranscriptDelta {
+        at: PartRef,
+        delta: String,
+    },
+    TranscriptDone {
+        at: PartRef,
+        transcript: String,
+    },
+    TextDelta {
+        at: PartRef,
+        delta: String,
+    },
+    TextDone {
+        at: PartRef,
+        text: String,
+    },
+    FunctionCallArgumentsDelta {
+        response_id: String,
+        item_id: String,
+        output_index: u32,
+        call_id: String,
+        delta: String,
+    },
+    FunctionCallArgumentsDone {
+        response_id: String,
+        item_id: String,
+        output_index: u32,
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
     Error(ProtocolError),
 }
 
@@ -1400,7 +1538,9 @@ impl ServerEvent {
             ServerEvent::FunctionCallArgumentsDelta { .. } => {
                 "response.function_call_arguments.delta"
             }
-            ServerEvent::FunctionCallArgumentsDone { .. } => "response.function_call_arguments.done",
+            ServerEvent::FunctionCallArgumentsDone { .. } => {
+                "response.function_call_arguments.done"
+            }
             ServerEvent::Error(_) => "error",
         }
     }
@@ -1417,30 +1557,50 @@ impl ServerEvent {
             ServerEvent::SessionCreated(s) | ServerEvent::SessionUpdated(s) => {
                 put("session", s.to_json(dialect))
             }
-            ServerEvent::SpeechStarted { audio_start_ms, item_id } => {
+            ServerEvent::SpeechStarted {
+                audio_start_ms,
+                item_id,
+            } => {
                 put("audio_start_ms", json!(audio_start_ms));
                 put("item_id", json!(item_id));
             }
-            ServerEvent::SpeechStopped { audio_end_ms, item_id } => {
+            ServerEvent::SpeechStopped {
+                audio_end_ms,
+                item_id,
+            } => {
                 put("audio_end_ms", json!(audio_end_ms));
                 put("item_id", json!(item_id));
             }
-            ServerEvent::Committed { item_id, previous_item_id } => {
+            ServerEvent::Committed {
+                item_id,
+                previous_item_id,
+            } => {
                 put("item_id", json!(item_id));
                 put("previous_item_id", json!(previous_item_id));
             }
             ServerEvent::Cleared => {}
-            ServerEvent::ItemCreated { previous_item_id, item } => {
+            ServerEvent::ItemCreated {
+                previous_item_id,
+                item,
+            } => {
                 put("previous_item_id", json!(previous_item_id));
                 put("item", item.to_json(dialect));
             }
-            ServerEvent::ItemTruncated { item_id, content_index, audio_end_ms } => {
+            ServerEvent::ItemTruncated {
+                item_id,
+                content_index,
+                audio_end_ms,
+            } => {
                 put("item_id", json!(item_id));
                 put("content_index", json!(content_index));
                 put("audio_end_ms", json!(audio_end_ms));
             }
             ServerEvent::ItemDeleted { item_id } => put("item_id", json!(item_id)),
-            ServerEvent::TranscriptionCompleted { item_id, transcript, seconds } => {
+            ServerEvent::TranscriptionCompleted {
+                item_id,
+                transcript,
+                seconds,
+            } => {
                 put("item_id", json!(item_id));
                 put("content_index", json!(0));
                 put("transcript", json!(transcript));
@@ -1449,8 +1609,16 @@ impl ServerEvent {
             ServerEvent::ResponseCreated(r) | ServerEvent::ResponseDone(r) => {
                 put("response", r.to_json(dialect))
             }
-            ServerEvent::OutputItemAdded { response_id, output_index, item }
-            | ServerEvent::OutputItemDone { response_id, output_index, item } => {
+            ServerEvent::OutputItemAdded {
+                response_id,
+                output_index,
+                item,
+            }
+            | ServerEvent::OutputItemDone {
+                response_id,
+                output_index,
+                item,
+            } => {
                 put("response_id", json!(response_id));
                 put("output_index", json!(output_index));
                 put("item", item.to_json(dialect));
@@ -1478,14 +1646,27 @@ impl ServerEvent {
                 m.extend(at.fields());
                 m.insert("text".into(), json!(text));
             }
-            ServerEvent::FunctionCallArgumentsDelta { response_id, item_id, output_index, call_id, delta } => {
+            ServerEvent::FunctionCallArgumentsDelta {
+                response_id,
+                item_id,
+                output_index,
+                call_id,
+                delta,
+            } => {
                 put("response_id", json!(response_id));
                 put("item_id", json!(item_id));
                 put("output_index", json!(output_index));
                 put("call_id", json!(call_id));
                 put("delta", json!(delta));
             }
-            ServerEvent::FunctionCallArgumentsDone { response_id, item_id, output_index, call_id, name, arguments } => {
+            ServerEvent::FunctionCallArgumentsDone {
+                response_id,
+                item_id,
+                output_index,
+                call_id,
+                name,
+                arguments,
+            } => {
                 put("response_id", json!(response_id));
                 put("item_id", json!(item_id));
                 put("output_index", json!(output_index));
@@ -1601,7 +1782,11 @@ mod tests {
         ] {
             let e = error(text);
             assert_eq!(e.code, "unsupported_audio_format", "{text}");
-            assert!(e.message.contains("pcm16") && e.message.contains("24000"), "{}", e.message);
+            assert!(
+                e.message.contains("pcm16") && e.message.contains("24000"),
+                "{}",
+                e.message
+            );
         }
     }
 
@@ -1613,7 +1798,11 @@ mod tests {
         let e = error(r#"{"type": "nope.nope", "event_id": "x"}"#);
         assert_eq!(e.code, "unknown_event");
         assert_eq!(e.event_id.as_deref(), Some("x"));
-        assert!(e.message.contains("input_audio_buffer.append"), "{}", e.message);
+        assert!(
+            e.message.contains("input_audio_buffer.append"),
+            "{}",
+            e.message
+        );
         let e = error(r#"{"type": "input_audio_buffer.append", "audio": "***"}"#);
         assert_eq!(e.code, "invalid_audio");
         assert!(e.message.contains("base64"), "{}", e.message);
@@ -1621,13 +1810,20 @@ mod tests {
         assert!(e.message.contains("odd"), "{}", e.message);
         let e = error(r#"{"type": "input_audio_buffer.append"}"#);
         assert!(e.message.contains("audio"), "{}", e.message);
-        let e = error(r#"{"type": "conversation.item.truncate", "item_id": "a", "audio_end_ms": -5}"#);
+        let e =
+            error(r#"{"type": "conversation.item.truncate", "item_id": "a", "audio_end_ms": -5}"#);
         assert_eq!(e.code, "invalid_event");
-        let e = error(r#"{"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}"#);
+        let e = error(
+            r#"{"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}"#,
+        );
         assert_eq!(e.code, "unsupported_turn_detection");
-        let e = error(r#"{"type": "session.update", "session": {"turn_detection": {"threshold": 1.5}}}"#);
+        let e = error(
+            r#"{"type": "session.update", "session": {"turn_detection": {"threshold": 1.5}}}"#,
+        );
         assert!(e.message.contains("threshold"), "{}", e.message);
-        let e = error(r#"{"type": "conversation.item.create", "item": {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "x"}]}}"#);
+        let e = error(
+            r#"{"type": "conversation.item.create", "item": {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "x"}]}}"#,
+        );
         assert!(e.message.contains("instructions"), "{}", e.message);
         let e = error(r#"{"type": "response.create", "response": {"conversation": "none"}}"#);
         assert_eq!(e.code, "unsupported_value");
@@ -1650,13 +1846,28 @@ mod tests {
             output_index: 0,
             content_index: 0,
         };
-        let audio = ServerEvent::AudioDelta { at: at.clone(), delta: "AA==".into() };
-        let transcript = ServerEvent::TranscriptDelta { at: at.clone(), delta: "hi".into() };
-        let text = ServerEvent::TextDone { at, text: "hi".into() };
+        let audio = ServerEvent::AudioDelta {
+            at: at.clone(),
+            delta: "AA==".into(),
+        };
+        let transcript = ServerEvent::TranscriptDelta {
+            at: at.clone(),
+            delta: "hi".into(),
+        };
+        let text = ServerEvent::TextDone {
+            at,
+            text: "hi".into(),
+        };
         assert_eq!(audio.name(Dialect::Beta), "response.audio.delta");
         assert_eq!(audio.name(Dialect::Ga), "response.output_audio.delta");
-        assert_eq!(transcript.name(Dialect::Beta), "response.audio_transcript.delta");
-        assert_eq!(transcript.name(Dialect::Ga), "response.output_audio_transcript.delta");
+        assert_eq!(
+            transcript.name(Dialect::Beta),
+            "response.audio_transcript.delta"
+        );
+        assert_eq!(
+            transcript.name(Dialect::Ga),
+            "response.output_audio_transcript.delta"
+        );
         assert_eq!(text.name(Dialect::Beta), "response.text.done");
         assert_eq!(text.name(Dialect::Ga), "response.output_text.done");
         let v = audio.to_json(Dialect::Ga, "event_7");
@@ -1688,7 +1899,10 @@ mod tests {
         let ga = view.to_json(Dialect::Ga);
         assert_eq!(ga["type"], "realtime");
         assert_eq!(ga["output_modalities"], json!(["audio"]));
-        assert_eq!(ga["audio"]["input"]["format"], json!({"type": "audio/pcm", "rate": 24000}));
+        assert_eq!(
+            ga["audio"]["input"]["format"],
+            json!({"type": "audio/pcm", "rate": 24000})
+        );
         assert_eq!(ga["audio"]["output"]["voice"], "v");
         assert!(ga.get("input_audio_format").is_none());
         // What the server writes, a client may send back.
@@ -1713,16 +1927,40 @@ mod tests {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
                 prop::collection::btree_map(
-                    prop::sample::select(&[
-                        "type", "session", "audio", "item", "content", "turn_detection", "input",
-                        "output", "format", "modalities", "output_modalities", "tools", "role",
-                        "item_id", "audio_end_ms", "content_index", "response", "call_id",
-                        "event_id", "rate", "text", "threshold", "voice", "x",
-                    ][..]),
+                    prop::sample::select(
+                        &[
+                            "type",
+                            "session",
+                            "audio",
+                            "item",
+                            "content",
+                            "turn_detection",
+                            "input",
+                            "output",
+                            "format",
+                            "modalities",
+                            "output_modalities",
+                            "tools",
+                            "role",
+                            "item_id",
+                            "audio_end_ms",
+                            "content_index",
+                            "response",
+                            "call_id",
+                            "event_id",
+                            "rate",
+                            "text",
+                            "threshold",
+                            "voice",
+                            "x",
+                        ][..]
+                    ),
                     inner,
                     0..6
                 )
-                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+                .prop_map(|m| Value::Object(
+                    m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+                )),
             ]
         })
     }
@@ -1756,27 +1994,68 @@ mod tests {
     }
 
     fn arb_session_update() -> impl Strategy<Value = SessionUpdate> {
-        let vad = (0.01f32..0.99, 0u64..5000, 32u64..10_000, any::<bool>(), any::<bool>()).prop_map(
-            |(threshold, prefix_padding_ms, silence_duration_ms, create_response, interrupt_response)| {
-                ServerVad { threshold, prefix_padding_ms, silence_duration_ms, create_response, interrupt_response }
-            },
-        );
+        let vad = (
+            0.01f32..0.99,
+            0u64..5000,
+            32u64..10_000,
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(
+                    threshold,
+                    prefix_padding_ms,
+                    silence_duration_ms,
+                    create_response,
+                    interrupt_response,
+                )| {
+                    ServerVad {
+                        threshold,
+                        prefix_padding_ms,
+                        silence_duration_ms,
+                        create_response,
+                        interrupt_response,
+                    }
+                },
+            );
         let tool = ("[a-z_]{1,20}", ".{0,20}").prop_map(|(name, description)| FunctionTool {
             name,
             description,
             parameters: json!({"type": "object", "properties": {}}),
         });
         (
-            (prop::option::of(".{0,30}"), prop::option::of("[a-z]{1,10}"), prop::option::of(arb_modality())),
+            (
+                prop::option::of(".{0,30}"),
+                prop::option::of("[a-z]{1,10}"),
+                prop::option::of(arb_modality()),
+            ),
             prop::option::of(prop::option::of("[a-z0-9-]{0,10}")),
             prop::option::of(prop::option::of(vad)),
             prop::option::of(prop::collection::vec(tool, 0..3)),
             prop::option::of(0.0f32..2.0),
             prop::option::of(prop::option::of(1u32..100_000)),
         )
-            .prop_map(|((instructions, voice, modality), transcription, turn_detection, tools, temperature, max_output_tokens)| {
-                SessionUpdate { instructions, voice, modality, transcription, turn_detection, tools, temperature, max_output_tokens }
-            })
+            .prop_map(
+                |(
+                    (instructions, voice, modality),
+                    transcription,
+                    turn_detection,
+                    tools,
+                    temperature,
+                    max_output_tokens,
+                )| {
+                    SessionUpdate {
+                        instructions,
+                        voice,
+                        modality,
+                        transcription,
+                        turn_detection,
+                        tools,
+                        temperature,
+                        max_output_tokens,
+                    }
+                },
+            )
     }
 
     fn arb_client_event() -> impl Strategy<Value = ClientEvent> {
@@ -1784,7 +2063,9 @@ mod tests {
             ".{0,30}".prop_map(NewItemContent::UserText),
             arb_audio().prop_map(NewItemContent::UserAudio),
             ".{0,30}".prop_map(NewItemContent::AssistantText),
-            (arb_id(), ".{0,30}").prop_map(|(call_id, output)| NewItemContent::FunctionCallOutput { call_id, output }),
+            (arb_id(), ".{0,30}").prop_map(|(call_id, output)| {
+                NewItemContent::FunctionCallOutput { call_id, output }
+            }),
         ];
         prop_oneof![
             arb_session_update().prop_map(ClientEvent::SessionUpdate),
@@ -1792,16 +2073,38 @@ mod tests {
             Just(ClientEvent::AudioCommit),
             Just(ClientEvent::AudioClear),
             Just(ClientEvent::OutputAudioClear),
-            (prop::option::of(arb_id()), prop::option::of(arb_id()), item).prop_map(|(previous_item_id, id, content)| {
-                ClientEvent::ItemCreate { previous_item_id, item: NewItem { id, content } }
-            }),
-            (arb_id(), any::<u32>(), any::<u64>()).prop_map(|(item_id, content_index, audio_end_ms)| {
-                ClientEvent::ItemTruncate { item_id, content_index, audio_end_ms }
-            }),
+            (prop::option::of(arb_id()), prop::option::of(arb_id()), item).prop_map(
+                |(previous_item_id, id, content)| {
+                    ClientEvent::ItemCreate {
+                        previous_item_id,
+                        item: NewItem { id, content },
+                    }
+                }
+            ),
+            (arb_id(), any::<u32>(), any::<u64>()).prop_map(
+                |(item_id, content_index, audio_end_ms)| {
+                    ClientEvent::ItemTruncate {
+                        item_id,
+                        content_index,
+                        audio_end_ms,
+                    }
+                }
+            ),
             arb_id().prop_map(|item_id| ClientEvent::ItemDelete { item_id }),
-            (prop::option::of(arb_modality()), prop::option::of(".{0,20}"), prop::option::of(Just(json!({"k": "v"}))))
-                .prop_map(|(modality, instructions, metadata)| ClientEvent::ResponseCreate(ResponseOptions { modality, instructions, metadata })),
-            prop::option::of(arb_id()).prop_map(|response_id| ClientEvent::ResponseCancel { response_id }),
+            (
+                prop::option::of(arb_modality()),
+                prop::option::of(".{0,20}"),
+                prop::option::of(Just(json!({"k": "v"})))
+            )
+                .prop_map(|(modality, instructions, metadata)| {
+                    ClientEvent::ResponseCreate(ResponseOptions {
+                        modality,
+                        instructions,
+                        metadata,
+                    })
+                }),
+            prop::option::of(arb_id())
+                .prop_map(|response_id| ClientEvent::ResponseCancel { response_id }),
         ]
     }
 

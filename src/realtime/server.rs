@@ -57,10 +57,7 @@ pub struct Shared {
 
 impl Shared {
     fn log(&self, line: std::fmt::Arguments) {
-        eprintln!(
-            "[{:>8.2}s] {line}",
-            self.started.elapsed().as_secs_f64()
-        );
+        eprintln!("[{:>8.2}s] {line}", self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -79,8 +76,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result
 /// Equal in constant time for equal lengths.
 fn same_key(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
@@ -103,6 +99,8 @@ struct Hello {
 }
 
 /// Checks the path and the key, picks the dialect and the subprotocol.
+// The error type is tungstenite's handshake callback contract.
+#[allow(clippy::result_large_err)]
 fn handshake(
     req: &Request,
     mut resp: Response,
@@ -129,13 +127,11 @@ fn handshake(
         .collect();
     if let Some(key) = api_key {
         let bearer = header("authorization").and_then(|v| v.strip_prefix("Bearer "));
-        let given = bearer
-            .or_else(|| header("api-key"))
-            .or_else(|| {
-                protocols
-                    .iter()
-                    .find_map(|p| p.strip_prefix("openai-insecure-api-key."))
-            });
+        let given = bearer.or_else(|| header("api-key")).or_else(|| {
+            protocols
+                .iter()
+                .find_map(|p| p.strip_prefix("openai-insecure-api-key."))
+        });
         if !given.is_some_and(|g| same_key(g.trim(), key)) {
             return Err(reject(
                 StatusCode::UNAUTHORIZED,
@@ -158,6 +154,8 @@ fn handshake(
     Ok(resp)
 }
 
+// The handshake callback's error type is tungstenite's.
+#[allow(clippy::result_large_err)]
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let permit = shared.sessions.try_acquire();
     let full = permit.is_err();
@@ -194,7 +192,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         Ok(Ok(conv)) => conv,
         Ok(Err(e)) => {
             shared.log(format_args!("{peer}: could not open a conversation: {e:#}"));
-            close_with_error(ws, dialect, &format!("the engine could not open a session: {e:#}")).await;
+            close_with_error(
+                ws,
+                dialect,
+                &format!("the engine could not open a session: {e:#}"),
+            )
+            .await;
             return;
         }
         Err(e) => {

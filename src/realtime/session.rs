@@ -18,7 +18,7 @@ use super::protocol::{
     NewItemContent, PartRef, ProtocolError, ResponseOptions, ResponseStatus, ResponseView,
     ServerEvent, ServerVad, SessionUpdate, SessionView, SAMPLE_RATE,
 };
-use crate::engine::{ConvEvent, Content, Output, Respond, Setup, ToolPolicy};
+use crate::engine::{Content, ConvEvent, Output, Respond, Setup, ToolPolicy};
 
 /// The model's input rate.
 const MODEL_RATE: u32 = 16_000;
@@ -38,13 +38,26 @@ pub enum Effect {
 #[derive(Debug)]
 pub enum EngineCall {
     Configure(Setup),
-    Add { item_id: String, content: Content },
+    Add {
+        item_id: String,
+        content: Content,
+    },
     Respond(Respond),
     /// Cancel the reply in progress, keeping what the client was sent (`heard` samples).
-    Cancel { heard: Option<u64> },
-    Truncate { item_id: String, audio_samples: u64 },
-    Delete { item_id: String },
-    Transcribe { item_id: String, audio: Vec<f32> },
+    Cancel {
+        heard: Option<u64>,
+    },
+    Truncate {
+        item_id: String,
+        audio_samples: u64,
+    },
+    Delete {
+        item_id: String,
+    },
+    Transcribe {
+        item_id: String,
+        audio: Vec<f32>,
+    },
 }
 
 /// Fixed for the server's life: the model, defaults and limits every session starts from.
@@ -89,7 +102,10 @@ struct Vad {
 #[derive(Debug, Clone, PartialEq)]
 enum ItemKind {
     User,
-    Assistant { modality: Modality, audio_samples: u64 },
+    Assistant {
+        modality: Modality,
+        audio_samples: u64,
+    },
     FunctionCall,
     FunctionCallOutput,
 }
@@ -141,7 +157,7 @@ pub struct Session {
 }
 
 fn setup_of(settings: &Settings, params: &GenerationParams) -> Setup {
-    let mut params = params.clone();
+    let mut params = *params;
     if let Some(n) = settings.max_output_tokens {
         params.max_new_tokens = n as usize;
     }
@@ -184,10 +200,7 @@ impl Session {
             voice: defaults.voice.clone(),
             modality: Modality::Audio,
             transcription: None,
-            turn_detection: defaults
-                .vad_assets
-                .is_ok()
-                .then(ServerVad::default),
+            turn_detection: defaults.vad_assets.is_ok().then(ServerVad::default),
             tools: Vec::new(),
             temperature: defaults.params.text.temperature.unwrap_or(0.0),
             max_output_tokens: None,
@@ -686,7 +699,11 @@ impl Session {
 
     fn truncate(&mut self, eid: Option<String>, item_id: String, content_index: u32, ms: u64) {
         let Some(item) = self.items.iter().find(|i| i.id == item_id) else {
-            self.error(eid, "item_not_found", format!("no item {item_id:?} in the conversation"));
+            self.error(
+                eid,
+                "item_not_found",
+                format!("no item {item_id:?} in the conversation"),
+            );
             return;
         };
         let ItemKind::Assistant {
@@ -735,7 +752,11 @@ impl Session {
 
     fn delete(&mut self, eid: Option<String>, item_id: String) {
         let Some(pos) = self.items.iter().position(|i| i.id == item_id) else {
-            self.error(eid, "item_not_found", format!("no item {item_id:?} in the conversation"));
+            self.error(
+                eid,
+                "item_not_found",
+                format!("no item {item_id:?} in the conversation"),
+            );
             return;
         };
         let item = self.items.remove(pos);
@@ -807,7 +828,8 @@ impl Session {
             };
             match dialect_modality {
                 Modality::Audio => {
-                    self.out.push(Effect::Send(ServerEvent::AudioDone { at: at.clone() }));
+                    self.out
+                        .push(Effect::Send(ServerEvent::AudioDone { at: at.clone() }));
                     self.out.push(Effect::Send(ServerEvent::TranscriptDone {
                         at: at.clone(),
                         transcript: a.text.clone(),
@@ -933,7 +955,9 @@ impl Session {
     /// An event of the engine conversation.
     pub fn handle_engine(&mut self, ev: ConvEvent) -> Vec<Effect> {
         match ev {
-            ConvEvent::Added { .. } | ConvEvent::ToolResult { .. } | ConvEvent::TimerFired { .. } => {}
+            ConvEvent::Added { .. }
+            | ConvEvent::ToolResult { .. }
+            | ConvEvent::TimerFired { .. } => {}
             ConvEvent::ReplyStarted { response_id, .. } => {
                 if let Some(a) = &mut self.active {
                     if a.view.id == response_id {
@@ -946,8 +970,7 @@ impl Session {
                     && self.active.as_ref().is_some_and(|a| a.cancelled.is_none())
                 {
                     self.ensure_message();
-                    if let (Some(at), Some(a)) = (self.live_part(&response_id), &mut self.active)
-                    {
+                    if let (Some(at), Some(a)) = (self.live_part(&response_id), &mut self.active) {
                         a.text.push_str(&piece);
                         let ev = match a.view.modality {
                             Modality::Audio => ServerEvent::TranscriptDelta { at, delta: piece },
@@ -968,8 +991,7 @@ impl Session {
                 });
                 if speaking && !samples.is_empty() {
                     self.ensure_message();
-                    if let (Some(at), Some(a)) = (self.live_part(&response_id), &mut self.active)
-                    {
+                    if let (Some(at), Some(a)) = (self.live_part(&response_id), &mut self.active) {
                         a.sent_samples += samples.len() as u64;
                         let delta = super::protocol::encode_pcm16(&samples);
                         self.send(ServerEvent::AudioDelta { at, delta });
@@ -1016,7 +1038,10 @@ impl Session {
                     .remove(&item_id)
                     .unwrap_or(audio_samples / SAMPLES_PER_MS);
                 if let Some(i) = self.items.iter_mut().find(|i| i.id == item_id) {
-                    if let ItemKind::Assistant { audio_samples: s, .. } = &mut i.kind {
+                    if let ItemKind::Assistant {
+                        audio_samples: s, ..
+                    } = &mut i.kind
+                    {
                         *s = audio_samples;
                     }
                 }
@@ -1070,7 +1095,9 @@ impl Session {
     }
 
     fn tool_call(&mut self, response_id: String, call_id: String, name: String, arguments: String) {
-        if !self.is_live(&response_id) || self.active.as_ref().is_some_and(|a| a.cancelled.is_some()) {
+        if !self.is_live(&response_id)
+            || self.active.as_ref().is_some_and(|a| a.cancelled.is_some())
+        {
             return;
         }
         // The first visible item of the reply carries the engine's item id, so that deleting
@@ -1192,7 +1219,10 @@ mod tests {
         assert_eq!(setup.instructions, "Be brief.");
         assert_eq!(setup.tool_policy, ToolPolicy::Report);
         let start = s.start();
-        assert!(matches!(start[..], [Effect::Send(ServerEvent::SessionCreated(_))]), "{start:?}");
+        assert!(
+            matches!(start[..], [Effect::Send(ServerEvent::SessionCreated(_))]),
+            "{start:?}"
+        );
         s
     }
 
@@ -1205,7 +1235,10 @@ mod tests {
             .iter()
             .map(|e| match e {
                 Effect::Send(ev) => ev.name(dialect).to_string(),
-                Effect::Engine(c) => format!("engine:{}", format!("{c:?}").split([' ', '(', '{']).next().unwrap_or("")),
+                Effect::Engine(c) => format!(
+                    "engine:{}",
+                    format!("{c:?}").split([' ', '(', '{']).next().unwrap_or("")
+                ),
             })
             .collect()
     }
@@ -1232,7 +1265,10 @@ mod tests {
         let Some(Effect::Engine(EngineCall::Respond(r))) = out.last() else {
             panic!("{out:?}")
         };
-        assert!(matches!(out[0], Effect::Send(ServerEvent::ResponseCreated(_))));
+        assert!(matches!(
+            out[0],
+            Effect::Send(ServerEvent::ResponseCreated(_))
+        ));
         let ids = (r.response_id.clone(), r.item_id.clone());
         s.handle_engine(ConvEvent::ReplyStarted {
             response_id: ids.0.clone(),
@@ -1249,9 +1285,17 @@ mod tests {
         let out = client(&mut s, r#"{"type": "input_audio_buffer.commit"}"#);
         assert_eq!(
             names(&out, Dialect::Beta),
-            ["input_audio_buffer.committed", "conversation.item.created", "engine:Add"]
+            [
+                "input_audio_buffer.committed",
+                "conversation.item.created",
+                "engine:Add"
+            ]
         );
-        let Effect::Engine(EngineCall::Add { content: Content::UserAudio(a), .. }) = &out[2] else {
+        let Effect::Engine(EngineCall::Add {
+            content: Content::UserAudio(a),
+            ..
+        }) = &out[2]
+        else {
             panic!("{out:?}")
         };
         assert_eq!(a.len(), 300 * 16);
@@ -1275,9 +1319,18 @@ mod tests {
     fn a_reply_streams_deltas_and_ends_with_response_done() {
         let mut s = manual();
         let (rid, iid) = start_reply(&mut s);
-        let mut out = s.handle_engine(ConvEvent::Text { response_id: rid.clone(), piece: "Hel".into() });
-        out.extend(s.handle_engine(ConvEvent::Audio { response_id: rid.clone(), samples: vec![0.0; 1920] }));
-        out.extend(s.handle_engine(ConvEvent::Text { response_id: rid.clone(), piece: "lo".into() }));
+        let mut out = s.handle_engine(ConvEvent::Text {
+            response_id: rid.clone(),
+            piece: "Hel".into(),
+        });
+        out.extend(s.handle_engine(ConvEvent::Audio {
+            response_id: rid.clone(),
+            samples: vec![0.0; 1920],
+        }));
+        out.extend(s.handle_engine(ConvEvent::Text {
+            response_id: rid.clone(),
+            piece: "lo".into(),
+        }));
         out.extend(s.handle_engine(ConvEvent::ReplyDone {
             response_id: rid.clone(),
             item_id: iid.clone(),
@@ -1301,17 +1354,60 @@ mod tests {
                 "response.done",
             ]
         );
-        let Some(Effect::Send(ServerEvent::ResponseDone(r))) = out.last() else { panic!() };
+        let Some(Effect::Send(ServerEvent::ResponseDone(r))) = out.last() else {
+            panic!()
+        };
         assert_eq!(r.status, ResponseStatus::Completed);
-        assert_eq!(r.output[0].body, ItemBody::Assistant { modality: Modality::Audio, text: "Hello".into() });
+        assert_eq!(
+            r.output[0].body,
+            ItemBody::Assistant {
+                modality: Modality::Audio,
+                text: "Hello".into()
+            }
+        );
         // Truncation: within the audio is asked of the engine, beyond it is an error.
-        let out = client(&mut s, &format!(r#"{{"type": "conversation.item.truncate", "item_id": "{iid}", "content_index": 0, "audio_end_ms": 80}}"#));
-        assert!(matches!(&out[..], [Effect::Engine(EngineCall::Truncate { audio_samples: 1920, .. })]), "{out:?}");
-        let out = s.handle_engine(ConvEvent::Truncated { item_id: iid.clone(), audio_samples: 1920, text: "Hel".into() });
-        assert!(matches!(&out[..], [Effect::Send(ServerEvent::ItemTruncated { audio_end_ms: 80, .. })]), "{out:?}");
-        let out = client(&mut s, &format!(r#"{{"type": "conversation.item.truncate", "item_id": "{iid}", "content_index": 0, "audio_end_ms": 81}}"#));
+        let out = client(
+            &mut s,
+            &format!(
+                r#"{{"type": "conversation.item.truncate", "item_id": "{iid}", "content_index": 0, "audio_end_ms": 80}}"#
+            ),
+        );
+        assert!(
+            matches!(
+                &out[..],
+                [Effect::Engine(EngineCall::Truncate {
+                    audio_samples: 1920,
+                    ..
+                })]
+            ),
+            "{out:?}"
+        );
+        let out = s.handle_engine(ConvEvent::Truncated {
+            item_id: iid.clone(),
+            audio_samples: 1920,
+            text: "Hel".into(),
+        });
+        assert!(
+            matches!(
+                &out[..],
+                [Effect::Send(ServerEvent::ItemTruncated {
+                    audio_end_ms: 80,
+                    ..
+                })]
+            ),
+            "{out:?}"
+        );
+        let out = client(
+            &mut s,
+            &format!(
+                r#"{{"type": "conversation.item.truncate", "item_id": "{iid}", "content_index": 0, "audio_end_ms": 81}}"#
+            ),
+        );
         assert!(error_message(&out).contains("beyond the item's audio (80 ms)"));
-        let out = client(&mut s, r#"{"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 1}"#);
+        let out = client(
+            &mut s,
+            r#"{"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 1}"#,
+        );
         assert!(error_message(&out).contains("no item"));
     }
 
@@ -1319,14 +1415,41 @@ mod tests {
     fn a_cancelled_reply_keeps_what_was_sent() {
         let mut s = manual();
         let (rid, iid) = start_reply(&mut s);
-        s.handle_engine(ConvEvent::Audio { response_id: rid.clone(), samples: vec![0.0; 960] });
+        s.handle_engine(ConvEvent::Audio {
+            response_id: rid.clone(),
+            samples: vec![0.0; 960],
+        });
         let out = client(&mut s, r#"{"type": "response.cancel"}"#);
-        assert!(matches!(&out[..], [Effect::Engine(EngineCall::Cancel { heard: Some(960) })]), "{out:?}");
+        assert!(
+            matches!(
+                &out[..],
+                [Effect::Engine(EngineCall::Cancel { heard: Some(960) })]
+            ),
+            "{out:?}"
+        );
         // Late audio is not forwarded.
-        assert!(s.handle_engine(ConvEvent::Audio { response_id: rid.clone(), samples: vec![0.0; 960] }).is_empty());
-        let out = s.handle_engine(ConvEvent::ReplyDone { response_id: rid, item_id: iid, text: String::new(), audio_samples: 960, cancelled: true });
-        let Some(Effect::Send(ServerEvent::ResponseDone(r))) = out.last() else { panic!("{out:?}") };
-        assert_eq!(r.status, ResponseStatus::Cancelled { turn_detected: false });
+        assert!(s
+            .handle_engine(ConvEvent::Audio {
+                response_id: rid.clone(),
+                samples: vec![0.0; 960]
+            })
+            .is_empty());
+        let out = s.handle_engine(ConvEvent::ReplyDone {
+            response_id: rid,
+            item_id: iid,
+            text: String::new(),
+            audio_samples: 960,
+            cancelled: true,
+        });
+        let Some(Effect::Send(ServerEvent::ResponseDone(r))) = out.last() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            r.status,
+            ResponseStatus::Cancelled {
+                turn_detected: false
+            }
+        );
         let out = client(&mut s, r#"{"type": "response.cancel"}"#);
         assert!(error_message(&out).contains("no reply in progress"));
     }
@@ -1335,23 +1458,46 @@ mod tests {
     fn a_reply_cancelled_before_it_began_ends_at_once() {
         let mut s = manual();
         let out = client(&mut s, r#"{"type": "response.create"}"#);
-        let Some(Effect::Engine(EngineCall::Respond(r))) = out.last() else { panic!() };
+        let Some(Effect::Engine(EngineCall::Respond(r))) = out.last() else {
+            panic!()
+        };
         let rid = r.response_id.clone();
         let out = client(&mut s, r#"{"type": "response.create"}"#);
         assert!(error_message(&out).contains("in progress"));
         let out = client(&mut s, r#"{"type": "response.cancel"}"#);
-        assert_eq!(names(&out, Dialect::Beta), ["engine:Cancel", "response.done"]);
+        assert_eq!(
+            names(&out, Dialect::Beta),
+            ["engine:Cancel", "response.done"]
+        );
         // What the engine says of it later is dropped.
-        assert!(s.handle_engine(ConvEvent::Text { response_id: rid.clone(), piece: "x".into() }).is_empty());
-        assert!(s.handle_engine(ConvEvent::ReplyDone { response_id: rid, item_id: "i".into(), text: "x".into(), audio_samples: 0, cancelled: true }).is_empty());
+        assert!(s
+            .handle_engine(ConvEvent::Text {
+                response_id: rid.clone(),
+                piece: "x".into()
+            })
+            .is_empty());
+        assert!(s
+            .handle_engine(ConvEvent::ReplyDone {
+                response_id: rid,
+                item_id: "i".into(),
+                text: "x".into(),
+                audio_samples: 0,
+                cancelled: true
+            })
+            .is_empty());
     }
 
     #[test]
     fn a_tool_call_becomes_a_function_call_item_and_its_output_goes_back() {
         let mut s = manual();
-        let out = client(&mut s, r#"{"type": "session.update", "session": {"type": "realtime", "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}}"#);
+        let out = client(
+            &mut s,
+            r#"{"type": "session.update", "session": {"type": "realtime", "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}}"#,
+        );
         assert_eq!(s.dialect(), Dialect::Ga);
-        let Effect::Engine(EngineCall::Configure(setup)) = &out[0] else { panic!("{out:?}") };
+        let Effect::Engine(EngineCall::Configure(setup)) = &out[0] else {
+            panic!("{out:?}")
+        };
         assert_eq!(setup.tools[0].name, "get_weather");
         assert!(setup.tools[0].command.is_empty());
         let (rid, iid) = start_reply(&mut s);
@@ -1361,7 +1507,13 @@ mod tests {
             name: "get_weather".into(),
             arguments: r#"{"city":"Paris"}"#.into(),
         });
-        out.extend(s.handle_engine(ConvEvent::ReplyDone { response_id: rid, item_id: iid.clone(), text: String::new(), audio_samples: 0, cancelled: false }));
+        out.extend(s.handle_engine(ConvEvent::ReplyDone {
+            response_id: rid,
+            item_id: iid.clone(),
+            text: String::new(),
+            audio_samples: 0,
+            cancelled: false,
+        }));
         assert_eq!(
             names(&out, Dialect::Ga),
             [
@@ -1373,41 +1525,88 @@ mod tests {
                 "response.done",
             ]
         );
-        let Effect::Send(ServerEvent::FunctionCallArgumentsDone { item_id, arguments, .. }) = &out[3] else { panic!() };
+        let Effect::Send(ServerEvent::FunctionCallArgumentsDone {
+            item_id, arguments, ..
+        }) = &out[3]
+        else {
+            panic!()
+        };
         assert_eq!(item_id, &iid);
         assert_eq!(arguments, r#"{"city":"Paris"}"#);
-        let out = client(&mut s, r#"{"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "call_1", "output": "{\"sky\": \"clear\"}"}}"#);
-        let Some(Effect::Engine(EngineCall::Add { content: Content::ToolResult { call_id, output }, .. })) = out.last() else { panic!("{out:?}") };
-        assert_eq!((call_id.as_str(), output.as_str()), ("call_1", "{\"sky\": \"clear\"}"));
+        let out = client(
+            &mut s,
+            r#"{"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "call_1", "output": "{\"sky\": \"clear\"}"}}"#,
+        );
+        let Some(Effect::Engine(EngineCall::Add {
+            content: Content::ToolResult { call_id, output },
+            ..
+        })) = out.last()
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            (call_id.as_str(), output.as_str()),
+            ("call_1", "{\"sky\": \"clear\"}")
+        );
     }
 
     #[test]
     fn items_are_added_at_the_end_and_deleted_by_id() {
         let mut s = manual();
-        let out = client(&mut s, r#"{"type": "conversation.item.create", "item": {"id": "u1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#);
-        assert_eq!(names(&out, Dialect::Beta), ["conversation.item.created", "engine:Add"]);
-        let out = client(&mut s, r#"{"type": "conversation.item.create", "item": {"id": "u1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#);
+        let out = client(
+            &mut s,
+            r#"{"type": "conversation.item.create", "item": {"id": "u1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#,
+        );
+        assert_eq!(
+            names(&out, Dialect::Beta),
+            ["conversation.item.created", "engine:Add"]
+        );
+        let out = client(
+            &mut s,
+            r#"{"type": "conversation.item.create", "item": {"id": "u1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#,
+        );
         assert!(error_message(&out).contains("exists already"));
-        let out = client(&mut s, r#"{"type": "conversation.item.create", "previous_item_id": "root", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#);
+        let out = client(
+            &mut s,
+            r#"{"type": "conversation.item.create", "previous_item_id": "root", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#,
+        );
         assert!(error_message(&out).contains("previous_item_id"));
-        let out = client(&mut s, r#"{"type": "conversation.item.delete", "item_id": "u1"}"#);
-        assert!(matches!(&out[..], [Effect::Engine(EngineCall::Delete { .. })]));
-        let out = client(&mut s, r#"{"type": "conversation.item.delete", "item_id": "u1"}"#);
+        let out = client(
+            &mut s,
+            r#"{"type": "conversation.item.delete", "item_id": "u1"}"#,
+        );
+        assert!(matches!(
+            &out[..],
+            [Effect::Engine(EngineCall::Delete { .. })]
+        ));
+        let out = client(
+            &mut s,
+            r#"{"type": "conversation.item.delete", "item_id": "u1"}"#,
+        );
         assert!(error_message(&out).contains("no item"));
     }
 
     #[test]
     fn server_vad_is_refused_with_the_reason_when_it_is_unavailable() {
         let mut s = manual();
-        let out = client(&mut s, r#"{"type": "session.update", "session": {"turn_detection": {"type": "server_vad"}}}"#);
+        let out = client(
+            &mut s,
+            r#"{"type": "session.update", "session": {"turn_detection": {"type": "server_vad"}}}"#,
+        );
         assert!(error_message(&out).contains("off in this test"));
     }
 
     /// `tests/fixtures/audio/what_time_16k.wav` at 24 kHz.
     fn question_24k() -> Vec<f32> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/audio/what_time_16k.wav");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/audio/what_time_16k.wav"
+        );
         let mut r = hound::WavReader::open(path).unwrap();
-        let x: Vec<f32> = r.samples::<i16>().map(|s| f32::from(s.unwrap()) / 32768.0).collect();
+        let x: Vec<f32> = r
+            .samples::<i16>()
+            .map(|s| f32::from(s.unwrap()) / 32768.0)
+            .collect();
         Resampler::resample_all(16_000, 24_000, &x).unwrap()
     }
 
@@ -1436,21 +1635,42 @@ mod tests {
                 "engine:Respond",
             ]
         );
-        let (Effect::Send(ServerEvent::SpeechStarted { audio_start_ms, item_id: a }), Effect::Send(ServerEvent::SpeechStopped { audio_end_ms, item_id: b })) = (&out[0], &out[1]) else { panic!() };
+        let (
+            Effect::Send(ServerEvent::SpeechStarted {
+                audio_start_ms,
+                item_id: a,
+            }),
+            Effect::Send(ServerEvent::SpeechStopped {
+                audio_end_ms,
+                item_id: b,
+            }),
+        ) = (&out[0], &out[1])
+        else {
+            panic!()
+        };
         assert_eq!(a, b);
         assert!((400..700).contains(audio_start_ms), "{audio_start_ms}");
         assert!(*audio_end_ms > audio_start_ms + 500, "{audio_end_ms}");
         // Speaking over the reply cancels it (interrupt_response).
         let (rid, _) = {
-            let Effect::Engine(EngineCall::Respond(r)) = &out[6] else { panic!() };
+            let Effect::Engine(EngineCall::Respond(r)) = &out[6] else {
+                panic!()
+            };
             (r.response_id.clone(), r.item_id.clone())
         };
-        s.handle_engine(ConvEvent::ReplyStarted { response_id: rid, item_id: "x".into(), latency_ms: 0.0 });
+        s.handle_engine(ConvEvent::ReplyStarted {
+            response_id: rid,
+            item_id: "x".into(),
+            latency_ms: 0.0,
+        });
         let mut out = Vec::new();
         for chunk in question_24k().chunks(2400) {
             let text = serde_json::json!({"type": "input_audio_buffer.append", "audio": crate::realtime::protocol::encode_pcm16(chunk)});
             out.extend(client(&mut s, &text.to_string()));
         }
-        assert_eq!(names(&out, Dialect::Ga)[..2], ["input_audio_buffer.speech_started", "engine:Cancel"]);
+        assert_eq!(
+            names(&out, Dialect::Ga)[..2],
+            ["input_audio_buffer.speech_started", "engine:Cancel"]
+        );
     }
 }
