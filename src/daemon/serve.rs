@@ -508,6 +508,9 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                         }
                     }
                 }
+                Ok(ConvEvent::Transcript { item_id, text }) => {
+                    say(format!("{} user ({item_id}): {text:?}", stamp(start)));
+                }
                 Ok(ConvEvent::Trimmed { item_ids }) => {
                     say(format!("{} context full: dropped the {} oldest items", stamp(start), item_ids.len()));
                 }
@@ -536,8 +539,12 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     user_turns += 1;
                     let id = format!("user-{user_turns}");
                     conv.add(id.clone(), Content::UserAudio(audio.clone()));
-                    last_user = Some((id, audio));
                     respond(&conv, user_turns);
+                    if cfg.assistant.transcribe_user {
+                        // After the reply in the queue: the words are for the log.
+                        conv.transcribe(id.clone(), audio.clone());
+                    }
+                    last_user = Some((id, audio));
                 }
                 Action::ExtendUtterance { audio } => {
                     // The reply was cancelled before it said anything (and so left nothing);
@@ -551,8 +558,11 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     user_turns += 1;
                     let id = format!("user-{user_turns}");
                     conv.add(id.clone(), Content::UserAudio(whole.clone()));
-                    last_user = Some((id, whole));
                     respond(&conv, user_turns);
+                    if cfg.assistant.transcribe_user {
+                        conv.transcribe(id.clone(), whole.clone());
+                    }
+                    last_user = Some((id, whole));
                 }
                 Action::StopPlayback => player.clear(),
                 Action::CancelAndTruncateReply => {
