@@ -136,7 +136,7 @@ pub fn find_in_cache(cache: &Path) -> anyhow::Result<PathBuf> {
         ),
         None => anyhow::bail!(
             "no model given and none in the model cache {}: download one with `lfm2d fetch-model` \
-             ({DEFAULT_REPO}, about 3.4 GB), or pass --model DIR (a directory in the Hugging Face \
+             ({DEFAULT_REPO}, over 3 GB), or pass --model DIR (a directory in the Hugging Face \
              layout; `--model tests/fixtures/tiny-c/model` runs the bundled demo model)",
             cache.display()
         ),
