@@ -173,9 +173,9 @@ fn resolve(args: &Args) -> anyhow::Result<Resolved> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let r = resolve(&args)?;
     let cfg = &r.cfg;
-    let model_dir = cfg.model_dir().ok_or_else(|| {
-        anyhow::anyhow!("no model: pass --model DIR or set model.dir in the configuration (`lfm2d synth-model --out DIR --size tiny` makes a demo model)")
-    })?;
+    let model_dir = cfg
+        .model_dir()
+        .map_or_else(crate::model_cache::default_model_dir, Ok)?;
     let quant = args.quant.unwrap_or(match cfg.model.quant.as_str() {
         "f32" => Quant::F32,
         "q8" => Quant::Q8,
