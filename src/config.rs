@@ -61,6 +61,7 @@ pub struct AssistantSection {
     pub context_limit: usize,
     pub builtin_tools: bool,
     pub max_tool_rounds: usize,
+    pub transcribe_user: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -126,6 +127,7 @@ impl Default for AssistantSection {
             context_limit: 0,
             builtin_tools: true,
             max_tool_rounds: 3,
+            transcribe_user: true,
         }
     }
 }

@@ -7,6 +7,7 @@ mod cmd;
 mod config;
 mod daemon;
 mod engine;
+mod model_cache;
 mod realtime;
 mod voices;
 
@@ -36,6 +37,8 @@ enum Command {
     Serve(daemon::serve::Args),
     /// Measure speed and memory on this machine (a table of medians).
     Bench(cmd::bench::Args),
+    /// Download an official checkpoint into the Hugging Face cache (resumable, checksum-verified).
+    FetchModel(cmd::fetch::Args),
     /// Write a random-weight checkpoint with the real model's shapes (for benchmarks and demos).
     SynthModel(cmd::synth_model::Args),
     /// List the sound devices (inputs and outputs) with their index and default format.
@@ -50,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Transcribe(args) => cmd::transcribe::run(args),
         Command::SynthModel(args) => cmd::synth_model::run(args),
+        Command::FetchModel(args) => cmd::fetch::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Serve(args) => daemon::serve::run(args),
         Command::Chat(args) => cmd::chat::run(args),

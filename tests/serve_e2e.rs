@@ -214,6 +214,7 @@ fn spoken_turns_get_spoken_replies_and_barge_in_cuts_the_reply() {
         d.seen.iter().any(|l| l.contains("first audio")),
         "first-audio latency is logged"
     );
+    assert_eq!(d.count("user (user-"), 2, "the user's words are logged");
     drop(d);
 
     // Long replies: a question over the reply interrupts it.

@@ -518,9 +518,63 @@ pub fn run_command(spec: &ToolSpec, call: &ToolCall) -> ToolOutcome {
     }
 }
 
+/// Runs a built-in tool (see [`built_in`]). `on_timer` is called with the timer's label when a
+/// timer set with `set_timer` runs out (from a thread of its own).
+pub fn run_built_in(
+    call: &ToolCall,
+    on_timer: impl FnOnce(String) + Send + 'static,
+) -> ToolOutcome {
+    match call.name.as_str() {
+        "get_current_time" => {
+            let now = chrono::Local::now();
+            ToolOutcome::Ok(
+                serde_json::json!({
+                    "date": now.format("%A %-d %B %Y").to_string(),
+                    "time": now.format("%H:%M").to_string(),
+                    "iso": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+                })
+                .to_string(),
+            )
+        }
+        "set_timer" => {
+            let seconds = match call.arguments.get("seconds").and_then(Value::as_f64) {
+                Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => s,
+                Some(s) => {
+                    return ToolOutcome::Failed(format!(
+                        "seconds = {s}: expected a duration between 0 and 86400"
+                    ))
+                }
+                None => return ToolOutcome::Failed("set_timer needs a number `seconds`".into()),
+            };
+            let label = call
+                .arguments
+                .get("label")
+                .and_then(Value::as_str)
+                .unwrap_or("timer")
+                .to_owned();
+            let name = label.clone();
+            let spawned = std::thread::Builder::new()
+                .name("timer".into())
+                .spawn(move || {
+                    std::thread::sleep(Duration::from_secs_f64(seconds));
+                    on_timer(name);
+                });
+            match spawned {
+                Ok(_) => ToolOutcome::Ok(
+                    serde_json::json!({"status": "set", "seconds": seconds, "label": label})
+                        .to_string(),
+                ),
+                Err(e) => ToolOutcome::Failed(format!("cannot start the timer: {e}")),
+            }
+        }
+        other => ToolOutcome::Failed(format!("there is no built-in tool named {other:?}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn pythonic_calls_parse() {
@@ -625,57 +679,42 @@ mod tests {
             matches!(run_command(&spec, &call), ToolOutcome::Failed(e) if e.contains("cannot start"))
         );
     }
-}
 
-/// Runs a built-in tool (see [`built_in`]). `on_timer` is called with the timer's label when a
-/// timer set with `set_timer` runs out (from a thread of its own).
-pub fn run_built_in(
-    call: &ToolCall,
-    on_timer: impl FnOnce(String) + Send + 'static,
-) -> ToolOutcome {
-    match call.name.as_str() {
-        "get_current_time" => {
-            let now = chrono::Local::now();
-            ToolOutcome::Ok(
-                serde_json::json!({
-                    "date": now.format("%A %-d %B %Y").to_string(),
-                    "time": now.format("%H:%M").to_string(),
-                    "iso": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
-                })
-                .to_string(),
-            )
+    #[test]
+    fn built_in_tools_run() {
+        let call = |name: &str, args: Value| ToolCall {
+            name: name.into(),
+            arguments: args.as_object().cloned().unwrap_or_default(),
+        };
+        let ToolOutcome::Ok(now) = run_built_in(&call("get_current_time", json!({})), |_| {})
+        else {
+            panic!("the time is known");
+        };
+        let now: Value = serde_json::from_str(&now).unwrap();
+        assert!(now["time"].as_str().unwrap().contains(':'), "{now}");
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let set = run_built_in(
+            &call("set_timer", json!({"seconds": 0.05, "label": "tea"})),
+            move |label| tx.send(label).unwrap(),
+        );
+        assert!(
+            matches!(set, ToolOutcome::Ok(ref s) if s.contains("tea")),
+            "{set:?}"
+        );
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "tea");
+
+        for bad in [
+            json!({}),
+            json!({"seconds": -1}),
+            json!({"seconds": "soon"}),
+        ] {
+            let out = run_built_in(&call("set_timer", bad.clone()), |_| {});
+            assert!(matches!(out, ToolOutcome::Failed(_)), "{bad}: {out:?}");
         }
-        "set_timer" => {
-            let seconds = match call.arguments.get("seconds").and_then(Value::as_f64) {
-                Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => s,
-                Some(s) => {
-                    return ToolOutcome::Failed(format!(
-                        "seconds = {s}: expected a duration between 0 and 86400"
-                    ))
-                }
-                None => return ToolOutcome::Failed("set_timer needs a number `seconds`".into()),
-            };
-            let label = call
-                .arguments
-                .get("label")
-                .and_then(Value::as_str)
-                .unwrap_or("timer")
-                .to_owned();
-            let name = label.clone();
-            let spawned = std::thread::Builder::new()
-                .name("timer".into())
-                .spawn(move || {
-                    std::thread::sleep(Duration::from_secs_f64(seconds));
-                    on_timer(name);
-                });
-            match spawned {
-                Ok(_) => ToolOutcome::Ok(
-                    serde_json::json!({"status": "set", "seconds": seconds, "label": label})
-                        .to_string(),
-                ),
-                Err(e) => ToolOutcome::Failed(format!("cannot start the timer: {e}")),
-            }
-        }
-        other => ToolOutcome::Failed(format!("there is no built-in tool named {other:?}")),
+        assert!(matches!(
+            run_built_in(&call("format_disk", json!({})), |_| {}),
+            ToolOutcome::Failed(_)
+        ));
     }
 }

@@ -25,9 +25,10 @@ use super::speech::CodecArg;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory (e.g. one written by `lfm2d synth-model`).
+    /// Model directory (e.g. one written by `lfm2d synth-model`; default: the model fetched by
+    /// `lfm2d fetch-model`).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Repetitions of each measurement; the table shows medians.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
@@ -105,9 +106,10 @@ struct Row {
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
     let start = Instant::now();
-    let model = args.runtime.load(&args.model)?;
+    let model_dir = crate::model_cache::model_or_default(args.model.as_deref())?;
+    let model = args.runtime.load(&model_dir)?;
     let load_s = start.elapsed().as_secs_f64();
-    let mut detok = codec::open_detokenizer_with(&args.model, args.codec.into(), &model.plan)
+    let mut detok = codec::open_detokenizer_with(&model_dir, args.codec.into(), &model.plan)
         .context("loading the audio decoder")?;
     let threads = args
         .runtime
@@ -115,7 +117,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(lfm2_audio::quant::Threads::available);
     eprintln!(
         "bench: {} ({:?}, {threads} threads), backbone weights {:.0} MB, loaded in {load_s:.1} s",
-        args.model.display(),
+        model_dir.display(),
         args.runtime.quant,
         model.backbone.weight_bytes() as f64 / 1e6
     );
@@ -318,7 +320,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // Agreement of quantized greedy decoding with f32.
     if args.agreement_steps > 0 && args.runtime.quant != Quant::F32 {
-        let (text, audio) = agreement(&model, &args.model, args.agreement_steps)?;
+        let (text, audio) = agreement(&model, &model_dir, args.agreement_steps)?;
         rows.push(Row {
             name: "top-1 agreement, text",
             value: text * 100.0,
@@ -343,7 +345,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let work = std::env::temp_dir().join(format!("lfm2d-peer-{}", std::process::id()));
         let peer = crate::bench_peer::candle_quantized_lfm2(
-            &args.model,
+            &model_dir,
             format,
             args.prefill_tokens,
             32,

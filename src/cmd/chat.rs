@@ -29,7 +29,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let params = args
         .speech
         .params(SamplingParams::new(Some(1.0), Some(4)))?;
-    let model = args.speech.runtime.load(&args.speech.model)?;
+    let model_dir = crate::model_cache::model_or_default(args.speech.model.as_deref())?;
+    let model = args.speech.runtime.load(&model_dir)?;
     let (wave, rate) = audio_io::decode::read_mono(&args.input)?;
     let audio = model
         .audio

@@ -11,9 +11,9 @@ use lfm2_audio::tokenizer::TextStream;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    /// Model directory (default: the model fetched by `lfm2d fetch-model`, from the hub cache).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// The user's message.
     #[arg(long)]
     pub prompt: String,
@@ -49,7 +49,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.top_k == Some(0) {
         anyhow::bail!("--top-k must be at least 1");
     }
-    let model = args.runtime.load(&args.model)?;
+    let model_dir = crate::model_cache::model_or_default(args.model.as_deref())?;
+    let model = args.runtime.load(&model_dir)?;
     let tok = &model.tokenizer;
     let chat = ChatState::text_chat(tok, args.system.as_deref(), &args.prompt)?;
     let mut session = Session::new(model.backbone.clone())?;

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod chat;
 pub mod devices;
+pub mod fetch;
 pub mod generate;
 pub mod listen;
 pub mod runtime;

@@ -34,7 +34,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         voice.audio_temperature,
         voice.audio_top_k,
     ))?;
-    let model = args.speech.runtime.load(&args.speech.model)?;
+    let model_dir = crate::model_cache::model_or_default(args.speech.model.as_deref())?;
+    let model = args.speech.runtime.load(&model_dir)?;
     let tok = &model.tokenizer;
     let mut chat = ChatState::new(tok)?;
     chat.new_turn(tok, "system")?;

@@ -35,9 +35,9 @@ impl From<CodecArg> for DetokenizerChoice {
 /// Flags shared by the commands that speak.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SpeechArgs {
-    /// Model directory.
+    /// Model directory (default: the model fetched by `lfm2d fetch-model`, from the hub cache).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Where to write the reply (24 kHz mono WAV, written as it is generated).
     #[arg(long)]
     pub out: PathBuf,

@@ -20,9 +20,9 @@ use lfm2_audio::tokenizer::TextStream;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory.
+    /// Model directory (default: the model fetched by `lfm2d fetch-model`, from the hub cache).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Audio files (WAV, FLAC, MP3, Ogg Vorbis; any rate, any channel count).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
@@ -53,7 +53,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "--max-segment-seconds must be at least 1, got {}",
         args.max_segment_seconds
     );
-    let model = args.runtime.load(&args.model)?;
+    let model_dir = crate::model_cache::model_or_default(args.model.as_deref())?;
+    let model = args.runtime.load(&model_dir)?;
     let mut failed = 0;
     for file in &args.files {
         if !args.json && args.files.len() > 1 {

@@ -184,9 +184,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let r = resolve(&args)?;
     let cfg = &r.cfg;
-    let model_dir = cfg.model_dir().ok_or_else(|| {
-        anyhow::anyhow!("no model: pass --model DIR or set model.dir in the configuration (`lfm2d synth-model --out DIR --size tiny` makes a demo model)")
-    })?;
+    let model_dir = cfg
+        .model_dir()
+        .map_or_else(crate::model_cache::default_model_dir, Ok)?;
     let quant = args.quant.unwrap_or(match cfg.model.quant.as_str() {
         "f32" => Quant::F32,
         "q8" => Quant::Q8,
@@ -519,6 +519,9 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                         }
                     }
                 }
+                Ok(ConvEvent::Transcript { item_id, text }) => {
+                    say(format!("{} user ({item_id}): {text:?}", stamp(start)));
+                }
                 Ok(ConvEvent::Trimmed { item_ids }) => {
                     say(format!("{} context full: dropped the {} oldest items", stamp(start), item_ids.len()));
                 }
@@ -547,8 +550,12 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     user_turns += 1;
                     let id = format!("user-{user_turns}");
                     conv.add(id.clone(), Content::UserAudio(audio.clone()));
-                    last_user = Some((id, audio));
                     respond(&conv, user_turns);
+                    if cfg.assistant.transcribe_user {
+                        // After the reply in the queue: the words are for the log.
+                        conv.transcribe(id.clone(), audio.clone());
+                    }
+                    last_user = Some((id, audio));
                 }
                 Action::ExtendUtterance { audio } => {
                     // The reply was cancelled before it said anything (and so left nothing);
@@ -562,8 +569,11 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     user_turns += 1;
                     let id = format!("user-{user_turns}");
                     conv.add(id.clone(), Content::UserAudio(whole.clone()));
-                    last_user = Some((id, whole));
                     respond(&conv, user_turns);
+                    if cfg.assistant.transcribe_user {
+                        conv.transcribe(id.clone(), whole.clone());
+                    }
+                    last_user = Some((id, whole));
                 }
                 Action::StopPlayback => player.clear(),
                 Action::CancelAndTruncateReply => {

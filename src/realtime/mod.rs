@@ -62,9 +62,9 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
     if let Some(n) = args.context_limit {
         cfg.assistant.context_limit = n;
     }
-    let model_dir = cfg.model_dir().ok_or_else(|| {
-        anyhow::anyhow!("no model: pass --model DIR or set model.dir in the configuration (`lfm2d synth-model --out DIR --size tiny` makes a demo model)")
-    })?;
+    let model_dir = cfg
+        .model_dir()
+        .map_or_else(crate::model_cache::default_model_dir, Ok)?;
     let quant = args.quant.unwrap_or(match cfg.model.quant.as_str() {
         "f32" => Quant::F32,
         "q8" => Quant::Q8,
