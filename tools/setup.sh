@@ -31,7 +31,11 @@ fi
 # (tests/realtime_openai.rs runs tests/realtime/client_test.py with it).
 if ! .venv-rt/bin/python -c "import openai, websockets; assert openai.__version__ == '3.54.0'" 2>/dev/null; then
     echo "setup: installing openai==3.54.0 into .venv-rt/"
-    python3 -m venv .venv-rt
+    if ! python3 -m venv .venv-rt 2>/dev/null; then
+        # Debian's own python3 keeps venv in a package of its own.
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv .venv-rt
+    fi
     .venv-rt/bin/pip install -q "openai==3.54.0" "websockets==15.0.1"
 fi
 

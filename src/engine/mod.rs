@@ -366,14 +366,6 @@ pub struct EngineOptions {
 
 /// Starts the engine thread. It owns the model and the audio decoder (`detok`) until
 /// [`EngineHandle::shutdown`] or until every handle is dropped.
-pub fn spawn(
-    model: Arc<lfm2_audio::model::Lfm2AudioModel>,
-    detok: Box<dyn codec::Detokenizer>,
-) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
-    spawn_with(model, detok, EngineOptions::default())
-}
-
-/// [`spawn`] with options.
 pub fn spawn_with(
     model: Arc<lfm2_audio::model::Lfm2AudioModel>,
     detok: Box<dyn codec::Detokenizer>,
@@ -396,5 +388,3 @@ pub fn spawn_with(
 #[cfg(test)]
 mod tests;
 mod worker;
-
-pub use worker::strip_specials;

@@ -13,7 +13,7 @@ use lfm2_audio::prompt::{ChatState, Item};
 use lfm2_audio::sampling::SamplingParams;
 use lfm2_audio::session::Session;
 
-use super::worker::{Body, Conv, Worker};
+use super::worker::{strip_specials, Body, Conv, Worker};
 use super::*;
 
 fn fixture() -> PathBuf {
@@ -394,6 +394,14 @@ fn a_tool_call_runs_the_tool_and_the_model_answers() {
         })
         .collect();
     assert_eq!(done, ["r1", "r1-1"], "the call, then the answer");
+    assert!(
+        !events.iter().any(|e| match e {
+            ConvEvent::Text { piece, .. } => piece.contains("get_current"),
+            ConvEvent::ReplyDone { text, .. } => text.contains("get_current"),
+            _ => false,
+        }),
+        "the call's text is not shown: {events:?}"
+    );
     let ids: Vec<&str> = conv.entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids.len(), 4, "{ids:?}");
     // The tool turn holds the result between the response markers.
@@ -500,6 +508,17 @@ fn reported_tool_calls_round_trip_through_the_client() {
     assert!(!events
         .iter()
         .any(|e| matches!(e, ConvEvent::ToolResult { .. })));
+    let err = w
+        .add(
+            &mut conv,
+            "out0".into(),
+            Content::ToolResult {
+                call_id: "call_made_up".into(),
+                output: "{}".into(),
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("call_made_up"), "{err}");
     w.add(
         &mut conv,
         "out1".into(),
@@ -609,7 +628,7 @@ fn transcripts_match_the_reference_asr() {
 fn the_engine_thread_serves_conversations_in_turn() {
     let model = model();
     let detok = codec::open_detokenizer(&fixture(), codec::DetokenizerChoice::Auto).unwrap();
-    let (engine, thread) = spawn(model, detok).unwrap();
+    let (engine, thread) = spawn_with(model, detok, EngineOptions::default()).unwrap();
     let a = engine.open(setup(12)).unwrap();
     let b = engine.open(setup(12)).unwrap();
     for c in [&a, &b] {

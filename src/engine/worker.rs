@@ -116,8 +116,9 @@ pub(crate) struct Conv {
     pub(crate) entries: Vec<Entry>,
     /// Replies generated so far (the test seam forces only the first).
     replies: u64,
-    /// Tool calls so far, for their ids.
+    /// Tool calls so far, for their ids, and the ids of those reported.
     calls: u64,
+    call_ids: std::collections::HashSet<String>,
 }
 
 impl Conv {
@@ -193,6 +194,7 @@ impl Worker {
 
     /// Teacher-forces `text` at the start of the first reply of conversations with tools (the
     /// test seam that [`FORCE_REPLY_ENV`] sets).
+    #[cfg(test)]
     pub(crate) fn force_reply(&mut self, text: &str) {
         self.forced = Some(text.to_owned());
     }
@@ -236,19 +238,23 @@ impl Worker {
             Job::Open { .. } | Job::Close { .. } | Job::Shutdown => Ok(()),
         };
         if let Err(e) = result {
-            // Whatever failed, the session must match the entries again.
-            if let Err(e2) = self.rebuild(&mut conv, 0) {
-                conv.emit(ConvEvent::Error {
-                    item_id: None,
-                    message: format!("the conversation could not be restored: {e2:#}"),
-                });
-            }
-            conv.emit(ConvEvent::Error {
-                item_id,
-                message: format!("{e:#}"),
-            });
+            self.fail(&mut conv, item_id, e);
         }
         self.convs.insert(id, conv);
+    }
+
+    /// Reports a failed job, after putting the session back in line with the entries.
+    fn fail(&self, conv: &mut Conv, item_id: Option<String>, e: anyhow::Error) {
+        if let Err(e2) = self.rebuild(conv, 0) {
+            conv.emit(ConvEvent::Error {
+                item_id: None,
+                message: format!("the conversation could not be restored: {e2:#}"),
+            });
+        }
+        conv.emit(ConvEvent::Error {
+            item_id,
+            message: format!("{e:#}"),
+        });
     }
 
     fn system_chat(&self, setup: &Setup) -> anyhow::Result<ChatState> {
@@ -287,6 +293,7 @@ impl Worker {
             entries: Vec::new(),
             replies: 0,
             calls: 0,
+            call_ids: Default::default(),
         })
     }
 
@@ -423,7 +430,11 @@ impl Worker {
             }
             Content::UserText(text) => vec![Part::Text(text_turn("user", &text)?)],
             Content::AssistantText(text) => vec![Part::Text(text_turn("assistant", &text)?)],
-            Content::ToolResult { output, .. } => {
+            Content::ToolResult { call_id, output } => {
+                anyhow::ensure!(
+                    conv.call_ids.contains(&call_id),
+                    "no tool call with id {call_id:?} in this conversation"
+                );
                 vec![Part::Text(text_turn(
                     "tool",
                     &tools::response_content(&output),
@@ -559,8 +570,10 @@ impl Worker {
             let calls = match self.reply(conv, seq, &req.response_id, &item_id, output, started) {
                 Ok(calls) => calls,
                 Err(e) => {
+                    // The error first: it says why the reply is empty.
+                    self.fail(conv, Some(item_id.clone()), e);
                     closing(conv, &item_id);
-                    return Err(e);
+                    return Ok(());
                 }
             };
             if calls.is_empty() {
@@ -597,8 +610,9 @@ impl Worker {
                     format!("{item_id}-result-{call_id}"),
                     Content::ToolResult { call_id, output },
                 ) {
+                    self.fail(conv, Some(item_id.clone()), e);
                     closing(conv, &item_id);
-                    return Err(e);
+                    return Ok(());
                 }
             }
             if conv.cancel.check(seq).is_some() {
@@ -712,9 +726,11 @@ impl Worker {
             if ended {
                 *in_call = false;
             }
+            let shown = !*in_call && !ended;
             if let Some(piece) = stream.push(tok, id)? {
                 let piece = strip_specials(&piece);
-                if !piece.is_empty() {
+                // A tool call's text is for the engine, not for the listener.
+                if shown && !piece.is_empty() {
                     emit(ConvEvent::Text {
                         response_id: response_id.to_owned(),
                         piece,
@@ -864,7 +880,7 @@ impl Worker {
             })
             .collect();
         let raw = tok.decode(&text_ids)?;
-        let text = strip_specials(&tok.decode_readable(&text_ids)?);
+        let text = strip_specials(&without_calls(&raw)).trim().to_owned();
         conv.entries.push(Entry {
             id: item_id.to_owned(),
             start,
@@ -904,6 +920,7 @@ impl Worker {
                     message: format!("the model made a malformed tool call: {e}"),
                 }),
             }
+            conv.call_ids.insert(call_id.clone());
             out.push((call_id, call));
         }
         conv.emit(ConvEvent::ReplyDone {
@@ -946,6 +963,22 @@ pub fn strip_specials(text: &str) -> String {
         out.push_str(&rest[..start]);
         match rest[start..].find("|>") {
             Some(end) => rest = &rest[start + end + 2..],
+            None => rest = "",
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Generated text without its tool calls (the markers and what is between them).
+fn without_calls(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(start) = rest.find(tools::TOOL_CALL_START) {
+        out.push_str(&rest[..start]);
+        rest = &rest[start..];
+        match rest.find(tools::TOOL_CALL_END) {
+            Some(end) => rest = &rest[end + tools::TOOL_CALL_END.len()..],
             None => rest = "",
         }
     }
