@@ -151,6 +151,38 @@ impl Linear {
             None => y,
         })
     }
+
+    /// `y = W x (+ b)` for one position given as a slice (`x`: `in` values, `y`: `out`
+    /// values). Quantized weights run the pool's matrix-vector kernel straight on the slices;
+    /// f32 weights go through the same matrix product as [`Linear::forward`], so the exact path
+    /// gives the same numbers either way.
+    pub fn forward_vec(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        match &self.weight {
+            Weight::Dense(w) => {
+                let xt = Tensor::from_slice(x, (1, x.len()), &Device::Cpu)?;
+                let yt = xt.matmul(&w.t()?)?;
+                with_f32_slice(&yt, |ys| {
+                    if ys.len() != y.len() {
+                        return Err(Error::Invalid(format!(
+                            "linear map to {} values into {} values",
+                            ys.len(),
+                            y.len()
+                        )));
+                    }
+                    y.copy_from_slice(ys);
+                    Ok(())
+                })?;
+            }
+            Weight::Quantized { q, threads } => q.matvec(x, y, threads)?,
+        }
+        if let Some(b) = &self.bias {
+            with_f32_slice(b, |b| {
+                crate::ops::add_assign(y, b);
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor, without copying it.
@@ -223,6 +255,24 @@ impl Table {
         }
     }
 
+    /// Copies row `id` into `out` (`dim` values).
+    pub fn row_into(&self, id: u32, out: &mut [f32]) -> Result<()> {
+        let (rows, dim) = (self.rows(), self.dim());
+        if id as usize >= rows || out.len() != dim {
+            return Err(Error::Invalid(format!(
+                "row {id} of {} values from a table of {rows} rows of {dim}",
+                out.len()
+            )));
+        }
+        match self {
+            Table::Dense(t) => with_f32_slice(t, |data| {
+                out.copy_from_slice(&data[id as usize * dim..(id as usize + 1) * dim]);
+                Ok(())
+            }),
+            Table::Quantized(q) => q.dequantize_row(id as usize, out),
+        }
+    }
+
     /// Bytes the table occupies.
     pub fn bytes(&self) -> usize {
         match self {
@@ -257,15 +307,29 @@ impl Table {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
+    /// The same weights as a slice, for [`RmsNorm::forward_vec`].
+    values: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
     pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = w.get(&format!("{name}.weight"), &[dim])?;
         Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[dim])?,
+            values: weight.to_vec1::<f32>()?,
+            weight,
             eps: eps as f32,
         })
+    }
+
+    /// The norm of one vector: `out = w ⊙ x · rsqrt(mean(x²) + eps)`.
+    pub fn forward_vec(&self, x: &[f32], out: &mut [f32]) {
+        crate::ops::rms_norm(x, &self.values, self.eps, out);
+    }
+
+    /// The norm of every `width`-wide piece of `x`, in place (per-head q/k norms).
+    pub fn forward_heads(&self, x: &mut [f32]) {
+        crate::ops::rms_norm_heads(x, &self.values, self.eps);
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -329,6 +393,26 @@ impl FeedForward {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.w1.forward(x)?)?;
         self.w2.forward(&(gate * self.w3.forward(x)?)?)
+    }
+
+    /// Width of the hidden layer.
+    pub fn ff_dim(&self) -> usize {
+        self.w1.dims().0
+    }
+
+    /// The feed-forward of one vector into `out`; `gate` and `up` hold [`FeedForward::ff_dim`]
+    /// values of scratch.
+    pub fn forward_vec(
+        &self,
+        x: &[f32],
+        gate: &mut [f32],
+        up: &mut [f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.w1.forward_vec(x, gate)?;
+        self.w3.forward_vec(x, up)?;
+        crate::ops::silu_mul(gate, up);
+        self.w2.forward_vec(gate, out)
     }
 }
 
