@@ -12,14 +12,18 @@
 //! - [`MimiDecoder`] (Kyutai's Mimi, LFM2-Audio-1.5B's codec): 1920 samples per frame, nothing
 //!   held back.
 //!
+//! [`DecodeThread`] runs any of them on a thread of its own, fed through a channel.
+//!
 //! Not for: generating codes (that is `lfm2-audio`) or playing audio (that is `audio-io`).
 
+pub mod decode_thread;
 pub mod istft;
 pub mod lfm2_detokenizer;
 pub mod mimi;
 
 use std::path::Path;
 
+pub use decode_thread::{DecodeThread, Decoded};
 pub use lfm2_audio::error::{Error, Result};
 pub use lfm2_detokenizer::Lfm2Detokenizer;
 pub use mimi::MimiDecoder;

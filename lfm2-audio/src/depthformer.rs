@@ -5,12 +5,21 @@
 //! depthformer (a 6-layer GQA transformer, positions restarting at 0 every frame) runs one step on
 //! `d[c] + prev`, its output is normed per codebook and projected to 2049 logits, a code is
 //! sampled, and `prev` becomes that codebook's embedding of the code.
+//!
+//! The frame runs on plain f32 buffers kept in the head from frame to frame (the activations
+//! are a few thousand values, so allocating tensors and dispatching each operation cost more
+//! than the arithmetic): matrix products go straight to the quantized matrix-vector kernel (or
+//! to the same f32 product as the tensor path, which keeps f32 exact), and the attention reads
+//! a key/value buffer of the frame's 8 positions.
+
+use std::sync::Mutex;
 
 use candle_core::{Device, Tensor};
 
 use crate::config::{DepthformerConfig, Lfm2Config};
 use crate::error::{Error, Result};
-use crate::lfm2::{FeedForward, Linear, RmsNorm, Table};
+use crate::lfm2::{with_f32_slice, FeedForward, Linear, RmsNorm, Table};
+use crate::ops;
 use crate::sampling::Sampler;
 use crate::weights::{WeightClass, Weights};
 
@@ -60,8 +69,9 @@ pub struct AudioHead {
     dim: usize,
     head_dim: usize,
     /// Interleaved-RoPE tables `[codebooks, head_dim/2]` for positions 0..codebooks.
-    cos: Tensor,
-    sin: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    buffers: BufferCell,
 }
 
 /// What one frame's sampling saw, for inspection and tests.
@@ -191,8 +201,9 @@ impl AudioHead {
             codebooks,
             dim,
             head_dim,
-            cos: Tensor::from_vec(cos, (n_codebooks, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (n_codebooks, half), &Device::Cpu)?,
+            cos,
+            sin,
+            buffers: BufferCell::default(),
         })
     }
 
@@ -243,87 +254,161 @@ impl AudioHead {
         sampler: &mut Sampler,
         trace: bool,
     ) -> Result<(Frame, Option<FrameTrace>)> {
+        let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        let b = guard.get_or_insert_with(|| FrameBuffers::new(self));
+        let hidden = hidden.flatten_all()?.contiguous()?;
+        with_f32_slice(&hidden, |h| {
+            self.depth_linear.forward_vec(h, &mut b.depth_in)
+        })?;
         let n = self.codebooks.len();
-        let depth_in = self
-            .depth_linear
-            .forward(&hidden.reshape((1, ()))?)?
-            .reshape((n, self.dim))?;
-        let mut caches: Vec<(Vec<Tensor>, Vec<Tensor>)> =
-            vec![(Vec::new(), Vec::new()); self.layers.len()];
-        let mut prev: Option<Tensor> = None;
+        let (dim, hd) = (self.dim, self.head_dim);
+        let kv_dim = KV_HEADS * hd;
+        let half = hd / 2;
+        let scale = 1.0 / (hd as f32).sqrt();
         let mut frame = Vec::with_capacity(n);
         let mut outputs = Vec::new();
         let mut all_logits = Vec::new();
         for (c, head) in self.codebooks.iter().enumerate() {
-            let mut x = depth_in.narrow(0, c, 1)?;
-            if let Some(p) = &prev {
-                x = (x + p)?;
+            // x = d[c] + prev (the previous codebook's embedding of its code; none at c = 0).
+            b.x.copy_from_slice(&b.depth_in[c * dim..(c + 1) * dim]);
+            if c > 0 {
+                ops::add_assign(&mut b.x, &b.prev);
             }
-            for (layer, (ks, vs)) in self.layers.iter().zip(caches.iter_mut()) {
-                let attn = self.attention(layer, &layer.operator_norm.forward(&x)?, c, ks, vs)?;
-                let h = (x + attn)?;
-                let ff = layer.feed_forward.forward(&layer.ffn_norm.forward(&h)?)?;
-                x = (h + ff)?;
+            let (cos, sin) = (
+                &self.cos[c * half..(c + 1) * half],
+                &self.sin[c * half..(c + 1) * half],
+            );
+            for (l, layer) in self.layers.iter().enumerate() {
+                // h = x + out_proj(attention(operator_norm(x)))
+                layer.operator_norm.forward_vec(&b.x, &mut b.normed);
+                layer.qkv.forward_vec(&b.normed, &mut b.qkv)?;
+                let (q, kv) = b.qkv.split_at_mut(dim);
+                let (k, v) = kv.split_at_mut(kv_dim);
+                layer.q_norm.forward_heads(q);
+                layer.k_norm.forward_heads(k);
+                ops::rope_interleaved(q, cos, sin);
+                ops::rope_interleaved(k, cos, sin);
+                // The cache of layer l is [kv_heads, codebooks, head_dim], position c.
+                let base = l * KV_HEADS * n * hd;
+                for g in 0..KV_HEADS {
+                    let at = base + (g * n + c) * hd;
+                    b.keys[at..at + hd].copy_from_slice(&k[g * hd..(g + 1) * hd]);
+                    b.values[at..at + hd].copy_from_slice(&v[g * hd..(g + 1) * hd]);
+                }
+                let (keys, values) = (&b.keys[..], &b.values[..]);
+                let at = |g: usize| base + g * n * hd..base + g * n * hd + (c + 1) * hd;
+                ops::attend(
+                    q,
+                    HEADS,
+                    KV_HEADS,
+                    hd,
+                    c + 1,
+                    |g| &keys[at(g)],
+                    |g| &values[at(g)],
+                    scale,
+                    &mut b.scores,
+                    &mut b.attn,
+                );
+                layer.out_proj.forward_vec(&b.attn, &mut b.out)?;
+                ops::add_assign(&mut b.x, &b.out);
+                // x = h + feed_forward(ffn_norm(h))
+                layer.ffn_norm.forward_vec(&b.x, &mut b.normed);
+                let ff = layer.feed_forward.ff_dim();
+                layer.feed_forward.forward_vec(
+                    &b.normed,
+                    &mut b.gate[..ff],
+                    &mut b.up[..ff],
+                    &mut b.out,
+                )?;
+                ops::add_assign(&mut b.x, &b.out);
             }
-            let logits = head
-                .to_logits
-                .forward(&head.norm.forward(&x)?)?
-                .squeeze(0)?;
-            let code = sampler.sample(&logits.to_vec1::<f32>()?);
+            head.norm.forward_vec(&b.x, &mut b.normed);
+            head.to_logits.forward_vec(&b.normed, &mut b.logits)?;
+            let code = sampler.sample(&b.logits);
             frame.push(code);
-            prev = Some(head.embedding.lookup(&[code])?);
+            head.embedding.row_into(code, &mut b.prev)?;
             if trace {
-                outputs.push(x);
-                all_logits.push(logits.unsqueeze(0)?);
+                outputs.extend_from_slice(&b.x);
+                all_logits.extend_from_slice(&b.logits);
             }
         }
         let trace = if trace {
             Some(FrameTrace {
-                depth_in,
-                outputs: Tensor::cat(&outputs, 0)?,
-                logits: Tensor::cat(&all_logits, 0)?,
+                depth_in: Tensor::from_slice(&b.depth_in, (n, dim), &Device::Cpu)?,
+                outputs: Tensor::from_vec(outputs, (n, dim), &Device::Cpu)?,
+                logits: Tensor::from_vec(all_logits, (n, CODEBOOK_SIZE), &Device::Cpu)?,
             })
         } else {
             None
         };
         Ok((frame, trace))
     }
+}
 
-    /// One depthformer attention step at position `pos` (`x` is `[1, dim]`, normed).
-    fn attention(
-        &self,
-        layer: &DepthLayer,
-        x: &Tensor,
-        pos: usize,
-        ks: &mut Vec<Tensor>,
-        vs: &mut Vec<Tensor>,
-    ) -> Result<Tensor> {
-        let hd = self.head_dim;
-        let qkv = layer.qkv.forward(x)?;
-        let q = qkv.narrow(1, 0, self.dim)?.reshape((HEADS, hd))?;
-        let k = qkv
-            .narrow(1, self.dim, KV_HEADS * hd)?
-            .reshape((KV_HEADS, hd))?;
-        let v = qkv
-            .narrow(1, self.dim + KV_HEADS * hd, KV_HEADS * hd)?
-            .reshape((KV_HEADS, 1, hd))?;
-        let (cos, sin) = (self.cos.narrow(0, pos, 1)?, self.sin.narrow(0, pos, 1)?);
-        // Interleaved pairs (x[2i], x[2i+1]) rotate together: the complex-number convention.
-        let rope = |t: Tensor, heads: usize| -> Result<Tensor> {
-            let t = t.reshape((1, heads, 1, hd))?.contiguous()?;
-            Ok(candle_nn::rotary_emb::rope_i(&t, &cos, &sin)?.reshape((heads, 1, hd))?)
-        };
-        let q = rope(layer.q_norm.forward(&q)?, HEADS)?;
-        let k = rope(layer.k_norm.forward(&k)?, KV_HEADS)?;
-        ks.push(k);
-        vs.push(v);
-        let keys = Tensor::cat(ks, 1)?; // [kv, pos+1, hd]
-        let values = Tensor::cat(vs, 1)?;
-        let group = HEADS / KV_HEADS;
-        let q = q.reshape((KV_HEADS, group, hd))?;
-        let scores = (q.matmul(&keys.t()?)? / (hd as f64).sqrt())?; // [kv, group, pos+1]
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&values)?.reshape((1, HEADS * hd))?;
-        layer.out_proj.forward(&out)
+/// The buffers of one frame's run, kept from frame to frame: the residual stream, the
+/// intermediate vectors of a layer, and the keys and values of the 8 positions of every layer.
+#[derive(Debug)]
+struct FrameBuffers {
+    /// `depth_linear(h)`, `[codebooks, dim]`.
+    depth_in: Vec<f32>,
+    /// The previous codebook's code embedding, `[dim]`.
+    prev: Vec<f32>,
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// Post-RoPE keys, `[layers, kv_heads, codebooks, head_dim]`.
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    scores: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl FrameBuffers {
+    fn new(head: &AudioHead) -> Self {
+        let (n, dim, hd) = (head.codebooks.len(), head.dim, head.head_dim);
+        let ff = head
+            .layers
+            .iter()
+            .map(|l| l.feed_forward.ff_dim())
+            .max()
+            .unwrap_or(0);
+        let cache = head.layers.len() * KV_HEADS * n * hd;
+        Self {
+            depth_in: vec![0.0; n * dim],
+            prev: vec![0.0; dim],
+            x: vec![0.0; dim],
+            normed: vec![0.0; dim],
+            qkv: vec![0.0; dim + 2 * KV_HEADS * hd],
+            attn: vec![0.0; dim],
+            out: vec![0.0; dim],
+            gate: vec![0.0; ff],
+            up: vec![0.0; ff],
+            keys: vec![0.0; cache],
+            values: vec![0.0; cache],
+            scores: vec![0.0; n],
+            logits: vec![0.0; CODEBOOK_SIZE],
+        }
+    }
+}
+
+/// A lazily built [`FrameBuffers`] behind a lock (the head is shared between threads; one frame
+/// runs at a time). A clone starts without buffers.
+#[derive(Debug, Default)]
+struct BufferCell(Mutex<Option<FrameBuffers>>);
+
+impl Clone for BufferCell {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::ops::Deref for BufferCell {
+    type Target = Mutex<Option<FrameBuffers>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }

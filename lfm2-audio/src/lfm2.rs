@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use crate::cache::PositionCache;
 use crate::config::{LayerKind, Lfm2Config};
 use crate::error::{Error, Result};
+use crate::ops;
 use crate::quant::{Format, QMatrix, Threads};
 use crate::weights::{Matrix, WeightClass, Weights};
 
@@ -151,6 +152,38 @@ impl Linear {
             None => y,
         })
     }
+
+    /// `y = W x (+ b)` for one position given as a slice (`x`: `in` values, `y`: `out`
+    /// values). Quantized weights run the pool's matrix-vector kernel straight on the slices;
+    /// f32 weights go through the same matrix product as [`Linear::forward`], so the exact path
+    /// gives the same numbers either way.
+    pub fn forward_vec(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        match &self.weight {
+            Weight::Dense(w) => {
+                let xt = Tensor::from_slice(x, (1, x.len()), &Device::Cpu)?;
+                let yt = xt.matmul(&w.t()?)?;
+                with_f32_slice(&yt, |ys| {
+                    if ys.len() != y.len() {
+                        return Err(Error::Invalid(format!(
+                            "linear map to {} values into {} values",
+                            ys.len(),
+                            y.len()
+                        )));
+                    }
+                    y.copy_from_slice(ys);
+                    Ok(())
+                })?;
+            }
+            Weight::Quantized { q, threads } => q.matvec(x, y, threads)?,
+        }
+        if let Some(b) = &self.bias {
+            with_f32_slice(b, |b| {
+                crate::ops::add_assign(y, b);
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor, without copying it.
@@ -223,6 +256,24 @@ impl Table {
         }
     }
 
+    /// Copies row `id` into `out` (`dim` values).
+    pub fn row_into(&self, id: u32, out: &mut [f32]) -> Result<()> {
+        let (rows, dim) = (self.rows(), self.dim());
+        if id as usize >= rows || out.len() != dim {
+            return Err(Error::Invalid(format!(
+                "row {id} of {} values from a table of {rows} rows of {dim}",
+                out.len()
+            )));
+        }
+        match self {
+            Table::Dense(t) => with_f32_slice(t, |data| {
+                out.copy_from_slice(&data[id as usize * dim..(id as usize + 1) * dim]);
+                Ok(())
+            }),
+            Table::Quantized(q) => q.dequantize_row(id as usize, out),
+        }
+    }
+
     /// Bytes the table occupies.
     pub fn bytes(&self) -> usize {
         match self {
@@ -257,15 +308,29 @@ impl Table {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
+    /// The same weights as a slice, for [`RmsNorm::forward_vec`].
+    values: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
     pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = w.get(&format!("{name}.weight"), &[dim])?;
         Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[dim])?,
+            values: weight.to_vec1::<f32>()?,
+            weight,
             eps: eps as f32,
         })
+    }
+
+    /// The norm of one vector: `out = w ⊙ x · rsqrt(mean(x²) + eps)`.
+    pub fn forward_vec(&self, x: &[f32], out: &mut [f32]) {
+        crate::ops::rms_norm(x, &self.values, self.eps, out);
+    }
+
+    /// The norm of every `width`-wide piece of `x`, in place (per-head q/k norms).
+    pub fn forward_heads(&self, x: &mut [f32]) {
+        crate::ops::rms_norm_heads(x, &self.values, self.eps);
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -330,6 +395,26 @@ impl FeedForward {
         let gate = candle_nn::ops::silu(&self.w1.forward(x)?)?;
         self.w2.forward(&(gate * self.w3.forward(x)?)?)
     }
+
+    /// Width of the hidden layer.
+    pub fn ff_dim(&self) -> usize {
+        self.w1.dims().0
+    }
+
+    /// The feed-forward of one vector into `out`; `gate` and `up` hold [`FeedForward::ff_dim`]
+    /// values of scratch.
+    pub fn forward_vec(
+        &self,
+        x: &[f32],
+        gate: &mut [f32],
+        up: &mut [f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.w1.forward_vec(x, gate)?;
+        self.w3.forward_vec(x, up)?;
+        crate::ops::silu_mul(gate, up);
+        self.w2.forward_vec(gate, out)
+    }
 }
 
 /// Rotary position embedding tables, in f32 as the reference computes them:
@@ -346,6 +431,16 @@ impl Rotary {
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
         Self { inv_freq }
+    }
+
+    /// `cos` and `sin` (`head_dim/2` values each) of position `pos`, as [`Rotary::tables`]
+    /// computes them.
+    pub fn fill(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+        for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(&self.inv_freq) {
+            let angle = pos as f32 * f;
+            *c = angle.cos();
+            *s = angle.sin();
+        }
     }
 
     /// `(cos, sin)`, each `[n, head_dim/2]`, for positions `start..start + n`.
@@ -376,6 +471,9 @@ struct ShortConv {
     /// Kernel taps `[kernel, hidden]`: `taps[k]` multiplies the input `kernel - 1 - k` steps back.
     taps: Tensor,
     bias: Option<Tensor>,
+    /// `taps` and `bias` as plain values, for the single-position step.
+    tap_values: Vec<f32>,
+    bias_values: Option<Vec<f32>>,
     hidden: usize,
     kernel: usize,
 }
@@ -394,6 +492,8 @@ impl ShortConv {
         Ok(Self {
             in_proj: Linear::load(w, &format!("{prefix}.in_proj"), 3 * h, h, cfg.conv_bias)?,
             out_proj: Linear::load(w, &format!("{prefix}.out_proj"), h, h, cfg.conv_bias)?,
+            tap_values: taps.flatten_all()?.to_vec1::<f32>()?,
+            bias_values: bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?,
             taps,
             bias,
             hidden: h,
@@ -438,6 +538,72 @@ impl ShortConv {
             conv = conv.broadcast_add(bias)?;
         }
         self.out_proj.forward(&(c * conv)?)
+    }
+}
+
+impl ShortConv {
+    /// One position: `x` is the normed input (`hidden` values), the result goes to `out`.
+    /// Computes what [`ShortConv::forward`] does for `T = 1`, in the same order.
+    fn step(
+        &self,
+        x: &[f32],
+        history: &mut PositionCache,
+        b: &mut StepBuffers,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let h = self.hidden;
+        let bcx = &mut b.proj[..3 * h];
+        self.in_proj.forward_vec(x, bcx)?;
+        let (bc, xs) = bcx.split_at_mut(2 * h);
+        let (bg, cg) = bc.split_at_mut(h);
+        // u = B ⊙ x, kept in `bg`.
+        for (u, &v) in bg.iter_mut().zip(xs.iter()) {
+            *u *= v;
+        }
+        let past = self.kernel - 1;
+        let start = history.len();
+        let have = past.min(start);
+        let earlier = history.rows(0, start - have, have)?;
+        // conv = Σ_k taps[k] ⊙ ext[k], ext = [zeros.., the last `have` inputs, u].
+        let conv = &mut b.conv[..h];
+        for k in 0..self.kernel {
+            let taps = &self.tap_values[k * h..(k + 1) * h];
+            let src: Option<&[f32]> = if k == past {
+                Some(bg)
+            } else if k + have >= past {
+                let j = k + have - past;
+                Some(&earlier[j * h..(j + 1) * h])
+            } else {
+                None
+            };
+            match (k, src) {
+                (0, Some(src)) => conv
+                    .iter_mut()
+                    .zip(src)
+                    .zip(taps)
+                    .for_each(|((c, &v), &t)| {
+                        *c = v * t;
+                    }),
+                // Zero padding before the first position contributes nothing.
+                (0, None) => conv.fill(0.0),
+                (_, Some(src)) => conv
+                    .iter_mut()
+                    .zip(src)
+                    .zip(taps)
+                    .for_each(|((c, &v), &t)| {
+                        *c += v * t;
+                    }),
+                (_, None) => {}
+            }
+        }
+        if let Some(bias) = &self.bias_values {
+            ops::add_assign(conv, bias);
+        }
+        history.push(bg)?;
+        for (c, &v) in cg.iter_mut().zip(conv.iter()) {
+            *c *= v;
+        }
+        self.out_proj.forward_vec(cg, out)
     }
 }
 
@@ -548,6 +714,56 @@ impl Attention {
         self.out_proj.forward(&out)
     }
 
+    /// One position at `pos`: `x` is the normed input, the result goes to `out`; `b.cos` and
+    /// `b.sin` hold the rotary table of `pos`.
+    fn step(
+        &self,
+        x: &[f32],
+        pos: usize,
+        k_cache: &mut PositionCache,
+        v_cache: &mut PositionCache,
+        b: &mut StepBuffers,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let hd = self.head_dim;
+        let (qn, kvn) = (self.heads * hd, self.kv_heads * hd);
+        let q = &mut b.proj[..qn];
+        self.q_proj.forward_vec(x, q)?;
+        self.k_proj.forward_vec(x, &mut b.k[..kvn])?;
+        self.v_proj.forward_vec(x, &mut b.v[..kvn])?;
+        self.q_norm.forward_heads(q);
+        self.k_norm.forward_heads(&mut b.k[..kvn]);
+        ops::rope_half(q, &b.cos, &b.sin);
+        ops::rope_half(&mut b.k[..kvn], &b.cos, &b.sin);
+        k_cache.push(&b.k[..kvn])?;
+        v_cache.push(&b.v[..kvn])?;
+        let first_key = match self.window {
+            Some(w) => pos.saturating_sub(w - 1),
+            None => 0,
+        };
+        let n_keys = pos + 1 - first_key;
+        if b.scores.len() < n_keys {
+            b.scores.resize(n_keys.next_power_of_two(), 0.0);
+        }
+        let (kc, vc) = (&*k_cache, &*v_cache);
+        // Checked once here; every head of both caches holds the same positions.
+        kc.rows(0, first_key, n_keys)?;
+        vc.rows(0, first_key, n_keys)?;
+        ops::attend(
+            q,
+            self.heads,
+            self.kv_heads,
+            hd,
+            n_keys,
+            |g| kc.rows(g, first_key, n_keys).unwrap_or(&[]),
+            |g| vc.rows(g, first_key, n_keys).unwrap_or(&[]),
+            (1.0 / (hd as f64).sqrt()) as f32,
+            &mut b.scores,
+            &mut b.attn[..qn],
+        );
+        self.out_proj.forward_vec(&b.attn[..qn], out)
+    }
+
     /// Additive mask `[T, n_keys]`: query at position `start + i` sees key `first_key + j` iff the
     /// key is not in the future and, with a window, `0 ≤ q − k < window`. `None` when all pass.
     fn mask(
@@ -617,6 +833,52 @@ impl LayerState {
 pub struct Lfm2State {
     layers: Vec<LayerState>,
     len: usize,
+    /// Buffers of the single-position step, reused from step to step.
+    buffers: StepBuffers,
+}
+
+/// The vectors one position goes through in [`Lfm2::step`], sized once for the stack.
+#[derive(Debug, Clone, Default)]
+struct StepBuffers {
+    /// The residual stream.
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    /// The operator's input projection: `[B, C, x]` of a convolution, or the queries.
+    proj: Vec<f32>,
+    conv: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    scores: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl StepBuffers {
+    fn new(cfg: &Lfm2Config) -> Self {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let q = cfg.num_attention_heads * hd;
+        let kv = cfg.num_key_value_heads * hd;
+        Self {
+            x: vec![0.0; h],
+            normed: vec![0.0; h],
+            proj: vec![0.0; (3 * h).max(q)],
+            conv: vec![0.0; h],
+            k: vec![0.0; kv],
+            v: vec![0.0; kv],
+            attn: vec![0.0; q],
+            out: vec![0.0; h],
+            gate: vec![0.0; cfg.ff_dim],
+            up: vec![0.0; cfg.ff_dim],
+            scores: vec![0.0; INITIAL_CAPACITY],
+            cos: vec![0.0; hd / 2],
+            sin: vec![0.0; hd / 2],
+        }
+    }
 }
 
 impl Lfm2State {
@@ -763,7 +1025,11 @@ impl Lfm2 {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Lfm2State { layers, len: 0 })
+        Ok(Lfm2State {
+            layers,
+            len: 0,
+            buffers: StepBuffers::new(&self.cfg),
+        })
     }
 
     /// Runs `x` (`[T, hidden]`) at the next positions of `state` and returns the final-normed
@@ -820,6 +1086,9 @@ impl Lfm2 {
                 "the state belongs to a different model".into(),
             ));
         }
+        if t == 1 && outs.is_none() {
+            return self.step(x, state);
+        }
         let start = state.len;
         let needs_rotary = self.cfg.layer_types.contains(&LayerKind::Attention);
         let rotary = if needs_rotary {
@@ -858,5 +1127,56 @@ impl Lfm2 {
         }
         state.len += t;
         self.final_norm.forward(&x)
+    }
+
+    /// One position (`x`: `[1, hidden]`) on plain slices: the decode step. Computes what the
+    /// batched path computes for `T = 1`, in the state's buffers, and allocates only the
+    /// returned tensor.
+    fn step(&self, x: &Tensor, state: &mut Lfm2State) -> Result<Tensor> {
+        let pos = state.len;
+        let b = &mut state.buffers;
+        let x = x.contiguous()?;
+        with_f32_slice(&x, |xs| {
+            b.x.copy_from_slice(xs);
+            Ok(())
+        })?;
+        if self.cfg.layer_types.contains(&LayerKind::Attention) {
+            self.rotary.fill(pos, &mut b.cos, &mut b.sin);
+        }
+        for (layer, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
+            // The operator reads `normed` and writes `out` while using the other buffers.
+            let (mut normed, mut out) = (std::mem::take(&mut b.normed), std::mem::take(&mut b.out));
+            layer.operator_norm.forward_vec(&b.x, &mut normed);
+            let done = match (&layer.operator, layer_state) {
+                (Operator::Conv(conv), LayerState::Conv(history)) => {
+                    conv.step(&normed, history, b, &mut out)
+                }
+                (Operator::Attention(attn), LayerState::Attention { k, v }) => {
+                    attn.step(&normed, pos, k, v, b, &mut out)
+                }
+                _ => Err(Error::Invalid(
+                    "the state belongs to a different model".into(),
+                )),
+            };
+            if let Err(e) = done {
+                (b.normed, b.out) = (normed, out);
+                return Err(e);
+            }
+            ops::add_assign(&mut b.x, &out);
+            layer.ffn_norm.forward_vec(&b.x, &mut normed);
+            let ff = layer
+                .feed_forward
+                .forward_vec(&normed, &mut b.gate, &mut b.up, &mut out);
+            ops::add_assign(&mut b.x, &out);
+            (b.normed, b.out) = (normed, out);
+            ff?;
+        }
+        state.len += 1;
+        self.final_norm.forward_vec(&b.x, &mut b.normed);
+        Ok(Tensor::from_slice(
+            &b.normed,
+            (1, b.normed.len()),
+            &Device::Cpu,
+        )?)
     }
 }

@@ -19,6 +19,7 @@ pub mod generate;
 pub mod lfm2;
 pub mod mel;
 pub mod model;
+pub mod ops;
 pub mod prompt;
 pub mod quant;
 pub mod resample;

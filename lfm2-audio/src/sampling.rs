@@ -36,6 +36,8 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     scratch: Vec<f32>,
+    /// Room for finding the top-k threshold without allocating.
+    order: Vec<f32>,
 }
 
 impl Sampler {
@@ -44,6 +46,7 @@ impl Sampler {
             params,
             rng: StdRng::seed_from_u64(seed),
             scratch: Vec::new(),
+            order: Vec::new(),
         }
     }
 
@@ -65,7 +68,7 @@ impl Sampler {
                 .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l / t }),
         );
         if let Some(k) = self.params.top_k.filter(|&k| k > 0 && k < scratch.len()) {
-            let threshold = kth_largest(scratch, k);
+            let threshold = kth_largest(scratch, k, &mut self.order);
             for l in scratch.iter_mut() {
                 if *l < threshold {
                     *l = f32::NEG_INFINITY;
@@ -76,7 +79,12 @@ impl Sampler {
         if !max.is_finite() {
             return argmax(logits);
         }
-        let total: f64 = scratch.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        // Entries cut by top-k contribute e^−∞ = 0: skipping them leaves the sum unchanged.
+        let total: f64 = scratch
+            .iter()
+            .filter(|&&l| l != f32::NEG_INFINITY)
+            .map(|&l| ((l - max) as f64).exp())
+            .sum();
         let mut r = self.rng.random::<f64>() * total;
         let mut last_kept = 0;
         for (i, &l) in scratch.iter().enumerate() {
@@ -106,11 +114,12 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// The k-th largest value (1-based) of `values`.
-fn kth_largest(values: &[f32], k: usize) -> f32 {
-    let mut sorted: Vec<f32> = values.to_vec();
-    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
-    sorted[k - 1]
+/// The k-th largest value (1-based) of `values`, using `room` as scratch (a selection, not a
+/// sort: a few microseconds for the 2049 logits of a codebook).
+fn kth_largest(values: &[f32], k: usize, room: &mut Vec<f32>) -> f32 {
+    room.clear();
+    room.extend_from_slice(values);
+    *room.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
 }
 
 #[cfg(test)]

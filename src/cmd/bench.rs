@@ -49,11 +49,22 @@ pub struct Args {
     pub peer: bool,
     #[arg(long, value_enum, default_value = "auto")]
     pub codec: CodecArg,
+    /// Where the real-time-factor run decodes audio: on the generating thread between steps
+    /// (`inline`), or on a thread of its own with a one-thread pool, overlapping generation
+    /// (`thread`).
+    #[arg(long, value_enum, default_value = "inline")]
+    pub detokenizer: DetokenizerPlacement,
     /// Print the results as JSON too.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetokenizerPlacement {
+    Inline,
+    Thread,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -213,12 +224,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
 
     // Time to first audio and real-time factor, on a speech-to-speech turn.
+    let decode_thread = match args.detokenizer {
+        DetokenizerPlacement::Inline => None,
+        DetokenizerPlacement::Thread => {
+            let plan = lfm2_audio::weights::QuantPlan {
+                threads: Some(std::sync::Arc::new(lfm2_audio::quant::Threads::new(1)?)),
+                ..model.plan.clone()
+            };
+            let own = codec::open_detokenizer_with(&args.model, args.codec.into(), &plan)
+                .context("loading the audio decoder")?;
+            Some(codec::DecodeThread::spawn(own)?)
+        }
+    };
+    // Waits for the samples of one frame from the decoder thread.
+    let decoded = |t: &codec::DecodeThread| -> anyhow::Result<()> {
+        match t.recv() {
+            Some(codec::Decoded::Samples(s)) => {
+                t.recycle(s);
+                Ok(())
+            }
+            Some(codec::Decoded::Failed(e)) => Err(e.into()),
+            other => anyhow::bail!("unexpected reply from the decoder thread: {other:?}"),
+        }
+    };
     let wave = utterance(args.utterance_seconds);
     let mut ttfa = Vec::new();
     let mut stages: Vec<[f64; 4]> = Vec::new();
     let mut rtf = Vec::new();
     for r in 0..args.runs {
         detok.reset();
+        if let Some(t) = &decode_thread {
+            t.reset()?;
+        }
         let t0 = Instant::now();
         let audio = model.audio.embed(&wave)?;
         let t_enc = t0.elapsed().as_secs_f64();
@@ -248,6 +285,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut first: Option<(f64, f64)> = None;
         let target_frames = (args.speech_seconds * 12.5).round() as usize;
         let mut frames = 0usize;
+        // Frames handed to the decoder thread whose samples have not come back yet.
+        let mut in_flight = 0usize;
         let mut gen_start = None;
         while frames < target_frames {
             let Some(token) = gen.next_item()? else {
@@ -263,13 +302,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     .as_slice()
                     .try_into()
                     .map_err(|_| anyhow::anyhow!("frame of {} codes", frame.len()))?;
-                out.clear();
-                detok.push_into(&f, &mut out)?;
+                match &decode_thread {
+                    None => {
+                        out.clear();
+                        detok.push_into(&f, &mut out)?;
+                    }
+                    Some(t) => {
+                        t.push(f)?;
+                        in_flight += 1;
+                        // The first frame is waited for (time to first audio); later ones
+                        // are collected as they are ready.
+                        if first.is_none() {
+                            decoded(t)?;
+                            in_flight -= 1;
+                        }
+                        while in_flight > 0 {
+                            match t.try_recv() {
+                                Some(codec::Decoded::Samples(s)) => {
+                                    t.recycle(s);
+                                    in_flight -= 1;
+                                }
+                                Some(codec::Decoded::Failed(e)) => return Err(e.into()),
+                                Some(other) => anyhow::bail!("unexpected reply: {other:?}"),
+                                None => break,
+                            }
+                        }
+                    }
+                }
                 frames += 1;
                 if first.is_none() {
                     first = Some((before_detok, t0.elapsed().as_secs_f64()));
                     gen_start = Some(Instant::now());
                 }
+            }
+        }
+        if let Some(t) = &decode_thread {
+            // Real time means the audio is decoded too.
+            for _ in 0..in_flight {
+                decoded(t)?;
             }
         }
         if let (Some((first_frame, first_audio)), Some(gs)) = (first, gen_start) {
@@ -306,7 +376,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             name: "real-time factor",
             value: median(rtf),
             unit: "x",
-            note: format!("interleaved speech-to-speech over {:.0} s of speech (< 1 is faster than real time)", args.speech_seconds),
+            note: format!(
+                "interleaved speech-to-speech over {:.0} s of speech, detokenizer {} (< 1 is faster than real time)",
+                args.speech_seconds,
+                match args.detokenizer {
+                    DetokenizerPlacement::Inline => "inline",
+                    DetokenizerPlacement::Thread => "on its own thread",
+                }
+            ),
         });
     }
     if let Some(bytes) = peak_rss() {

@@ -1,0 +1,201 @@
+//! The operations of one decode position on plain f32 slices: RMSNorm, SwiGLU gating, softmax,
+//! rotary embeddings and single-query attention over a cache.
+//!
+//! The decode loops (the depthformer's eight steps per frame, the backbone's step) work on
+//! vectors of a few thousand values. Through tensors every operation there allocates its result
+//! and some hand their one row to a thread pool, which costs more than the arithmetic; these
+//! functions write into buffers the caller keeps from step to step. They compute what the
+//! tensor path computes, in the same order where it is cheap to do so (RMSNorm, SiLU), so the
+//! two agree to float rounding.
+
+/// `out = w ⊙ x / √(mean(x²) + eps)` (candle's `rms_norm`: the f32 sum of squares in order, then
+/// `x / m · w`).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    debug_assert!(x.len() == weight.len() && out.len() == x.len());
+    let m = rms(x, eps);
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v / m * w;
+    }
+}
+
+/// [`rms_norm`] of every `weight.len()`-wide piece of `x`, in place (per-head q/k norms).
+pub fn rms_norm_heads(x: &mut [f32], weight: &[f32], eps: f32) {
+    for head in x.chunks_exact_mut(weight.len()) {
+        let m = rms(head, eps);
+        for (v, &w) in head.iter_mut().zip(weight) {
+            *v = *v / m * w;
+        }
+    }
+}
+
+fn rms(x: &[f32], eps: f32) -> f32 {
+    let sum2: f32 = x.iter().map(|v| v * v).sum();
+    (sum2 / x.len() as f32 + eps).sqrt()
+}
+
+/// `gate = silu(gate) ⊙ up`, with `silu(v) = v / (1 + e^−v)`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / ((-*g).exp() + 1.0) * u;
+    }
+}
+
+/// `x += y`.
+pub fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Softmax in place: `e^(x − max) / Σ`.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Dot product with 8 running sums (vectorizes; the order differs from a plain loop only in
+/// rounding).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Rotary embedding in the interleaved (GPT-J, complex-number) convention, in place on every
+/// head of `x`: pairs `(x[2i], x[2i+1])` rotate by the angle whose cosine and sine are `cos[i]`,
+/// `sin[i]` (one table row, `head_dim / 2` values).
+pub fn rope_interleaved(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let hd = 2 * cos.len();
+    for head in x.chunks_exact_mut(hd) {
+        for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * cos[i] - b * sin[i];
+            pair[1] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
+/// Rotary embedding in the rotate-half (GPT-NeoX) convention, in place on every head of `x`:
+/// element `i` pairs with element `i + head_dim/2`.
+pub fn rope_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for head in x.chunks_exact_mut(2 * half) {
+        let (lo, hi) = head.split_at_mut(half);
+        for i in 0..half {
+            let (a, b) = (lo[i], hi[i]);
+            lo[i] = a * cos[i] - b * sin[i];
+            hi[i] = b * cos[i] + a * sin[i];
+        }
+    }
+}
+
+/// Attention of one query position over `n` cached positions, grouped-query style.
+///
+/// `q` is `[heads, head_dim]`; `keys(g)` and `values(g)` give kv head `g`'s cache as `[n,
+/// head_dim]` rows; query head `h` reads kv head `h / (heads / kv_heads)`. Writes `softmax(q kᵀ
+/// · scale) v` for every head into `out` (`[heads, head_dim]`); `scores` needs `n` values.
+#[allow(clippy::too_many_arguments)]
+pub fn attend<'a>(
+    q: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    n: usize,
+    keys: impl Fn(usize) -> &'a [f32],
+    values: impl Fn(usize) -> &'a [f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let group = heads / kv_heads;
+    let scores = &mut scores[..n];
+    for h in 0..heads {
+        let g = h / group;
+        let (k, v) = (keys(g), values(g));
+        let qh = &q[h * head_dim..(h + 1) * head_dim];
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot(qh, &k[j * head_dim..(j + 1) * head_dim]) * scale;
+        }
+        softmax(scores);
+        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
+        oh.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            for (o, &vv) in oh.iter_mut().zip(&v[j * head_dim..(j + 1) * head_dim]) {
+                *o += p * vv;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_its_definition() {
+        let x = [1.0f32, -2.0, 3.0, 0.5];
+        let w = [1.0f32, 2.0, 0.5, -1.0];
+        let mut out = [0f32; 4];
+        rms_norm(&x, &w, 1e-5, &mut out);
+        let m = ((1.0 + 4.0 + 9.0 + 0.25) / 4.0 + 1e-5f32).sqrt();
+        for i in 0..4 {
+            assert!((out[i] - x[i] / m * w[i]).abs() < 1e-6);
+        }
+        let mut heads = [1.0f32, -2.0, 3.0, 0.5];
+        rms_norm_heads(&mut heads, &[1.0, 1.0], 0.0);
+        let m0 = 2.5f32.sqrt();
+        assert!((heads[0] - 1.0 / m0).abs() < 1e-6 && (heads[1] + 2.0 / m0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ropes_rotate_the_right_pairs() {
+        let (c, s) = (0.6f32, 0.8f32);
+        let mut x = [1.0f32, 2.0, 3.0, 4.0];
+        rope_interleaved(&mut x, &[c, 1.0], &[s, 0.0]);
+        assert_eq!(x, [1.0 * c - 2.0 * s, 1.0 * s + 2.0 * c, 3.0, 4.0]);
+        let mut x = [1.0f32, 2.0, 3.0, 4.0];
+        rope_half(&mut x, &[c, 1.0], &[s, 0.0]);
+        assert_eq!(x, [1.0 * c - 3.0 * s, 2.0, 3.0 * c + 1.0 * s, 4.0]);
+    }
+
+    #[test]
+    fn attention_weights_values_by_softmaxed_scores() {
+        // One kv head shared by two query heads, two positions.
+        let q = [1.0f32, 0.0, 0.0, 1.0];
+        let k = [1.0f32, 0.0, 0.0, 0.0];
+        let v = [1.0f32, 2.0, 3.0, 4.0];
+        let mut out = [0f32; 4];
+        let mut scores = [0f32; 2];
+        attend(&q, 2, 1, 2, 2, |_| &k, |_| &v, 1.0, &mut scores, &mut out);
+        let p0 = 1.0f32.exp() / (1.0f32.exp() + 1.0);
+        assert!((out[0] - (p0 * 1.0 + (1.0 - p0) * 3.0)).abs() < 1e-6);
+        // Head 1 scores 0 against both keys: the mean of the values.
+        assert!((out[2] - 2.0).abs() < 1e-6 && (out[3] - 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dot_handles_remainders() {
+        let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
+        let b = vec![2.0f32; 19];
+        assert_eq!(dot(&a, &b), 2.0 * (0..19).sum::<i32>() as f32);
+    }
+}
