@@ -231,7 +231,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 threads: Some(std::sync::Arc::new(lfm2_audio::quant::Threads::new(1)?)),
                 ..model.plan.clone()
             };
-            let own = codec::open_detokenizer_with(&args.model, args.codec.into(), &plan)
+            let own = codec::open_detokenizer_with(&model_dir, args.codec.into(), &plan)
                 .context("loading the audio decoder")?;
             Some(codec::DecodeThread::spawn(own)?)
         }

@@ -429,6 +429,8 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
     let mut last_user: Option<(String, Vec<f32>)> = None;
     let mut spoke_at: Option<Instant> = None;
     let mut tool_round = false;
+    let mut heard_at_stop: Option<u64> = None;
+    let mut current_item: Option<String> = None;
     let deadline = args
         .seconds
         .map(|s| start + Duration::from_secs_f64(s.max(0.0)));
@@ -462,7 +464,8 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                 Err(_) => break,
             },
             recv(conv.events()) -> ev => match ev {
-                Ok(ConvEvent::ReplyStarted { response_id, latency_ms, .. }) => {
+                Ok(ConvEvent::ReplyStarted { response_id, item_id, latency_ms }) => {
+                    current_item = Some(item_id);
                     let _ = latency_ms;
                     let mut out = stdout.lock();
                     let _ = write!(out, "{} assistant: ", stamp(start));
@@ -522,6 +525,14 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                 Ok(ConvEvent::Transcript { item_id, text }) => {
                     say(format!("{} user ({item_id}): {text:?}", stamp(start)));
                 }
+                Ok(ConvEvent::Truncated { item_id, audio_samples, text }) => {
+                    say(format!(
+                        "{} assistant (interrupted, kept): {text:?} ({} frames, {:.2} s of speech; {item_id})",
+                        stamp(start),
+                        audio_samples / 1920,
+                        audio_samples as f64 / 24_000.0
+                    ));
+                }
                 Ok(ConvEvent::Trimmed { item_ids }) => {
                     say(format!("{} context full: dropped the {} oldest items", stamp(start), item_ids.len()));
                 }
@@ -575,10 +586,17 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     }
                     last_user = Some((id, whole));
                 }
-                Action::StopPlayback => player.clear(),
+                Action::StopPlayback => {
+                    // What was heard, read before the device is cleared.
+                    heard_at_stop = reply_base.map(|base| player.played().saturating_sub(base));
+                    player.clear();
+                }
                 Action::CancelAndTruncateReply => {
                     cancelled = current.clone();
-                    let heard = reply_base.map_or(0, |base| player.played().saturating_sub(base));
+                    let heard = heard_at_stop
+                        .take()
+                        .or_else(|| reply_base.map(|base| player.played().saturating_sub(base)))
+                        .unwrap_or(0);
                     if reply_base.is_some() {
                         say(format!(
                             "{} barge-in: the assistant is cut after {:.2} s of its reply",
@@ -586,7 +604,16 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                             heard as f64 / 24_000.0
                         ));
                     }
-                    conv.cancel(Some(heard));
+                    match (&current_item, reply_done) {
+                        // Generated already and still playing: cut the item that is in the
+                        // conversation to what was heard.
+                        (Some(item), true) => {
+                            conv.truncate(item.clone(), heard);
+                            reply_done = true;
+                        }
+                        _ => conv.cancel(Some(heard)),
+                    }
+                    reply_base = None;
                 }
             }
         }
@@ -635,6 +662,11 @@ impl Transcript {
             }
         }
     }
+}
+
+/// Text on one line (a transcript line is one utterance).
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn clock(d: Duration) -> String {
@@ -735,7 +767,7 @@ fn transcribe_or_translate(args: &Args, r: &Resolved, engine: &EngineHandle) -> 
             recv(conv.events()) -> ev => match ev {
                 Ok(ConvEvent::Transcript { item_id, text }) => {
                     let (a, b) = spans.remove(&item_id).unwrap_or_default();
-                    out.line(start, &format!("[{} --> {}] {text}", clock(a), clock(b)));
+                    out.line(start, &format!("[{} --> {}] {}", clock(a), clock(b), one_line(&text)));
                     done += 1;
                 }
                 Ok(ConvEvent::Text { piece, .. }) => text.push_str(&piece),
@@ -746,7 +778,7 @@ fn transcribe_or_translate(args: &Args, r: &Resolved, engine: &EngineHandle) -> 
                 }
                 Ok(ConvEvent::ReplyDone { response_id, item_id, .. }) => {
                     let (a, b) = spans.remove(&response_id).unwrap_or_default();
-                    out.line(start, &format!("[{} --> {}] ({lang}) {}", clock(a), clock(b), std::mem::take(&mut text).trim()));
+                    out.line(start, &format!("[{} --> {}] ({lang}) {}", clock(a), clock(b), one_line(&std::mem::take(&mut text))));
                     // Each utterance stands alone.
                     conv.delete(item_id);
                     conv.delete(response_id);
