@@ -389,7 +389,7 @@ impl FrameBuffers {
             up: vec![0.0; ff],
             keys: vec![0.0; cache],
             values: vec![0.0; cache],
-            scores: vec![0.0; n],
+            scores: vec![0.0; n * HEADS / KV_HEADS],
             logits: vec![0.0; CODEBOOK_SIZE],
         }
     }

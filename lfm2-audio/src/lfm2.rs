@@ -742,8 +742,9 @@ impl Attention {
             None => 0,
         };
         let n_keys = pos + 1 - first_key;
-        if b.scores.len() < n_keys {
-            b.scores.resize(n_keys.next_power_of_two(), 0.0);
+        if b.scores.len() < self.heads * n_keys {
+            b.scores
+                .resize((self.heads * n_keys).next_power_of_two(), 0.0);
         }
         let (kc, vc) = (&*k_cache, &*v_cache);
         // Checked once here; every head of both caches holds the same positions.

@@ -178,22 +178,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // Audio frames: backbone step on the frame embedding + depthformer, no text head.
     let mut v = Vec::new();
+    let mut depth = Vec::new();
     for r in 0..args.runs {
         let mut s = Session::new(model.backbone.clone())?;
         let mut h = s.prefill_text(&tokens(16, vocab, r))?.get(15)?;
         let mut sampler = Sampler::new(SamplingParams::new(Some(1.0), Some(4)), r as u64);
+        let mut in_head = 0.0;
         let t = Instant::now();
         for _ in 0..steps {
+            let th = Instant::now();
             let frame = model.audio_head.sample_frame(&h, &mut sampler)?;
+            in_head += th.elapsed().as_secs_f64();
             h = s.step(&model.audio_head.frame_embedding(&frame)?, Item::AudioOut)?;
         }
         v.push(steps as f64 / t.elapsed().as_secs_f64());
+        depth.push(in_head * 1e3 / steps as f64);
     }
     rows.push(Row {
         name: "audio frame",
         value: median(v),
         unit: "frame/s",
         note: "backbone + depthformer (8 steps)".into(),
+    });
+    rows.push(Row {
+        name: "depthformer",
+        value: median(depth),
+        unit: "ms/frame",
+        note: "of the audio frame: depth_linear, 8 steps, heads and sampling".into(),
     });
 
     // Detokenizer.
