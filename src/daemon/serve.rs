@@ -115,6 +115,43 @@ pub struct Args {
     pub api_key: Option<String>,
 }
 
+/// The model and its audio decoder, as the configuration and the flags choose them.
+pub(crate) struct Loaded {
+    pub dir: PathBuf,
+    pub quant: Quant,
+    pub model: Arc<lfm2_audio::model::Lfm2AudioModel>,
+    pub detok: Box<dyn codec::Detokenizer>,
+}
+
+pub(crate) fn load(args: &Args, cfg: &Config) -> anyhow::Result<Loaded> {
+    let model_dir = cfg
+        .model_dir()
+        .map_or_else(crate::model_cache::default_model_dir, Ok)?;
+    let quant = args.quant.unwrap_or(match cfg.model.quant.as_str() {
+        "f32" => Quant::F32,
+        "q8" => Quant::Q8,
+        _ => Quant::Q4,
+    });
+    let threads = args
+        .threads
+        .or((cfg.model.threads > 0).then_some(cfg.model.threads));
+    let runtime = RuntimeArgs { quant, threads };
+    let model = Arc::new(runtime.load(&model_dir)?);
+    let codec = match cfg.model.codec.as_str() {
+        "lfm2" => CodecArg::Lfm2,
+        "mimi" => CodecArg::Mimi,
+        _ => CodecArg::Auto,
+    };
+    let detok = codec::open_detokenizer_with(&model_dir, codec.into(), &model.plan)
+        .context("loading the audio decoder")?;
+    Ok(Loaded {
+        dir: model_dir,
+        quant,
+        model,
+        detok,
+    })
+}
+
 /// Seconds since the daemon started, for the log.
 fn stamp(start: Instant) -> String {
     format!("[{:>8.2}s]", start.elapsed().as_secs_f64())
@@ -128,7 +165,8 @@ struct Resolved {
     start: Instant,
 }
 
-fn resolve(args: &Args) -> anyhow::Result<Resolved> {
+/// The configuration file (or the defaults) with the flags applied.
+pub(crate) fn configured(args: &Args) -> anyhow::Result<Config> {
     let mut cfg = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -154,6 +192,11 @@ fn resolve(args: &Args) -> anyhow::Result<Resolved> {
     if let Some(n) = args.context_limit {
         cfg.assistant.context_limit = n;
     }
+    Ok(cfg)
+}
+
+fn resolve(args: &Args) -> anyhow::Result<Resolved> {
+    let cfg = configured(args)?;
     let mode = match args.mode {
         Some(m) => m,
         None => cfg.assistant.mode.parse().map_err(anyhow::Error::msg)?,
@@ -184,26 +227,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let r = resolve(&args)?;
     let cfg = &r.cfg;
-    let model_dir = cfg
-        .model_dir()
-        .map_or_else(crate::model_cache::default_model_dir, Ok)?;
-    let quant = args.quant.unwrap_or(match cfg.model.quant.as_str() {
-        "f32" => Quant::F32,
-        "q8" => Quant::Q8,
-        _ => Quant::Q4,
-    });
-    let threads = args
-        .threads
-        .or((cfg.model.threads > 0).then_some(cfg.model.threads));
-    let runtime = RuntimeArgs { quant, threads };
-    let model = Arc::new(runtime.load(&model_dir)?);
-    let codec = match cfg.model.codec.as_str() {
-        "lfm2" => CodecArg::Lfm2,
-        "mimi" => CodecArg::Mimi,
-        _ => CodecArg::Auto,
-    };
-    let detok = codec::open_detokenizer_with(&model_dir, codec.into(), &model.plan)
-        .context("loading the audio decoder")?;
+    let Loaded {
+        dir: model_dir,
+        quant,
+        model,
+        detok,
+    } = load(&args, cfg)?;
     eprintln!(
         "{} model loaded from {} ({quant:?}), mode {:?}",
         stamp(r.start),

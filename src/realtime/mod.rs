@@ -23,9 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use audio_io::vad::VadAssets;
 
-use crate::cmd::runtime::{Quant, RuntimeArgs};
-use crate::cmd::speech::CodecArg;
-use crate::config::Config;
 use crate::daemon::serve::Args;
 
 /// The most input audio a session buffers before a commit.
@@ -49,39 +46,14 @@ fn listen_address(listen: &str, api_key: Option<&str>) -> anyhow::Result<SocketA
 pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
     let api_key = args.api_key.clone().filter(|k| !k.is_empty());
     let addr = listen_address(listen, api_key.as_deref())?;
-    let mut cfg = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    if let Some(m) = &args.model {
-        cfg.model.dir = m.display().to_string();
-    }
-    if let Some(s) = &args.system {
-        cfg.assistant.system_prompt = s.clone();
-    }
-    if let Some(n) = args.context_limit {
-        cfg.assistant.context_limit = n;
-    }
-    let model_dir = cfg
-        .model_dir()
-        .map_or_else(crate::model_cache::default_model_dir, Ok)?;
-    let quant = args.quant.unwrap_or(match cfg.model.quant.as_str() {
-        "f32" => Quant::F32,
-        "q8" => Quant::Q8,
-        _ => Quant::Q4,
-    });
-    let threads = args
-        .threads
-        .or((cfg.model.threads > 0).then_some(cfg.model.threads));
+    let cfg = crate::daemon::serve::configured(args)?;
     let started = Instant::now();
-    let model = Arc::new(RuntimeArgs { quant, threads }.load(&model_dir)?);
-    let codec = match cfg.model.codec.as_str() {
-        "lfm2" => CodecArg::Lfm2,
-        "mimi" => CodecArg::Mimi,
-        _ => CodecArg::Auto,
-    };
-    let detok = codec::open_detokenizer_with(&model_dir, codec.into(), &model.plan)
-        .context("loading the audio decoder")?;
+    let crate::daemon::serve::Loaded {
+        dir: model_dir,
+        quant,
+        model,
+        detok,
+    } = crate::daemon::serve::load(args, &cfg)?;
     let params = crate::daemon::serve::sampling(&cfg);
     let vad_assets = VadAssets::locate().map_err(|e| e.to_string());
     if let Err(e) = &vad_assets {
