@@ -64,8 +64,12 @@ pub const BLOCK: usize = 128;
 pub const PRE_DELAY: usize = 64;
 
 /// Playing time after which a canceller that has never found an echo takes the microphone to
-/// be deaf to the speaker (1.5 s; a real echo path is measured well within it).
+/// be deaf to the speaker (1.5 s; a real echo path is measured well within it). The time is
+/// counted over re-anchorings of the reference (a stall does not make a deaf microphone hear)
+/// and starts again after [`DEAF_RESET`] of silence from the speaker (another reply may play
+/// through another device).
 const NO_ECHO_AFTER: u64 = MODEL_SAMPLE_RATE as u64 * 3 / 2;
+const DEAF_RESET: u64 = MODEL_SAMPLE_RATE as u64;
 
 /// Microphone history kept for the delay measurement (2 s).
 const HISTORY: usize = 2 * MODEL_SAMPLE_RATE as usize;
@@ -288,6 +292,10 @@ pub struct EchoCanceller {
     /// A measurement waiting for confirmation by a later one, and the microphone sample it was
     /// measured up to.
     candidate: Option<(i64, u64)>,
+    /// Audible playing, in microphone samples, during which no echo has been found; and the
+    /// silence from the speaker since it was last audible.
+    unheard: u64,
+    inaudible: u64,
     audible_since_try: u64,
     audible_since_measure: u64,
     mic_history: Vec<f32>,
@@ -334,6 +342,8 @@ impl EchoCanceller {
             generation: 0,
             generation_start: 0,
             candidate: None,
+            unheard: 0,
+            inaudible: 0,
             audible_since_try: 0,
             audible_since_measure: 0,
             mic_history: Vec::with_capacity(HISTORY + 4 * BLOCK),
@@ -456,6 +466,15 @@ impl EchoCanceller {
         if audible {
             self.audible_since_try += n as u64;
             self.audible_since_measure += n as u64;
+            self.inaudible = 0;
+            if self.offset.is_none() {
+                self.unheard += n as u64;
+            }
+        } else {
+            self.inaudible += n as u64;
+            if self.inaudible >= DEAF_RESET {
+                self.unheard = 0;
+            }
         }
         if self.config.mode != EchoMode::Off {
             self.maybe_measure();
@@ -487,10 +506,7 @@ impl EchoCanceller {
             EchoMode::Gate | EchoMode::Cancel => {
                 if !p.audible {
                     self.gate.observe_quiet(speech)
-                } else if !p.aligned
-                    && self.offset.is_none()
-                    && self.done.saturating_sub(self.generation_start) >= NO_ECHO_AFTER
-                {
+                } else if !p.aligned && self.deaf() {
                     // No echo has ever been found, after this long of playing: the microphone
                     // does not hear the speaker (headphones), so speech is the user's.
                     self.gate.observe_quiet(speech)
@@ -705,6 +721,12 @@ impl EchoCanceller {
         }
     }
 
+    /// No echo has ever been found in [`NO_ECHO_AFTER`] of playing: the microphone does not
+    /// hear the speaker (headphones).
+    fn deaf(&self) -> bool {
+        self.offset.is_none() && self.unheard >= NO_ECHO_AFTER
+    }
+
     /// Decides whether to measure the delay now, and does.
     fn maybe_measure(&mut self) {
         let generation = self.reference.generation();
@@ -727,13 +749,37 @@ impl EchoCanceller {
             }
             self.audible_since_try = 0;
             let since = (self.done - self.generation_start.min(self.done)) as usize;
-            let window = since.min(MEASURE_MAX).min(self.mic_history.len());
+            let mut window = since.min(MEASURE_MAX).min(self.mic_history.len());
+            // A microphone that has heard no echo for this long is taken to be deaf to the
+            // speaker, and what it hears to be the user: a peak found now may be the user's
+            // voice matching the reference by chance. So each measurement looks only at the
+            // audio since the last one, and a delay is believed when two in a row find it (a
+            // chance peak does not repeat at the same delay); until then the speech stays the
+            // user's.
+            let deaf = self.deaf();
+            if deaf {
+                window = window.min(MEASURE_MIN);
+            }
             if window < MEASURE_MIN {
                 return;
             }
-            if let Some((offset, confidence)) = self.measure(window) {
-                self.accept(offset, confidence, true, generation);
+            let Some((offset, confidence)) = self.measure(window) else {
+                if deaf {
+                    self.candidate = None;
+                }
+                return;
+            };
+            if deaf {
+                let confirmed = self
+                    .candidate
+                    .is_some_and(|(c, _)| (c - offset).abs() <= SAME);
+                if !confirmed {
+                    self.candidate = Some((offset, self.done));
+                    return;
+                }
+                self.candidate = None;
             }
+            self.accept(offset, confidence, true, generation);
         } else if self.audible_since_measure >= TRACK_AFTER {
             self.audible_since_measure = 0;
             let window = MEASURE_MAX.min(self.mic_history.len());
@@ -888,6 +934,17 @@ mod tests {
         near: &[f32],
         delay: usize,
     ) -> (Vec<f32>, Vec<f32>, EchoCanceller) {
+        run_room_from(mode, far, near, delay, 0)
+    }
+
+    /// [`run_room`] with a microphone that hears the speaker only from sample `heard_from` on.
+    fn run_room_from(
+        mode: EchoMode,
+        far: &[f32],
+        near: &[f32],
+        delay: usize,
+        heard_from: usize,
+    ) -> (Vec<f32>, Vec<f32>, EchoCanceller) {
         let reference = EchoReference::new(16_000).unwrap();
         let room = Room {
             origin: Instant::now() + Duration::from_secs(1),
@@ -897,7 +954,7 @@ mod tests {
         let mut mic = vec![0.0f32; far.len()];
         for (n, m) in mic.iter_mut().enumerate() {
             let tap = |k: usize, g: f32| {
-                if n >= delay + k {
+                if n >= delay + k && n >= heard_from {
                     g * far[n - delay - k]
                 } else {
                     0.0
@@ -936,6 +993,97 @@ mod tests {
         let erle = 10.0 * (e(&mic[tail.clone()]) / e(&out[tail])).log10();
         assert!(erle > 30.0, "ERLE {erle:.1} dB; {stats:?}");
         assert!(canceller.gate().ready());
+    }
+
+    /// A microphone that does not hear the speaker (headphones): the playback stalls once
+    /// (the reference is re-anchored), then the user speaks, and a stretch of what they say
+    /// happens to match the reference at some delay. The canceller must still find no echo and
+    /// hand the speech to the user.
+    #[test]
+    fn a_deaf_microphone_leaves_speech_to_the_user_through_stalls_and_chance_peaks() {
+        let rate = 16_000usize;
+        let far: Vec<f32> = noise(rate * 5, 3).iter().map(|v| v * 0.2).collect();
+        // The user speaks from 2.2 s to 3.7 s, and what they say matches the reference by
+        // chance: every 0.2 s at another delay (as two voices whose pitch meets now and then).
+        // Each stretch makes a peak one measurement believes; none makes it twice.
+        let talk = rate * 22 / 10;
+        let mut mic = vec![0.0f32; far.len()];
+        let lags = [1200usize, 3000, 4400, 2000, 5600, 800, 3600, 6400];
+        for (k, lag) in lags.iter().enumerate() {
+            let at = talk + k * rate / 5;
+            let end = (at + rate / 5).min(talk + rate * 3 / 2);
+            if at < end {
+                mic[at..end].copy_from_slice(&far[at - lag..end - lag]);
+            }
+        }
+        let reference = EchoReference::new(16_000).unwrap();
+        let room = Room {
+            origin: Instant::now() + Duration::from_secs(1),
+            reference: reference.clone(),
+        };
+        let mut canceller = EchoCanceller::new(
+            EchoConfig {
+                mode: EchoMode::Cancel,
+                ..EchoConfig::default()
+            },
+            reference,
+        );
+        // The playback is fed two chunks ahead; at 1.6 s it stalls for 100 ms, which shifts
+        // what it plays afterwards (a new generation of the reference).
+        let (chunk, stall_at, stall) = (512usize, rate * 16 / 10, 1600usize);
+        let mut out = Vec::new();
+        let mut user_at = None;
+        for (i, m) in mic.chunks(chunk).enumerate() {
+            let wall = i * chunk;
+            let played = if wall >= stall_at + stall {
+                wall - stall
+            } else {
+                wall.min(stall_at)
+            };
+            let ahead = (i + 2) * chunk;
+            if ahead < far.len() && (wall < stall_at || wall >= stall_at + stall) {
+                let pushed = ahead - if wall >= stall_at { stall } else { 0 };
+                let end = (pushed + chunk).min(far.len());
+                if pushed < end {
+                    room.reference
+                        .push_at(&far[pushed..end], played as u64, room.at(wall as i64));
+                }
+            }
+            canceller.process_at(m, room.at((wall + chunk) as i64 + 32), &mut out);
+            let speech = m.iter().any(|v| *v != 0.0);
+            canceller.judge(speech);
+            if speech && canceller.is_user_speech() && user_at.is_none() {
+                user_at = Some(wall + chunk);
+            }
+        }
+        let stats = canceller.status().snapshot();
+        assert!(
+            stats.generations >= 2,
+            "the stall re-anchored the reference: {stats:?}"
+        );
+        assert_eq!(stats.delay_ms, None, "no echo was found: {stats:?}");
+        let user_at = user_at.expect("the user's speech was taken for the user");
+        // Four windows of votes.
+        assert!(
+            user_at <= talk + 5 * chunk,
+            "taken for the user {} ms after they began",
+            (user_at - talk) * 1000 / rate
+        );
+    }
+
+    /// Headphones unplugged while the assistant speaks: an echo that appears after the
+    /// microphone was taken to be deaf is still found and cancelled.
+    #[test]
+    fn an_echo_that_appears_late_is_found() {
+        let far: Vec<f32> = noise(16_000 * 5, 12).iter().map(|v| v * 0.2).collect();
+        let (mic, out, canceller) = run_room_from(EchoMode::Cancel, &far, &[], 2400, 16_000 * 2);
+        let stats = canceller.status().snapshot();
+        let delay = stats.delay_ms.expect("the echo was found");
+        assert!((delay - 152.0).abs() < 0.5, "{stats:?}");
+        let e = |v: &[f32]| v.iter().map(|s| s * s).sum::<f32>();
+        let tail = 16_000 * 4..mic.len();
+        let erle = 10.0 * (e(&mic[tail.clone()]) / e(&out[tail])).log10();
+        assert!(erle > 20.0, "ERLE {erle:.1} dB; {stats:?}");
     }
 
     #[test]
