@@ -124,7 +124,7 @@ impl Default for AssistantSection {
             transcript_file: String::new(),
             speak_translation: false,
             max_reply_tokens: 1024,
-            context_limit: 0,
+            context_limit: 4096,
             builtin_tools: true,
             max_tool_rounds: 3,
             transcribe_user: true,

@@ -120,6 +120,14 @@ impl Linear {
         }
     }
 
+    /// The thread pool a quantized weight's products run on (none for f32 weights).
+    pub fn pool(&self) -> Option<&Threads> {
+        match &self.weight {
+            Weight::Dense(_) => None,
+            Weight::Quantized { threads, .. } => Some(threads),
+        }
+    }
+
     /// Bytes the weight occupies.
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
@@ -750,18 +758,40 @@ impl Attention {
         // Checked once here; every head of both caches holds the same positions.
         kc.rows(0, first_key, n_keys)?;
         vc.rows(0, first_key, n_keys)?;
-        ops::attend(
-            q,
-            self.heads,
-            self.kv_heads,
-            hd,
-            n_keys,
-            |g| kc.rows(g, first_key, n_keys).unwrap_or(&[]),
-            |g| vc.rows(g, first_key, n_keys).unwrap_or(&[]),
-            (1.0 / (hd as f64).sqrt()) as f32,
-            &mut b.scores,
-            &mut b.attn[..qn],
-        );
+        let keys = |g| kc.rows(g, first_key, n_keys).unwrap_or(&[]);
+        let values = |g| vc.rows(g, first_key, n_keys).unwrap_or(&[]);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (heads, kv) = (self.heads, self.kv_heads);
+        let attn = &mut b.attn[..qn];
+        // Quantized models share long-context attention out over their pool; the exact f32 path
+        // stays on one thread (each head's numbers are the same either way).
+        match self.q_proj.pool() {
+            Some(pool) => ops::attend_pooled(
+                pool,
+                q,
+                heads,
+                kv,
+                hd,
+                n_keys,
+                keys,
+                values,
+                scale,
+                &mut b.scores,
+                attn,
+            ),
+            None => ops::attend(
+                q,
+                heads,
+                kv,
+                hd,
+                n_keys,
+                keys,
+                values,
+                scale,
+                &mut b.scores,
+                attn,
+            ),
+        }
         self.out_proj.forward_vec(&b.attn[..qn], out)
     }
 

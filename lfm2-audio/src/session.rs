@@ -16,6 +16,19 @@ use crate::error::{Error, Result};
 use crate::lfm2::Lfm2State;
 use crate::prompt::Item;
 
+/// Attention scores one prefill piece may hold (16 Mi values, 64 MiB).
+const PREFILL_SCORES: usize = 1 << 24;
+
+/// Positions a prefill piece takes after `len` positions: up to 512, halved until its scores
+/// fit in [`PREFILL_SCORES`], at least 32.
+fn prefill_piece(heads: usize, len: usize) -> usize {
+    let mut n = 512;
+    while n > 32 && heads * n * (len + n) > PREFILL_SCORES {
+        n /= 2;
+    }
+    n
+}
+
 /// One conversation.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -82,9 +95,30 @@ impl Session {
                 self.model.config().max_position_embeddings
             )));
         }
-        let hidden = self.model.stack().forward(embeddings, &mut self.state)?;
-        self.items.extend_from_slice(items);
-        Ok(hidden)
+        // A long prompt goes through in pieces, so that the attention scores of a piece (heads ×
+        // piece × positions so far) stay within [`PREFILL_SCORES`]: re-prefilling a long
+        // conversation in one batch would need gigabytes for them.
+        let mut done = 0;
+        let mut hidden = Vec::new();
+        while done < t {
+            let n = prefill_piece(self.heads(), self.len()).min(t - done);
+            let piece = if n == t {
+                embeddings.clone()
+            } else {
+                embeddings.narrow(0, done, n)?
+            };
+            hidden.push(self.model.stack().forward(&piece, &mut self.state)?);
+            self.items.extend_from_slice(&items[done..done + n]);
+            done += n;
+        }
+        Ok(match hidden.len() {
+            1 => hidden.remove(0),
+            _ => Tensor::cat(&hidden, 0)?,
+        })
+    }
+
+    fn heads(&self) -> usize {
+        self.model.config().num_attention_heads
     }
 
     /// Prefills text tokens.

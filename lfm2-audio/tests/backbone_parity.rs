@@ -198,3 +198,27 @@ fn truncate_beyond_the_end_is_an_error() {
     assert!(err.contains("has 3 positions"), "{err}");
     assert_eq!(session.len(), 3);
 }
+
+/// A long prefill goes through in pieces (so that its attention scores stay small); the hidden
+/// states equal those of the whole prompt in one batch, and decoding goes on the same.
+#[test]
+fn a_long_prefill_in_pieces_equals_one_batch() {
+    let (model, _) = load("tiny-a");
+    let backbone = model.backbone.clone();
+    let vocab = model.config.lfm.vocab_size as u32;
+    let ids: Vec<u32> = (0..1500u32)
+        .map(|i| 300 + (i * 7919) % (vocab - 400))
+        .collect();
+    let emb = backbone.embed_text(&ids).unwrap();
+    let mut whole = backbone.new_state().unwrap();
+    let want = backbone.stack().forward(&emb, &mut whole).unwrap();
+    let mut session = Session::new(Arc::clone(&backbone)).unwrap();
+    let got = session.prefill_text(&ids).unwrap();
+    assert_eq!(session.len(), ids.len());
+    assert_close("hidden of 1500 positions", &got, &want, 1e-5);
+    // The next step from both states.
+    let next = backbone.embed_text(&[ids[7]]).unwrap();
+    let want = backbone.stack().forward(&next, &mut whole).unwrap();
+    let got = session.step_text(ids[7]).unwrap().unsqueeze(0).unwrap();
+    assert_close("the step after it", &got, &want, 1e-5);
+}

@@ -41,6 +41,11 @@ pub struct Args {
     /// Seconds of the user utterance for the time to first audio.
     #[arg(long, default_value_t = 4.0)]
     pub utterance_seconds: f64,
+    /// Positions of earlier conversation already in the cache when the measured speech-to-speech
+    /// turn starts (time to first audio and real-time factor): how they hold up deep into a long
+    /// session. About 12.5 positions per second of speech on either side.
+    #[arg(long, default_value_t = 0)]
+    pub history: usize,
     /// Greedy steps compared with f32 for the agreement (0 skips it; it loads the model twice).
     #[arg(long, default_value_t = 200)]
     pub agreement_steps: usize,
@@ -97,6 +102,15 @@ fn utterance(seconds: f64) -> Vec<f32> {
                 + 0.01 * noise
         })
         .collect()
+}
+
+/// `", after N positions of history"` when there is some.
+fn history_note(history: usize) -> String {
+    if history == 0 {
+        String::new()
+    } else {
+        format!(", after {history} positions of history")
+    }
 }
 
 /// Peak resident memory of this process so far (Linux), in bytes.
@@ -267,13 +281,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(t) = &decode_thread {
             t.reset()?;
         }
+        let mut session = Session::new(model.backbone.clone())?;
+        if args.history > 0 {
+            session.prefill_text(&tokens(args.history, vocab, r))?;
+        }
         let t0 = Instant::now();
         let audio = model.audio.embed(&wave)?;
         let t_enc = t0.elapsed().as_secs_f64();
         let tok = &model.tokenizer;
         let chat = audio_chat(tok, super::chat::DEFAULT_SYSTEM, audio)?;
-        let mut session = Session::new(model.backbone.clone())?;
-        let hidden = prefill_chat(&mut session, &chat)?;
+        let hidden = if args.history == 0 {
+            prefill_chat(&mut session, &chat)?
+        } else {
+            // The whole turn after the history.
+            let emb = chat.embeddings(session.model(), 0)?;
+            let h = session.prefill(&emb, chat.items())?;
+            h.get(h.dim(0)? - 1)?
+        };
         let t_prefill = t0.elapsed().as_secs_f64();
         let mode = GenerationMode::Interleaved {
             n_text: model.config.interleaved_n_text,
@@ -373,8 +397,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             value: median(ttfa),
             unit: "s",
             note: format!(
-                "after a {:.0} s utterance: encoder {:.0} ms, prefill {:.0} ms, text + first frame {:.0} ms, detokenizer {:.0} ms",
+                "after a {:.0} s utterance{}: encoder {:.0} ms, prefill {:.0} ms, text + first frame {:.0} ms, detokenizer {:.0} ms",
                 args.utterance_seconds,
+                history_note(args.history),
                 stage(0),
                 stage(1),
                 stage(2),
@@ -388,8 +413,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             value: median(rtf),
             unit: "x",
             note: format!(
-                "interleaved speech-to-speech over {:.0} s of speech, detokenizer {} (< 1 is faster than real time)",
+                "interleaved speech-to-speech over {:.0} s of speech{}, detokenizer {} (< 1 is faster than real time)",
                 args.speech_seconds,
+                history_note(args.history),
                 match args.detokenizer {
                     DetokenizerPlacement::Inline => "inline",
                     DetokenizerPlacement::Thread => "on its own thread",

@@ -8,6 +8,9 @@
 //! tensor path computes, in the same order where it is cheap to do so (RMSNorm, SiLU), so the
 //! two agree to float rounding.
 
+#[cfg(target_arch = "x86_64")]
+mod attend_x86;
+
 /// `out = w ⊙ x / √(mean(x²) + eps)` (candle's `rms_norm`: the f32 sum of squares in order, then
 /// `x / m · w`).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -147,7 +150,64 @@ pub fn attend<'a>(
     );
 }
 
-/// [`attend`] compiled for AVX2 and FMA.
+/// Context length from which [`attend_pooled`] splits the kv heads over the pool: below it the
+/// cache is small enough that handing out the work costs more than it saves.
+pub const POOLED_ATTENTION_MIN: usize = 512;
+
+/// [`attend`] with the kv heads shared out among the participants of `pool` (each takes whole
+/// kv heads, with their query heads, scores and outputs) once the context has
+/// [`POOLED_ATTENTION_MIN`] positions. Over a long context attention reads the whole cache every
+/// step, more than one core's share of the memory bandwidth can bring in; each head's result is
+/// the same as [`attend`]'s. `scores` needs `n · heads` values here.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_pooled<'a>(
+    pool: &crate::quant::Threads,
+    q: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    n: usize,
+    keys: impl Fn(usize) -> &'a [f32] + Sync,
+    values: impl Fn(usize) -> &'a [f32] + Sync,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    if pool.len() == 1 || kv_heads == 1 || n < POOLED_ATTENTION_MIN {
+        return attend(
+            q, heads, kv_heads, head_dim, n, keys, values, scale, scores, out,
+        );
+    }
+    let group = heads / kv_heads;
+    let work = std::sync::Mutex::new(
+        q.chunks_exact(group * head_dim)
+            .zip(scores[..heads * n].chunks_exact_mut(group * n))
+            .zip(out[..heads * head_dim].chunks_exact_mut(group * head_dim))
+            .enumerate(),
+    );
+    pool.run(|_| loop {
+        // A poisoned lock means another participant panicked; what is left is still valid.
+        let next = work.lock().unwrap_or_else(|e| e.into_inner()).next();
+        let Some((g, ((qg, sg), og))) = next else {
+            break;
+        };
+        attend(
+            qg,
+            group,
+            1,
+            head_dim,
+            n,
+            |_| keys(g),
+            |_| values(g),
+            scale,
+            sg,
+            og,
+        );
+    });
+}
+
+/// [`attend`] in AVX2 and FMA: [`attend_x86`] for head widths that are multiples of 8, the
+/// portable body compiled for those features otherwise.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
@@ -166,6 +226,11 @@ unsafe fn attend_avx2<'a>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    if attend_x86::supports(head_dim) {
+        return attend_x86::attend(
+            q, heads, kv_heads, head_dim, n, keys, values, scale, scores, out,
+        );
+    }
     attend_body(
         q, heads, kv_heads, head_dim, n, keys, values, scale, scores, out,
     );
@@ -294,6 +359,164 @@ mod tests {
                 assert!((out[h * hd + d] - want).abs() < 1e-5, "head {h} dim {d}");
             }
         }
+    }
+
+    /// The vectorized attention against the portable body, over head widths, group sizes and
+    /// context lengths that exercise every tail (keys not a multiple of 8, values not a multiple
+    /// of 64).
+    #[test]
+    fn vectorized_attention_equals_the_portable_body() {
+        let val =
+            |i: usize, seed: usize| (((i * 2654435761 + seed * 97) % 1009) as f32 - 504.0) / 250.0;
+        for (heads, kv, hd) in [(32, 8, 64), (4, 4, 32), (8, 1, 8), (6, 2, 72), (4, 2, 128)] {
+            for n in [1usize, 3, 8, 9, 37, 64, 65, 300] {
+                let q: Vec<f32> = (0..heads * hd).map(|i| val(i, 1)).collect();
+                let k: Vec<f32> = (0..kv * n * hd).map(|i| val(i, 2)).collect();
+                let v: Vec<f32> = (0..kv * n * hd).map(|i| val(i, 3)).collect();
+                let head = |c: &[f32], g: usize| c[g * n * hd..(g + 1) * n * hd].to_vec();
+                let (kh, vh): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+                    (0..kv).map(|g| (head(&k, g), head(&v, g))).unzip();
+                let mut scores = vec![0f32; n * heads / kv];
+                let (mut fast, mut slow) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
+                let scale = 1.0 / (hd as f32).sqrt();
+                attend(
+                    &q,
+                    heads,
+                    kv,
+                    hd,
+                    n,
+                    |g| &kh[g],
+                    |g| &vh[g],
+                    scale,
+                    &mut scores,
+                    &mut fast,
+                );
+                attend_body(
+                    &q,
+                    heads,
+                    kv,
+                    hd,
+                    n,
+                    |g| &kh[g],
+                    |g| &vh[g],
+                    scale,
+                    &mut scores,
+                    &mut slow,
+                );
+                for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 2e-6 * (1.0 + b.abs()),
+                        "heads {heads}/{kv}, head_dim {hd}, {n} positions, value {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Shared out over a pool, every head gets exactly the numbers of the one-thread call.
+    #[test]
+    fn pooled_attention_equals_attention() {
+        let pool = crate::quant::Threads::new(2).unwrap();
+        let (heads, kv, hd) = (32, 8, 64);
+        let val =
+            |i: usize, seed: usize| (((i * 40503 + seed * 7919) % 997) as f32 - 498.0) / 300.0;
+        for n in [POOLED_ATTENTION_MIN - 1, POOLED_ATTENTION_MIN, 777] {
+            let q: Vec<f32> = (0..heads * hd).map(|i| val(i, 1)).collect();
+            let k: Vec<f32> = (0..kv * n * hd).map(|i| val(i, 2)).collect();
+            let v: Vec<f32> = (0..kv * n * hd).map(|i| val(i, 3)).collect();
+            let keys = |g: usize| &k[g * n * hd..(g + 1) * n * hd];
+            let values = |g: usize| &v[g * n * hd..(g + 1) * n * hd];
+            let mut scores = vec![0f32; n * heads];
+            let (mut one, mut pooled) = (vec![0f32; heads * hd], vec![1f32; heads * hd]);
+            attend(
+                &q,
+                heads,
+                kv,
+                hd,
+                n,
+                keys,
+                values,
+                0.125,
+                &mut scores,
+                &mut one,
+            );
+            attend_pooled(
+                &pool,
+                &q,
+                heads,
+                kv,
+                hd,
+                n,
+                keys,
+                values,
+                0.125,
+                &mut scores,
+                &mut pooled,
+            );
+            assert_eq!(one, pooled, "{n} positions");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vectorized_exp_is_within_two_ulp() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"))
+        {
+            return;
+        }
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let lanes = [
+                x,
+                x * 0.5,
+                x * 0.25,
+                x * 0.125,
+                x * 0.01,
+                x * 1e-3,
+                x * 1e-5,
+                0.0,
+            ];
+            let mut got = [0f32; 8];
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe {
+                use std::arch::x86_64::*;
+                let e = attend_x86::exp(_mm256_loadu_ps(lanes.as_ptr()));
+                _mm256_storeu_ps(got.as_mut_ptr(), e);
+            }
+            for (l, g) in lanes.iter().zip(got) {
+                let want = (*l as f64).exp();
+                let ulp = (want as f32).abs() * f32::EPSILON;
+                worst = worst.max((g as f64 - want).abs() / ulp as f64);
+            }
+            x += 0.013;
+        }
+        assert!(worst <= 2.0, "worst error {worst:.2} ulp");
+        // The edges: far below the normal range, -inf and NaN.
+        let lanes = [
+            -100.0f32,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -87.3,
+            0.0,
+            -0.0,
+            -1e-30,
+            -88.0,
+        ];
+        let mut got = [0f32; 8];
+        // SAFETY: as above.
+        unsafe {
+            use std::arch::x86_64::*;
+            _mm256_storeu_ps(
+                got.as_mut_ptr(),
+                attend_x86::exp(_mm256_loadu_ps(lanes.as_ptr())),
+            );
+        }
+        assert_eq!(got[0], 0.0);
+        assert_eq!(got[1], 0.0);
+        assert!(got[2].is_nan());
+        assert!(got[3] > 0.0 && got[4] == 1.0 && got[5] == 1.0 && got[6] == 1.0 && got[7] == 0.0);
     }
 
     #[test]
