@@ -687,6 +687,13 @@ impl Attention {
         let v = heads_first(self.v_proj.forward(x)?, self.kv_heads, None)?;
         k_cache.append(&k)?;
         v_cache.append(&v)?;
+        if start >= ops::POOLED_ATTENTION_MIN {
+            // After a long history each query attends on its own, as a decode step does: the
+            // batched product below would build score tensors of heads × T × positions and
+            // read the whole cache into new tensors, for every layer.
+            let out = self.attend_each(&q, start, t, k_cache, v_cache)?;
+            return self.out_proj.forward(&out);
+        }
 
         // Keys visible to the first query: all earlier ones, or the last `window - 1` of them.
         let end = start + t;
@@ -722,6 +729,69 @@ impl Attention {
         self.out_proj.forward(&out)
     }
 
+    /// Attention of the queries `q` (`[heads, T, head_dim]`, positions `start..start + T`, their
+    /// keys and values already in the caches) one position at a time, with the decode step's
+    /// [`ops::attend`] (shared over the pool for quantized weights). Returns `[T, heads ·
+    /// head_dim]`.
+    fn attend_each(
+        &self,
+        q: &Tensor,
+        start: usize,
+        t: usize,
+        k_cache: &PositionCache,
+        v_cache: &PositionCache,
+    ) -> Result<Tensor> {
+        let (hd, heads) = (self.head_dim, self.heads);
+        let qv = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; t * heads * hd];
+        let mut qi = vec![0f32; heads * hd];
+        let mut scores = Vec::new();
+        for (i, oi) in out.chunks_exact_mut(heads * hd).enumerate() {
+            for (h, qh) in qi.chunks_exact_mut(hd).enumerate() {
+                qh.copy_from_slice(&qv[(h * t + i) * hd..(h * t + i + 1) * hd]);
+            }
+            self.attend_position(&qi, start + i, k_cache, v_cache, &mut scores, oi)?;
+        }
+        Ok(Tensor::from_vec(out, (t, heads * hd), &Device::Cpu)?)
+    }
+
+    /// Attention of the query `q` (`[heads, head_dim]`) at `pos` over the cached keys it sees
+    /// (all earlier ones, or the last `window - 1`), into `out`; quantized models share long
+    /// contexts out over their pool, the exact f32 path stays on one thread (each head's
+    /// numbers are the same either way). `scores` grows as needed.
+    fn attend_position(
+        &self,
+        q: &[f32],
+        pos: usize,
+        k_cache: &PositionCache,
+        v_cache: &PositionCache,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let first_key = match self.window {
+            Some(w) => pos.saturating_sub(w - 1),
+            None => 0,
+        };
+        let n_keys = pos + 1 - first_key;
+        if scores.len() < self.heads * n_keys {
+            scores.resize((self.heads * n_keys).next_power_of_two(), 0.0);
+        }
+        // Checked once here; every head of both caches holds the same positions.
+        k_cache.rows(0, first_key, n_keys)?;
+        v_cache.rows(0, first_key, n_keys)?;
+        let keys = |g| k_cache.rows(g, first_key, n_keys).unwrap_or(&[]);
+        let values = |g| v_cache.rows(g, first_key, n_keys).unwrap_or(&[]);
+        let (heads, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        match self.q_proj.pool() {
+            Some(pool) => ops::attend_pooled(
+                pool, q, heads, kv, hd, n_keys, keys, values, scale, scores, out,
+            ),
+            None => ops::attend(q, heads, kv, hd, n_keys, keys, values, scale, scores, out),
+        }
+        Ok(())
+    }
+
     /// One position at `pos`: `x` is the normed input, the result goes to `out`; `b.cos` and
     /// `b.sin` hold the rotary table of `pos`.
     fn step(
@@ -745,53 +815,7 @@ impl Attention {
         ops::rope_half(&mut b.k[..kvn], &b.cos, &b.sin);
         k_cache.push(&b.k[..kvn])?;
         v_cache.push(&b.v[..kvn])?;
-        let first_key = match self.window {
-            Some(w) => pos.saturating_sub(w - 1),
-            None => 0,
-        };
-        let n_keys = pos + 1 - first_key;
-        if b.scores.len() < self.heads * n_keys {
-            b.scores
-                .resize((self.heads * n_keys).next_power_of_two(), 0.0);
-        }
-        let (kc, vc) = (&*k_cache, &*v_cache);
-        // Checked once here; every head of both caches holds the same positions.
-        kc.rows(0, first_key, n_keys)?;
-        vc.rows(0, first_key, n_keys)?;
-        let keys = |g| kc.rows(g, first_key, n_keys).unwrap_or(&[]);
-        let values = |g| vc.rows(g, first_key, n_keys).unwrap_or(&[]);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let (heads, kv) = (self.heads, self.kv_heads);
-        let attn = &mut b.attn[..qn];
-        // Quantized models share long-context attention out over their pool; the exact f32 path
-        // stays on one thread (each head's numbers are the same either way).
-        match self.q_proj.pool() {
-            Some(pool) => ops::attend_pooled(
-                pool,
-                q,
-                heads,
-                kv,
-                hd,
-                n_keys,
-                keys,
-                values,
-                scale,
-                &mut b.scores,
-                attn,
-            ),
-            None => ops::attend(
-                q,
-                heads,
-                kv,
-                hd,
-                n_keys,
-                keys,
-                values,
-                scale,
-                &mut b.scores,
-                attn,
-            ),
-        }
+        self.attend_position(q, pos, k_cache, v_cache, &mut b.scores, &mut b.attn[..qn])?;
         self.out_proj.forward_vec(&b.attn[..qn], out)
     }
 

@@ -20,9 +20,13 @@ use crate::prompt::Item;
 const PREFILL_SCORES: usize = 1 << 24;
 
 /// Positions a prefill piece takes after `len` positions: up to 512, halved until its scores
-/// fit in [`PREFILL_SCORES`], at least 32.
+/// fit in [`PREFILL_SCORES`], at least 32. From [`crate::ops::POOLED_ATTENTION_MIN`] positions
+/// on, attention takes one query at a time (no scores tensor), so pieces stay at 512.
 fn prefill_piece(heads: usize, len: usize) -> usize {
     let mut n = 512;
+    if len >= crate::ops::POOLED_ATTENTION_MIN {
+        return n;
+    }
     while n > 32 && heads * n * (len + n) > PREFILL_SCORES {
         n /= 2;
     }
