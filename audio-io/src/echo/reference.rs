@@ -101,6 +101,9 @@ struct Timeline {
     pieces: VecDeque<Piece>,
     segment: Option<Segment>,
     generation: u64,
+    /// Times samples were placed anew (a new stretch, a stall): those re-anchorings, unlike
+    /// a re-measurement asked for after some lateness, void what the timing said before.
+    moves: u64,
 }
 
 impl Timeline {
@@ -146,6 +149,7 @@ impl Timeline {
                 wall0: wall.round() as i64,
             });
             self.generation += 1;
+            self.moves += 1;
             wall
         };
         self.segment = Some(Segment::new(played, q0, wall));
@@ -198,6 +202,7 @@ impl Timeline {
             }),
         }
         self.generation += 1;
+        self.moves += 1;
         self.segment = Some(Segment {
             floor: seg.floor,
             ..Segment::new(at, q, wall)
@@ -355,6 +360,7 @@ impl EchoReference {
                     pieces: VecDeque::new(),
                     segment: None,
                     generation: 0,
+                    moves: 0,
                 }),
             }),
         })
@@ -420,6 +426,12 @@ impl EchoReference {
     /// re-measures the delay when it changes.
     pub fn generation(&self) -> u64 {
         self.lock().generation
+    }
+
+    /// Counts the re-anchorings that placed samples anew (new playing stretches, stalls), a
+    /// subset of the [`generation`](Self::generation)s.
+    pub fn moves(&self) -> u64 {
+        self.lock().moves
     }
 
     /// The reference for wall indices `start..start + out.len()`, and the generation it
