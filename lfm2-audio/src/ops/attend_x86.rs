@@ -2,7 +2,7 @@
 //! each query head of a kv group, a vectorized exponential for the softmax, and the weighted sum
 //! of the values over tiles of keys that stay in L1 while every head of the group reads them.
 //!
-//! It computes what [`super::attend`]'s portable body computes; the order of the additions
+//! It computes what the portable body of [`super::attend`] computes; the order of the additions
 //! differs (8 partial sums per dot product, a tree at the end), and the exponential is a
 //! polynomial within 2 ulp of `expf`, so the two agree to float rounding.
 
@@ -12,43 +12,35 @@ use std::arch::x86_64::*;
 /// heads of a group pass over them.
 const TILE: usize = 64;
 
-/// Whether [`attend`] takes this head width (a multiple of 8 values).
+/// Whether [`attend_group`] takes this head width (a multiple of 8 values).
 pub(super) fn supports(head_dim: usize) -> bool {
     head_dim > 0 && head_dim.is_multiple_of(8)
 }
 
-/// [`super::attend`] for `head_dim % 8 == 0`.
+/// [`super::attend`] for the query heads of one kv head, `head_dim % 8 == 0`: see
+/// `attend_group` there.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; the slices must have the sizes [`super::attend`] asks for.
+/// The CPU must support AVX2 and FMA; `k` and `v` hold `n` rows of `hd` values, `qg` and `og`
+/// whole heads, `scores` at least `heads · n` values for those heads.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn attend<'a>(
-    q: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    n: usize,
-    keys: impl Fn(usize) -> &'a [f32],
-    values: impl Fn(usize) -> &'a [f32],
+pub(super) unsafe fn attend_group(
+    qg: &[f32],
+    k: &[f32],
+    v: &[f32],
+    hd: usize,
     scale: f32,
     scores: &mut [f32],
-    out: &mut [f32],
+    og: &mut [f32],
 ) {
-    let group = heads / kv_heads;
-    let hd = head_dim;
-    let scores = &mut scores[..group * n];
-    for g in 0..kv_heads {
-        let (k, v) = (&keys(g)[..n * hd], &values(g)[..n * hd]);
-        let qg = &q[g * group * hd..(g + 1) * group * hd];
-        scores_of(qg, k, hd, n, scale, scores);
-        for row in scores.chunks_exact_mut(n) {
-            softmax(row);
-        }
-        let og = &mut out[g * group * hd..(g + 1) * group * hd];
-        og.fill(0.0);
-        weighted_sum(scores, v, hd, n, og);
+    let n = k.len() / hd;
+    let scores = &mut scores[..og.len() / hd * n];
+    scores_of(qg, k, hd, n, scale, scores);
+    for row in scores.chunks_exact_mut(n) {
+        softmax(row);
     }
+    og.fill(0.0);
+    weighted_sum(scores, v, hd, n, og);
 }
 
 /// `scores[i, j] = q_i · k_j · scale` for the heads `q_i` of one group.

@@ -135,19 +135,19 @@ pub fn attend<'a>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the copy is compiled for.
-        unsafe {
-            attend_avx2(
-                q, heads, kv_heads, head_dim, n, keys, values, scale, scores, out,
-            )
-        };
-        return;
+    let width = heads / kv_heads * head_dim;
+    let scores = &mut scores[..heads / kv_heads * n];
+    for g in 0..kv_heads {
+        attend_group(
+            &q[g * width..(g + 1) * width],
+            &keys(g)[..n * head_dim],
+            &values(g)[..n * head_dim],
+            head_dim,
+            scale,
+            scores,
+            &mut out[g * width..(g + 1) * width],
+        );
     }
-    attend_body(
-        q, heads, kv_heads, head_dim, n, keys, values, scale, scores, out,
-    );
 }
 
 /// Context length from which [`attend_pooled`] splits the kv heads over the pool: below it the
@@ -191,14 +191,11 @@ pub fn attend_pooled<'a>(
         let Some((g, ((qg, sg), og))) = next else {
             break;
         };
-        attend(
+        attend_group(
             qg,
-            group,
-            1,
+            &keys(g)[..n * head_dim],
+            &values(g)[..n * head_dim],
             head_dim,
-            n,
-            |_| keys(g),
-            |_| values(g),
             scale,
             sg,
             og,
@@ -206,73 +203,79 @@ pub fn attend_pooled<'a>(
     });
 }
 
-/// [`attend`] in AVX2 and FMA: [`attend_x86`] for head widths that are multiples of 8, the
-/// portable body compiled for those features otherwise.
+/// The query heads `qg` (`[group, head_dim]`) of one kv head over its `n` cached keys `k` and
+/// values `v` (`[n, head_dim]`): `og = softmax(qg kᵀ · scale) v`, with `scores` holding `group ·
+/// n` values. On x86-64 with AVX2 and FMA this is [`attend_x86`] for head widths that are
+/// multiples of 8, else the portable body compiled for those features.
+fn attend_group(
+    qg: &[f32],
+    k: &[f32],
+    v: &[f32],
+    hd: usize,
+    scale: f32,
+    scores: &mut [f32],
+    og: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features both copies are compiled for.
+        unsafe {
+            if attend_x86::supports(hd) {
+                attend_x86::attend_group(qg, k, v, hd, scale, scores, og);
+            } else {
+                attend_group_avx2(qg, k, v, hd, scale, scores, og);
+            }
+        }
+        return;
+    }
+    attend_group_body(qg, k, v, hd, scale, scores, og);
+}
+
+/// [`attend_group_body`] compiled for AVX2 and FMA.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx2<'a>(
-    q: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    n: usize,
-    keys: impl Fn(usize) -> &'a [f32],
-    values: impl Fn(usize) -> &'a [f32],
+unsafe fn attend_group_avx2(
+    qg: &[f32],
+    k: &[f32],
+    v: &[f32],
+    hd: usize,
     scale: f32,
     scores: &mut [f32],
-    out: &mut [f32],
+    og: &mut [f32],
 ) {
-    if attend_x86::supports(head_dim) {
-        return attend_x86::attend(
-            q, heads, kv_heads, head_dim, n, keys, values, scale, scores, out,
-        );
-    }
-    attend_body(
-        q, heads, kv_heads, head_dim, n, keys, values, scale, scores, out,
-    );
+    attend_group_body(qg, k, v, hd, scale, scores, og);
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_body<'a>(
-    q: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    n: usize,
-    keys: impl Fn(usize) -> &'a [f32],
-    values: impl Fn(usize) -> &'a [f32],
+fn attend_group_body(
+    qg: &[f32],
+    k: &[f32],
+    v: &[f32],
+    hd: usize,
     scale: f32,
     scores: &mut [f32],
-    out: &mut [f32],
+    og: &mut [f32],
 ) {
-    let group = heads / kv_heads;
-    let hd = head_dim;
-    let scores = &mut scores[..group * n];
-    for g in 0..kv_heads {
-        let (k, v) = (keys(g), values(g));
-        let qg = &q[g * group * hd..(g + 1) * group * hd];
-        // scores[i, j] = q_(g·group+i) · k_j · scale
-        for (j, kj) in k.chunks_exact(hd).take(n).enumerate() {
-            for (i, qh) in qg.chunks_exact(hd).enumerate() {
-                scores[i * n + j] = dot(qh, kj) * scale;
-            }
+    let n = k.len() / hd;
+    let scores = &mut scores[..og.len() / hd * n];
+    // scores[i, j] = q_i · k_j · scale
+    for (j, kj) in k.chunks_exact(hd).enumerate() {
+        for (i, qh) in qg.chunks_exact(hd).enumerate() {
+            scores[i * n + j] = dot(qh, kj) * scale;
         }
-        for row in scores.chunks_exact_mut(n) {
-            softmax(row);
-        }
-        let og = &mut out[g * group * hd..(g + 1) * group * hd];
-        og.fill(0.0);
-        for (j, vj) in v.chunks_exact(hd).take(n).enumerate() {
-            for (i, oh) in og.chunks_exact_mut(hd).enumerate() {
-                let p = scores[i * n + j];
-                for (o, &vv) in oh.iter_mut().zip(vj) {
-                    *o += p * vv;
-                }
+    }
+    for row in scores.chunks_exact_mut(n) {
+        softmax(row);
+    }
+    og.fill(0.0);
+    for (j, vj) in v.chunks_exact(hd).enumerate() {
+        for (i, oh) in og.chunks_exact_mut(hd).enumerate() {
+            let p = scores[i * n + j];
+            for (o, &vv) in oh.iter_mut().zip(vj) {
+                *o += p * vv;
             }
         }
     }
@@ -391,18 +394,18 @@ mod tests {
                     &mut scores,
                     &mut fast,
                 );
-                attend_body(
-                    &q,
-                    heads,
-                    kv,
-                    hd,
-                    n,
-                    |g| &kh[g],
-                    |g| &vh[g],
-                    scale,
-                    &mut scores,
-                    &mut slow,
-                );
+                let width = heads / kv * hd;
+                for g in 0..kv {
+                    attend_group_body(
+                        &q[g * width..(g + 1) * width],
+                        &kh[g],
+                        &vh[g],
+                        hd,
+                        scale,
+                        &mut scores,
+                        &mut slow[g * width..(g + 1) * width],
+                    );
+                }
                 for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
                     assert!(
                         (a - b).abs() <= 2e-6 * (1.0 + b.abs()),
