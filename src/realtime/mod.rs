@@ -29,7 +29,7 @@ use crate::daemon::serve::Args;
 pub const MAX_BUFFER_SECONDS: usize = 120;
 
 /// Parses `--listen` and refuses an address other than loopback without an API key.
-fn listen_address(listen: &str, api_key: Option<&str>) -> anyhow::Result<SocketAddr> {
+pub(crate) fn listen_address(listen: &str, api_key: Option<&str>) -> anyhow::Result<SocketAddr> {
     let addr: SocketAddr = listen.parse().with_context(|| {
         format!("--listen {listen:?}: expected an address and port such as 127.0.0.1:8765")
     })?;
@@ -54,23 +54,6 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
         model,
         detok,
     } = crate::daemon::serve::load(args, &cfg)?;
-    let params = crate::daemon::serve::sampling(&cfg);
-    let vad_assets = VadAssets::locate().map_err(|e| e.to_string());
-    if let Err(e) = &vad_assets {
-        eprintln!("warning: server VAD is off (sessions start with manual turn-taking): {e}");
-    }
-    let defaults = session::SessionDefaults {
-        model: model_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "lfm2-audio".into()),
-        instructions: cfg.assistant.system_prompt.clone(),
-        voice: cfg.assistant.voice.clone(),
-        params,
-        vad_assets,
-        min_speech: Duration::from_millis(cfg.vad.min_speech_ms),
-        max_buffer_samples: MAX_BUFFER_SECONDS * protocol::SAMPLE_RATE as usize,
-    };
     let (engine, engine_thread) = crate::engine::spawn_with(
         model,
         detok,
@@ -78,16 +61,7 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
             context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
         },
     )?;
-    let limits = server::Limits::default();
-    let shared = Arc::new(server::Shared {
-        engine: engine.clone(),
-        defaults,
-        api_key,
-        sessions: tokio::sync::Semaphore::new(limits.max_sessions),
-        limits,
-        next_session: AtomicU64::new(1),
-        started,
-    });
+    let shared = shared(&cfg, &model_dir, engine.clone(), api_key, started);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -109,6 +83,43 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
     engine.shutdown();
     let _ = engine_thread.join();
     result
+}
+
+/// The server's state over a running engine (the Wyoming server may share the engine).
+pub(crate) fn shared(
+    cfg: &crate::config::Config,
+    model_dir: &std::path::Path,
+    engine: crate::engine::EngineHandle,
+    api_key: Option<String>,
+    started: Instant,
+) -> Arc<server::Shared> {
+    let params = crate::daemon::serve::sampling(cfg);
+    let vad_assets = VadAssets::locate().map_err(|e| e.to_string());
+    if let Err(e) = &vad_assets {
+        eprintln!("warning: server VAD is off (sessions start with manual turn-taking): {e}");
+    }
+    let defaults = session::SessionDefaults {
+        model: model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "lfm2-audio".into()),
+        instructions: cfg.assistant.system_prompt.clone(),
+        voice: cfg.assistant.voice.clone(),
+        params,
+        vad_assets,
+        min_speech: Duration::from_millis(cfg.vad.min_speech_ms),
+        max_buffer_samples: MAX_BUFFER_SECONDS * protocol::SAMPLE_RATE as usize,
+    };
+    let limits = server::Limits::default();
+    Arc::new(server::Shared {
+        engine,
+        defaults,
+        api_key,
+        sessions: tokio::sync::Semaphore::new(limits.max_sessions),
+        limits,
+        next_session: AtomicU64::new(1),
+        started,
+    })
 }
 
 #[cfg(test)]
