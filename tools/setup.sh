@@ -39,6 +39,17 @@ if ! .venv-rt/bin/python -c "import openai, websockets; assert openai.__version_
     .venv-rt/bin/pip install -q "openai==3.54.0" "websockets==15.0.1"
 fi
 
+# The official wyoming Python package (pinned) for the Wyoming server test
+# (tests/wyoming_ha.rs runs tests/wyoming/client_test.py with it, as Home Assistant talks).
+if ! .venv-wyoming/bin/python -c "import wyoming.version as v; assert v.__version__ == '1.10.2'" 2>/dev/null; then
+    echo "setup: installing wyoming==1.10.2 into .venv-wyoming/"
+    if ! python3 -m venv .venv-wyoming 2>/dev/null; then
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv .venv-wyoming
+    fi
+    .venv-wyoming/bin/pip install -q "wyoming==1.10.2"
+fi
+
 if [ "${1:-}" != "--no-build" ]; then
     cargo build --release
     echo "setup: done; the binary is target/release/lfm2d"

@@ -81,6 +81,7 @@ pub struct Event {
 }
 
 impl Event {
+    #[cfg(test)]
     pub fn new(kind: impl Into<String>) -> Self {
         Self {
             kind: kind.into(),
@@ -103,11 +104,6 @@ impl Event {
     pub fn with_payload(mut self, payload: Vec<u8>) -> Self {
         self.payload = payload;
         self
-    }
-
-    /// A string field of `data`.
-    pub fn str(&self, key: &str) -> Option<&str> {
-        self.data.get(key).and_then(Value::as_str)
     }
 
     /// The bytes on the wire: the header line, the data, the payload. Like the reference, the
@@ -386,7 +382,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(ev.str("language"), Some("en"));
+        assert_eq!(ev.data["language"], "en");
         assert!(ev.payload.is_empty());
     }
 
