@@ -189,6 +189,12 @@ impl<'a> Generator<'a> {
         }
     }
 
+    /// Goes on in audio, as after an `<|audio_start|>` that was teacher-forced in the prefill
+    /// rather than generated (sequential mode).
+    pub fn continue_in_audio(&mut self) {
+        self.modality = Modality::Audio;
+    }
+
     /// Backbone steps taken so far.
     pub fn steps(&self) -> usize {
         self.steps

@@ -469,6 +469,43 @@ fn malformed_calls_and_unknown_tools_are_reported() {
     }
 }
 
+/// The text-to-speech benchmark seam: after a forced `<|audio_start|>` the reply goes on in
+/// audio at once (the tiny model left to itself writes text for its first 3 steps).
+#[test]
+fn a_forced_audio_start_goes_on_in_speech() {
+    let model = model();
+    for forced in [None, Some("Hi.<|audio_start|>")] {
+        let mut w = worker(&model, EngineOptions::default());
+        if let Some(text) = forced {
+            w.force_tts(text);
+        }
+        let mut s = setup(3);
+        s.instructions = "Perform TTS. Use the UK female voice.".into();
+        s.output = Output::Tts;
+        let (mut conv, rx) = open(&w, s);
+        w.add(&mut conv, "u1".into(), Content::UserText("Hi.".into()))
+            .unwrap();
+        respond(&mut w, &mut conv, "r1");
+        let events = drain(&rx);
+        let speech: usize = events
+            .iter()
+            .map(|e| match e {
+                ConvEvent::Audio { samples, .. } => samples.len(),
+                _ => 0,
+            })
+            .sum();
+        let texts: Vec<&ConvEvent> = events
+            .iter()
+            .filter(|e| matches!(e, ConvEvent::Text { .. }))
+            .collect();
+        assert_eq!(
+            speech > 0,
+            forced.is_some(),
+            "{forced:?}: {speech} samples, {texts:?}"
+        );
+    }
+}
+
 /// With the client running tools, the call is reported and the reply ends; the client's result
 /// comes back as an item.
 #[test]

@@ -35,6 +35,13 @@ pub const FORCE_REPLY_ENV: &str = "LFM2D_FORCE_REPLY";
 /// Longest transcript of one clip, in tokens.
 const MAX_TRANSCRIPT_TOKENS: usize = 448;
 
+/// Benchmark seams for random-weight models, which never end a transcript nor start speaking by
+/// themselves: a smaller cap on transcripts (in tokens), and text teacher-forced at the start of
+/// every text-to-speech reply (e.g. the sentence and `<|audio_start|>`, as a trained model
+/// answers). Latency figures measured with them say so (see docs/WYOMING.md).
+pub const TRANSCRIPT_TOKENS_ENV: &str = "LFM2D_BENCH_TRANSCRIPT_TOKENS";
+pub const FORCE_TTS_ENV: &str = "LFM2D_BENCH_FORCE_TTS";
+
 /// A run of positions, as needed to prefill it again.
 #[derive(Debug, Clone)]
 pub(crate) enum Part {
@@ -148,6 +155,8 @@ pub(crate) struct Worker {
     options: EngineOptions,
     convs: HashMap<u64, Conv>,
     forced: Option<String>,
+    forced_tts: Option<String>,
+    max_transcript_tokens: usize,
 }
 
 impl Worker {
@@ -159,12 +168,20 @@ impl Worker {
         let forced = std::env::var(FORCE_REPLY_ENV)
             .ok()
             .filter(|s| !s.is_empty());
+        let forced_tts = std::env::var(FORCE_TTS_ENV).ok().filter(|s| !s.is_empty());
+        let max_transcript_tokens = std::env::var(TRANSCRIPT_TOKENS_ENV)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(MAX_TRANSCRIPT_TOKENS);
         Self {
             model,
             detok,
             options,
             convs: HashMap::new(),
             forced,
+            forced_tts,
+            max_transcript_tokens,
         }
     }
 
@@ -197,6 +214,13 @@ impl Worker {
     #[cfg(test)]
     pub(crate) fn force_reply(&mut self, text: &str) {
         self.forced = Some(text.to_owned());
+    }
+
+    /// Teacher-forces `text` at the start of every text-to-speech reply (the benchmark seam that
+    /// [`FORCE_TTS_ENV`] sets).
+    #[cfg(test)]
+    pub(crate) fn force_tts(&mut self, text: &str) {
+        self.forced_tts = Some(text.to_owned());
     }
 
     /// The model's context, or the configured smaller one.
@@ -533,7 +557,7 @@ impl Worker {
             &mut session,
             &hidden,
             &mut sampler,
-            MAX_TRANSCRIPT_TOKENS,
+            self.max_transcript_tokens,
             &[special.im_end],
             |_| Ok(true),
         )?;
@@ -674,7 +698,10 @@ impl Worker {
 
         let forced: Vec<u32> = match &self.forced {
             Some(text) if conv.replies == 0 && !conv.setup.tools.is_empty() => tok.encode(text)?,
-            _ => Vec::new(),
+            _ => match &self.forced_tts {
+                Some(text) if output == Output::Tts => tok.encode(text)?,
+                _ => Vec::new(),
+            },
         };
         conv.replies += 1;
         let call_end = tok.encode(tools::TOOL_CALL_END)?;
@@ -761,6 +788,9 @@ impl Worker {
         let mut cut = None;
         {
             let mut gen = Generator::new(&mut conv.session, &head, special, mode, params, hidden);
+            if mode == GenerationMode::Sequential && forced.last() == Some(&special.audio_start) {
+                gen.continue_in_audio();
+            }
             while !call_done {
                 if let Some(heard) = conv.cancel.check(seq) {
                     ending = Ending::Cancelled(heard);
