@@ -75,7 +75,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 /// Interleaved PCM of `format` to mono samples in [-1, 1] (the channels averaged).
 pub fn decode(bytes: &[u8], format: Format) -> Result<Vec<f32>, String> {
     let frame = format.frame_bytes();
-    if bytes.len() % frame != 0 {
+    if !bytes.len().is_multiple_of(frame) {
         return Err(format!(
             "{} bytes is not a whole number of {}-channel {}-byte samples",
             bytes.len(),

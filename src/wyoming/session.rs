@@ -142,13 +142,7 @@ fn sentences(text: &str, out: &mut Vec<String>) -> String {
         let cut = c == '\n'
             || (matches!(c, '.' | '!' | '?' | '。' | '！' | '？')
                 && next.is_some_and(char::is_whitespace));
-        if cut {
-            let s = text[start..end].trim();
-            if !s.is_empty() {
-                out.push(s.to_owned());
-            }
-            start = end;
-        } else if end - start > MAX_SENTENCE_CHARS && c.is_whitespace() {
+        if cut || (end - start > MAX_SENTENCE_CHARS && c.is_whitespace()) {
             let s = text[start..end].trim();
             if !s.is_empty() {
                 out.push(s.to_owned());
