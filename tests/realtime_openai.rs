@@ -315,11 +315,10 @@ fn idle_half_open_and_unauthenticated_connections_do_not_lock_clients_out() {
     let mut sessions = Vec::new();
     for i in 0..16 {
         let mut s = TcpStream::connect(("127.0.0.1", p)).unwrap();
-        let req = format!(
+        let req =
             "GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Authorization: Bearer s3cret\r\n\r\n"
-        );
+             Authorization: Bearer s3cret\r\n\r\n";
         s.write_all(req.as_bytes()).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut buf = [0u8; 256];

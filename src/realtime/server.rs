@@ -196,7 +196,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result
 
 /// Raises the soft limit of open descriptors to the hard limit (a server holds one per
 /// connection); returns the limit in force.
-pub fn raise_descriptor_limit() -> Option<u64> {
+pub fn raise_descriptor_limit() -> Option<libc::rlim_t> {
     // SAFETY: getrlimit and setrlimit only read and write the struct given.
     unsafe {
         let mut r = libc::rlimit {
@@ -212,10 +212,10 @@ pub fn raise_descriptor_limit() -> Option<u64> {
                 rlim_max: r.rlim_max,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return Some(raised.rlim_cur as u64);
+                return Some(raised.rlim_cur);
             }
         }
-        Some(r.rlim_cur as u64)
+        Some(r.rlim_cur)
     }
 }
 
