@@ -31,14 +31,15 @@ impl Server {
         Self::start_limited(extra, env, None)
     }
 
-    /// With `max_files`, the server runs under that descriptor limit (soft and hard).
-    fn start_limited(extra: &[&str], env: &[(&str, &str)], max_files: Option<u32>) -> Self {
+    /// With `ulimit` (arguments of the shell's `ulimit`, such as `-n 128`), the server runs
+    /// under that descriptor limit.
+    fn start_limited(extra: &[&str], env: &[(&str, &str)], ulimit: Option<&str>) -> Self {
         let model = root().join("tests/fixtures/tiny-c/model");
-        let mut cmd = match max_files {
-            Some(n) => {
+        let mut cmd = match ulimit {
+            Some(limit) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
-                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(format!("ulimit {limit} && exec \"$0\" \"$@\""))
                     .arg(env!("CARGO_BIN_EXE_lfm2d"));
                 c
             }
@@ -372,7 +373,7 @@ fn running_out_of_descriptors_does_not_stop_the_server() {
     let mut server = Server::start_limited(
         &[],
         &[("LFM2D_REALTIME_HANDSHAKE_TIMEOUT_MS", "3000")],
-        Some(128),
+        Some("-n 128"),
     );
     let p = server.port;
     let mut crowd = many_connections(p, 200, Duration::from_secs(4));
@@ -406,6 +407,29 @@ fn running_out_of_descriptors_does_not_stop_the_server() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(server.running());
+}
+
+/// The soft descriptor limit of process `pid` and its hard limit.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_owned();
+    let mut f = line.split_whitespace().skip(3);
+    (
+        f.next().unwrap_or_default().to_owned(),
+        f.next().unwrap_or_default().to_owned(),
+    )
+}
+
+#[test]
+fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+    let server = Server::start_limited(&[], &[], Some("-Sn 128 && ulimit -Hn 4096"));
+    let (soft, hard) = open_files_limits(server.child.id());
+    assert_eq!(hard, "4096");
+    assert_eq!(soft, hard, "the soft limit was not raised");
 }
 
 /// A sync WebSocket client on the Realtime endpoint.

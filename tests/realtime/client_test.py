@@ -286,6 +286,18 @@ async def garbage(client):
         check((await ev.error()).code == "invalid_event", "not an object")
         await conn.send_raw(json.dumps({"type": "input_audio_buffer.commit"}))
         check((await ev.error()).code == "input_audio_buffer_commit_empty", "empty commit")
+        # An item the engine cannot take (no such call): the reply asked for after it fails
+        # rather than answering without it.
+        await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}, "max_output_tokens": 20})
+        await ev.until("session.updated")
+        await conn.conversation.item.create(item={"type": "function_call_output", "call_id": "call_nope", "output": "{}"})
+        await conn.response.create()
+        got = []
+        while not got or got[-1].type != "response.done":
+            got.append(await ev.next())
+        errors = [e.error.message for e in got if e.type == "error"]
+        check(any("call_nope" in m for m in errors), f"the failed item is reported: {errors}")
+        check(got[-1].response.status == "failed", f"the reply without it fails: {got[-1].response.status} {[e.type for e in got]}")
         # Still working: a question and a reply.
         await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}, "max_output_tokens": 20})
         await ev.until("session.updated")
