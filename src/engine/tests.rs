@@ -674,10 +674,10 @@ fn the_engine_thread_serves_conversations_in_turn() {
     thread.join().unwrap();
 }
 
-/// Jobs are taken in turn from each conversation; a transcription waits for a reply queued
-/// after it; a close drops its conversation's queued jobs.
+/// Jobs are taken in turn from each conversation, in order within each; a close drops its
+/// conversation's queued jobs.
 #[test]
-fn the_queue_is_fair_and_replies_go_before_transcriptions() {
+fn the_queue_takes_conversations_in_turn() {
     use super::worker::FairQueue;
     let respond_job = |conv: u64, id: &str| Job::Respond {
         conv,
@@ -707,13 +707,13 @@ fn the_queue_is_fair_and_replies_go_before_transcriptions() {
         q.push(add(1, &format!("a{i}")));
     }
     q.push(respond_job(1, "r1"));
-    q.push(Job::Transcribe {
-        conv: 2,
-        item_id: "t2".into(),
-        audio: Vec::new(),
-    });
     q.push(add(2, "b0"));
     q.push(respond_job(2, "r2"));
+    q.push(Job::Transcribe {
+        conv: 2,
+        item_id: "b0".into(),
+        audio: Vec::new(),
+    });
     let mut order = Vec::new();
     while let Some(j) = q.pop() {
         order.push(name(&j));
@@ -726,7 +726,7 @@ fn the_queue_is_fair_and_replies_go_before_transcriptions() {
             "add a1",
             "respond r2",
             "add a2",
-            "transcribe t2",
+            "transcribe b0",
             "add a3",
             "add a4",
             "respond r1"

@@ -140,9 +140,8 @@ impl Conv {
 
 /// The jobs waiting, one queue per conversation, taken in turn: a conversation that queues many
 /// jobs (long audio items, replies one after the other) delays another's next job by at most one
-/// of its own. Within a conversation the order is kept, except that a transcription waits for a
-/// reply queued after it (it changes nothing in the conversation, and the reply is what the user
-/// waits for). A close goes first and drops what its conversation still had queued.
+/// of its own. Within a conversation the order is kept (clients queue a transcription after the
+/// reply it must not delay). A close goes first and drops what its conversation still had queued.
 #[derive(Default)]
 pub(crate) struct FairQueue {
     /// Jobs to run before any other (close, shutdown).
@@ -192,17 +191,7 @@ impl FairQueue {
         }
         let conv = self.turns.pop_front()?;
         let q = self.by_conv.get_mut(&conv)?;
-        let reply_waits = q
-            .iter()
-            .any(|j| matches!(j, Job::Respond { .. } | Job::RespondApart { .. }));
-        let at = if reply_waits {
-            q.iter()
-                .position(|j| !matches!(j, Job::Transcribe { .. }))
-                .unwrap_or(0)
-        } else {
-            0
-        };
-        let job = q.remove(at);
+        let job = q.pop_front();
         if q.is_empty() {
             self.by_conv.remove(&conv);
         } else {
