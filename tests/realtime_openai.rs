@@ -592,3 +592,74 @@ fn a_frame_over_the_limit_is_closed_with_1009_and_a_15_mib_append_is_taken() {
     };
     assert_eq!(code, Some(CloseCode::Size));
 }
+
+/// A session that floods the engine (many audio items, then a reply) does not make another
+/// session's reply wait behind its backlog: the sessions' jobs are taken in turn.
+#[test]
+fn a_flooding_session_does_not_starve_another() {
+    use serde_json::json;
+    let server = Server::start(&[], &[]);
+    let p = server.port;
+    let manual = json!({"type": "session.update", "session": {"type": "realtime",
+        "output_modalities": ["text"], "audio": {"input": {"turn_detection": null}},
+        "max_output_tokens": 20}});
+    let mut a = ws_connect(p);
+    ws_until(&mut a, "session.created");
+    ws_send(&mut a, manual.clone());
+    ws_until(&mut a, "session.updated");
+    let mut b = ws_connect(p);
+    ws_until(&mut b, "session.created");
+    ws_send(&mut b, manual);
+    ws_until(&mut b, "session.updated");
+    // 30 items of 10 s of audio each (a tone), then a reply.
+    let tone: Vec<u8> = (0..240_000)
+        .flat_map(|i| {
+            let v = ((i as f32 * 0.05).sin() * 8000.0) as i16;
+            v.to_le_bytes()
+        })
+        .collect();
+    use base64::Engine;
+    let audio = base64::engine::general_purpose::STANDARD.encode(&tone);
+    for _ in 0..30 {
+        ws_send(
+            &mut a,
+            json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                "content": [{"type": "input_audio", "audio": audio}]}}),
+        );
+    }
+    ws_send(&mut a, json!({"type": "response.create"}));
+    // The session has passed them all to the engine once it announced the reply.
+    let t0 = Instant::now();
+    ws_until(&mut a, "response.created");
+    eprintln!("A's items and reply queued in {:?}", t0.elapsed());
+    let reader = std::thread::spawn(move || {
+        // When A's reply begins to come.
+        loop {
+            let ev = ws_until(&mut a, "response.output_text.delta");
+            if let Some(last) = ev.last() {
+                if last["type"] == "response.output_text.delta" {
+                    return Instant::now();
+                }
+            }
+        }
+    });
+    ws_send(
+        &mut b,
+        json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "Hello?"}]}}),
+    );
+    ws_send(&mut b, json!({"type": "response.create"}));
+    ws_until(&mut b, "response.done");
+    let b_done = Instant::now();
+    let a_began = reader.join().unwrap();
+    eprintln!(
+        "B's reply done {:?} after the start; A's reply began {:?} after it",
+        b_done - t0,
+        a_began - t0
+    );
+    assert!(
+        b_done < a_began,
+        "B's reply waited for A's backlog (B done {:?} after A's reply began)",
+        b_done - a_began
+    );
+}
