@@ -25,8 +25,9 @@ use audio_io::vad::VadAssets;
 
 use crate::daemon::serve::Args;
 
-/// The most input audio a session buffers before a commit.
-pub const MAX_BUFFER_SECONDS: usize = 120;
+/// The most input audio a session buffers before a commit: one append of the largest size the
+/// reference allows (15 MiB of pcm16, 327 s) fits.
+pub const MAX_BUFFER_SECONDS: usize = 330;
 
 /// Parses `--listen` and refuses an address other than loopback without an API key.
 fn listen_address(listen: &str, api_key: Option<&str>) -> anyhow::Result<SocketAddr> {
@@ -59,6 +60,28 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
     if let Err(e) = &vad_assets {
         eprintln!("warning: server VAD is off (sessions start with manual turn-taking): {e}");
     }
+    let context = {
+        let model_max = model.config.lfm.max_position_embeddings;
+        match cfg.assistant.context_limit {
+            0 => model_max,
+            n => n.min(model_max),
+        }
+    };
+    let budget = {
+        let text_model = Arc::clone(&model);
+        let audio_model = Arc::clone(&model);
+        session::Budget {
+            context,
+            // A text the tokenizer fails on cannot go in either.
+            text: Arc::new(move |t: &str| {
+                text_model
+                    .tokenizer
+                    .encode(t)
+                    .map_or(usize::MAX / 4, |ids| ids.len())
+            }),
+            audio: Arc::new(move |n: usize| audio_model.audio.positions(n)),
+        }
+    };
     let defaults = session::SessionDefaults {
         model: model_dir
             .file_name()
@@ -70,6 +93,7 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
         vad_assets,
         min_speech: Duration::from_millis(cfg.vad.min_speech_ms),
         max_buffer_samples: MAX_BUFFER_SECONDS * protocol::SAMPLE_RATE as usize,
+        budget: Some(budget),
     };
     let (engine, engine_thread) = crate::engine::spawn_with(
         model,
@@ -78,12 +102,14 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
             context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
         },
     )?;
-    let limits = server::Limits::default();
+    let limits = server::Limits::from_env();
+    server::raise_descriptor_limit();
     let shared = Arc::new(server::Shared {
         engine: engine.clone(),
         defaults,
         api_key,
         sessions: tokio::sync::Semaphore::new(limits.max_sessions),
+        pending: Default::default(),
         limits,
         next_session: AtomicU64::new(1),
         started,
