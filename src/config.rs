@@ -14,6 +14,7 @@ pub struct Config {
     pub echo: EchoSection,
     pub assistant: AssistantSection,
     pub sampling: SamplingSection,
+    pub wyoming: WyomingSection,
     pub tools: Vec<dialog::tools::ToolSpec>,
 }
 
@@ -72,6 +73,14 @@ pub struct SamplingSection {
     pub audio_temperature: f32,
     pub audio_top_k: usize,
     pub seed: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WyomingSection {
+    pub address: String,
+    pub zeroconf: bool,
+    pub system_prompt: String,
 }
 
 // The defaults are the values written in config/lfm2d.toml (a test checks they agree).
@@ -140,6 +149,16 @@ impl Default for SamplingSection {
             audio_temperature: 1.0,
             audio_top_k: 4,
             seed: 0,
+        }
+    }
+}
+
+impl Default for WyomingSection {
+    fn default() -> Self {
+        Self {
+            address: String::new(),
+            zeroconf: true,
+            system_prompt: "You are a helpful voice assistant in a smart home. Answer in one or two short sentences of plain text.".into(),
         }
     }
 }

@@ -10,6 +10,7 @@ mod engine;
 mod model_cache;
 mod realtime;
 mod voices;
+mod wyoming;
 
 #[derive(Parser)]
 #[command(

@@ -55,6 +55,17 @@ if ! .venv-livekit/bin/python -c "import importlib.metadata as m; assert m.versi
     .venv-livekit/bin/pip install -q "livekit-plugins-openai==1.8.9" "livekit-agents==1.8.9" "livekit==1.1.21" "openai==3.63.0" "aiohttp==3.14.5"
 fi
 
+# The official wyoming Python package (pinned) for the Wyoming server test
+# (tests/wyoming_ha.rs runs tests/wyoming/client_test.py with it, as Home Assistant talks).
+if ! .venv-wyoming/bin/python -c "import wyoming.version as v; assert v.__version__ == '1.10.2'" 2>/dev/null; then
+    echo "setup: installing wyoming==1.10.2 into .venv-wyoming/"
+    if ! python3 -m venv .venv-wyoming 2>/dev/null; then
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv .venv-wyoming
+    fi
+    .venv-wyoming/bin/pip install -q "wyoming==1.10.2"
+fi
+
 if [ "${1:-}" != "--no-build" ]; then
     cargo build --release
     echo "setup: done; the binary is target/release/lfm2d"

@@ -113,6 +113,13 @@ pub struct Args {
     /// is not a loopback address.
     #[arg(long, env = "LFM2D_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Serve the Wyoming protocol for Home Assistant at tcp://HOST:PORT (port 10300 by default):
+    /// speech to text, text to speech and a conversation agent (with --listen too: one model).
+    #[arg(long, value_name = "URI")]
+    pub wyoming: Option<String>,
+    /// Do not announce the Wyoming server on the local network (mDNS).
+    #[arg(long)]
+    pub no_zeroconf: bool,
 }
 
 /// The model and its audio decoder, as the configuration and the flags choose them.
@@ -222,6 +229,9 @@ fn resolve(args: &Args) -> anyhow::Result<Resolved> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(address) = crate::wyoming::wanted(&args)? {
+        return crate::wyoming::run(&args, &address, args.listen.as_deref());
+    }
     if let Some(listen) = &args.listen {
         return crate::realtime::run(&args, listen);
     }

@@ -30,7 +30,7 @@ use crate::daemon::serve::Args;
 pub const MAX_BUFFER_SECONDS: usize = 330;
 
 /// Parses `--listen` and refuses an address other than loopback without an API key.
-fn listen_address(listen: &str, api_key: Option<&str>) -> anyhow::Result<SocketAddr> {
+pub(crate) fn listen_address(listen: &str, api_key: Option<&str>) -> anyhow::Result<SocketAddr> {
     let addr: SocketAddr = listen.parse().with_context(|| {
         format!("--listen {listen:?}: expected an address and port such as 127.0.0.1:8765")
     })?;
@@ -55,7 +55,48 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
         model,
         detok,
     } = crate::daemon::serve::load(args, &cfg)?;
-    let params = crate::daemon::serve::sampling(&cfg);
+    let model_ref = Arc::clone(&model);
+    let (engine, engine_thread) = crate::engine::spawn_with(
+        model,
+        detok,
+        crate::engine::EngineOptions {
+            context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
+        },
+    )?;
+    let shared = shared(&cfg, &model_dir, &model_ref, engine.clone(), api_key, started);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let local = listener.local_addr()?;
+        eprintln!(
+            "[{:>8.2}s] model loaded from {} ({quant:?}); listening on ws://{local}{}",
+            started.elapsed().as_secs_f64(),
+            model_dir.display(),
+            server::PATH
+        );
+        server::serve(listener, shared).await
+    });
+    engine.shutdown();
+    let _ = engine_thread.join();
+    result
+}
+
+/// The server's state over a running engine (the Wyoming server may share the engine).
+pub(crate) fn shared(
+    cfg: &crate::config::Config,
+    model_dir: &std::path::Path,
+    model: &Arc<lfm2_audio::model::Lfm2AudioModel>,
+    engine: crate::engine::EngineHandle,
+    api_key: Option<String>,
+    started: Instant,
+) -> Arc<server::Shared> {
+    let params = crate::daemon::serve::sampling(cfg);
     let vad_assets = VadAssets::locate().map_err(|e| e.to_string());
     if let Err(e) = &vad_assets {
         eprintln!("warning: server VAD is off (sessions start with manual turn-taking): {e}");
@@ -68,8 +109,8 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
         }
     };
     let budget = {
-        let text_model = Arc::clone(&model);
-        let audio_model = Arc::clone(&model);
+        let text_model = Arc::clone(model);
+        let audio_model = Arc::clone(model);
         session::Budget {
             context,
             // A text the tokenizer fails on cannot go in either.
@@ -95,17 +136,10 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
         max_buffer_samples: MAX_BUFFER_SECONDS * protocol::SAMPLE_RATE as usize,
         budget: Some(budget),
     };
-    let (engine, engine_thread) = crate::engine::spawn_with(
-        model,
-        detok,
-        crate::engine::EngineOptions {
-            context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
-        },
-    )?;
     let limits = server::Limits::from_env();
     server::raise_descriptor_limit();
-    let shared = Arc::new(server::Shared {
-        engine: engine.clone(),
+    Arc::new(server::Shared {
+        engine,
         defaults,
         api_key,
         sessions: tokio::sync::Semaphore::new(limits.max_sessions),
@@ -113,28 +147,7 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
         limits,
         next_session: AtomicU64::new(1),
         started,
-    });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let result = runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {addr}"))?;
-        let local = listener.local_addr()?;
-        eprintln!(
-            "[{:>8.2}s] model loaded from {} ({quant:?}); listening on ws://{local}{}",
-            started.elapsed().as_secs_f64(),
-            model_dir.display(),
-            server::PATH
-        );
-        server::serve(listener, shared).await
-    });
-    engine.shutdown();
-    let _ = engine_thread.join();
-    result
+    })
 }
 
 #[cfg(test)]
