@@ -39,6 +39,22 @@ if ! .venv-rt/bin/python -c "import openai, websockets; assert openai.__version_
     .venv-rt/bin/pip install -q "openai==3.54.0" "websockets==15.0.1"
 fi
 
+# pipecat-ai's OpenAI Realtime service (pinned, with what it was tested with) for the pipecat test
+# (tests/realtime_openai.rs runs tests/realtime/pipecat_test.py with it). About 50 s, 530 MB.
+if ! .venv-pipecat/bin/python -c "import importlib.metadata as m; assert m.version('pipecat-ai') == '1.14.0'" 2>/dev/null; then
+    echo "setup: installing pipecat-ai==1.14.0 into .venv-pipecat/"
+    python3 -m venv .venv-pipecat
+    .venv-pipecat/bin/pip install -q "pipecat-ai[openai]==1.14.0" "openai==3.63.0" "websockets==17.4"
+fi
+
+# LiveKit Agents' OpenAI plugin (pinned) for the LiveKit test (tests/realtime/livekit_test.py).
+# About 55 s, 420 MB.
+if ! .venv-livekit/bin/python -c "import importlib.metadata as m; assert m.version('livekit-plugins-openai') == '1.8.9'" 2>/dev/null; then
+    echo "setup: installing livekit-plugins-openai==1.8.9 into .venv-livekit/"
+    python3 -m venv .venv-livekit
+    .venv-livekit/bin/pip install -q "livekit-plugins-openai==1.8.9" "livekit-agents==1.8.9" "livekit==1.1.21" "openai==3.63.0" "aiohttp==3.14.5"
+fi
+
 # The official wyoming Python package (pinned) for the Wyoming server test
 # (tests/wyoming_ha.rs runs tests/wyoming/client_test.py with it, as Home Assistant talks).
 if ! .venv-wyoming/bin/python -c "import wyoming.version as v; assert v.__version__ == '1.10.2'" 2>/dev/null; then

@@ -61,8 +61,21 @@ pub enum Content {
     UserText(String),
     /// An assistant turn of text (written by the client, not generated).
     AssistantText(String),
+    /// A system turn in the conversation (after the instructions' own).
+    SystemText(String),
     /// The result of a tool call, as a `tool` turn.
     ToolResult { call_id: String, output: String },
+}
+
+/// Where an item goes in the conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// After the last item.
+    End,
+    /// Before the first item (right after the instructions).
+    Start,
+    /// Right after the item with this id.
+    After(String),
 }
 
 /// A request for a reply.
@@ -114,6 +127,13 @@ pub enum ConvEvent {
         output: String,
         ok: bool,
     },
+    /// What the reply used (sent just before its [`ConvEvent::ReplyDone`]); `hit_limit` when
+    /// the reply was cut by `max_new_tokens` or by the end of the context.
+    ReplyUsage {
+        response_id: String,
+        usage: Usage,
+        hit_limit: bool,
+    },
     /// The reply is over: what stays in the conversation. `audio_samples` counts the 24 kHz
     /// samples kept (all generated ones, or what was heard when cancelled with a count).
     ReplyDone {
@@ -150,6 +170,16 @@ pub enum ConvEvent {
         item_id: Option<String>,
         message: String,
     },
+}
+
+/// Positions of a reply: the input is what the context held when it began, the output what it
+/// generated; audio counts one position per input-audio embedding or generated frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_text: u64,
+    pub input_audio: u64,
+    pub output_text: u64,
+    pub output_audio: u64,
 }
 
 /// Cancellation of replies, shared by a conversation's handle and the engine thread. Replies are
@@ -202,6 +232,15 @@ pub(crate) enum Job {
         conv: u64,
         item_id: String,
         content: Content,
+        place: Placement,
+    },
+    /// A reply outside the conversation (which is left as it was): to `input` alone, or to the
+    /// conversation as it is (None).
+    RespondApart {
+        conv: u64,
+        seq: u64,
+        respond: Respond,
+        input: Option<Vec<(String, Content)>>,
     },
     Respond {
         conv: u64,
@@ -297,10 +336,29 @@ impl Conversation {
 
     /// Appends an item (prefilled at once; [`ConvEvent::Added`] follows).
     pub fn add(&self, item_id: impl Into<String>, content: Content) {
+        self.insert(item_id, content, Placement::End);
+    }
+
+    /// Puts an item at `place`; the history after it is prefilled again.
+    pub fn insert(&self, item_id: impl Into<String>, content: Content, place: Placement) {
         self.send(Job::Add {
             conv: self.id,
             item_id: item_id.into(),
             content,
+            place,
+        });
+    }
+
+    /// Asks for a reply that does not join the conversation: to `input` alone (after the
+    /// conversation's instructions and tools), or with None to the conversation as it is. The
+    /// conversation is left as it was; the events name `respond.response_id` as usual.
+    pub fn respond_apart(&self, respond: Respond, input: Option<Vec<(String, Content)>>) {
+        let seq = self.cancel.ask();
+        self.send(Job::RespondApart {
+            conv: self.id,
+            seq,
+            respond,
+            input,
         });
     }
 

@@ -710,3 +710,201 @@ fn the_engine_thread_serves_conversations_in_turn() {
     engine.shutdown();
     thread.join().unwrap();
 }
+
+/// Jobs are taken in turn from each conversation, in order within each; a close drops its
+/// conversation's queued jobs.
+#[test]
+fn the_queue_takes_conversations_in_turn() {
+    use super::worker::FairQueue;
+    let respond_job = |conv: u64, id: &str| Job::Respond {
+        conv,
+        seq: 1,
+        respond: Respond {
+            response_id: id.into(),
+            item_id: id.into(),
+            output: None,
+        },
+    };
+    let add = |conv: u64, id: &str| Job::Add {
+        conv,
+        item_id: id.into(),
+        content: Content::UserText("x".into()),
+        place: Placement::End,
+    };
+    let name = |j: &Job| match j {
+        Job::Respond { respond, .. } => format!("respond {}", respond.item_id),
+        Job::Add { item_id, .. } => format!("add {item_id}"),
+        Job::Transcribe { item_id, .. } => format!("transcribe {item_id}"),
+        Job::Close { conv } => format!("close {conv}"),
+        _ => "other".into(),
+    };
+    let mut q = FairQueue::default();
+    // Conversation 1 floods the queue; conversation 2 asks for one reply.
+    for i in 0..5 {
+        q.push(add(1, &format!("a{i}")));
+    }
+    q.push(respond_job(1, "r1"));
+    q.push(add(2, "b0"));
+    q.push(respond_job(2, "r2"));
+    q.push(Job::Transcribe {
+        conv: 2,
+        item_id: "b0".into(),
+        audio: Vec::new(),
+    });
+    let mut order = Vec::new();
+    while let Some(j) = q.pop() {
+        order.push(name(&j));
+    }
+    assert_eq!(
+        order,
+        [
+            "add a0",
+            "add b0",
+            "add a1",
+            "respond r2",
+            "add a2",
+            "transcribe b0",
+            "add a3",
+            "add a4",
+            "respond r1"
+        ]
+    );
+    let mut q = FairQueue::default();
+    q.push(add(3, "c0"));
+    q.push(respond_job(3, "r3"));
+    q.push(Job::Close { conv: 3 });
+    assert_eq!(q.pop().map(|j| name(&j)), Some("close 3".into()));
+    assert!(q.pop().is_none() && q.is_empty());
+}
+
+/// An out-of-band reply leaves the conversation exactly as it was: the next reply is the one
+/// the conversation would have made without it.
+#[test]
+fn an_out_of_band_reply_leaves_the_conversation_untouched() {
+    let model = model();
+    let mut w = worker(&model, EngineOptions::default());
+    let (mut a, rx_a) = open(&w, setup(12));
+    let (mut b, rx_b) = open(&w, setup(12));
+    for conv in [&mut a, &mut b] {
+        w.add(conv, "u1".into(), Content::UserText("Hello there.".into()))
+            .unwrap();
+    }
+    let before: Vec<Item> = a.session.items().to_vec();
+    let seq = a.cancel.ask();
+    let oob = Respond {
+        response_id: "oob".into(),
+        item_id: "oob".into(),
+        output: None,
+    };
+    let input = vec![(
+        "in1".to_owned(),
+        Content::UserText("Summarize the sea.".into()),
+    )];
+    w.respond_apart(&mut a, seq, oob, Some(input)).unwrap();
+    let events = drain(&rx_a);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ConvEvent::ReplyDone { response_id, .. } if response_id == "oob")),
+        "{events:?}"
+    );
+    assert_eq!(
+        a.session.items(),
+        &before[..],
+        "the conversation's positions"
+    );
+    assert_eq!(a.entries.len(), 1);
+    respond(&mut w, &mut a, "r");
+    respond(&mut w, &mut b, "r");
+    let reply = |rx: &Receiver<ConvEvent>| {
+        drain(rx)
+            .into_iter()
+            .find_map(|e| match e {
+                ConvEvent::ReplyDone {
+                    text,
+                    audio_samples,
+                    ..
+                } => Some((text, audio_samples)),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(reply(&rx_a), reply(&rx_b));
+    assert_same_state(&a.session, &b.session);
+}
+
+/// Items put first or in the middle (a system item at the start, a user item after the first)
+/// re-prefill what follows: the state equals a fresh prefill of the new order.
+#[test]
+fn items_placed_in_the_middle_equal_a_fresh_prefill() {
+    let model = model();
+    let w = worker(&model, EngineOptions::default());
+    let (mut conv, _rx) = open(&w, setup(8));
+    w.add(&mut conv, "u1".into(), Content::UserText("One.".into()))
+        .unwrap();
+    w.add(&mut conv, "u3".into(), Content::UserText("Three.".into()))
+        .unwrap();
+    w.insert(
+        &mut conv,
+        "s0".into(),
+        Content::SystemText("Be terse.".into()),
+        Placement::Start,
+    )
+    .unwrap();
+    w.insert(
+        &mut conv,
+        "u2".into(),
+        Content::UserText("Two.".into()),
+        Placement::After("u1".into()),
+    )
+    .unwrap();
+    let ids: Vec<&str> = conv.entries.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["s0", "u1", "u2", "u3"]);
+    assert_same_state(&conv.session, &fresh(&model, &conv, &[]));
+    let e = w
+        .insert(
+            &mut conv,
+            "x".into(),
+            Content::UserText("?".into()),
+            Placement::After("nope".into()),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+}
+
+/// A reply reports its usage; one cut by max_new_tokens says so.
+#[test]
+fn a_reply_reports_its_usage_and_whether_the_limit_cut_it() {
+    let model = model();
+    let mut w = worker(&model, EngineOptions::default());
+    let (mut conv, rx) = open(&w, setup(4));
+    w.add(&mut conv, "u1".into(), Content::UserText("Hello.".into()))
+        .unwrap();
+    let input = conv.session.len() as u64;
+    respond(&mut w, &mut conv, "r1");
+    let events = drain(&rx);
+    let (usage, hit_limit) = events
+        .iter()
+        .find_map(|e| match e {
+            ConvEvent::ReplyUsage {
+                usage, hit_limit, ..
+            } => Some((*usage, *hit_limit)),
+            _ => None,
+        })
+        .expect("a ReplyUsage event");
+    assert_eq!(usage.input_text + usage.input_audio, input);
+    let Body::Reply { tokens, .. } = &conv.entries.last().unwrap().body else {
+        panic!()
+    };
+    assert_eq!(usage.output_text + usage.output_audio, tokens.len() as u64);
+    assert_eq!(hit_limit, tokens.len() >= 4, "{usage:?} {}", tokens.len());
+    let done = events
+        .iter()
+        .position(|e| matches!(e, ConvEvent::ReplyDone { .. }))
+        .unwrap();
+    let used = events
+        .iter()
+        .position(|e| matches!(e, ConvEvent::ReplyUsage { .. }))
+        .unwrap();
+    assert!(used < done);
+}

@@ -26,7 +26,10 @@ use lfm2_audio::sampling::{Sampler, SamplingParams};
 use lfm2_audio::session::Session;
 use lfm2_audio::tokenizer::TextStream;
 
-use super::{Cancel, Content, ConvEvent, EngineOptions, Job, Output, Respond, Setup, ToolPolicy};
+use super::{
+    Cancel, Content, ConvEvent, EngineOptions, Job, Output, Placement, Respond, Setup, ToolPolicy,
+    Usage,
+};
 
 /// Environment variable of the test seam: text teacher-forced at the start of the first reply of
 /// every conversation that declares tools (see the README).
@@ -126,6 +129,9 @@ pub(crate) struct Conv {
     /// Tool calls so far, for their ids, and the ids of those reported.
     calls: u64,
     call_ids: std::collections::HashSet<String>,
+    /// An item that could not be added since the last reply was asked for: the next reply is
+    /// refused rather than made without it.
+    failed_add: Option<String>,
 }
 
 impl Conv {
@@ -136,6 +142,69 @@ impl Conv {
 
     fn position_of(&self, item_id: &str) -> Option<usize> {
         self.entries.iter().position(|e| e.id == item_id)
+    }
+}
+
+/// The jobs waiting, one queue per conversation, taken in turn: a conversation that queues many
+/// jobs (long audio items, replies one after the other) delays another's next job by at most one
+/// of its own. Within a conversation the order is kept (clients queue a transcription after the
+/// reply it must not delay). A close goes first and drops what its conversation still had queued.
+#[derive(Default)]
+pub(crate) struct FairQueue {
+    /// Jobs to run before any other (close, shutdown).
+    urgent: std::collections::VecDeque<Job>,
+    /// Conversations with jobs waiting, in the order they get their turn.
+    turns: std::collections::VecDeque<u64>,
+    by_conv: HashMap<u64, std::collections::VecDeque<Job>>,
+}
+
+impl FairQueue {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.urgent.is_empty() && self.turns.is_empty()
+    }
+
+    pub(crate) fn push(&mut self, job: Job) {
+        let conv = match &job {
+            Job::Shutdown => {
+                self.urgent.push_back(job);
+                return;
+            }
+            Job::Close { conv } => {
+                let conv = *conv;
+                self.by_conv.remove(&conv);
+                self.turns.retain(|c| *c != conv);
+                self.urgent.push_back(job);
+                return;
+            }
+            Job::Open { conv, .. }
+            | Job::Configure { conv, .. }
+            | Job::Add { conv, .. }
+            | Job::Respond { conv, .. }
+            | Job::RespondApart { conv, .. }
+            | Job::Truncate { conv, .. }
+            | Job::Delete { conv, .. }
+            | Job::Transcribe { conv, .. } => *conv,
+        };
+        let q = self.by_conv.entry(conv).or_default();
+        if q.is_empty() {
+            self.turns.push_back(conv);
+        }
+        q.push_back(job);
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Job> {
+        if let Some(job) = self.urgent.pop_front() {
+            return Some(job);
+        }
+        let conv = self.turns.pop_front()?;
+        let q = self.by_conv.get_mut(&conv)?;
+        let job = q.pop_front();
+        if q.is_empty() {
+            self.by_conv.remove(&conv);
+        } else {
+            self.turns.push_back(conv);
+        }
+        job
     }
 }
 
@@ -186,7 +255,18 @@ impl Worker {
     }
 
     pub(crate) fn run(&mut self, jobs: Receiver<Job>) {
-        while let Ok(job) = jobs.recv() {
+        let mut queue = FairQueue::default();
+        loop {
+            if queue.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => queue.push(job),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                queue.push(job);
+            }
+            let Some(job) = queue.pop() else { continue };
             match job {
                 Job::Shutdown => break,
                 Job::Open {
@@ -239,7 +319,9 @@ impl Worker {
             | Job::Truncate { conv, item_id, .. }
             | Job::Delete { conv, item_id }
             | Job::Transcribe { conv, item_id, .. } => (*conv, Some(item_id.clone())),
-            Job::Respond { conv, respond, .. } => (*conv, Some(respond.item_id.clone())),
+            Job::Respond { conv, respond, .. } | Job::RespondApart { conv, respond, .. } => {
+                (*conv, Some(respond.item_id.clone()))
+            }
             Job::Open { .. } | Job::Close { .. } | Job::Shutdown => return,
         };
         // A job of a closed conversation has nobody to report to.
@@ -249,9 +331,42 @@ impl Worker {
         let result = match job {
             Job::Configure { setup, .. } => self.configure(&mut conv, setup),
             Job::Add {
-                item_id, content, ..
-            } => self.add(&mut conv, item_id, content),
-            Job::Respond { seq, respond, .. } => self.respond(&mut conv, seq, respond),
+                item_id,
+                content,
+                place,
+                ..
+            } => {
+                let r = self.insert(&mut conv, item_id.clone(), content, place);
+                if r.is_err() {
+                    conv.failed_add = Some(item_id);
+                }
+                r
+            }
+            Job::Respond { seq, respond, .. } => match conv.failed_add.take() {
+                Some(failed) => {
+                    conv.emit(ConvEvent::Error {
+                        item_id: Some(respond.item_id.clone()),
+                        message: format!(
+                            "item {failed:?} could not be added to the conversation (see the error before); no reply is made without it"
+                        ),
+                    });
+                    conv.emit(ConvEvent::ReplyDone {
+                        response_id: respond.response_id,
+                        item_id: respond.item_id,
+                        text: String::new(),
+                        audio_samples: 0,
+                        cancelled: false,
+                    });
+                    Ok(())
+                }
+                None => self.respond(&mut conv, seq, respond),
+            },
+            Job::RespondApart {
+                seq,
+                respond,
+                input,
+                ..
+            } => self.respond_apart(&mut conv, seq, respond, input),
             Job::Truncate {
                 item_id,
                 audio_samples,
@@ -318,13 +433,22 @@ impl Worker {
             replies: 0,
             calls: 0,
             call_ids: Default::default(),
+            failed_add: None,
         })
     }
 
     /// New instructions or tools: a new system turn, and the history prefilled after it.
     pub(crate) fn configure(&self, conv: &mut Conv, setup: Setup) -> anyhow::Result<()> {
         let old = std::mem::replace(&mut conv.setup, setup);
-        let chat = match self.system_chat(&conv.setup) {
+        let chat = match self.system_chat(&conv.setup).and_then(|chat| {
+            anyhow::ensure!(
+                chat.len() < self.context_limit() / 2,
+                "the instructions take {} positions, over half the context of {}",
+                chat.len(),
+                self.context_limit()
+            );
+            Ok(chat)
+        }) {
             Ok(c) => c,
             Err(e) => {
                 conv.setup = old;
@@ -428,6 +552,62 @@ impl Worker {
         item_id: String,
         content: Content,
     ) -> anyhow::Result<()> {
+        self.insert(conv, item_id, content, Placement::End)
+    }
+
+    /// A reply to `input` alone: a conversation of its own (the instructions, then `input`) in a
+    /// session of its own, so that the conversation's caches are not touched.
+    pub(crate) fn respond_apart(
+        &mut self,
+        conv: &mut Conv,
+        seq: u64,
+        respond: Respond,
+        input: Option<Vec<(String, Content)>>,
+    ) -> anyhow::Result<()> {
+        let Some(input) = input else {
+            // To the conversation as it is: the reply is made in it, then cut off again (the
+            // positions before it are untouched).
+            let (len, entries) = (conv.session.len(), conv.entries.len());
+            self.respond(conv, seq, respond)?;
+            conv.entries.truncate(entries);
+            conv.session.truncate_to(len)?;
+            return Ok(());
+        };
+        let mut apart = self.open(
+            conv.setup.clone(),
+            conv.events.clone(),
+            Arc::clone(&conv.cancel),
+        )?;
+        // The test seam's count and the call ids go on from the conversation's.
+        apart.replies = conv.replies;
+        apart.calls = conv.calls + 1_000_000;
+        for (id, content) in input {
+            if let Err(e) = self.insert(&mut apart, id, content, Placement::End) {
+                conv.emit(ConvEvent::Error {
+                    item_id: Some(respond.item_id.clone()),
+                    message: format!("{e:#}"),
+                });
+                conv.emit(ConvEvent::ReplyDone {
+                    response_id: respond.response_id,
+                    item_id: respond.item_id,
+                    text: String::new(),
+                    audio_samples: 0,
+                    cancelled: false,
+                });
+                return Ok(());
+            }
+        }
+        self.respond(&mut apart, seq, respond)
+    }
+
+    /// Puts an item at `place` and prefills it (and what follows it).
+    pub(crate) fn insert(
+        &self,
+        conv: &mut Conv,
+        item_id: String,
+        content: Content,
+        place: Placement,
+    ) -> anyhow::Result<()> {
         anyhow::ensure!(
             conv.position_of(&item_id).is_none(),
             "an item with id {item_id:?} is already in the conversation"
@@ -454,6 +634,7 @@ impl Worker {
             }
             Content::UserText(text) => vec![Part::Text(text_turn("user", &text)?)],
             Content::AssistantText(text) => vec![Part::Text(text_turn("assistant", &text)?)],
+            Content::SystemText(text) => vec![Part::Text(text_turn("system", &text)?)],
             Content::ToolResult { call_id, output } => {
                 anyhow::ensure!(
                     conv.call_ids.contains(&call_id),
@@ -465,7 +646,42 @@ impl Worker {
                 )?)]
             }
         };
-        self.append(conv, item_id.clone(), Body::Turn(parts))?;
+        let at = match &place {
+            Placement::End => None,
+            Placement::Start => Some(0),
+            Placement::After(id) => match conv.position_of(id) {
+                Some(i) if i + 1 == conv.entries.len() => None,
+                Some(i) => Some(i + 1),
+                None => {
+                    anyhow::bail!("no item {id:?} in the conversation to put {item_id:?} after")
+                }
+            },
+        };
+        match at {
+            None => self.append(conv, item_id.clone(), Body::Turn(parts))?,
+            Some(i) => {
+                let len = parts_len(&parts)?;
+                let limit = self.context_limit();
+                anyhow::ensure!(
+                    conv.session.len() + len <= limit,
+                    "the item takes {len} positions; the context holds {limit} and has {} free",
+                    limit.saturating_sub(conv.session.len())
+                );
+                conv.entries.insert(
+                    i,
+                    Entry {
+                        id: item_id.clone(),
+                        body: Body::Turn(parts),
+                        start: 0,
+                        len,
+                    },
+                );
+                if let Err(e) = self.rebuild(conv, i) {
+                    conv.entries.remove(i);
+                    return Err(e);
+                }
+            }
+        }
         conv.emit(ConvEvent::Added { item_id });
         Ok(())
     }
@@ -786,6 +1002,16 @@ impl Worker {
         let head = Arc::clone(&model.audio_head);
         let mut ending = Ending::Done;
         let mut cut = None;
+        let mut hit_limit = false;
+        let input = conv.session.items()[..start]
+            .iter()
+            .fold(Usage::default(), |mut u, item| {
+                match item {
+                    Item::Text(_) => u.input_text += 1,
+                    _ => u.input_audio += 1,
+                }
+                u
+            });
         {
             let mut gen = Generator::new(&mut conv.session, &head, special, mode, params, hidden);
             if mode == GenerationMode::Sequential && forced.last() == Some(&special.audio_start) {
@@ -807,7 +1033,10 @@ impl Worker {
                     }
                     break;
                 }
+                let at_limit =
+                    gen.steps() >= params.max_new_tokens || gen.session().remaining() <= 1;
                 let Some(token) = gen.next_item()? else {
+                    hit_limit = at_limit;
                     gen.feed_pending()?;
                     break;
                 };
@@ -909,8 +1138,10 @@ impl Worker {
                 Token::Audio(_) => None,
             })
             .collect();
+        // A reply cut in the middle of a character drops its incomplete bytes.
         let raw = tok.decode(&text_ids)?;
-        let text = strip_specials(&without_calls(&raw)).trim().to_owned();
+        let raw = raw.trim_end_matches('\u{FFFD}');
+        let text = strip_specials(&without_calls(raw)).trim().to_owned();
         conv.entries.push(Entry {
             id: item_id.to_owned(),
             start,
@@ -925,7 +1156,7 @@ impl Worker {
         let call_text = if cancelled {
             None
         } else {
-            tools::extract_call_text(&raw)
+            tools::extract_call_text(raw)
         };
         let parsed = call_text.map(|t| tools::parse_calls(t).map_err(|e| e.to_string()));
         let calls: Vec<Result<ToolCall, String>> = match parsed {
@@ -952,6 +1183,21 @@ impl Worker {
             }
             conv.call_ids.insert(call_id.clone());
             out.push((call_id, call));
+        }
+        if let Some(Body::Reply { tokens, .. }) = conv.entries.last().map(|e| &e.body) {
+            let audio = tokens
+                .iter()
+                .filter(|t| matches!(t, Token::Audio(_)))
+                .count() as u64;
+            conv.emit(ConvEvent::ReplyUsage {
+                response_id: response_id.to_owned(),
+                usage: Usage {
+                    output_text: tokens.len() as u64 - audio,
+                    output_audio: audio,
+                    ..input
+                },
+                hit_limit: hit_limit && !cancelled,
+            });
         }
         conv.emit(ConvEvent::ReplyDone {
             response_id: response_id.to_owned(),

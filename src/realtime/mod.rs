@@ -25,8 +25,9 @@ use audio_io::vad::VadAssets;
 
 use crate::daemon::serve::Args;
 
-/// The most input audio a session buffers before a commit.
-pub const MAX_BUFFER_SECONDS: usize = 120;
+/// The most input audio a session buffers before a commit: one append of the largest size the
+/// reference allows (15 MiB of pcm16, 327 s) fits.
+pub const MAX_BUFFER_SECONDS: usize = 330;
 
 /// Parses `--listen` and refuses an address other than loopback without an API key.
 pub(crate) fn listen_address(listen: &str, api_key: Option<&str>) -> anyhow::Result<SocketAddr> {
@@ -54,6 +55,7 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
         model,
         detok,
     } = crate::daemon::serve::load(args, &cfg)?;
+    let model_ref = Arc::clone(&model);
     let (engine, engine_thread) = crate::engine::spawn_with(
         model,
         detok,
@@ -61,7 +63,7 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
             context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
         },
     )?;
-    let shared = shared(&cfg, &model_dir, engine.clone(), api_key, started);
+    let shared = shared(&cfg, &model_dir, &model_ref, engine.clone(), api_key, started);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -89,6 +91,7 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
 pub(crate) fn shared(
     cfg: &crate::config::Config,
     model_dir: &std::path::Path,
+    model: &Arc<lfm2_audio::model::Lfm2AudioModel>,
     engine: crate::engine::EngineHandle,
     api_key: Option<String>,
     started: Instant,
@@ -98,6 +101,28 @@ pub(crate) fn shared(
     if let Err(e) = &vad_assets {
         eprintln!("warning: server VAD is off (sessions start with manual turn-taking): {e}");
     }
+    let context = {
+        let model_max = model.config.lfm.max_position_embeddings;
+        match cfg.assistant.context_limit {
+            0 => model_max,
+            n => n.min(model_max),
+        }
+    };
+    let budget = {
+        let text_model = Arc::clone(model);
+        let audio_model = Arc::clone(model);
+        session::Budget {
+            context,
+            // A text the tokenizer fails on cannot go in either.
+            text: Arc::new(move |t: &str| {
+                text_model
+                    .tokenizer
+                    .encode(t)
+                    .map_or(usize::MAX / 4, |ids| ids.len())
+            }),
+            audio: Arc::new(move |n: usize| audio_model.audio.positions(n)),
+        }
+    };
     let defaults = session::SessionDefaults {
         model: model_dir
             .file_name()
@@ -109,13 +134,16 @@ pub(crate) fn shared(
         vad_assets,
         min_speech: Duration::from_millis(cfg.vad.min_speech_ms),
         max_buffer_samples: MAX_BUFFER_SECONDS * protocol::SAMPLE_RATE as usize,
+        budget: Some(budget),
     };
-    let limits = server::Limits::default();
+    let limits = server::Limits::from_env();
+    server::raise_descriptor_limit();
     Arc::new(server::Shared {
         engine,
         defaults,
         api_key,
         sessions: tokio::sync::Semaphore::new(limits.max_sessions),
+        pending: Default::default(),
         limits,
         next_session: AtomicU64::new(1),
         started,

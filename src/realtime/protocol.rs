@@ -81,7 +81,7 @@ pub enum Modality {
 /// Server voice activity detection settings (`turn_detection: {"type": "server_vad", ...}`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerVad {
-    pub threshold: f32,
+    pub threshold: f64,
     pub prefix_padding_ms: u64,
     pub silence_duration_ms: u64,
     /// Ask for a reply when the user stops speaking.
@@ -124,7 +124,7 @@ pub struct SessionUpdate {
     /// `Some(None)` is manual turn-taking (the client commits and asks for replies).
     pub turn_detection: Option<Option<ServerVad>>,
     pub tools: Option<Vec<FunctionTool>>,
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
     /// `Some(None)` is no limit ("inf").
     pub max_output_tokens: Option<Option<u32>>,
 }
@@ -136,6 +136,7 @@ pub enum NewItemContent {
     /// 24 kHz mono samples.
     UserAudio(Vec<f32>),
     AssistantText(String),
+    SystemText(String),
     FunctionCallOutput {
         call_id: String,
         output: String,
@@ -155,6 +156,11 @@ pub struct ResponseOptions {
     /// Per-reply instructions: accepted and reported, but the engine keeps the session's.
     pub instructions: Option<String>,
     pub metadata: Option<Value>,
+    /// `conversation: "none"`: a reply outside the conversation, to `input` alone.
+    pub apart: bool,
+    /// The items an out-of-band reply answers (None: the conversation's, which the reply does
+    /// not join).
+    pub input: Option<Vec<NewItem>>,
 }
 
 /// A client event, whatever dialect it was written in.
@@ -175,6 +181,9 @@ pub enum ClientEvent {
         audio_end_ms: u64,
     },
     ItemDelete {
+        item_id: String,
+    },
+    ItemRetrieve {
         item_id: String,
     },
     ResponseCreate(ResponseOptions),
@@ -203,6 +212,7 @@ pub const CLIENT_EVENTS: &[&str] = &[
     "conversation.item.create",
     "conversation.item.truncate",
     "conversation.item.delete",
+    "conversation.item.retrieve",
     "response.create",
     "response.cancel",
     "output_audio_buffer.clear",
@@ -334,12 +344,19 @@ fn parse_body(
                 None,
             ))
         }
-        "conversation.item.retrieve" | "transcription_session.update" | "session.close" => {
-            Err(ProtocolError::new(
-                "unsupported_event",
-                format!("{kind} is not supported by lfm2d"),
+        "conversation.item.retrieve" => {
+            let wire: DeleteWire = from_map(obj).map_err(typed)?;
+            Ok((
+                ClientEvent::ItemRetrieve {
+                    item_id: check_id(wire.item_id).map_err(|e| typed(e.param("item_id")))?,
+                },
+                None,
             ))
         }
+        "transcription_session.update" | "session.close" => Err(ProtocolError::new(
+            "unsupported_event",
+            format!("{kind} is not supported by lfm2d"),
+        )),
         other => Err(ProtocolError::new(
             "unknown_event",
             format!(
@@ -433,7 +450,7 @@ struct SessionWire {
     #[serde(default, deserialize_with = "nullable")]
     turn_detection: Option<Option<TurnDetectionWire>>,
     max_response_output_tokens: Option<MaxTokensWire>,
-    temperature: Option<f32>,
+    temperature: Option<f64>,
     // GA
     output_modalities: Option<Vec<String>>,
     audio: Option<AudioWire>,
@@ -490,7 +507,7 @@ struct TranscriptionWire {
 struct TurnDetectionWire {
     #[serde(rename = "type")]
     kind: Option<String>,
-    threshold: Option<f32>,
+    threshold: Option<f64>,
     prefix_padding_ms: Option<u64>,
     silence_duration_ms: Option<u64>,
     create_response: Option<bool>,
@@ -920,16 +937,25 @@ fn new_item(w: ItemWire) -> Result<(NewItem, Option<Dialect>), ProtocolError> {
                     NewItemContent::AssistantText(texts.join("\n"))
                 }
                 "system" => {
-                    return Err(ProtocolError::new(
-                        "unsupported_content",
-                        "system messages are not supported; set the session's instructions with session.update",
-                    )
-                    .param("item.role"))
+                    let mut texts = Vec::new();
+                    for p in parts {
+                        match p.kind.as_str() {
+                            "input_text" | "text" => texts.push(p.text.unwrap_or_default()),
+                            other => {
+                                return Err(ProtocolError::new(
+                                    "unsupported_content",
+                                    format!("system content type {other:?} is not supported; use input_text"),
+                                )
+                                .param("item.content"))
+                            }
+                        }
+                    }
+                    NewItemContent::SystemText(texts.join("\n"))
                 }
                 other => {
                     return Err(ProtocolError::new(
                         "invalid_value",
-                        format!("a message's role is user or assistant, got {other:?}"),
+                        format!("a message's role is user, assistant or system, got {other:?}"),
                     )
                     .param("item.role"))
                 }
@@ -959,25 +985,51 @@ fn response_options(r: ResponseWire) -> Result<(ResponseOptions, Option<Dialect>
         dialect = Some(Dialect::Ga);
         modality_out = Some(modality(m).map_err(|e| e.param("response.output_modalities"))?);
     }
-    if r.conversation.as_deref().is_some_and(|c| c != "auto") {
-        return Err(ProtocolError::new(
-            "unsupported_value",
-            "out-of-band replies are not supported: conversation must be \"auto\"",
-        )
-        .param("response.conversation"));
-    }
-    if r.input.is_some() {
-        return Err(ProtocolError::new(
-            "unsupported_value",
-            "response.input is not supported: replies answer the conversation",
-        )
-        .param("response.input"));
+    let apart = match r.conversation.as_deref() {
+        None | Some("auto") => false,
+        Some("none") => true,
+        Some(other) => {
+            return Err(ProtocolError::new(
+                "invalid_value",
+                format!("conversation is \"auto\" or \"none\", got {other:?}"),
+            )
+            .param("response.conversation"))
+        }
+    };
+    let mut input = None;
+    if let Some(items) = r.input {
+        let mut given = Vec::new();
+        if !apart {
+            return Err(ProtocolError::new(
+                "unsupported_value",
+                "response.input is for out-of-band replies (conversation: \"none\"); a reply in the conversation answers the conversation",
+            )
+            .param("response.input"));
+        }
+        for v in items {
+            if v.get("type").and_then(Value::as_str) == Some("item_reference") {
+                return Err(ProtocolError::new(
+                    "unsupported_content",
+                    "item_reference in response.input is not supported; give the items themselves",
+                )
+                .param("response.input"));
+            }
+            let wire: ItemWire = serde_json::from_value(v).map_err(|e| {
+                ProtocolError::new("invalid_event", e.to_string()).param("response.input")
+            })?;
+            let (item, d) = new_item(wire)?;
+            dialect = dialect.or(d);
+            given.push(item);
+        }
+        input = Some(given);
     }
     Ok((
         ResponseOptions {
             modality: modality_out,
             instructions: r.instructions,
             metadata: r.metadata,
+            apart,
+            input,
         },
         dialect,
     ))
@@ -1017,6 +1069,9 @@ impl ClientEvent {
                         };
                         json!({"type": "message", "role": "assistant", "content": [{"type": kind, "text": t}]})
                     }
+                    NewItemContent::SystemText(t) => {
+                        json!({"type": "message", "role": "system", "content": [{"type": "input_text", "text": t}]})
+                    }
                     NewItemContent::FunctionCallOutput { call_id, output } => {
                         json!({"type": "function_call_output", "call_id": call_id, "output": output})
                     }
@@ -1039,6 +1094,9 @@ impl ClientEvent {
             }
             ClientEvent::ItemDelete { item_id } => {
                 json!({"type": "conversation.item.delete", "item_id": item_id})
+            }
+            ClientEvent::ItemRetrieve { item_id } => {
+                json!({"type": "conversation.item.retrieve", "item_id": item_id})
             }
             ClientEvent::ResponseCreate(o) => {
                 let mut r = Map::new();
@@ -1184,7 +1242,7 @@ pub struct SessionView {
     pub transcription: Option<String>,
     pub turn_detection: Option<ServerVad>,
     pub tools: Vec<FunctionTool>,
-    pub temperature: f32,
+    pub temperature: f64,
     pub max_output_tokens: Option<u32>,
 }
 
@@ -1261,6 +1319,7 @@ pub enum ItemBody {
     UserAudio {
         transcript: Option<String>,
     },
+    SystemText(String),
     /// An assistant message: speech with its transcript, or text.
     Assistant {
         modality: Modality,
@@ -1303,6 +1362,9 @@ impl ItemView {
             ItemBody::UserAudio { transcript } => {
                 json!({"type": "message", "role": "user", "content": [{"type": "input_audio", "transcript": transcript}]})
             }
+            ItemBody::SystemText(t) => {
+                json!({"type": "message", "role": "system", "content": [{"type": "input_text", "text": t}]})
+            }
             ItemBody::Assistant { modality, text } => {
                 let part = match modality {
                     Modality::Audio => {
@@ -1342,6 +1404,42 @@ pub enum ResponseStatus {
         turn_detected: bool,
     },
     Failed,
+    /// Cut by `max_output_tokens` (or by the end of the context).
+    Incomplete,
+}
+
+/// What a reply used, in model positions: the input is everything in the context when the reply
+/// began (instructions, items), the output what the reply added. Audio counts one position per
+/// input-audio embedding and one per generated audio frame (80 ms each).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_text: u64,
+    pub input_audio: u64,
+    pub output_text: u64,
+    pub output_audio: u64,
+}
+
+impl Usage {
+    fn to_json(self) -> Value {
+        let input = self.input_text + self.input_audio;
+        let output = self.output_text + self.output_audio;
+        json!({
+            "total_tokens": input + output,
+            "input_tokens": input,
+            "output_tokens": output,
+            "input_token_details": {
+                "text_tokens": self.input_text,
+                "audio_tokens": self.input_audio,
+                "image_tokens": 0,
+                "cached_tokens": 0,
+                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
+            },
+            "output_token_details": {
+                "text_tokens": self.output_text,
+                "audio_tokens": self.output_audio,
+            },
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1352,6 +1450,10 @@ pub struct ResponseView {
     pub output: Vec<ItemView>,
     pub error: Option<String>,
     pub metadata: Option<Value>,
+    /// Known once the reply is over.
+    pub usage: Option<Usage>,
+    /// `"none"` for a reply outside the conversation.
+    pub conversation: Option<String>,
 }
 
 impl ResponseView {
@@ -1367,6 +1469,10 @@ impl ResponseView {
                 "failed",
                 json!({"type": "failed", "error": {"type": "server_error", "message": self.error}}),
             ),
+            ResponseStatus::Incomplete => (
+                "incomplete",
+                json!({"type": "incomplete", "reason": "max_output_tokens"}),
+            ),
         };
         let (mkey, mlist) = modalities_json(self.modality, dialect);
         json!({
@@ -1375,10 +1481,10 @@ impl ResponseView {
             "status": status,
             "status_details": details,
             "output": self.output.iter().map(|i| i.to_json(dialect)).collect::<Vec<_>>(),
-            "conversation_id": "conv_default",
+            "conversation_id": self.conversation.as_deref().map_or(json!("conv_default"), |_| Value::Null),
             mkey: mlist,
             "metadata": self.metadata,
-            "usage": Value::Null,
+            "usage": self.usage.map_or(Value::Null, Usage::to_json),
         })
     }
 }
@@ -1421,8 +1527,19 @@ pub enum ServerEvent {
         previous_item_id: Option<String>,
     },
     Cleared,
-    ItemCreated {
+    /// An item entered the conversation: `conversation.item.added` in GA,
+    /// `conversation.item.created` in beta.
+    ItemAdded {
         previous_item_id: Option<String>,
+        item: ItemView,
+    },
+    /// An item is final (GA only: `conversation.item.done`; beta clients are not sent it).
+    ItemDone {
+        previous_item_id: Option<String>,
+        item: ItemView,
+    },
+    /// `conversation.item.retrieved`.
+    ItemRetrieved {
         item: ItemView,
     },
     ItemTruncated {
@@ -1501,6 +1618,11 @@ pub enum ServerEvent {
 }
 
 impl ServerEvent {
+    /// Whether clients of `dialect` are sent this event (beta has no `conversation.item.done`).
+    pub fn exists_in(&self, dialect: Dialect) -> bool {
+        !(dialect == Dialect::Beta && matches!(self, ServerEvent::ItemDone { .. }))
+    }
+
     /// The event's `type` in `dialect`.
     pub fn name(&self, dialect: Dialect) -> &'static str {
         let ga = dialect == Dialect::Ga;
@@ -1511,7 +1633,10 @@ impl ServerEvent {
             ServerEvent::SpeechStopped { .. } => "input_audio_buffer.speech_stopped",
             ServerEvent::Committed { .. } => "input_audio_buffer.committed",
             ServerEvent::Cleared => "input_audio_buffer.cleared",
-            ServerEvent::ItemCreated { .. } => "conversation.item.created",
+            ServerEvent::ItemAdded { .. } if ga => "conversation.item.added",
+            ServerEvent::ItemAdded { .. } => "conversation.item.created",
+            ServerEvent::ItemDone { .. } => "conversation.item.done",
+            ServerEvent::ItemRetrieved { .. } => "conversation.item.retrieved",
             ServerEvent::ItemTruncated { .. } => "conversation.item.truncated",
             ServerEvent::ItemDeleted { .. } => "conversation.item.deleted",
             ServerEvent::TranscriptionCompleted { .. } => {
@@ -1579,13 +1704,18 @@ impl ServerEvent {
                 put("previous_item_id", json!(previous_item_id));
             }
             ServerEvent::Cleared => {}
-            ServerEvent::ItemCreated {
+            ServerEvent::ItemAdded {
+                previous_item_id,
+                item,
+            }
+            | ServerEvent::ItemDone {
                 previous_item_id,
                 item,
             } => {
                 put("previous_item_id", json!(previous_item_id));
                 put("item", item.to_json(dialect));
             }
+            ServerEvent::ItemRetrieved { item } => put("item", item.to_json(dialect)),
             ServerEvent::ItemTruncated {
                 item_id,
                 content_index,
@@ -1822,10 +1952,14 @@ mod tests {
         );
         assert!(e.message.contains("threshold"), "{}", e.message);
         let e = error(
-            r#"{"type": "conversation.item.create", "item": {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "x"}]}}"#,
+            r#"{"type": "conversation.item.create", "item": {"type": "message", "role": "critic", "content": [{"type": "input_text", "text": "x"}]}}"#,
         );
-        assert!(e.message.contains("instructions"), "{}", e.message);
-        let e = error(r#"{"type": "response.create", "response": {"conversation": "none"}}"#);
+        assert!(e.message.contains("system"), "{}", e.message);
+        let e = error(r#"{"type": "response.create", "response": {"conversation": "other"}}"#);
+        assert_eq!(e.code, "invalid_value");
+        let e = error(
+            r#"{"type": "response.create", "response": {"input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}]}}"#,
+        );
         assert_eq!(e.code, "unsupported_value");
     }
 
@@ -1995,7 +2129,7 @@ mod tests {
 
     fn arb_session_update() -> impl Strategy<Value = SessionUpdate> {
         let vad = (
-            0.01f32..0.99,
+            (1u32..99).prop_map(|t| f64::from(t) / 100.0),
             0u64..5000,
             32u64..10_000,
             any::<bool>(),
@@ -2032,7 +2166,7 @@ mod tests {
             prop::option::of(prop::option::of("[a-z0-9-]{0,10}")),
             prop::option::of(prop::option::of(vad)),
             prop::option::of(prop::collection::vec(tool, 0..3)),
-            prop::option::of(0.0f32..2.0),
+            prop::option::of((0u32..=200).prop_map(|t| f64::from(t) / 100.0)),
             prop::option::of(prop::option::of(1u32..100_000)),
         )
             .prop_map(
@@ -2063,6 +2197,7 @@ mod tests {
             ".{0,30}".prop_map(NewItemContent::UserText),
             arb_audio().prop_map(NewItemContent::UserAudio),
             ".{0,30}".prop_map(NewItemContent::AssistantText),
+            ".{0,30}".prop_map(NewItemContent::SystemText),
             (arb_id(), ".{0,30}").prop_map(|(call_id, output)| {
                 NewItemContent::FunctionCallOutput { call_id, output }
             }),
@@ -2091,6 +2226,7 @@ mod tests {
                 }
             ),
             arb_id().prop_map(|item_id| ClientEvent::ItemDelete { item_id }),
+            arb_id().prop_map(|item_id| ClientEvent::ItemRetrieve { item_id }),
             (
                 prop::option::of(arb_modality()),
                 prop::option::of(".{0,20}"),
@@ -2101,6 +2237,8 @@ mod tests {
                         modality,
                         instructions,
                         metadata,
+                        apart: false,
+                        input: None,
                     })
                 }),
             prop::option::of(arb_id())

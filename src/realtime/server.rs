@@ -1,18 +1,19 @@
 //! The WebSocket server: `GET /v1/realtime`, authentication, limits, one task per connection.
 
-use std::net::SocketAddr;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::protocol::{self, Dialect, ProtocolError};
@@ -25,21 +26,116 @@ pub const PATH: &str = "/v1/realtime";
 /// What one connection may do.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// The largest text frame handled; a larger one (up to twice this) is answered with an
-    /// `error` event, anything larger closes the connection (1009).
+    /// The largest message (and frame) read; a larger one is answered with a close frame of
+    /// code 1009 (message too big) and the connection ends.
     pub max_message_bytes: usize,
     /// A session with no client message for this long (and no reply in progress) is closed.
     pub idle_timeout: Duration,
-    /// Sessions open at once; more are refused with 503.
+    /// Sessions open at once; more are refused with 503. A connection takes a session only
+    /// once its upgrade succeeded (path and API key checked).
     pub max_sessions: usize,
+    /// The time a connection has to complete its WebSocket upgrade.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress from one address; a new one beyond this drops the oldest.
+    pub max_pending_per_address: usize,
+    /// The time one write may wait for a client that does not read; then the session ends and
+    /// its reply is cancelled.
+    pub write_timeout: Duration,
+    /// The kernel's send buffer of a session's socket: what a client that stops reading can
+    /// leave queued before the write timeout runs.
+    pub send_buffer_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_message_bytes: 8 << 20,
+            // One append of 15 MiB of audio (the reference's limit) in base64, and the event
+            // around it.
+            max_message_bytes: 21 << 20,
             idle_timeout: Duration::from_secs(600),
             max_sessions: 16,
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_per_address: 8,
+            write_timeout: Duration::from_secs(10),
+            send_buffer_bytes: 256 << 10,
+        }
+    }
+}
+
+impl Limits {
+    /// The defaults, with the timeouts that `LFM2D_REALTIME_WRITE_TIMEOUT_MS` and
+    /// `LFM2D_REALTIME_HANDSHAKE_TIMEOUT_MS` set (for tests of a stalled client).
+    pub fn from_env() -> Self {
+        let ms = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|&v| v > 0)
+                .map(Duration::from_millis)
+        };
+        let mut l = Self::default();
+        if let Some(d) = ms("LFM2D_REALTIME_WRITE_TIMEOUT_MS") {
+            l.write_timeout = d;
+        }
+        if let Some(d) = ms("LFM2D_REALTIME_HANDSHAKE_TIMEOUT_MS") {
+            l.handshake_timeout = d;
+        }
+        l
+    }
+}
+
+/// Handshakes in progress, per source address, oldest first.
+#[derive(Default)]
+pub struct Pending {
+    next: u64,
+    by_address: HashMap<IpAddr, VecDeque<(u64, Arc<Notify>)>>,
+}
+
+/// A handshake's place in [`Pending`]; leaves it when dropped.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    ip: IpAddr,
+    id: u64,
+    evicted: Arc<Notify>,
+}
+
+impl<'a> PendingGuard<'a> {
+    /// Registers a handshake from `ip`; the oldest one of that address is told to give up when
+    /// there are too many.
+    fn new(shared: &'a Shared, ip: IpAddr) -> Self {
+        let evicted = Arc::new(Notify::new());
+        let mut p = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.next += 1;
+        let id = p.next;
+        let max = shared.limits.max_pending_per_address.max(1);
+        let queue = p.by_address.entry(ip).or_default();
+        while queue.len() >= max {
+            if let Some((_, old)) = queue.pop_front() {
+                old.notify_one();
+            }
+        }
+        queue.push_back((id, Arc::clone(&evicted)));
+        Self {
+            shared,
+            ip,
+            id,
+            evicted,
+        }
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let mut p = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(queue) = p.by_address.get_mut(&self.ip) {
+            queue.retain(|(id, _)| *id != self.id);
+            if queue.is_empty() {
+                p.by_address.remove(&self.ip);
+            }
         }
     }
 }
@@ -51,6 +147,7 @@ pub struct Shared {
     pub api_key: Option<String>,
     pub limits: Limits,
     pub sessions: Semaphore,
+    pub pending: Mutex<Pending>,
     pub next_session: AtomicU64,
     pub started: Instant,
 }
@@ -61,15 +158,80 @@ impl Shared {
     }
 }
 
-/// Accepts connections until the listener fails.
+/// Accepts connections for ever. A failed accept (out of descriptors, a connection reset
+/// before it was taken, ...) is temporary: the loop waits a little, longer while the errors go
+/// on, and tries again; the sessions it has go on meanwhile. Each burst of errors is logged once.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let mut failures: u64 = 0;
+    let mut backoff = Duration::from_millis(5);
     loop {
-        let (stream, peer) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
-        let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
-            connection(stream, peer, shared).await;
-        });
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if failures > 0 {
+                    shared.log(format_args!(
+                        "accepting connections again (after {failures} failed accepts)"
+                    ));
+                    failures = 0;
+                    backoff = Duration::from_millis(5);
+                }
+                let _ = stream.set_nodelay(true);
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    connection(stream, peer, shared).await;
+                });
+            }
+            Err(e) => {
+                if failures == 0 {
+                    shared.log(format_args!(
+                        "cannot accept connections for now ({e}); serving the open sessions and retrying"
+                    ));
+                }
+                failures += 1;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Raises the soft limit of open descriptors to the hard limit (a server holds one per
+/// connection); returns the limit in force.
+pub fn raise_descriptor_limit() -> Option<libc::rlim_t> {
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return None;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return Some(raised.rlim_cur);
+            }
+        }
+        Some(r.rlim_cur)
+    }
+}
+
+/// Bounds what the kernel queues for a client that stops reading.
+fn limit_send_buffer(stream: &TcpStream, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is the open socket, the option value an int of the size given.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -157,33 +319,48 @@ fn handshake(
 // The handshake callback's error type is tungstenite's.
 #[allow(clippy::result_large_err)]
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let permit = shared.sessions.try_acquire();
-    let full = permit.is_err();
     let mut hello = Hello::default();
     let max = shared.limits.max_message_bytes;
     let config = WebSocketConfig::default()
-        .max_message_size(Some(max.saturating_mul(2)))
-        .max_frame_size(Some(max.saturating_mul(2)));
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
     let api_key = shared.api_key.clone();
     let limit = shared.limits.max_sessions;
+    // The session slot is taken only once the request is known good (path, key).
+    let mut permit = None;
     let callback = |req: &Request, resp: Response| {
-        if full {
-            return Err(reject(
+        let resp = handshake(req, resp, api_key.as_deref(), &mut hello)?;
+        match shared.sessions.try_acquire() {
+            Ok(p) => {
+                permit = Some(p);
+                Ok(resp)
+            }
+            Err(_) => Err(reject(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("lfm2d serves at most {limit} sessions at once; try again later"),
-            ));
-        }
-        handshake(req, resp, api_key.as_deref(), &mut hello)
-    };
-    let ws = match tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
-        .await
-    {
-        Ok(ws) => ws,
-        Err(e) => {
-            shared.log(format_args!("{peer}: handshake refused: {e}"));
-            return;
+            )),
         }
     };
+    let ws = {
+        let guard = PendingGuard::new(&shared, peer.ip());
+        let upgrade =
+            tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+        tokio::select! {
+            r = tokio::time::timeout(shared.limits.handshake_timeout, upgrade) => match r {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(e)) => {
+                    shared.log(format_args!("{peer}: handshake refused: {e}"));
+                    return;
+                }
+                Err(_) => return,
+            },
+            _ = guard.evicted.notified() => return,
+        }
+    };
+    let Some(permit) = permit else {
+        return;
+    };
+    limit_send_buffer(ws.get_ref(), shared.limits.send_buffer_bytes);
     let dialect = hello.dialect.unwrap_or(Dialect::Ga);
     let number = shared.next_session.fetch_add(1, Ordering::SeqCst);
     let (session, setup) = Session::new(number, shared.defaults.clone(), dialect);
@@ -196,6 +373,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 ws,
                 dialect,
                 &format!("the engine could not open a session: {e:#}"),
+                shared.limits.write_timeout,
             )
             .await;
             return;
@@ -213,17 +391,43 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     drop(permit);
 }
 
-async fn close_with_error(mut ws: WebSocketStream<TcpStream>, dialect: Dialect, message: &str) {
+async fn close_with_error(
+    mut ws: WebSocketStream<TcpStream>,
+    dialect: Dialect,
+    message: &str,
+    write_timeout: Duration,
+) {
     let e = protocol::ServerEvent::Error(ProtocolError::new("server_error", message));
-    let _ = ws
-        .send(Message::text(e.to_json(dialect, "event_0").to_string()))
-        .await;
-    let _ = ws
-        .close(Some(CloseFrame {
+    let _ = send_within(
+        &mut ws,
+        Message::text(e.to_json(dialect, "event_0").to_string()),
+        write_timeout,
+    )
+    .await;
+    let _ = tokio::time::timeout(
+        write_timeout,
+        ws.close(Some(CloseFrame {
             code: CloseCode::Error,
             reason: "engine unavailable".into(),
-        }))
-        .await;
+        })),
+    )
+    .await;
+}
+
+/// Sends one message, giving up after `limit` (a client that does not read).
+async fn send_within(
+    ws: &mut WebSocketStream<TcpStream>,
+    msg: Message,
+    limit: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(limit, ws.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("send failed: {e}")),
+        Err(_) => Err(format!(
+            "the client read nothing for {:.1} s (write timeout); its reply is cancelled",
+            limit.as_secs_f64()
+        )),
+    }
 }
 
 /// Forwards the conversation's events (a crossbeam channel) into the async world.
@@ -248,8 +452,13 @@ fn bridge(conv: &Conversation) -> mpsc::UnboundedReceiver<ConvEvent> {
 fn apply_engine(conv: &Conversation, call: EngineCall) {
     match call {
         EngineCall::Configure(setup) => conv.configure(setup),
-        EngineCall::Add { item_id, content } => conv.add(item_id, content),
+        EngineCall::Add {
+            item_id,
+            content,
+            place,
+        } => conv.insert(item_id, content, place),
         EngineCall::Respond(r) => conv.respond(r),
+        EngineCall::RespondApart { respond, input } => conv.respond_apart(respond, input),
         EngineCall::Cancel { heard } => conv.cancel(heard),
         EngineCall::Truncate {
             item_id,
@@ -270,19 +479,20 @@ async fn run_session(
     let mut events = bridge(&conv);
     let mut next_event = 0u64;
     let idle = shared.limits.idle_timeout;
-    let max = shared.limits.max_message_bytes;
+    let write_timeout = shared.limits.write_timeout;
     let mut deadline = tokio::time::Instant::now() + idle;
     let mut effects = session.start();
     loop {
         for effect in effects.drain(..) {
             match effect {
+                Effect::Send(ev) if !ev.exists_in(session.dialect()) => {}
                 Effect::Send(ev) => {
                     next_event += 1;
                     let text = ev
                         .to_json(session.dialect(), &format!("event_{next_event}"))
                         .to_string();
-                    if let Err(e) = ws.send(Message::text(text)).await {
-                        return format!("send failed: {e}");
+                    if let Err(e) = send_within(&mut ws, Message::text(text), write_timeout).await {
+                        return e;
                     }
                 }
                 Effect::Engine(call) => apply_engine(&conv, call),
@@ -293,16 +503,9 @@ async fn run_session(
                 deadline = tokio::time::Instant::now() + idle;
                 match msg {
                     Some(Ok(Message::Text(text))) => {
-                        effects = if text.len() > max {
-                            session.reject(ProtocolError::new(
-                                "message_too_large",
-                                format!("the message has {} bytes; the limit is {max} (send audio in smaller appends)", text.len()),
-                            ))
-                        } else {
-                            match protocol::parse(text.as_str()) {
-                                Ok(env) => session.handle_client(env),
-                                Err(e) => session.reject(e),
-                            }
+                        effects = match protocol::parse(text.as_str()) {
+                            Ok(env) => session.handle_client(env),
+                            Err(e) => session.reject(e),
                         };
                     }
                     Some(Ok(Message::Binary(_))) => {
@@ -311,8 +514,28 @@ async fn run_session(
                             "binary frames are not part of the protocol: send JSON events as text frames",
                         ));
                     }
-                    Some(Ok(Message::Close(_))) | None => return "the client left".into(),
+                    Some(Ok(Message::Close(_))) => {
+                        // The close frame in reply is queued; it goes out with a flush.
+                        let _ = tokio::time::timeout(write_timeout, ws.flush()).await;
+                        return "the client left".into();
+                    }
+                    None => return "the client left".into(),
                     Some(Ok(_)) => {}
+                    Some(Err(WsError::Capacity(e))) => {
+                        let reason = format!(
+                            "a message over {} bytes: {e}",
+                            shared.limits.max_message_bytes
+                        );
+                        let _ = tokio::time::timeout(
+                            write_timeout,
+                            ws.close(Some(CloseFrame {
+                                code: CloseCode::Size,
+                                reason: "message too big".into(),
+                            })),
+                        )
+                        .await;
+                        return reason;
+                    }
                     Some(Err(e)) => return format!("read failed: {e}"),
                 }
             }
@@ -325,10 +548,12 @@ async fn run_session(
                             if let Effect::Send(ev) = effect {
                                 next_event += 1;
                                 let text = ev.to_json(session.dialect(), &format!("event_{next_event}")).to_string();
-                                let _ = ws.send(Message::text(text)).await;
+                                if send_within(&mut ws, Message::text(text), write_timeout).await.is_err() {
+                                    break;
+                                }
                             }
                         }
-                        let _ = ws.close(Some(CloseFrame { code: CloseCode::Error, reason: "engine stopped".into() })).await;
+                        let _ = tokio::time::timeout(write_timeout, ws.close(Some(CloseFrame { code: CloseCode::Error, reason: "engine stopped".into() }))).await;
                         return "the engine stopped".into();
                     }
                 };
@@ -338,10 +563,10 @@ async fn run_session(
                     deadline = tokio::time::Instant::now() + idle;
                     effects = Vec::new();
                 } else {
-                    let _ = ws.close(Some(CloseFrame {
+                    let _ = tokio::time::timeout(write_timeout, ws.close(Some(CloseFrame {
                         code: CloseCode::Normal,
                         reason: format!("idle for {} s", idle.as_secs()).into(),
-                    })).await;
+                    }))).await;
                     return "idle timeout".into();
                 }
             }

@@ -6,6 +6,7 @@
 //! The server applies them in order.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use audio_io::vad::{Endpointer, SileroVad, VadAssets, VadConfig, VadEvent, WINDOW};
@@ -16,9 +17,9 @@ use lfm2_audio::resample::Resampler;
 use super::protocol::{
     ClientEvent, Dialect, Envelope, FunctionTool, ItemBody, ItemStatus, ItemView, Modality,
     NewItemContent, PartRef, ProtocolError, ResponseOptions, ResponseStatus, ResponseView,
-    ServerEvent, ServerVad, SessionUpdate, SessionView, SAMPLE_RATE,
+    ServerEvent, ServerVad, SessionUpdate, SessionView, Usage, SAMPLE_RATE,
 };
-use crate::engine::{Content, ConvEvent, Output, Respond, Setup, ToolPolicy};
+use crate::engine::{Content, ConvEvent, Output, Placement, Respond, Setup, ToolPolicy};
 
 /// The model's input rate.
 const MODEL_RATE: u32 = 16_000;
@@ -26,6 +27,38 @@ const MODEL_RATE: u32 = 16_000;
 const SAMPLES_PER_MS: u64 = SAMPLE_RATE as u64 / 1000;
 /// The shortest audio a commit takes (the OpenAI server's rule).
 const MIN_COMMIT_MS: u64 = 100;
+
+/// Positions of the markers around one turn (`<|im_start|>role\n` ... `<|im_end|>\n`), with room
+/// to spare.
+const TURN_MARKERS: usize = 8;
+/// No token of the model's vocabulary is this long: a text of more bytes than this many per
+/// position left cannot fit, and is refused before it is tokenized.
+const MAX_BYTES_PER_POSITION: usize = 64;
+
+/// What fits in the model's context, measured with the model's own tokenizer and audio encoder.
+#[derive(Clone)]
+pub struct Budget {
+    /// Positions a conversation may hold.
+    pub context: usize,
+    /// Positions (tokens) of a text.
+    pub text: Arc<dyn Fn(&str) -> usize + Send + Sync>,
+    /// Positions of a clip of this many 16 kHz samples.
+    pub audio: Arc<dyn Fn(usize) -> usize + Send + Sync>,
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Budget {{ context: {} }}", self.context)
+    }
+}
+
+impl Budget {
+    /// Positions of `text`, or None when it is too long to be worth tokenizing (over
+    /// `MAX_BYTES_PER_POSITION` bytes for each of the `room` positions).
+    fn text_positions(&self, text: &str, room: usize) -> Option<usize> {
+        (text.len() <= room.saturating_mul(MAX_BYTES_PER_POSITION)).then(|| (self.text)(text))
+    }
+}
 
 /// What the session asks of the server.
 #[derive(Debug)]
@@ -41,8 +74,14 @@ pub enum EngineCall {
     Add {
         item_id: String,
         content: Content,
+        place: Placement,
     },
     Respond(Respond),
+    /// An out-of-band reply to `input` alone (None: to the conversation, without joining it).
+    RespondApart {
+        respond: Respond,
+        input: Option<Vec<(String, Content)>>,
+    },
     /// Cancel the reply in progress, keeping what the client was sent (`heard` samples).
     Cancel {
         heard: Option<u64>,
@@ -73,6 +112,9 @@ pub struct SessionDefaults {
     pub min_speech: Duration,
     /// The most audio the input buffer holds, in 24 kHz samples.
     pub max_buffer_samples: usize,
+    /// Sizes items and instructions before they go to the engine (None: not checked here; the
+    /// engine refuses what does not fit).
+    pub budget: Option<Budget>,
 }
 
 /// The session settings a client can change.
@@ -84,7 +126,7 @@ struct Settings {
     transcription: Option<String>,
     turn_detection: Option<ServerVad>,
     tools: Vec<FunctionTool>,
-    temperature: f32,
+    temperature: f64,
     max_output_tokens: Option<u32>,
 }
 
@@ -97,6 +139,8 @@ struct Vad {
     pending: Vec<f32>,
     /// The item the utterance in progress will become.
     item_id: Option<String>,
+    /// Where the endpointer's clock starts in the session's input audio, in ms.
+    base_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +152,7 @@ enum ItemKind {
     },
     FunctionCall,
     FunctionCallOutput,
+    System,
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +161,8 @@ struct Item {
     kind: ItemKind,
     /// Whether the engine holds it (function call items of a reply with a message do not).
     in_engine: bool,
+    /// The item as `conversation.item.retrieve` shows it.
+    view: ItemView,
 }
 
 /// The reply in progress.
@@ -133,6 +180,11 @@ struct Active {
     sent_samples: u64,
     /// Set once cancelled: by the user speaking (true) or the client (false).
     cancelled: Option<bool>,
+    /// What the reply used, and whether it was cut by the token limit (from the engine).
+    usage: Option<Usage>,
+    hit_limit: bool,
+    /// Out of band (`conversation: "none"`): its items stay out of the conversation.
+    apart: bool,
 }
 
 pub struct Session {
@@ -143,6 +195,8 @@ pub struct Session {
     next_id: u64,
     /// Uncommitted input audio, 24 kHz.
     buffer: Vec<f32>,
+    /// 24 kHz samples appended since the session began (the VAD's timestamps count from there).
+    appended: u64,
     /// Server VAD, while turn detection is on.
     vad: Option<Vad>,
     items: Vec<Item>,
@@ -153,6 +207,11 @@ pub struct Session {
     truncating: HashMap<String, u64>,
     /// Transcriptions asked for: item → seconds of audio.
     transcribing: HashMap<String, f64>,
+    /// Transcriptions to ask for once the other calls of this event are made (a reply asked
+    /// for by the same event goes first: the transcript must not delay it).
+    deferred: Vec<EngineCall>,
+    /// Positions of the system turn (instructions and tools).
+    system_positions: usize,
     out: Vec<Effect>,
 }
 
@@ -162,7 +221,7 @@ fn setup_of(settings: &Settings, params: &GenerationParams) -> Setup {
         params.max_new_tokens = n as usize;
     }
     params.text = lfm2_audio::sampling::SamplingParams::new(
-        (settings.temperature > 0.0).then_some(settings.temperature),
+        (settings.temperature > 0.0).then_some(settings.temperature as f32),
         params.text.top_k,
     );
     Setup {
@@ -202,10 +261,16 @@ impl Session {
             transcription: None,
             turn_detection: defaults.vad_assets.is_ok().then(ServerVad::default),
             tools: Vec::new(),
-            temperature: defaults.params.text.temperature.unwrap_or(0.0),
+            temperature: defaults.params.text.temperature.map_or(0.0, f64::from),
             max_output_tokens: None,
         };
         let setup = setup_of(&settings, &defaults.params);
+        let system_positions = defaults.budget.as_ref().map_or(0, |b| {
+            (b.text)(&dialog::tools::system_prompt(
+                &setup.instructions,
+                &setup.tools,
+            )) + TURN_MARKERS
+        });
         let session = Self {
             id: format!("sess_{number:06}"),
             defaults,
@@ -213,12 +278,15 @@ impl Session {
             settings,
             next_id: 0,
             buffer: Vec::new(),
+            appended: 0,
             vad: None,
             items: Vec::new(),
             active: None,
             pending_reply: false,
             truncating: HashMap::new(),
             transcribing: HashMap::new(),
+            deferred: Vec::new(),
+            system_positions,
             out: Vec::new(),
         };
         (session, setup)
@@ -299,11 +367,13 @@ impl Session {
             ClientEvent::AudioCommit => self.commit(eid),
             ClientEvent::AudioClear => {
                 self.buffer.clear();
+                let now = self.appended / SAMPLES_PER_MS;
                 if let Some(vad) = &mut self.vad {
                     vad.endpointer = Endpointer::new(vad.endpointer.config().clone());
                     vad.resampler.reset();
                     vad.pending.clear();
                     vad.item_id = None;
+                    vad.base_ms = now;
                 }
                 self.send(ServerEvent::Cleared);
             }
@@ -318,6 +388,19 @@ impl Session {
                 audio_end_ms,
             } => self.truncate(eid, item_id, content_index, audio_end_ms),
             ClientEvent::ItemDelete { item_id } => self.delete(eid, item_id),
+            ClientEvent::ItemRetrieve { item_id } => {
+                match self.items.iter().find(|i| i.id == item_id) {
+                    Some(i) => {
+                        let item = i.view.clone();
+                        self.send(ServerEvent::ItemRetrieved { item });
+                    }
+                    None => self.error(
+                        eid,
+                        "item_not_found",
+                        format!("no item {item_id:?} in the conversation"),
+                    ),
+                }
+            }
             ClientEvent::ResponseCreate(o) => {
                 if self.active.is_some() {
                     self.error(
@@ -345,7 +428,64 @@ impl Session {
                 ),
             },
         }
+        self.take_out()
+    }
+
+    /// The effects of one event, transcriptions last.
+    fn take_out(&mut self) -> Vec<Effect> {
+        let deferred = std::mem::take(&mut self.deferred);
+        self.out.extend(deferred.into_iter().map(Effect::Engine));
         std::mem::take(&mut self.out)
+    }
+
+    /// Positions an item may take: the context less the instructions and the room a reply needs.
+    fn item_room(&self, b: &Budget) -> usize {
+        let max_new = self
+            .settings
+            .max_output_tokens
+            .map_or(self.defaults.params.max_new_tokens, |n| n as usize);
+        let reserve = (max_new + TURN_MARKERS).min(b.context / 4);
+        b.context
+            .saturating_sub(self.system_positions)
+            .saturating_sub(reserve)
+    }
+
+    /// Refuses (with an error event) an item of `positions` that cannot fit the context.
+    fn fits(&mut self, eid: &Option<String>, what: &str, positions: Option<usize>) -> bool {
+        let Some(b) = self.defaults.budget.clone() else {
+            return true;
+        };
+        let room = self.item_room(&b);
+        match positions {
+            Some(n) if n + TURN_MARKERS <= room => true,
+            n => {
+                let size =
+                    n.map_or_else(|| "too many".to_owned(), |n| (n + TURN_MARKERS).to_string());
+                self.error(
+                    eid.clone(),
+                    "context_length_exceeded",
+                    format!(
+                        "{what} would take {size} positions of the model's context; at most {room} fit ({} in all, {} taken by the instructions, the rest kept for the reply)",
+                        b.context, self.system_positions
+                    ),
+                );
+                false
+            }
+        }
+    }
+
+    fn text_fits(&mut self, eid: &Option<String>, what: &str, text: &str) -> bool {
+        let Some(b) = self.defaults.budget.clone() else {
+            return true;
+        };
+        let room = self.item_room(&b);
+        let n = b.text_positions(text, room);
+        self.fits(eid, what, n)
+    }
+
+    fn audio_fits(&mut self, eid: &Option<String>, what: &str, samples16: usize) -> bool {
+        let n = self.defaults.budget.as_ref().map(|b| (b.audio)(samples16));
+        self.fits(eid, what, n)
     }
 
     fn start_vad(&mut self, v: &ServerVad) -> Result<(), String> {
@@ -354,7 +494,7 @@ impl Session {
             prefix_padding: Duration::from_millis(v.prefix_padding_ms),
             min_silence: Duration::from_millis(v.silence_duration_ms),
             min_speech: self.defaults.min_speech,
-            ..VadConfig::with_threshold(v.threshold)
+            ..VadConfig::with_threshold(v.threshold as f32)
         };
         config.validate()?;
         // Keep the model (and its ONNX session) when only the knobs change.
@@ -371,6 +511,7 @@ impl Session {
             resampler: Resampler::new(SAMPLE_RATE, MODEL_RATE)?,
             pending: Vec::new(),
             item_id: None,
+            base_ms: self.appended / SAMPLES_PER_MS,
         });
         Ok(())
     }
@@ -401,6 +542,34 @@ impl Session {
         if let Some(m) = u.max_output_tokens {
             s.max_output_tokens = m;
         }
+        let old = setup_of(&self.settings, &self.defaults.params);
+        let new = setup_of(&s, &self.defaults.params);
+        let mut system_positions = self.system_positions;
+        if let Some(b) = self.defaults.budget.clone() {
+            if old.instructions != new.instructions || old.tools != new.tools {
+                // The engine keeps the instructions under half the context.
+                let room = b.context / 2;
+                let system = dialog::tools::system_prompt(&new.instructions, &new.tools);
+                match b.text_positions(&system, room) {
+                    Some(n) if n + TURN_MARKERS < room => system_positions = n + TURN_MARKERS,
+                    n => {
+                        let size = n.map_or_else(
+                            || format!("{} bytes", system.len()),
+                            |n| format!("{} positions", n + TURN_MARKERS),
+                        );
+                        self.error(
+                            eid,
+                            "context_length_exceeded",
+                            format!(
+                                "the instructions (with the tools) take {size}; they must stay under half the model's context ({room} of {} positions); the session is unchanged",
+                                b.context
+                            ),
+                        );
+                        return;
+                    }
+                }
+            }
+        }
         if s.turn_detection != self.settings.turn_detection {
             match &s.turn_detection {
                 Some(v) => {
@@ -416,14 +585,13 @@ impl Session {
                 None => self.vad = None,
             }
         }
-        let old = setup_of(&self.settings, &self.defaults.params);
-        let new = setup_of(&s, &self.defaults.params);
         let changed = old.instructions != new.instructions
             || old.tools != new.tools
             || old.output != new.output
             || old.params.max_new_tokens != new.params.max_new_tokens
             || old.params.text.temperature != new.params.text.temperature;
         self.settings = s;
+        self.system_positions = system_positions;
         if changed {
             self.engine(EngineCall::Configure(new));
         }
@@ -445,6 +613,7 @@ impl Session {
             return;
         }
         self.buffer.extend_from_slice(samples);
+        self.appended += samples.len() as u64;
         if self.buffer.len() > max {
             // With server VAD the buffer only backs a manual commit; the VAD keeps what it
             // needs of an utterance itself.
@@ -496,11 +665,15 @@ impl Session {
         match e {
             VadEvent::SpeechStarted { at } => {
                 let item_id = self.new_id("item");
+                let mut base = 0;
                 if let Some(vad) = &mut self.vad {
                     vad.item_id = Some(item_id.clone());
+                    base = vad.base_ms;
                 }
+                // Where the committed audio will begin: the speech less the prefix padding.
+                let start = (at.as_millis() as u64).saturating_sub(settings.prefix_padding_ms);
                 self.send(ServerEvent::SpeechStarted {
-                    audio_start_ms: at.as_millis() as u64,
+                    audio_start_ms: base + start,
                     item_id,
                 });
                 if settings.interrupt_response && self.active.is_some() {
@@ -513,11 +686,16 @@ impl Session {
                     .as_mut()
                     .and_then(|v| v.item_id.take())
                     .unwrap_or_else(|| self.new_id("item"));
+                let base = self.vad.as_ref().map_or(0, |v| v.base_ms);
+                // The end of the speech and the silence that confirmed it.
                 self.send(ServerEvent::SpeechStopped {
-                    audio_end_ms: at.as_millis() as u64,
+                    audio_end_ms: base + at.as_millis() as u64 + settings.silence_duration_ms,
                     item_id: item_id.clone(),
                 });
                 self.buffer.clear();
+                if !self.audio_fits(&None, "the utterance", audio.len()) {
+                    return;
+                }
                 self.commit_audio(item_id, audio);
                 if settings.create_response {
                     if self.active.is_some() {
@@ -543,18 +721,24 @@ impl Session {
             return;
         }
         let audio = std::mem::take(&mut self.buffer);
+        let now = self.appended / SAMPLES_PER_MS;
         let item_id = match &mut self.vad {
             Some(vad) => {
                 vad.endpointer = Endpointer::new(vad.endpointer.config().clone());
                 vad.resampler.reset();
                 vad.pending.clear();
+                vad.base_ms = now;
                 vad.item_id.take()
             }
             None => None,
         }
         .unwrap_or_else(|| self.new_id("item"));
         match Resampler::resample_all(SAMPLE_RATE, MODEL_RATE, &audio) {
-            Ok(audio16) => self.commit_audio(item_id, audio16),
+            Ok(audio16) => {
+                if self.audio_fits(&eid, "the committed audio", audio16.len()) {
+                    self.commit_audio(item_id, audio16)
+                }
+            }
             Err(e) => self.error(eid, "invalid_audio", e),
         }
     }
@@ -570,25 +754,27 @@ impl Session {
     }
 
     fn add_user_audio(&mut self, item_id: String, previous: Option<String>, audio16: Vec<f32>) {
-        self.items.push(Item {
+        let view = ItemView {
             id: item_id.clone(),
-            kind: ItemKind::User,
-            in_engine: true,
-        });
-        self.send(ServerEvent::ItemCreated {
-            previous_item_id: previous,
-            item: ItemView {
+            status: ItemStatus::Completed,
+            body: ItemBody::UserAudio { transcript: None },
+        };
+        self.push_item(
+            Item {
                 id: item_id.clone(),
-                status: ItemStatus::Completed,
-                body: ItemBody::UserAudio { transcript: None },
+                kind: ItemKind::User,
+                in_engine: true,
+                view,
             },
-        });
+            previous,
+            true,
+        );
         if self.settings.transcription.is_some() {
             self.transcribing.insert(
                 item_id.clone(),
                 audio16.len() as f64 / f64::from(MODEL_RATE),
             );
-            self.engine(EngineCall::Transcribe {
+            self.deferred.push(EngineCall::Transcribe {
                 item_id: item_id.clone(),
                 audio: audio16.clone(),
             });
@@ -596,46 +782,48 @@ impl Session {
         self.engine(EngineCall::Add {
             item_id,
             content: Content::UserAudio(audio16),
+            place: Placement::End,
         });
     }
 
-    fn create_item(
+    /// Puts an item at the end of the conversation and tells the client: `added` (and `done`
+    /// when it is final already).
+    fn push_item(&mut self, item: Item, previous: Option<String>, done: bool) {
+        let view = item.view.clone();
+        self.items.push(item);
+        self.send(ServerEvent::ItemAdded {
+            previous_item_id: previous.clone(),
+            item: view.clone(),
+        });
+        if done {
+            self.send(ServerEvent::ItemDone {
+                previous_item_id: previous,
+                item: view,
+            });
+        }
+    }
+
+    /// Tells the client that an item is final, as it is now.
+    fn item_done(&mut self, item_id: &str) {
+        let Some(pos) = self.items.iter().position(|i| i.id == item_id) else {
+            return;
+        };
+        let previous = pos.checked_sub(1).map(|p| self.items[p].id.clone());
+        let item = self.items[pos].view.clone();
+        self.send(ServerEvent::ItemDone {
+            previous_item_id: previous,
+            item,
+        });
+    }
+
+    /// The engine content of a new item, with its kind and view; None (after an error event)
+    /// when it is refused.
+    fn item_content(
         &mut self,
-        eid: Option<String>,
-        previous_item_id: Option<String>,
-        id: Option<String>,
+        eid: &Option<String>,
         content: NewItemContent,
-    ) {
-        let last = self.items.last().map(|i| i.id.clone());
-        if let Some(p) = &previous_item_id {
-            let at_end = match &last {
-                Some(l) => l == p,
-                None => p == "root",
-            };
-            if !at_end {
-                self.error(
-                    eid,
-                    "unsupported_value",
-                    format!(
-                        "lfm2d adds items at the end of the conversation: previous_item_id must be the last item ({}), got {p:?}",
-                        last.as_deref().unwrap_or("root")
-                    ),
-                );
-                return;
-            }
-        }
-        if let Some(id) = &id {
-            if self.items.iter().any(|i| &i.id == id) {
-                self.error(
-                    eid,
-                    "duplicate_item_id",
-                    format!("an item with id {id:?} exists already"),
-                );
-                return;
-            }
-        }
-        let item_id = id.unwrap_or_else(|| self.new_id("item"));
-        let (kind, body, content) = match content {
+    ) -> Option<(ItemKind, ItemBody, Content)> {
+        let r = match content {
             NewItemContent::UserText(t) => (
                 ItemKind::User,
                 ItemBody::UserText(t.clone()),
@@ -644,22 +832,27 @@ impl Session {
             NewItemContent::UserAudio(a) => {
                 if (a.len() as u64) < SAMPLES_PER_MS * 20 {
                     self.error(
-                        eid,
+                        eid.clone(),
                         "invalid_audio",
                         "an audio item needs at least 20 ms of audio",
                     );
-                    return;
+                    return None;
                 }
-                match Resampler::resample_all(SAMPLE_RATE, MODEL_RATE, &a) {
-                    Ok(a16) => {
-                        self.add_user_audio(item_id, last, a16);
-                        return;
-                    }
+                let a16 = match Resampler::resample_all(SAMPLE_RATE, MODEL_RATE, &a) {
+                    Ok(a16) => a16,
                     Err(e) => {
-                        self.error(eid, "invalid_audio", e);
-                        return;
+                        self.error(eid.clone(), "invalid_audio", e);
+                        return None;
                     }
+                };
+                if !self.audio_fits(eid, "the audio item", a16.len()) {
+                    return None;
                 }
+                (
+                    ItemKind::User,
+                    ItemBody::UserAudio { transcript: None },
+                    Content::UserAudio(a16),
+                )
             }
             NewItemContent::AssistantText(t) => (
                 ItemKind::Assistant {
@@ -672,6 +865,11 @@ impl Session {
                 },
                 Content::AssistantText(t),
             ),
+            NewItemContent::SystemText(t) => (
+                ItemKind::System,
+                ItemBody::SystemText(t.clone()),
+                Content::SystemText(t),
+            ),
             NewItemContent::FunctionCallOutput { call_id, output } => (
                 ItemKind::FunctionCallOutput,
                 ItemBody::FunctionCallOutput {
@@ -681,20 +879,103 @@ impl Session {
                 Content::ToolResult { call_id, output },
             ),
         };
-        self.items.push(Item {
-            id: item_id.clone(),
-            kind,
-            in_engine: true,
-        });
-        self.send(ServerEvent::ItemCreated {
-            previous_item_id: last,
-            item: ItemView {
-                id: item_id.clone(),
-                status: ItemStatus::Completed,
-                body,
+        let text = match &r.2 {
+            Content::UserText(t) | Content::AssistantText(t) | Content::SystemText(t) => {
+                Some(t.as_str())
+            }
+            Content::ToolResult { output, .. } => Some(output.as_str()),
+            Content::UserAudio(_) => None,
+        };
+        if let Some(text) = text {
+            let text = text.to_owned();
+            if !self.text_fits(eid, "the item", &text) {
+                return None;
+            }
+        }
+        Some(r)
+    }
+
+    fn create_item(
+        &mut self,
+        eid: Option<String>,
+        previous_item_id: Option<String>,
+        id: Option<String>,
+        content: NewItemContent,
+    ) {
+        let pos = match previous_item_id.as_deref() {
+            None => self.items.len(),
+            Some("root") => 0,
+            Some(p) => match self.items.iter().position(|i| i.id == p) {
+                Some(i) => i + 1,
+                None => {
+                    self.error(
+                        eid,
+                        "item_not_found",
+                        format!("previous_item_id {p:?} is not in the conversation (\"root\" puts the item first)"),
+                    );
+                    return;
+                }
             },
+        };
+        if let Some(id) = &id {
+            if self.items.iter().any(|i| &i.id == id) {
+                self.error(
+                    eid,
+                    "duplicate_item_id",
+                    format!("an item with id {id:?} exists already"),
+                );
+                return;
+            }
+        }
+        let Some((kind, body, content)) = self.item_content(&eid, content) else {
+            return;
+        };
+        let item_id = id.unwrap_or_else(|| self.new_id("item"));
+        // The engine knows the items it holds: the new one goes after the nearest of those.
+        let place = if pos == self.items.len() {
+            Placement::End
+        } else {
+            match self.items[..pos].iter().rev().find(|i| i.in_engine) {
+                Some(i) => Placement::After(i.id.clone()),
+                None => Placement::Start,
+            }
+        };
+        let previous = pos.checked_sub(1).map(|i| self.items[i].id.clone());
+        let view = ItemView {
+            id: item_id.clone(),
+            status: ItemStatus::Completed,
+            body,
+        };
+        self.items.insert(
+            pos,
+            Item {
+                id: item_id.clone(),
+                kind,
+                in_engine: true,
+                view: view.clone(),
+            },
+        );
+        self.send(ServerEvent::ItemAdded {
+            previous_item_id: previous.clone(),
+            item: view.clone(),
         });
-        self.engine(EngineCall::Add { item_id, content });
+        self.send(ServerEvent::ItemDone {
+            previous_item_id: previous,
+            item: view,
+        });
+        if let (Content::UserAudio(a16), Some(_)) = (&content, &self.settings.transcription) {
+            self.transcribing
+                .insert(item_id.clone(), a16.len() as f64 / f64::from(MODEL_RATE));
+            self.deferred.push(EngineCall::Transcribe {
+                item_id: item_id.clone(),
+                audio: a16.clone(),
+            });
+        }
+        self.engine(EngineCall::Add {
+            item_id,
+            content,
+            place,
+        });
     }
 
     fn truncate(&mut self, eid: Option<String>, item_id: String, content_index: u32, ms: u64) {
@@ -769,6 +1050,19 @@ impl Session {
 
     fn respond(&mut self, o: ResponseOptions) {
         self.pending_reply = false;
+        let mut input = None;
+        if let Some(items) = o.input {
+            let mut given = Vec::new();
+            for item in items {
+                let Some((_, _, content)) = self.item_content(&None, item.content) else {
+                    return;
+                };
+                let id = item.id.unwrap_or_else(|| self.new_id("item"));
+                given.push((id, content));
+            }
+            input = Some(given);
+        }
+        let apart = o.apart;
         let modality = o.modality.unwrap_or(self.settings.modality);
         let response_id = self.new_id("resp");
         let item_id = self.new_id("item");
@@ -779,6 +1073,8 @@ impl Session {
             output: Vec::new(),
             error: None,
             metadata: o.metadata,
+            usage: None,
+            conversation: apart.then(|| "none".to_owned()),
         };
         self.send(ServerEvent::ResponseCreated(view.clone()));
         self.active = Some(Active {
@@ -790,12 +1086,20 @@ impl Session {
             text: String::new(),
             sent_samples: 0,
             cancelled: None,
+            usage: None,
+            hit_limit: false,
+            apart,
         });
-        self.engine(EngineCall::Respond(Respond {
+        let respond = Respond {
             response_id,
             item_id,
             output: Some(output_of(modality)),
-        }));
+        };
+        if apart {
+            self.engine(EngineCall::RespondApart { respond, input });
+        } else {
+            self.engine(EngineCall::Respond(respond));
+        }
     }
 
     fn cancel(&mut self, turn_detected: bool) {
@@ -864,7 +1168,7 @@ impl Session {
             self.out.push(Effect::Send(ServerEvent::OutputItemDone {
                 response_id: a.view.id.clone(),
                 output_index: index,
-                item,
+                item: item.clone(),
             }));
             let kept = kept_samples.unwrap_or(a.sent_samples);
             if let Some(i) = self.items.iter_mut().find(|i| i.id == a.item_id) {
@@ -872,9 +1176,12 @@ impl Session {
                     modality: dialect_modality,
                     audio_samples: kept,
                 };
+                i.view = item;
             }
+            self.item_done(&a.item_id);
         }
         a.view.status = status;
+        a.view.usage = a.usage.or_else(|| Some(Usage::default()));
         self.out
             .push(Effect::Send(ServerEvent::ResponseDone(a.view)));
         if self.pending_reply {
@@ -903,24 +1210,28 @@ impl Session {
         let response_id = a.view.id.clone();
         let modality = a.view.modality;
         let item_id = a.item_id.clone();
+        let apart = a.apart;
         let previous = self.items.last().map(|i| i.id.clone());
-        self.items.push(Item {
-            id: item_id.clone(),
-            kind: ItemKind::Assistant {
-                modality,
-                audio_samples: 0,
-            },
-            in_engine: true,
-        });
         self.send(ServerEvent::OutputItemAdded {
             response_id: response_id.clone(),
             output_index: index,
             item: item.clone(),
         });
-        self.send(ServerEvent::ItemCreated {
-            previous_item_id: previous,
-            item,
-        });
+        if !apart {
+            self.push_item(
+                Item {
+                    id: item_id.clone(),
+                    kind: ItemKind::Assistant {
+                        modality,
+                        audio_samples: 0,
+                    },
+                    in_engine: true,
+                    view: item,
+                },
+                previous,
+                false,
+            );
+        }
         self.send(ServerEvent::ContentPartAdded {
             at: PartRef {
                 response_id,
@@ -958,6 +1269,23 @@ impl Session {
             ConvEvent::Added { .. }
             | ConvEvent::ToolResult { .. }
             | ConvEvent::TimerFired { .. } => {}
+            ConvEvent::ReplyUsage {
+                response_id,
+                usage,
+                hit_limit,
+            } => {
+                if let Some(a) = &mut self.active {
+                    if a.view.id == response_id {
+                        a.usage = Some(Usage {
+                            input_text: usage.input_text,
+                            input_audio: usage.input_audio,
+                            output_text: usage.output_text,
+                            output_audio: usage.output_audio,
+                        });
+                        a.hit_limit = hit_limit;
+                    }
+                }
+            }
             ConvEvent::ReplyStarted { response_id, .. } => {
                 if let Some(a) = &mut self.active {
                     if a.view.id == response_id {
@@ -1011,18 +1339,17 @@ impl Session {
                 text,
                 ..
             } => {
+                // The final text is what the deltas carried (the engine's, trimmed, may differ
+                // in white space).
+                let _ = text;
                 if self.is_live(&response_id) {
-                    if let Some(a) = &mut self.active {
-                        if a.message.is_some() && a.view.modality == Modality::Text {
-                            // The engine's final text is authoritative.
-                            a.text = text;
-                        }
-                    }
+                    let hit_limit = self.active.as_ref().is_some_and(|a| a.hit_limit);
                     let status = match self.active.as_ref().and_then(|a| a.cancelled) {
                         Some(turn_detected) => ResponseStatus::Cancelled { turn_detected },
                         None if cancelled => ResponseStatus::Cancelled {
                             turn_detected: false,
                         },
+                        None if hit_limit => ResponseStatus::Incomplete,
                         None => ResponseStatus::Completed,
                     };
                     self.finish(status, Some(audio_samples));
@@ -1031,8 +1358,13 @@ impl Session {
             ConvEvent::Truncated {
                 item_id,
                 audio_samples,
-                ..
+                text,
             } => {
+                if let Some(i) = self.items.iter_mut().find(|i| i.id == item_id) {
+                    if let ItemBody::Assistant { text: t, .. } = &mut i.view.body {
+                        *t = text;
+                    }
+                }
                 let ms = self
                     .truncating
                     .remove(&item_id)
@@ -1054,6 +1386,11 @@ impl Session {
             ConvEvent::Deleted { item_id } => self.send(ServerEvent::ItemDeleted { item_id }),
             ConvEvent::Transcript { item_id, text } => {
                 let seconds = self.transcribing.remove(&item_id).unwrap_or(0.0);
+                if let Some(i) = self.items.iter_mut().find(|i| i.id == item_id) {
+                    i.view.body = ItemBody::UserAudio {
+                        transcript: Some(text.clone()),
+                    };
+                }
                 self.send(ServerEvent::TranscriptionCompleted {
                     item_id,
                     transcript: text,
@@ -1091,7 +1428,7 @@ impl Session {
                 }
             }
         }
-        std::mem::take(&mut self.out)
+        self.take_out()
     }
 
     fn tool_call(&mut self, response_id: String, call_id: String, name: String, arguments: String) {
@@ -1137,21 +1474,29 @@ impl Session {
         };
         a.view.output.push(done.clone());
         let response_id = a.view.id.clone();
+        let apart = a.apart;
         let previous = self.items.last().map(|i| i.id.clone());
-        self.items.push(Item {
-            id: item_id.clone(),
-            kind: ItemKind::FunctionCall,
-            in_engine: use_engine_id,
-        });
         self.send(ServerEvent::OutputItemAdded {
             response_id: response_id.clone(),
             output_index: index,
             item: added.clone(),
         });
-        self.send(ServerEvent::ItemCreated {
-            previous_item_id: previous,
-            item: added,
-        });
+        if !apart {
+            self.push_item(
+                Item {
+                    id: item_id.clone(),
+                    kind: ItemKind::FunctionCall,
+                    in_engine: use_engine_id,
+                    view: done.clone(),
+                },
+                previous,
+                false,
+            );
+            // Shown in progress, as it was added.
+            if let Some(i) = self.items.last_mut() {
+                i.view = added;
+            }
+        }
         self.send(ServerEvent::FunctionCallArgumentsDelta {
             response_id: response_id.clone(),
             item_id: item_id.clone(),
@@ -1170,8 +1515,12 @@ impl Session {
         self.send(ServerEvent::OutputItemDone {
             response_id,
             output_index: index,
-            item: done,
+            item: done.clone(),
         });
+        if let Some(i) = self.items.iter_mut().find(|i| i.id == done.id) {
+            i.view = done.clone();
+        }
+        self.item_done(&done.id);
     }
 
     /// The engine conversation has gone: an error, and the reply in progress fails.
@@ -1211,6 +1560,7 @@ mod tests {
             },
             min_speech: Duration::from_millis(250),
             max_buffer_samples: 10 * SAMPLE_RATE as usize,
+            budget: None,
         }
     }
 
@@ -1233,6 +1583,7 @@ mod tests {
     fn names(effects: &[Effect], dialect: Dialect) -> Vec<String> {
         effects
             .iter()
+            .filter(|e| !matches!(e, Effect::Send(ev) if !ev.exists_in(dialect)))
             .map(|e| match e {
                 Effect::Send(ev) => ev.name(dialect).to_string(),
                 Effect::Engine(c) => format!(
@@ -1294,7 +1645,7 @@ mod tests {
         let Effect::Engine(EngineCall::Add {
             content: Content::UserAudio(a),
             ..
-        }) = &out[2]
+        }) = &out[3]
         else {
             panic!("{out:?}")
         };
@@ -1342,7 +1693,7 @@ mod tests {
             names(&out, Dialect::Ga),
             [
                 "response.output_item.added",
-                "conversation.item.created",
+                "conversation.item.added",
                 "response.content_part.added",
                 "response.output_audio_transcript.delta",
                 "response.output_audio.delta",
@@ -1351,6 +1702,7 @@ mod tests {
                 "response.output_audio_transcript.done",
                 "response.content_part.done",
                 "response.output_item.done",
+                "conversation.item.done",
                 "response.done",
             ]
         );
@@ -1518,10 +1870,11 @@ mod tests {
             names(&out, Dialect::Ga),
             [
                 "response.output_item.added",
-                "conversation.item.created",
+                "conversation.item.added",
                 "response.function_call_arguments.delta",
                 "response.function_call_arguments.done",
                 "response.output_item.done",
+                "conversation.item.done",
                 "response.done",
             ]
         );
@@ -1568,9 +1921,53 @@ mod tests {
         assert!(error_message(&out).contains("exists already"));
         let out = client(
             &mut s,
-            r#"{"type": "conversation.item.create", "previous_item_id": "root", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#,
+            r#"{"type": "conversation.item.create", "previous_item_id": "nope", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}"#,
         );
         assert!(error_message(&out).contains("previous_item_id"));
+        // "root" puts an item first; a system item is an item like the others.
+        let out = client(
+            &mut s,
+            r#"{"type": "conversation.item.create", "previous_item_id": "root", "item": {"id": "s0", "type": "message", "role": "system", "content": [{"type": "input_text", "text": "Be terse."}]}}"#,
+        );
+        assert!(
+            matches!(
+                out.last(),
+                Some(Effect::Engine(EngineCall::Add {
+                    content: Content::SystemText(_),
+                    place: Placement::Start,
+                    ..
+                }))
+            ),
+            "{out:?}"
+        );
+        let out = client(
+            &mut s,
+            r#"{"type": "conversation.item.create", "previous_item_id": "s0", "item": {"id": "u0", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hey"}]}}"#,
+        );
+        assert!(
+            matches!(
+                out.last(),
+                Some(Effect::Engine(EngineCall::Add { place: Placement::After(p), .. })) if p == "s0"
+            ),
+            "{out:?}"
+        );
+        let Some(Effect::Send(ServerEvent::ItemAdded {
+            previous_item_id, ..
+        })) = out.first()
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(previous_item_id.as_deref(), Some("s0"));
+        let out = client(
+            &mut s,
+            r#"{"type": "conversation.item.retrieve", "item_id": "u0"}"#,
+        );
+        let Some(Effect::Send(ServerEvent::ItemRetrieved { item })) = out.first() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(item.body, ItemBody::UserText("Hey".into()));
+        let ids: Vec<&str> = s.items.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["s0", "u0", "u1"]);
         let out = client(
             &mut s,
             r#"{"type": "conversation.item.delete", "item_id": "u1"}"#,
@@ -1629,7 +2026,8 @@ mod tests {
                 "input_audio_buffer.speech_started",
                 "input_audio_buffer.speech_stopped",
                 "input_audio_buffer.committed",
-                "conversation.item.created",
+                "conversation.item.added",
+                "conversation.item.done",
                 "engine:Add",
                 "response.created",
                 "engine:Respond",
@@ -1649,11 +2047,27 @@ mod tests {
             panic!()
         };
         assert_eq!(a, b);
-        assert!((400..700).contains(audio_start_ms), "{audio_start_ms}");
-        assert!(*audio_end_ms > audio_start_ms + 500, "{audio_end_ms}");
+        // The speech begins at about 500 ms; the committed audio 300 ms (the prefix) before.
+        assert!((100..400).contains(audio_start_ms), "{audio_start_ms}");
+        assert!(*audio_end_ms > audio_start_ms + 800, "{audio_end_ms}");
+        // The committed audio: from audio_start_ms to the end of the speech (audio_end_ms less
+        // the 500 ms of silence).
+        let Effect::Engine(EngineCall::Add {
+            content: Content::UserAudio(a),
+            ..
+        }) = &out[5]
+        else {
+            panic!()
+        };
+        let committed_ms = a.len() as u64 / 16;
+        let span = audio_end_ms - 500 - audio_start_ms;
+        assert!(
+            committed_ms.abs_diff(span) <= 40,
+            "{committed_ms} vs {span}"
+        );
         // Speaking over the reply cancels it (interrupt_response).
         let (rid, _) = {
-            let Effect::Engine(EngineCall::Respond(r)) = &out[6] else {
+            let Effect::Engine(EngineCall::Respond(r)) = &out[7] else {
                 panic!()
             };
             (r.response_id.clone(), r.item_id.clone())
@@ -1672,5 +2086,203 @@ mod tests {
             names(&out, Dialect::Ga)[..2],
             ["input_audio_buffer.speech_started", "engine:Cancel"]
         );
+    }
+
+    #[test]
+    fn a_reply_cut_by_the_limit_is_incomplete_and_reports_its_usage() {
+        let mut s = manual();
+        let (rid, iid) = start_reply(&mut s);
+        let mut out = s.handle_engine(ConvEvent::Text {
+            response_id: rid.clone(),
+            piece: "Hé".into(),
+        });
+        out.extend(s.handle_engine(ConvEvent::ReplyUsage {
+            response_id: rid.clone(),
+            usage: crate::engine::Usage {
+                input_text: 30,
+                input_audio: 50,
+                output_text: 3,
+                output_audio: 1,
+            },
+            hit_limit: true,
+        }));
+        // The engine's own text (trimmed, with a broken last character) is not what is shown:
+        // the done events carry what the deltas carried.
+        out.extend(s.handle_engine(ConvEvent::ReplyDone {
+            response_id: rid,
+            item_id: iid,
+            text: "Hé\u{FFFD}".into(),
+            audio_samples: 1920,
+            cancelled: false,
+        }));
+        let Some(Effect::Send(ServerEvent::ResponseDone(r))) = out.last() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(r.status, ResponseStatus::Incomplete);
+        let v = r.to_json(Dialect::Ga);
+        assert_eq!(v["status"], "incomplete");
+        assert_eq!(v["status_details"]["reason"], "max_output_tokens");
+        assert_eq!(v["usage"]["total_tokens"], 84);
+        assert_eq!(v["usage"]["input_tokens"], 80);
+        assert_eq!(v["usage"]["input_token_details"]["audio_tokens"], 50);
+        assert_eq!(v["usage"]["output_token_details"]["text_tokens"], 3);
+        assert_eq!(v["usage"]["output_token_details"]["audio_tokens"], 1);
+        assert!(out.iter().any(|e| matches!(
+            e,
+            Effect::Send(ServerEvent::TranscriptDone { transcript, .. }) if transcript == "Hé"
+        )));
+        let Some(Effect::Send(ServerEvent::ItemDone { item, .. })) = out
+            .iter()
+            .rev()
+            .find(|e| matches!(e, Effect::Send(ServerEvent::ItemDone { .. })))
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(item.status, ItemStatus::Incomplete);
+    }
+
+    /// A budget where every word (or 100 samples of audio) is one position.
+    fn budgeted(context: usize) -> Session {
+        let mut d = defaults(false);
+        d.budget = Some(Budget {
+            context,
+            text: Arc::new(|t: &str| t.split_whitespace().count()),
+            audio: Arc::new(|n: usize| n / 100),
+        });
+        let (mut s, _) = Session::new(1, d, Dialect::Ga);
+        s.start();
+        s
+    }
+
+    #[test]
+    fn what_cannot_fit_the_context_is_refused_when_it_is_given() {
+        let mut s = budgeted(1000);
+        // Instructions: under half the context.
+        let text = serde_json::json!({"type": "session.update", "session": {"instructions": "w ".repeat(600)}});
+        let out = client(&mut s, &text.to_string());
+        assert!(error_message(&out).contains("half"), "{out:?}");
+        assert!(!out.iter().any(|e| matches!(e, Effect::Engine(_))));
+        assert_eq!(s.settings.instructions, "Be brief.");
+        // Megabytes are refused without being measured.
+        let text = serde_json::json!({"type": "session.update", "session": {"instructions": "w".repeat(8 << 20)}});
+        let out = client(&mut s, &text.to_string());
+        assert!(error_message(&out).contains("bytes"), "{out:?}");
+        let text = serde_json::json!({"type": "session.update", "session": {"instructions": "w ".repeat(400)}});
+        let out = client(&mut s, &text.to_string());
+        assert!(
+            matches!(out[0], Effect::Engine(EngineCall::Configure(_))),
+            "{out:?}"
+        );
+        // Items: the context less the instructions (408) and the reply's room (64 + 8).
+        let item = |n: usize| {
+            serde_json::json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "w ".repeat(n)}]}}).to_string()
+        };
+        let out = client(&mut s, &item(600));
+        assert!(error_message(&out).contains("at most 520 fit"), "{out:?}");
+        assert!(s.items.is_empty());
+        let out = client(&mut s, &item(500));
+        assert!(matches!(
+            out.last(),
+            Some(Effect::Engine(EngineCall::Add { .. }))
+        ));
+        // Audio: a commit of 5 s at 16 kHz is 800 positions here.
+        append_ms(&mut s, 5_000);
+        let out = client(&mut s, r#"{"type": "input_audio_buffer.commit"}"#);
+        assert!(error_message(&out).contains("committed audio"), "{out:?}");
+    }
+
+    #[test]
+    fn transcription_is_asked_for_after_the_item_and_the_reply() {
+        let mut s = manual();
+        client(
+            &mut s,
+            r#"{"type": "session.update", "session": {"input_audio_transcription": {"model": "whisper-1"}}}"#,
+        );
+        append_ms(&mut s, 300);
+        let out = client(&mut s, r#"{"type": "input_audio_buffer.commit"}"#);
+        assert_eq!(
+            names(&out, Dialect::Beta).last().map(String::as_str),
+            Some("engine:Transcribe"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn an_out_of_band_reply_stays_out_of_the_conversation() {
+        let mut s = manual();
+        let out = client(
+            &mut s,
+            r#"{"type": "response.create", "response": {"conversation": "none", "output_modalities": ["text"], "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Sum up."}]}]}}"#,
+        );
+        let Some(Effect::Engine(EngineCall::RespondApart { respond, input })) = out.last() else {
+            panic!("{out:?}")
+        };
+        assert!(matches!(input.as_deref(), Some([(_, Content::UserText(t))]) if t == "Sum up."));
+        let (rid, iid) = (respond.response_id.clone(), respond.item_id.clone());
+        let mut out = s.handle_engine(ConvEvent::Text {
+            response_id: rid.clone(),
+            piece: "Ok".into(),
+        });
+        out.extend(s.handle_engine(ConvEvent::ReplyDone {
+            response_id: rid,
+            item_id: iid.clone(),
+            text: "Ok".into(),
+            audio_samples: 0,
+            cancelled: false,
+        }));
+        assert_eq!(
+            names(&out, Dialect::Ga),
+            [
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.done",
+            ]
+        );
+        let Some(Effect::Send(ServerEvent::ResponseDone(r))) = out.last() else {
+            panic!()
+        };
+        assert_eq!(
+            r.to_json(Dialect::Ga)["conversation_id"],
+            serde_json::Value::Null
+        );
+        assert!(s.items.is_empty());
+        let out = client(
+            &mut s,
+            &format!(r#"{{"type": "conversation.item.retrieve", "item_id": "{iid}"}}"#),
+        );
+        assert!(error_message(&out).contains("no item"));
+    }
+
+    #[test]
+    fn session_values_echo_as_the_client_wrote_them() {
+        let env = parse(
+            r#"{"type": "session.update", "session": {"turn_detection": {"type": "server_vad", "threshold": 0.6}, "temperature": 0.7}}"#,
+        )
+        .unwrap();
+        let ClientEvent::SessionUpdate(u) = env.event else {
+            panic!()
+        };
+        let vad = u.turn_detection.unwrap().unwrap();
+        let view = SessionView {
+            id: "s".into(),
+            model: "m".into(),
+            instructions: String::new(),
+            voice: "v".into(),
+            modality: Modality::Audio,
+            transcription: None,
+            turn_detection: Some(vad),
+            tools: Vec::new(),
+            temperature: u.temperature.unwrap(),
+            max_output_tokens: None,
+        };
+        let beta = view.to_json(Dialect::Beta).to_string();
+        assert!(beta.contains(r#""threshold":0.6,"#), "{beta}");
+        assert!(beta.contains(r#""temperature":0.7,"#), "{beta}");
+        let ga = view.to_json(Dialect::Ga).to_string();
+        assert!(ga.contains(r#""threshold":0.6,"#), "{ga}");
     }
 }

@@ -115,6 +115,7 @@ pub fn run(args: &Args, address: &str, listen: Option<&str>) -> anyhow::Result<(
         Vec::new()
     };
     tools.extend(cfg.tools.iter().cloned());
+    let model_ref = Arc::clone(&model);
     let (engine, engine_thread) = crate::engine::spawn_with(
         model,
         detok,
@@ -135,7 +136,14 @@ pub fn run(args: &Args, address: &str, listen: Option<&str>) -> anyhow::Result<(
     let realtime = realtime_addr.map(|a| {
         (
             a,
-            crate::realtime::shared(&cfg, &model_dir, engine.clone(), api_key.clone(), started),
+            crate::realtime::shared(
+                &cfg,
+                &model_dir,
+                &model_ref,
+                engine.clone(),
+                api_key.clone(),
+                started,
+            ),
         )
     });
     let zeroconf_on = cfg.wyoming.zeroconf && !args.no_zeroconf;
