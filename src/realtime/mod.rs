@@ -63,7 +63,14 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
             context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
         },
     )?;
-    let shared = shared(&cfg, &model_dir, &model_ref, engine.clone(), api_key, started);
+    let shared = shared(
+        &cfg,
+        &model_dir,
+        &model_ref,
+        engine.clone(),
+        api_key,
+        started,
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
