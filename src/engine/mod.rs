@@ -152,6 +152,14 @@ pub enum ConvEvent {
     Deleted {
         item_id: String,
     },
+    /// A piece of a transcript as it is decoded (only with
+    /// [`Conversation::transcribe_streaming`]); the pieces come before the [`Transcript`].
+    ///
+    /// [`Transcript`]: ConvEvent::Transcript
+    TranscriptDelta {
+        item_id: String,
+        text: String,
+    },
     /// The transcript of a user audio item (asked for with [`Conversation::transcribe`]).
     Transcript {
         item_id: String,
@@ -260,6 +268,8 @@ pub(crate) enum Job {
         conv: u64,
         item_id: String,
         audio: Vec<f32>,
+        /// Send the text piece by piece as it is decoded too.
+        stream: bool,
     },
     Close {
         conv: u64,
@@ -403,6 +413,18 @@ impl Conversation {
             conv: self.id,
             item_id: item_id.into(),
             audio,
+            stream: false,
+        });
+    }
+
+    /// As [`Conversation::transcribe`], with [`ConvEvent::TranscriptDelta`]s as the text is
+    /// decoded before the whole [`ConvEvent::Transcript`].
+    pub fn transcribe_streaming(&self, item_id: impl Into<String>, audio: Vec<f32>) {
+        self.send(Job::Transcribe {
+            conv: self.id,
+            item_id: item_id.into(),
+            audio,
+            stream: true,
         });
     }
 }

@@ -634,7 +634,7 @@ fn transcripts_match_the_reference_asr() {
     let w = worker(&model, EngineOptions::default());
     let (conv, rx) = open(&w, setup(10));
     let len = conv.session.len();
-    w.transcribe(&conv, "u1".into(), &clip()).unwrap();
+    w.transcribe(&conv, "u1".into(), &clip(), false).unwrap();
     let text = match drain(&rx).as_slice() {
         [ConvEvent::Transcript { item_id, text }] if item_id == "u1" => text.clone(),
         other => panic!("{other:?}"),
@@ -658,6 +658,47 @@ fn transcripts_match_the_reference_asr() {
     } else {
         assert_eq!(text, want.trim());
     }
+}
+
+/// A streamed transcription sends the text in pieces as it is decoded, before the same whole
+/// transcript as without streaming.
+#[test]
+fn a_streamed_transcript_comes_in_pieces_that_add_up_to_it() {
+    let model = model();
+    let w = worker(&model, EngineOptions::default());
+    let (conv, rx) = open(&w, setup(10));
+    w.transcribe(&conv, "u1".into(), &clip(), false).unwrap();
+    let whole = match drain(&rx).as_slice() {
+        [ConvEvent::Transcript { text, .. }] => text.clone(),
+        other => panic!("{other:?}"),
+    };
+    w.transcribe(&conv, "u2".into(), &clip(), true).unwrap();
+    let events = drain(&rx);
+    let (last, pieces) = events.split_last().unwrap();
+    let mut joined = String::new();
+    for ev in pieces {
+        match ev {
+            ConvEvent::TranscriptDelta { item_id, text } if item_id == "u2" => {
+                assert!(!text.is_empty());
+                joined.push_str(text);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(pieces.len() > 1, "{} pieces of {whole:?}", pieces.len());
+    match last {
+        ConvEvent::Transcript { item_id, text } if item_id == "u2" => assert_eq!(text, &whole),
+        other => panic!("{other:?}"),
+    }
+    // The pieces hold back bytes that do not yet form a character: only such a tail (and
+    // white space) may be missing from them.
+    let rest = whole
+        .strip_prefix(joined.as_str())
+        .unwrap_or_else(|| panic!("{joined:?} is not the start of {whole:?}"));
+    assert!(
+        rest.chars().all(|c| c.is_whitespace() || c == '\u{FFFD}'),
+        "{rest:?}"
+    );
 }
 
 /// The whole path through the engine thread: open, add, respond, events in order, close.
@@ -750,6 +791,7 @@ fn the_queue_takes_conversations_in_turn() {
         conv: 2,
         item_id: "b0".into(),
         audio: Vec::new(),
+        stream: false,
     });
     let mut order = Vec::new();
     while let Some(j) = q.pop() {

@@ -373,7 +373,12 @@ impl Worker {
                 ..
             } => self.truncate(&mut conv, &item_id, audio_samples),
             Job::Delete { item_id, .. } => self.delete(&mut conv, &item_id),
-            Job::Transcribe { item_id, audio, .. } => self.transcribe(&conv, item_id, &audio),
+            Job::Transcribe {
+                item_id,
+                audio,
+                stream,
+                ..
+            } => self.transcribe(&conv, item_id, &audio, stream),
             Job::Open { .. } | Job::Close { .. } | Job::Shutdown => Ok(()),
         };
         if let Err(e) = result {
@@ -761,6 +766,7 @@ impl Worker {
         conv: &Conv,
         item_id: String,
         audio: &[f32],
+        stream: bool,
     ) -> anyhow::Result<()> {
         let model = &self.model;
         let emb = model.audio.embed(audio).context("encoding the speech")?;
@@ -769,13 +775,35 @@ impl Worker {
         let hidden = prefill_chat(&mut session, &chat)?;
         let mut sampler = Sampler::new(SamplingParams::GREEDY, 0);
         let special = model.tokenizer.special();
+        // Streamed pieces add up to the final text: no special tokens, no leading space.
+        let mut pieces = TextStream::new();
+        let mut sent = String::new();
         let (ids, _) = generate_text(
             &mut session,
             &hidden,
             &mut sampler,
             self.max_transcript_tokens,
             &[special.im_end],
-            |_| Ok(true),
+            |id| {
+                if stream {
+                    if let Some(piece) = pieces.push(&model.tokenizer, id)? {
+                        let piece = strip_specials(&piece);
+                        let piece = if sent.is_empty() {
+                            piece.trim_start()
+                        } else {
+                            &piece
+                        };
+                        if !piece.is_empty() {
+                            sent.push_str(piece);
+                            conv.emit(ConvEvent::TranscriptDelta {
+                                item_id: item_id.clone(),
+                                text: piece.to_owned(),
+                            });
+                        }
+                    }
+                }
+                Ok(true)
+            },
         )?;
         let text = strip_specials(&model.tokenizer.decode_readable(&ids)?)
             .trim()

@@ -1384,6 +1384,8 @@ impl Session {
                 });
             }
             ConvEvent::Deleted { item_id } => self.send(ServerEvent::ItemDeleted { item_id }),
+            // Input transcription is asked for whole (`Conversation::transcribe`).
+            ConvEvent::TranscriptDelta { .. } => {}
             ConvEvent::Transcript { item_id, text } => {
                 let seconds = self.transcribing.remove(&item_id).unwrap_or(0.0);
                 if let Some(i) = self.items.iter_mut().find(|i| i.id == item_id) {

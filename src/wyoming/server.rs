@@ -422,13 +422,20 @@ fn run_work(shared: &Shared, number: u64, work: Work, tx: &mpsc::UnboundedSender
                 Err(e) => return fail(job, e),
             };
             let item = format!("wy{number}-{job}-audio");
-            conv.transcribe(item.clone(), audio);
+            conv.transcribe_streaming(item.clone(), audio);
             forward(
                 &conv,
                 job,
                 tx,
-                |ev| matches!(ev, ConvEvent::Transcript { .. } | ConvEvent::Error { .. }),
-                |_| true,
+                |ev| {
+                    matches!(
+                        ev,
+                        ConvEvent::TranscriptDelta { .. }
+                            | ConvEvent::Transcript { .. }
+                            | ConvEvent::Error { .. }
+                    )
+                },
+                |ev| !matches!(ev, ConvEvent::TranscriptDelta { .. }),
             );
         }
         Work::Speak { job, text, voice } => {

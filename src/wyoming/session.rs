@@ -95,6 +95,8 @@ enum Job {
 enum Active {
     Transcribe {
         language: String,
+        /// Pieces of the text were sent as `transcript-chunk`s while it was decoded.
+        streamed: bool,
     },
     Speak,
     Converse {
@@ -533,7 +535,13 @@ impl Session {
                         "transcript-start",
                         json!({"language": language}),
                     ));
-                    self.active = Some((id, Active::Transcribe { language }));
+                    self.active = Some((
+                        id,
+                        Active::Transcribe {
+                            language,
+                            streamed: false,
+                        },
+                    ));
                     out.push(Effect::Engine(Work::Transcribe { job: id, audio }));
                 }
                 Job::Speak { text, voice } => {
@@ -593,9 +601,13 @@ impl Session {
         }
         let mut done = false;
         match active {
-            Active::Transcribe { language } => match ev {
+            Active::Transcribe { language, streamed } => match ev {
+                ConvEvent::TranscriptDelta { text, .. } => {
+                    *streamed = true;
+                    out.push(Self::send("transcript-chunk", json!({"text": text})));
+                }
                 ConvEvent::Transcript { text, .. } => {
-                    if !text.is_empty() {
+                    if !*streamed && !text.is_empty() {
                         out.push(Self::send("transcript-chunk", json!({"text": text})));
                     }
                     out.push(Self::send("transcript-stop", json!({})));
@@ -724,7 +736,7 @@ impl Session {
             return out;
         }
         match active {
-            Active::Transcribe { language } => {
+            Active::Transcribe { language, .. } => {
                 out.push(Self::error("engine_failed", message));
                 out.push(Self::send("transcript-stop", json!({})));
                 out.push(Self::send(
@@ -843,6 +855,51 @@ mod tests {
             sent(&out),
             ["transcript-chunk", "transcript-stop", "transcript"]
         );
+        assert_eq!(event(&out, "transcript").data["text"], "What time is it?");
+        assert!(!s.busy());
+    }
+
+    #[test]
+    fn a_transcript_streams_in_chunks_as_it_is_decoded() {
+        let mut s = Session::new(offer(), 1);
+        s.handle_client(ev("transcribe", json!({})));
+        s.handle_client(ev(
+            "audio-start",
+            json!({"rate": 16000, "width": 2, "channels": 1}),
+        ));
+        let chunk = ev(
+            "audio-chunk",
+            json!({"rate": 16000, "width": 2, "channels": 1}),
+        )
+        .with_payload(vec![0; 6400]);
+        s.handle_client(chunk);
+        let out = s.handle_client(Event::new("audio-stop"));
+        let Work::Transcribe { job, .. } = &work(&out)[0] else {
+            panic!("{out:?}")
+        };
+        let mut chunks = Vec::new();
+        for piece in ["What", " time", " is it?"] {
+            let out = s.handle_engine(
+                *job,
+                ConvEvent::TranscriptDelta {
+                    item_id: "x".into(),
+                    text: piece.into(),
+                },
+            );
+            assert_eq!(sent(&out), ["transcript-chunk"]);
+            chunks.push(event(&out, "transcript-chunk").data["text"].clone());
+            assert!(s.busy());
+        }
+        assert_eq!(chunks, ["What", " time", " is it?"]);
+        let out = s.handle_engine(
+            *job,
+            ConvEvent::Transcript {
+                item_id: "x".into(),
+                text: "What time is it?".into(),
+            },
+        );
+        // The text was streamed already: no chunk repeats it.
+        assert_eq!(sent(&out), ["transcript-stop", "transcript"]);
         assert_eq!(event(&out, "transcript").data["text"], "What time is it?");
         assert!(!s.busy());
     }
