@@ -673,3 +673,39 @@ fn the_engine_thread_serves_conversations_in_turn() {
     engine.shutdown();
     thread.join().unwrap();
 }
+
+/// The daemon asks for the transcript of each user turn after its reply; the next turn's reply
+/// must not wait for it (on a random model a transcript runs to its 448-token limit: seconds).
+/// Queued behind a reply, the transcript comes after the next reply too, and still comes.
+#[test]
+fn a_queued_transcription_never_holds_up_the_next_reply() {
+    let model = model();
+    let detok = codec::open_detokenizer(&fixture(), codec::DetokenizerChoice::Auto).unwrap();
+    let (engine, thread) = spawn_with(model, detok, EngineOptions::default()).unwrap();
+    let c = engine.open(setup(24)).unwrap();
+    let ask = |n: u32| {
+        c.add(format!("u{n}"), Content::UserAudio(clip()));
+        c.respond(Respond {
+            response_id: format!("r{n}"),
+            item_id: format!("r{n}"),
+            output: None,
+        });
+    };
+    // As the daemon queues them: turn 1, its transcript, turn 2 (all while turn 1 generates).
+    ask(1);
+    c.transcribe("u1", clip());
+    ask(2);
+    let mut order = Vec::new();
+    while order.len() < 3 {
+        match c.events().recv_timeout(Duration::from_secs(120)).unwrap() {
+            ConvEvent::ReplyDone { response_id, .. } => order.push(response_id),
+            ConvEvent::Transcript { item_id, .. } => order.push(format!("transcript {item_id}")),
+            ConvEvent::Error { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    assert_eq!(order, ["r1", "r2", "transcript u1"]);
+    drop(c);
+    engine.shutdown();
+    thread.join().unwrap();
+}

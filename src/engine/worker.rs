@@ -169,9 +169,30 @@ impl Worker {
     }
 
     pub(crate) fn run(&mut self, jobs: Receiver<Job>) {
-        while let Ok(job) = jobs.recv() {
+        // Transcriptions wait until nothing else is queued, and give way within one token to
+        // any job that arrives meanwhile (then start again later): the words of a turn are
+        // for the record and must never hold up a reply.
+        let mut deferred: std::collections::VecDeque<Job> = Default::default();
+        loop {
+            let job = match jobs.try_recv() {
+                Ok(job) => job,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+                Err(crossbeam_channel::TryRecvError::Empty) => match deferred.pop_front() {
+                    Some(job) => {
+                        if let Some(job) = self.transcribe_unless(job, &jobs) {
+                            deferred.push_front(job);
+                        }
+                        continue;
+                    }
+                    None => match jobs.recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    },
+                },
+            };
             match job {
                 Job::Shutdown => break,
+                job @ Job::Transcribe { .. } => deferred.push_back(job),
                 Job::Open {
                     conv,
                     setup,
@@ -188,6 +209,40 @@ impl Worker {
                     self.convs.remove(&conv);
                 }
                 job => self.conversation_job(job),
+            }
+        }
+    }
+
+    /// Runs a deferred transcription job, unless another job arrives first: then returns it
+    /// to be run again later.
+    fn transcribe_unless(&mut self, job: Job, jobs: &Receiver<Job>) -> Option<Job> {
+        let Job::Transcribe {
+            conv,
+            item_id,
+            audio,
+        } = job
+        else {
+            return None;
+        };
+        // A closed conversation has nobody to report to.
+        let c = self.convs.remove(&conv)?;
+        let result = self.transcribe_until(&c, item_id.clone(), &audio, || !jobs.is_empty());
+        self.convs.insert(conv, c);
+        match result {
+            Ok(true) => None,
+            Ok(false) => Some(Job::Transcribe {
+                conv,
+                item_id,
+                audio,
+            }),
+            Err(e) => {
+                if let Some(c) = self.convs.get(&conv) {
+                    c.emit(ConvEvent::Error {
+                        item_id: Some(item_id),
+                        message: format!("{e:#}"),
+                    });
+                }
+                None
             }
         }
     }
@@ -522,26 +577,48 @@ impl Worker {
         item_id: String,
         audio: &[f32],
     ) -> anyhow::Result<()> {
+        self.transcribe_until(conv, item_id, audio, || false)
+            .map(|_| ())
+    }
+
+    /// [`transcribe`](Self::transcribe), given up (false, nothing reported) as soon as `stop`
+    /// says so between two tokens.
+    fn transcribe_until(
+        &self,
+        conv: &Conv,
+        item_id: String,
+        audio: &[f32],
+        stop: impl Fn() -> bool,
+    ) -> anyhow::Result<bool> {
         let model = &self.model;
+        if stop() {
+            return Ok(false);
+        }
         let emb = model.audio.embed(audio).context("encoding the speech")?;
         let chat = asr_chat(&model.tokenizer, emb)?;
         let mut session = Session::new(model.backbone.clone())?;
         let hidden = prefill_chat(&mut session, &chat)?;
         let mut sampler = Sampler::new(SamplingParams::GREEDY, 0);
         let special = model.tokenizer.special();
-        let (ids, _) = generate_text(
+        if stop() {
+            return Ok(false);
+        }
+        let (ids, why) = generate_text(
             &mut session,
             &hidden,
             &mut sampler,
             MAX_TRANSCRIPT_TOKENS,
             &[special.im_end],
-            |_| Ok(true),
+            |_| Ok(!stop()),
         )?;
+        if why == lfm2_audio::generate::StopReason::Cancelled {
+            return Ok(false);
+        }
         let text = strip_specials(&model.tokenizer.decode_readable(&ids)?)
             .trim()
             .to_owned();
         conv.emit(ConvEvent::Transcript { item_id, text });
-        Ok(())
+        Ok(true)
     }
 
     /// A reply, and with [`ToolPolicy::Run`] the rounds of tool calls that follow it.
