@@ -111,13 +111,18 @@ def blk(t):
     return max(0, min(len(loud), int(round((t - rec_start + offset) * 100))))
 rows = []
 for k, (t, dur) in enumerate(times):
+    # The question: the first sound from shortly before it was started on, through pauses
+    # shorter than 0.3 s (the answer comes at least the endpoint's silence, 0.5 s, later).
     q0 = blk(t - 0.15)
-    q1 = blk(t + dur + 0.25)
-    voiced = [i for i in range(q0, q1) if loud[i]]
-    if not voiced:
+    onset = next((i for i in range(q0, len(loud)) if loud[i]), None)
+    if onset is None:
         rows.append((k, None, None, None)); continue
-    q_end = voiced[-1] + 1
-    a_lo = q_end + 20
+    q_end, i = onset + 1, onset
+    while i < len(loud) and i - q_end < 30:
+        if loud[i]:
+            q_end = i + 1
+        i += 1
+    a_lo = q_end + 30
     a_hi = blk(times[k + 1][0] - 0.1) if k + 1 < len(times) else len(loud)
     ans = [i for i in range(a_lo, a_hi) if loud[i]]
     if not ans:

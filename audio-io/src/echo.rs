@@ -1118,7 +1118,8 @@ mod tests {
                     .push_at(&far[written..end], played as u64, room.at(wall as i64));
                 written = end;
             } else {
-                room.reference.observe_at(played as u64, room.at(wall as i64));
+                room.reference
+                    .observe_at(played as u64, room.at(wall as i64));
             }
             canceller.process_at(m, room.at((wall + chunk) as i64 + 32), &mut out);
             let speech = m.iter().any(|v| *v != 0.0);

@@ -177,9 +177,7 @@ fn stamp(start: Instant) -> String {
 /// `t`, given a VAD event decided at audio time `decided` and sent `latency` after that
 /// sample's capture.
 fn uptime_of(start: Instant, t: Duration, decided: Duration, latency: Duration) -> f64 {
-    start.elapsed().as_secs_f64()
-        - latency.as_secs_f64()
-        - decided.saturating_sub(t).as_secs_f64()
+    start.elapsed().as_secs_f64() - latency.as_secs_f64() - decided.saturating_sub(t).as_secs_f64()
 }
 
 /// A diagnostic line (stderr).
@@ -467,9 +465,7 @@ impl Player {
         let p = &mut self.pace;
         let first = *p.first.get_or_insert(now);
         let due = p.received as f64 / 24_000.0;
-        p.needed = p
-            .needed
-            .max(now.duration_since(first).as_secs_f64() - due);
+        p.needed = p.needed.max(now.duration_since(first).as_secs_f64() - due);
         p.last = Some(now);
         p.received += samples.len() as u64;
         self.queue(samples);
@@ -483,14 +479,22 @@ impl Player {
         p.rebuffering = None;
         let mut notes = Vec::new();
         let stats = self.playback.stats();
-        let underruns = stats.xruns.saturating_sub(p.stats.xruns)
-            + stats.device_xruns.saturating_sub(p.stats.device_xruns);
-        let silent = stats.xrun_frames.saturating_sub(p.stats.xrun_frames) as f64
-            / f64::from(self.playback.device_format().map_or(48_000, |f| f.sample_rate));
-        notes.push(if underruns == 0 {
-            "no underrun".to_string()
-        } else {
-            format!("{underruns} underruns ({:.0} ms of silence)", silent * 1e3)
+        // Underruns of our queue (nothing to play while the reply went on), and those the
+        // driver reported (the device was not fed in time: a loaded machine).
+        let underruns = stats.xruns.saturating_sub(p.stats.xruns);
+        let driver = stats.device_xruns.saturating_sub(p.stats.device_xruns);
+        let rate = self
+            .playback
+            .device_format()
+            .map_or(48_000, |f| f.sample_rate);
+        let silent = stats.xrun_frames.saturating_sub(p.stats.xrun_frames) as f64 / f64::from(rate);
+        notes.push(match (underruns, driver) {
+            (0, 0) => "no underrun".to_string(),
+            (0, d) => format!("no underrun of the queue, {d} of the driver"),
+            (u, d) => format!(
+                "{u} underruns ({:.0} ms of silence), {d} of the driver",
+                silent * 1e3
+            ),
         });
         if p.pauses > 0 {
             notes.push(format!(

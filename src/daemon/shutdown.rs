@@ -37,7 +37,10 @@ pub fn install() -> anyhow::Result<Receiver<i32>> {
                     .name("stop-watchdog".into())
                     .spawn(move || {
                         std::thread::sleep(WATCHDOG);
-                        eprintln!("{}: the daemon did not stop within {WATCHDOG:?}; exiting", name(sig));
+                        eprintln!(
+                            "{}: the daemon did not stop within {WATCHDOG:?}; exiting",
+                            name(sig)
+                        );
                         std::process::exit(1);
                     });
             }
