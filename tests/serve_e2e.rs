@@ -584,10 +584,10 @@ fn replies_are_heard_whole_after_barge_ins() {
     std::thread::sleep(Duration::from_millis(800));
     let rec = Recording::start(tmp.path(), "session");
     play_into_mic(&q1);
-    // Interrupt replies until three barge-ins cut something that was playing.
-    let mut asked = 1;
+    // Interrupt replies until three barge-ins cut something that was playing (the question
+    // `asked` waits for its reply before the next goes over it).
     let mut cuts = 0;
-    for _ in 0..8 {
+    for asked in 1..=8 {
         let deadline = Instant::now() + Duration::from_secs(30);
         while d.count("first audio") < asked && Instant::now() < deadline {
             if let Ok(line) = d.lines.recv_timeout(Duration::from_millis(100)) {
@@ -596,7 +596,6 @@ fn replies_are_heard_whole_after_barge_ins() {
         }
         std::thread::sleep(Duration::from_millis(1200));
         play_into_mic(&q2);
-        asked += 1;
         std::thread::sleep(Duration::from_millis(300));
         drain_lines(&mut d);
         cuts = d.count("the assistant is cut after");

@@ -1142,6 +1142,54 @@ mod tests {
         );
     }
 
+    /// A playback device slow to start: the reference says the reply plays from the first push,
+    /// but the device starts 1.6 s later (the "no echo heard" time would pass meanwhile), and
+    /// then the microphone hears the echo. The stall the reference finds when the device starts
+    /// takes that time off again: the echo must never be taken for the user.
+    #[test]
+    fn a_device_slow_to_start_does_not_make_the_microphone_deaf() {
+        let rate = 16_000usize;
+        let chunk = 512usize;
+        let far: Vec<f32> = noise(rate * 6, 7).iter().map(|v| v * 0.2).collect();
+        let (start, delay) = (rate * 16 / 10, 2400usize);
+        let mut mic = vec![0.0f32; rate * 5];
+        for (n, m) in mic.iter_mut().enumerate() {
+            if n >= start + delay {
+                *m = 0.5 * far[n - start - delay];
+            }
+        }
+        let reference = EchoReference::new(16_000).unwrap();
+        let room = Room {
+            origin: Instant::now() + Duration::from_secs(1),
+            reference: reference.clone(),
+        };
+        let mut canceller = EchoCanceller::new(
+            EchoConfig {
+                mode: EchoMode::Cancel,
+                ..EchoConfig::default()
+            },
+            reference,
+        );
+        // The whole reply is written at once, as a fast generation does.
+        room.reference.push_at(&far, 0, room.at(0));
+        let mut out = Vec::new();
+        for (i, m) in mic.chunks(chunk).enumerate() {
+            let wall = i * chunk;
+            let played = wall.saturating_sub(start);
+            room.reference
+                .observe_at(played as u64, room.at(wall as i64));
+            canceller.process_at(m, room.at((wall + chunk) as i64 + 32), &mut out);
+            let echo = m.iter().any(|v| *v != 0.0);
+            canceller.judge(echo);
+            assert!(
+                !canceller.is_user_speech(),
+                "the echo was taken for the user at {} ms",
+                (wall + chunk) * 1000 / rate
+            );
+        }
+        assert!(canceller.status().snapshot().delay_ms.is_some());
+    }
+
     /// Headphones unplugged while the assistant speaks: an echo that appears after the
     /// microphone was taken to be deaf is still found and cancelled.
     #[test]
