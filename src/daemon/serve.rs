@@ -731,6 +731,8 @@ fn assistant(
     let mut heard_at_stop: Option<u64> = None;
     let mut current_item: Option<String> = None;
     let mut signal: Option<i32> = None;
+    // Transcripts asked for and not yet received.
+    let mut transcripts = 0u32;
     let deadline = args
         .seconds
         .map(|s| start + Duration::from_secs_f64(s.max(0.0)));
@@ -845,6 +847,7 @@ fn assistant(
                     }
                 }
                 Ok(ConvEvent::Transcript { item_id, text }) => {
+                    transcripts = transcripts.saturating_sub(1);
                     say(format!("{} user ({item_id}): {text:?}", stamp(start)));
                 }
                 Ok(ConvEvent::Truncated { item_id, audio_samples, text }) => {
@@ -906,6 +909,7 @@ fn assistant(
                     if cfg.assistant.transcribe_user {
                         // The engine runs it when nothing else waits: the words are for the log.
                         conv.transcribe(id.clone(), audio.clone());
+                        transcripts += 1;
                     }
                     last_user = Some((id, audio));
                 }
@@ -925,6 +929,7 @@ fn assistant(
                     question_end = pending_end.take();
                     if cfg.assistant.transcribe_user {
                         conv.transcribe(id.clone(), whole.clone());
+                        transcripts += 1;
                     }
                     last_user = Some((id, whole));
                 }
@@ -972,6 +977,28 @@ fn assistant(
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
+        }
+    }
+    // At the end of a scripted session (--max-turns, --seconds) the last words still to be
+    // transcribed are waited for, a few seconds at most, so that the log is complete; a signal
+    // does not wait.
+    let wait_until = Instant::now() + Duration::from_secs(10);
+    while signal.is_none() && transcripts > 0 && Instant::now() < wait_until {
+        select! {
+            recv(stop) -> sig => signal = Some(sig.unwrap_or(0)),
+            recv(conv.events()) -> ev => match ev {
+                Ok(ConvEvent::Transcript { item_id, text }) => {
+                    transcripts -= 1;
+                    say(format!("{} user ({item_id}): {text:?}", stamp(start)));
+                }
+                Ok(ConvEvent::Error { message, .. }) => {
+                    transcripts -= 1;
+                    log(format!("{} error: {message}", stamp(start)));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            },
+            default(Duration::from_millis(100)) => {}
         }
     }
     // Stop at once: nothing more is played or generated.

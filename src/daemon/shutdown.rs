@@ -1,8 +1,8 @@
 //! SIGINT (Ctrl-C) and SIGTERM. Once the daemon runs, the first one asks it to stop: the serve
 //! loop (or the Realtime server) leaves, cancels what the engine is doing, closes the sound
 //! devices and connections and prints its summary; that takes well under a second, and a
-//! watchdog ends the process if it ever does not. Before the daemon runs (loading the model),
-//! and at a second signal, the process ends at once.
+//! watchdog ends the process if it ever does not. Before the daemon runs (loading the model)
+//! the process ends at once (status 0), and at a second signal too (status 128 + the signal).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -28,9 +28,14 @@ pub fn install() -> anyhow::Result<Receiver<i32>> {
             let mut seen = 0;
             for sig in signals.forever() {
                 seen += 1;
-                if seen > 1 || !RUNNING.load(Ordering::SeqCst) {
+                if seen > 1 {
                     eprintln!("{}: stopping at once", name(sig));
                     std::process::exit(128 + sig);
+                }
+                if !RUNNING.load(Ordering::SeqCst) {
+                    // Still starting: nothing is open that needs closing.
+                    eprintln!("{}: stopped while starting", name(sig));
+                    std::process::exit(0);
                 }
                 let _ = tx.try_send(sig);
                 let _ = std::thread::Builder::new()
