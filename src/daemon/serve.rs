@@ -908,7 +908,7 @@ fn assistant(
                     question_end = pending_end.take();
                     if cfg.assistant.transcribe_user {
                         // The engine runs it when nothing else waits: the words are for the log.
-                        conv.transcribe(id.clone(), audio.clone());
+                        conv.transcribe_when_idle(id.clone(), audio.clone());
                         transcripts += 1;
                     }
                     last_user = Some((id, audio));
@@ -928,7 +928,7 @@ fn assistant(
                     respond(&conv, user_turns);
                     question_end = pending_end.take();
                     if cfg.assistant.transcribe_user {
-                        conv.transcribe(id.clone(), whole.clone());
+                        conv.transcribe_when_idle(id.clone(), whole.clone());
                         transcripts += 1;
                     }
                     last_user = Some((id, whole));

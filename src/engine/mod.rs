@@ -221,6 +221,8 @@ pub(crate) enum Job {
         conv: u64,
         item_id: String,
         audio: Vec<f32>,
+        /// Run only when nothing else is queued, giving way to any job that comes.
+        background: bool,
     },
     Close {
         conv: u64,
@@ -345,6 +347,19 @@ impl Conversation {
             conv: self.id,
             item_id: item_id.into(),
             audio,
+            background: false,
+        });
+    }
+
+    /// [`transcribe`](Self::transcribe), but only when the engine has nothing else to do: it
+    /// never delays a job queued after it (a reply), and one that arrives while it runs stops
+    /// it within a token (it starts again later). For words that are only for the record.
+    pub fn transcribe_when_idle(&self, item_id: impl Into<String>, audio: Vec<f32>) {
+        self.send(Job::Transcribe {
+            conv: self.id,
+            item_id: item_id.into(),
+            audio,
+            background: true,
         });
     }
 }

@@ -693,7 +693,7 @@ fn a_queued_transcription_never_holds_up_the_next_reply() {
     };
     // As the daemon queues them: turn 1, its transcript, turn 2 (all while turn 1 generates).
     ask(1);
-    c.transcribe("u1", clip());
+    c.transcribe_when_idle("u1", clip());
     ask(2);
     let mut order = Vec::new();
     while order.len() < 3 {

@@ -169,9 +169,9 @@ impl Worker {
     }
 
     pub(crate) fn run(&mut self, jobs: Receiver<Job>) {
-        // Transcriptions wait until nothing else is queued, and give way within one token to
-        // any job that arrives meanwhile (then start again later): the words of a turn are
-        // for the record and must never hold up a reply.
+        // Background transcriptions wait until nothing else is queued, and give way within one
+        // token to any job that arrives meanwhile (then start again later): the words of a
+        // turn that are only for the record must never hold up a reply.
         let mut deferred: std::collections::VecDeque<Job> = Default::default();
         loop {
             let job = match jobs.try_recv() {
@@ -192,7 +192,9 @@ impl Worker {
             };
             match job {
                 Job::Shutdown => break,
-                job @ Job::Transcribe { .. } => deferred.push_back(job),
+                job @ Job::Transcribe {
+                    background: true, ..
+                } => deferred.push_back(job),
                 Job::Open {
                     conv,
                     setup,
@@ -220,6 +222,7 @@ impl Worker {
             conv,
             item_id,
             audio,
+            ..
         } = job
         else {
             return None;
@@ -234,6 +237,7 @@ impl Worker {
                 conv,
                 item_id,
                 audio,
+                background: true,
             }),
             Err(e) => {
                 if let Some(c) = self.convs.get(&conv) {
