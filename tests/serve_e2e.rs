@@ -466,3 +466,301 @@ fn speak_mode_reads_stdin_aloud() {
     });
     assert!(peak > 0.01, "the lines are spoken (peak {peak})");
 }
+
+/// The speaker recorded from `spk.monitor` while it runs (`stop` ends it): mono samples at the
+/// recording's rate.
+struct Recording {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Recording {
+    fn start(dir: &Path, name: &str) -> Self {
+        let path = dir.join(format!("{name}.wav"));
+        let child = Command::new("parecord")
+            .args([
+                "--latency-msec=20",
+                "--channels=1",
+                "-d",
+                "spk.monitor",
+                "--file-format=wav",
+                path.to_str().unwrap(),
+            ])
+            .spawn()
+            .expect("parecord runs");
+        std::thread::sleep(Duration::from_millis(300));
+        Self { child, path }
+    }
+
+    fn stop(mut self) -> (Vec<f32>, u32) {
+        // SIGTERM, so that parecord writes out what it buffered.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let mut reader = hound::WavReader::open(&self.path).expect("a recording");
+        let rate = reader.spec().sample_rate;
+        let samples = reader
+            .samples::<i16>()
+            .map(|s| s.unwrap_or(0) as f32 / 32768.0)
+            .collect();
+        (samples, rate)
+    }
+}
+
+/// 10 ms blocks of a recording with sound in them (peak over -50 dBFS).
+fn audible_blocks(samples: &[f32], rate: u32) -> Vec<bool> {
+    samples
+        .chunks((rate / 100) as usize)
+        .map(|b| b.iter().fold(0f32, |m, s| m.max(s.abs())) > 0.003)
+        .collect()
+}
+
+/// The silent gaps (in 10 ms blocks) between the first and the last audible block, the longest
+/// first, and the audible span in blocks.
+fn gaps(blocks: &[bool]) -> (Vec<usize>, usize) {
+    let (Some(first), Some(last)) = (
+        blocks.iter().position(|b| *b),
+        blocks.iter().rposition(|b| *b),
+    ) else {
+        return (Vec::new(), 0);
+    };
+    let mut gaps = Vec::new();
+    let mut run = 0;
+    for b in &blocks[first..=last] {
+        if *b {
+            if run > 0 {
+                gaps.push(run);
+            }
+            run = 0;
+        } else {
+            run += 1;
+        }
+    }
+    gaps.sort_unstable_by(|a, b| b.cmp(a));
+    (gaps, last + 1 - first)
+}
+
+/// "(N frames, X s of speech)" of the `n`-th line containing `needle`.
+fn speech_seconds(d: &Daemon, needle: &str, n: usize) -> Option<f64> {
+    d.seen
+        .iter()
+        .filter(|l| l.contains(needle))
+        .nth(n)
+        .and_then(|l| l.rsplit(", ").next())
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse::<f64>().ok())
+}
+
+fn drain_lines(d: &mut Daemon) {
+    while let Ok(line) = d.lines.try_recv() {
+        d.seen.push(line);
+    }
+}
+
+/// Mute after barge-in: the audio a barge-in dropped from the device once kept counting as
+/// queued, so that after an interruption or two nothing was written again while replies went
+/// on being generated. After three barge-ins the next reply must still be heard, whole and
+/// without holes (the reply is generated much faster than real time here). The speaker is
+/// recorded throughout; the last reply is the sound after the last silence of a second or more
+/// (the interrupting question is spoken into the microphone, not the speaker).
+#[test]
+fn replies_are_heard_whole_after_barge_ins() {
+    if !enabled("replies_are_heard_whole_after_barge_ins") {
+        return;
+    }
+    let _devices = devices();
+    let tmp = tempfile::tempdir().unwrap();
+    let q1 = espeak(tmp.path(), "q1", "What is the weather like today?");
+    let q2 = espeak(tmp.path(), "q2", "And what about tomorrow?");
+    let config = tmp.path().join("long.toml");
+    std::fs::write(
+        &config,
+        "[assistant]\nmax_reply_tokens = 400\nbuiltin_tools = false\n[sampling]\naudio_temperature = 0.0\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start(&config, &["--echo", "off", "--seconds", "150"]);
+    d.wait_for("listening", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(800));
+    let rec = Recording::start(tmp.path(), "session");
+    play_into_mic(&q1);
+    // Interrupt replies until three barge-ins cut something that was playing (the question
+    // `asked` waits for its reply before the next goes over it).
+    let mut cuts = 0;
+    for asked in 1..=8 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while d.count("first audio") < asked && Instant::now() < deadline {
+            if let Ok(line) = d.lines.recv_timeout(Duration::from_millis(100)) {
+                d.seen.push(line);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+        play_into_mic(&q2);
+        std::thread::sleep(Duration::from_millis(300));
+        drain_lines(&mut d);
+        cuts = d.count("the assistant is cut after");
+        if cuts >= 3 {
+            break;
+        }
+    }
+    assert!(cuts >= 3, "three replies cut:\n{}", d.seen.join("\n"));
+    // The reply to the last question, played out.
+    let done = d.count("assistant (done)");
+    let played_before = d.count("reply played:");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.count("assistant (done)") == done && Instant::now() < deadline {
+        if let Ok(line) = d.lines.recv_timeout(Duration::from_millis(100)) {
+            d.seen.push(line);
+        }
+    }
+    let spoken = speech_seconds(&d, "assistant (done)", done)
+        .unwrap_or_else(|| panic!("the last reply ended:\n{}", d.seen.join("\n")));
+    let deadline = Instant::now() + Duration::from_secs_f64(spoken + 10.0);
+    while d.count("reply played:") == played_before && Instant::now() < deadline {
+        if let Ok(line) = d.lines.recv_timeout(Duration::from_millis(100)) {
+            d.seen.push(line);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    drain_lines(&mut d);
+    let played = d
+        .seen
+        .iter()
+        .rev()
+        .find(|l| l.contains("reply played:"))
+        .cloned()
+        .unwrap_or_default();
+    let (samples, rate) = rec.stop();
+    let blocks = audible_blocks(&samples, rate);
+    // The last reply: the daemon logs when each answer's first sample was played; the first
+    // answer is the first sound on the speaker, which puts the last one on the recording's
+    // clock (to a device period or two).
+    let starts: Vec<f64> = d
+        .seen
+        .iter()
+        .filter_map(|l| l.split("first sample played at ").nth(1))
+        .filter_map(|s| s.trim_end_matches(")").trim_end_matches('s').parse().ok())
+        .collect();
+    assert!(starts.len() >= 4, "{}", d.seen.join("\n"));
+    let first_sound = blocks.iter().position(|b| *b).unwrap_or(0);
+    let last_start =
+        first_sound + ((starts[starts.len() - 1] - starts[0]) * 100.0).round() as usize;
+    let from = last_start.saturating_sub(8).min(blocks.len());
+    let (holes, span) = gaps(&blocks[from..]);
+    let heard = span as f64 / 100.0;
+    let log = d.seen.join("\n");
+    assert!(
+        heard > spoken - 0.3,
+        "the reply after the barge-ins is heard: {heard:.2} s of {spoken:.2} s\n{log}"
+    );
+    // Holes: silent stretches inside the reply beyond what its own speech has. (A loaded
+    // machine can starve the sound server or the device thread: the driver then reports
+    // underruns of its own, which this test is not about.)
+    if played.contains("of the driver") {
+        eprintln!("*** the driver reported underruns (a loaded machine): not checking for holes: {played}");
+    } else {
+        assert!(
+            heard < spoken + 0.15,
+            "the reply plays without holes: {heard:.2} s of sound for {spoken:.2} s of speech \
+             (longest silent gaps {:?} x 10 ms)\n{log}",
+            &holes[..holes.len().min(5)]
+        );
+    }
+    assert!(played.contains("no underrun"), "{played}");
+}
+
+/// Ctrl-C in the middle of a reply: the daemon stops within a second, silences the speaker,
+/// closes the devices and says so, with status 0.
+#[test]
+fn sigint_mid_reply_stops_the_daemon_within_a_second() {
+    if !enabled("sigint_mid_reply_stops_the_daemon_within_a_second") {
+        return;
+    }
+    let _devices = devices();
+    let tmp = tempfile::tempdir().unwrap();
+    let q1 = espeak(tmp.path(), "q1", "What is the weather like today?");
+    let config = tmp.path().join("long.toml");
+    std::fs::write(
+        &config,
+        "[assistant]\nmax_reply_tokens = 400\nbuiltin_tools = false\n[sampling]\naudio_temperature = 0.0\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start(&config, &["--echo", "off", "--seconds", "120"]);
+    d.wait_for("listening", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(800));
+    let rec = Recording::start(tmp.path(), "sigint");
+    play_into_mic(&q1);
+    d.wait_for("first audio", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(600));
+    drain_lines(&mut d);
+    let generating = d.count("assistant (done)") == 0;
+    let sent = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-INT", &d.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let status = loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "still running 3 s after SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = sent.elapsed();
+    std::thread::sleep(Duration::from_millis(700));
+    let (samples, rate) = rec.stop();
+    let summary = d.wait_for("stopped after", Duration::from_secs(2));
+    let log = d.seen.join("\n");
+    assert!(status.success(), "exit status {status:?}\n{log}");
+    assert!(
+        took < Duration::from_secs(1),
+        "stopped after {took:?}\n{log}"
+    );
+    assert!(summary.contains("(SIGINT)"), "{summary}");
+    // The speaker went quiet: nothing audible from 0.3 s after the exit on.
+    let blocks = audible_blocks(&samples, rate);
+    let last = blocks.iter().rposition(|b| *b).unwrap_or(0) as f64 / 100.0;
+    let recorded = blocks.len() as f64 / 100.0;
+    assert!(
+        last < recorded - 0.6,
+        "the speaker is silent after the exit (last sound at {last:.2} s of {recorded:.2} s; the reply was {} when stopped)\n{log}",
+        if generating { "being generated" } else { "playing" }
+    );
+}
+
+/// SIGTERM stops the Realtime server (`serve --listen`) within a second, with status 0. No
+/// sound devices: runs without the virtual ones.
+#[test]
+fn sigterm_stops_the_realtime_server_within_a_second() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("c.toml");
+    std::fs::write(&config, "").unwrap();
+    let mut d = Daemon::start(&config, &["--listen", "127.0.0.1:0"]);
+    d.wait_for("listening on ws://", Duration::from_secs(60));
+    let sent = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &d.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let status = loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "still running 3 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = sent.elapsed();
+    d.wait_for("stopped (SIGTERM)", Duration::from_secs(2));
+    assert!(status.success(), "{status:?}: {}", d.seen.join("\n"));
+    assert!(took < Duration::from_secs(1), "stopped after {took:?}");
+}

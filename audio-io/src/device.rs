@@ -751,7 +751,22 @@ impl Capture for DeviceCapture {
             if now >= deadline {
                 return Ok(ReadOutcome::Samples(0));
             }
+            // The device delivers a period at a time: sleep until just after the next one is
+            // due (a millisecond at a time once it is late), rather than polling every few
+            // milliseconds while nothing can have come (that polling was most of what
+            // listening to silence cost).
             let mut wait = Duration::from_millis(2);
+            if let Some(open) = &self.open {
+                let period = open.counters.period_frames();
+                if period > 0 {
+                    let period = Duration::from_secs_f64(
+                        period as f64 / f64::from(self.format.sample_rate.max(1)),
+                    );
+                    let since = open.counters.since_last_callback();
+                    wait = (period.saturating_sub(since) + Duration::from_millis(1))
+                        .min(period + Duration::from_millis(1));
+                }
+            }
             if let Some(next) = self.reopener.next_retry() {
                 wait = wait.max(next.saturating_duration_since(now));
             }
@@ -831,6 +846,8 @@ pub struct DevicePlayback {
     events_rx: Receiver<DeviceEvent>,
     /// Between the first `write` of a stream and its `finish` or `clear`.
     streaming: bool,
+    /// The stream is paused ([`DevicePlayback::suspend`]); the next `write` resumes it.
+    paused: bool,
 }
 
 impl DevicePlayback {
@@ -858,7 +875,39 @@ impl DevicePlayback {
             events_tx,
             events_rx,
             streaming: false,
+            paused: false,
         })
+    }
+
+    /// Pauses the device stream if it has nothing to play, so that an idle speaker costs no
+    /// callbacks (50 a second, each through the sound server); the next `write` resumes it.
+    /// Returns whether it is paused. A device that cannot pause just goes on.
+    pub fn suspend(&mut self) -> bool {
+        if self.paused {
+            return true;
+        }
+        let Some(open) = &self.open else { return false };
+        if self.streaming
+            || open.shared.state() != PlaybackState::Idle
+            || open.ring.occupied_len() > 0
+        {
+            return false;
+        }
+        self.paused = open._stream.pause().is_ok();
+        self.paused
+    }
+
+    fn resume(&mut self) {
+        if !std::mem::take(&mut self.paused) {
+            return;
+        }
+        if let Some(open) = &self.open {
+            // Not a stall: the stream was quiet on purpose.
+            open.shared.counters.touch();
+            // A stream that does not come back stops calling back: the stall check finds it
+            // and reopens the device.
+            let _ = open._stream.play();
+        }
     }
 
     /// The device's format (what the callback writes).
@@ -888,6 +937,7 @@ impl DevicePlayback {
     /// Makes sure a stream is open, reopening with backoff; errors once the device has been
     /// gone for `give_up`.
     fn ensure_open(&mut self, give_up: Duration) -> Result<(), AudioError> {
+        self.resume();
         if let Some(open) = &self.open {
             if let Some(event) = self.reopener.check(&open.shared.counters) {
                 let _ = self.events_tx.send(event);
@@ -969,6 +1019,15 @@ impl Playback for DevicePlayback {
 
     fn write(&mut self, samples: &[f32]) -> Result<(), AudioError> {
         self.ensure_open(GIVE_UP)?;
+        // After a clear, the callback drops what the ring holds at its next period: audio
+        // queued before then would go with it. Wait for it (a period or two; a stream that
+        // stopped calling back is not waited for).
+        if let Some(open) = &self.open {
+            let deadline = Instant::now() + Duration::from_millis(100);
+            while open.shared.clear_pending() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         self.streaming = true;
         if let Some(open) = &self.open {
             open.shared.set_state(PlaybackState::Playing);

@@ -64,12 +64,13 @@ pub const BLOCK: usize = 128;
 pub const PRE_DELAY: usize = 64;
 
 /// Playing time after which a canceller that has never found an echo takes the microphone to
-/// be deaf to the speaker (1.5 s; a real echo path is measured well within it). The time goes
-/// on through a re-measurement the reference asks for after a small lateness (the playing went
-/// on). It starts again when the reference placed its samples anew (a new stretch, or a stall:
-/// what it said was audible before may not have played then, as when a device is slow to
-/// start), and after [`DEAF_RESET`] of silence from the speaker (another reply may play through
-/// another device).
+/// be deaf to the speaker (1.5 s; a real echo path is measured well within it). Only time the
+/// speaker really played counts: when a stall shows that what the reference said was audible
+/// had not played yet (as when a device is slow to start), the stall's length is taken off
+/// again. The rest of the time goes on through stalls, new stretches of playing and
+/// re-measurements (a reply that stutters must not keep the user from interrupting it), and
+/// starts again after [`DEAF_RESET`] of silence from the speaker (another reply may play
+/// through another device).
 const NO_ECHO_AFTER: u64 = MODEL_SAMPLE_RATE as u64 * 3 / 2;
 const DEAF_RESET: u64 = MODEL_SAMPLE_RATE as u64;
 
@@ -298,8 +299,8 @@ pub struct EchoCanceller {
     /// silence from the speaker since it was last audible.
     unheard: u64,
     inaudible: u64,
-    /// The reference's [`EchoReference::moves`] when last looked at.
-    moves: u64,
+    /// The reference's [`EchoReference::stalled`] when last looked at.
+    stalled: f64,
     audible_since_try: u64,
     audible_since_measure: u64,
     mic_history: Vec<f32>,
@@ -348,7 +349,7 @@ impl EchoCanceller {
             candidate: None,
             unheard: 0,
             inaudible: 0,
-            moves: 0,
+            stalled: 0.0,
             audible_since_try: 0,
             audible_since_measure: 0,
             mic_history: Vec::with_capacity(HISTORY + 4 * BLOCK),
@@ -744,11 +745,11 @@ impl EchoCanceller {
                 .segment_start()
                 .map_or(self.done as i64, |w| w - self.epoch());
             self.generation_start = start.clamp(0, self.done as i64) as u64;
-            let moves = self.reference.moves();
-            if moves != self.moves {
-                self.moves = moves;
-                self.unheard = 0;
-            }
+            // Playing time the reference had counted that a stall showed did not play.
+            let stalled = self.reference.stalled();
+            let lost = (stalled - self.stalled).max(0.0).ceil() as u64;
+            self.stalled = stalled;
+            self.unheard = self.unheard.saturating_sub(lost);
             self.audible_since_try = 0;
             self.candidate = None;
         }
@@ -1073,6 +1074,120 @@ mod tests {
             "taken for the user {} ms after they began",
             (user_at - talk) * 1000 / rate
         );
+    }
+
+    /// A microphone that does not hear the speaker, and a reply that comes in bursts: 0.85 s of
+    /// speech every second, so that the playback runs dry for 0.15 s each time and every burst
+    /// starts a new stretch of the reference (as a daemon whose generation is just short of
+    /// real time). The user speaks at 3.2 s, over the fourth burst: their speech must be taken
+    /// for theirs, as without the gaps (the gaps once started the "no echo heard" time again
+    /// each second, so that the user could never interrupt).
+    #[test]
+    fn a_deaf_microphone_leaves_speech_to_the_user_through_a_stuttering_playback() {
+        let rate = 16_000usize;
+        let chunk = 512usize;
+        let far: Vec<f32> = noise(rate * 6, 5).iter().map(|v| v * 0.2).collect();
+        let talk = rate * 32 / 10;
+        let mut mic = vec![0.0f32; rate * 5];
+        let voice = noise(rate, 9);
+        mic[talk..talk + rate].copy_from_slice(&voice);
+        let reference = EchoReference::new(16_000).unwrap();
+        let room = Room {
+            origin: Instant::now() + Duration::from_secs(1),
+            reference: reference.clone(),
+        };
+        let mut canceller = EchoCanceller::new(
+            EchoConfig {
+                mode: EchoMode::Cancel,
+                ..EchoConfig::default()
+            },
+            reference,
+        );
+        let burst = rate * 85 / 100;
+        let (mut written, mut played) = (0usize, 0usize);
+        let mut out = Vec::new();
+        let mut user_at = None;
+        for (i, m) in mic.chunks(chunk).enumerate() {
+            let wall = i * chunk;
+            // The device plays what it was given, a chunk per chunk of time.
+            played = (played + chunk).min(written);
+            if wall % rate < chunk {
+                // A burst arrives and is written at once.
+                let end = (written + burst).min(far.len());
+                room.reference
+                    .push_at(&far[written..end], played as u64, room.at(wall as i64));
+                written = end;
+            } else {
+                room.reference
+                    .observe_at(played as u64, room.at(wall as i64));
+            }
+            canceller.process_at(m, room.at((wall + chunk) as i64 + 32), &mut out);
+            let speech = m.iter().any(|v| *v != 0.0);
+            canceller.judge(speech);
+            if speech && canceller.is_user_speech() && user_at.is_none() {
+                user_at = Some(wall + chunk);
+            }
+        }
+        let stats = canceller.status().snapshot();
+        assert!(
+            stats.generations >= 4,
+            "every burst started a new stretch: {stats:?}"
+        );
+        assert_eq!(stats.delay_ms, None, "no echo was found: {stats:?}");
+        let user_at = user_at.expect("the user's speech was taken for the user");
+        assert!(
+            user_at <= talk + 5 * chunk,
+            "taken for the user {} ms after they began",
+            (user_at - talk) * 1000 / rate
+        );
+    }
+
+    /// A playback device slow to start: the reference says the reply plays from the first push,
+    /// but the device starts 1.6 s later (the "no echo heard" time would pass meanwhile), and
+    /// then the microphone hears the echo. The stall the reference finds when the device starts
+    /// takes that time off again: the echo must never be taken for the user.
+    #[test]
+    fn a_device_slow_to_start_does_not_make_the_microphone_deaf() {
+        let rate = 16_000usize;
+        let chunk = 512usize;
+        let far: Vec<f32> = noise(rate * 6, 7).iter().map(|v| v * 0.2).collect();
+        let (start, delay) = (rate * 16 / 10, 2400usize);
+        let mut mic = vec![0.0f32; rate * 5];
+        for (n, m) in mic.iter_mut().enumerate() {
+            if n >= start + delay {
+                *m = 0.5 * far[n - start - delay];
+            }
+        }
+        let reference = EchoReference::new(16_000).unwrap();
+        let room = Room {
+            origin: Instant::now() + Duration::from_secs(1),
+            reference: reference.clone(),
+        };
+        let mut canceller = EchoCanceller::new(
+            EchoConfig {
+                mode: EchoMode::Cancel,
+                ..EchoConfig::default()
+            },
+            reference,
+        );
+        // The whole reply is written at once, as a fast generation does.
+        room.reference.push_at(&far, 0, room.at(0));
+        let mut out = Vec::new();
+        for (i, m) in mic.chunks(chunk).enumerate() {
+            let wall = i * chunk;
+            let played = wall.saturating_sub(start);
+            room.reference
+                .observe_at(played as u64, room.at(wall as i64));
+            canceller.process_at(m, room.at((wall + chunk) as i64 + 32), &mut out);
+            let echo = m.iter().any(|v| *v != 0.0);
+            canceller.judge(echo);
+            assert!(
+                !canceller.is_user_speech(),
+                "the echo was taken for the user at {} ms",
+                (wall + chunk) * 1000 / rate
+            );
+        }
+        assert!(canceller.status().snapshot().delay_ms.is_some());
     }
 
     /// Headphones unplugged while the assistant speaks: an echo that appears after the

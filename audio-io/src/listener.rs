@@ -179,7 +179,15 @@ struct Pump {
     echo_out: Vec<f32>,
     /// A `SpeechStarted` held back until the echo gate says it is the user.
     held: Option<VadEvent>,
+    /// Windows in a row of digital silence (see [`QUIET`]).
+    quiet_windows: u32,
 }
+
+/// Samples under this (-80 dBFS) are digital silence: a window of nothing else is not given to
+/// the VAD model (a real microphone's noise floor is well above it).
+const QUIET: f32 = 1e-4;
+/// After this many windows of digital silence (0.32 s) the VAD's state starts afresh.
+const QUIET_RESET: u32 = 10;
 
 impl Pump {
     fn new(
@@ -208,6 +216,7 @@ impl Pump {
             echo,
             echo_out: Vec::with_capacity(WINDOW),
             held: None,
+            quiet_windows: 0,
         })
     }
 
@@ -303,7 +312,19 @@ impl Pump {
                 }
                 None => raw,
             };
-            let prob = self.vad.probability(window)?;
+            // Digital silence (a muted microphone, a virtual device with nothing playing) holds
+            // no speech: the model is not run on it, and starts afresh after it, as on a new
+            // stream. Listening to such a microphone then costs almost nothing.
+            let prob = if window.iter().all(|s| s.abs() < QUIET) {
+                self.quiet_windows += 1;
+                0.0
+            } else {
+                if self.quiet_windows >= QUIET_RESET {
+                    self.vad.reset();
+                }
+                self.quiet_windows = 0;
+                self.vad.probability(window)?
+            };
             if let Some(echo) = self.echo.as_mut() {
                 echo.judge(prob >= self.config.vad.threshold);
             }

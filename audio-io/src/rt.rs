@@ -7,7 +7,10 @@
 //!
 //! Both sides move whole frames only, so a short ring never leaves a channel shifted.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64, AtomicU8,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,6 +88,22 @@ impl StreamCounters {
             callback_max: Duration::from_nanos(self.busy_ns_max.load(Relaxed)),
             period_frames: self.last_period_frames.load(Relaxed),
         }
+    }
+
+    /// Frames the device asked for or delivered in the last callback (0 before the first).
+    pub fn period_frames(&self) -> u64 {
+        self.last_period_frames.load(Relaxed)
+    }
+
+    /// Counts now as a callback for [`since_last_callback`](Self::since_last_callback) (a
+    /// stream that was paused on purpose is not late).
+    pub fn touch(&self) {
+        self.last_callback_ns.store(
+            Instant::now()
+                .saturating_duration_since(self.epoch)
+                .as_nanos() as u64,
+            Relaxed,
+        );
     }
 
     /// Time since the last callback ended (or since the counters were made, before the first).
@@ -192,6 +211,9 @@ pub struct PlaybackShared {
     state: AtomicU8,
     /// Bumped by the writer to ask the callback to drop everything queued (barge-in).
     clear_requests: AtomicU64,
+    /// The last request the callback carried out: until it catches up, what the writer queues
+    /// would be dropped with the rest.
+    clears_done: AtomicU64,
 }
 
 impl Default for PlaybackShared {
@@ -200,6 +222,7 @@ impl Default for PlaybackShared {
             counters: StreamCounters::default(),
             state: AtomicU8::new(PlaybackState::Idle as u8),
             clear_requests: AtomicU64::new(0),
+            clears_done: AtomicU64::new(0),
         }
     }
 }
@@ -221,6 +244,11 @@ impl PlaybackShared {
     pub fn request_clear(&self) {
         self.clear_requests.fetch_add(1, Relaxed);
         self.set_state(PlaybackState::Idle);
+    }
+
+    /// Whether a clear was asked for that the callback has not carried out yet.
+    pub fn clear_pending(&self) -> bool {
+        self.clears_done.load(Acquire) != self.clear_requests.load(Relaxed)
     }
 }
 
@@ -254,6 +282,7 @@ impl PlaybackCallback {
             self.clears_seen = clears;
             let queued = self.ring.occupied_len();
             self.ring.skip(queued);
+            self.shared.clears_done.store(clears, Release);
         }
         let frames = out.len() / self.channels;
         let available = self.ring.occupied_len() / self.channels;

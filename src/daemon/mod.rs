@@ -1,2 +1,3 @@
 //! The voice assistant daemon: the serve loop (the model runs in `crate::engine`).
 pub mod serve;
+pub mod shutdown;

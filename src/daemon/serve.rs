@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -159,9 +160,37 @@ pub(crate) fn load(args: &Args, cfg: &Config) -> anyhow::Result<Loaded> {
     })
 }
 
-/// Seconds since the daemon started, for the log.
+/// Whether stdout is in the middle of a line (the assistant's words as they stream).
+static OPEN_LINE: AtomicBool = AtomicBool::new(false);
+
+/// Ends the line the assistant's streamed words are on, if one is open: every other line of
+/// the log starts on a line of its own.
+fn end_open_line() {
+    if OPEN_LINE.swap(false, Ordering::Relaxed) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out);
+        let _ = out.flush();
+    }
+}
+
+/// Seconds since the daemon started, for the log (every line of the log is stamped with it,
+/// and starts on a line of its own).
 fn stamp(start: Instant) -> String {
+    end_open_line();
     format!("[{:>8.2}s]", start.elapsed().as_secs_f64())
+}
+
+/// The uptime (seconds, the clock of [`stamp`]) at which the microphone captured audio time
+/// `t`, given a VAD event decided at audio time `decided` and sent `latency` after that
+/// sample's capture.
+fn uptime_of(start: Instant, t: Duration, decided: Duration, latency: Duration) -> f64 {
+    start.elapsed().as_secs_f64() - latency.as_secs_f64() - decided.saturating_sub(t).as_secs_f64()
+}
+
+/// A diagnostic line (stderr).
+fn log(line: String) {
+    end_open_line();
+    eprintln!("{line}");
 }
 
 /// Everything `run` resolved from the configuration and the flags.
@@ -229,11 +258,13 @@ fn resolve(args: &Args) -> anyhow::Result<Resolved> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // From here on SIGINT and SIGTERM stop the daemon cleanly (see `shutdown`).
+    let stop = super::shutdown::install()?;
     if let Some(address) = crate::wyoming::wanted(&args)? {
-        return crate::wyoming::run(&args, &address, args.listen.as_deref());
+        return crate::wyoming::run(&args, &address, args.listen.as_deref(), &stop);
     }
     if let Some(listen) = &args.listen {
-        return crate::realtime::run(&args, listen);
+        return crate::realtime::run(&args, listen, &stop);
     }
     let r = resolve(&args)?;
     let cfg = &r.cfg;
@@ -256,14 +287,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
         },
     )?;
+    super::shutdown::running();
     let result = match r.mode {
-        Mode::Assistant => assistant(&args, &r, &engine),
-        Mode::Transcribe | Mode::Translate => transcribe_or_translate(&args, &r, &engine),
-        Mode::Speak => speak(&args, &r, &engine),
+        Mode::Assistant => assistant(&args, &r, &engine, &stop),
+        Mode::Transcribe | Mode::Translate => transcribe_or_translate(&args, &r, &engine, &stop),
+        Mode::Speak => speak(&args, &r, &engine, &stop),
     };
     engine.shutdown();
-    let _ = engine_thread.join();
+    super::shutdown::join(engine_thread, "the engine");
     result
+}
+
+/// The name of a signal, for the log.
+pub(crate) fn signal_name(sig: i32) -> &'static str {
+    super::shutdown::name(sig)
 }
 
 pub(crate) fn sampling(cfg: &Config) -> GenerationParams {
@@ -323,18 +360,86 @@ fn listen(args: &Args, r: &Resolved, reference: Option<EchoReference>) -> anyhow
 /// The speaker: audio waits in a queue and goes to the device at most [`Player::LEAD`] ahead of
 /// what has been heard, so that writing never blocks the loop and a barge-in has little to throw
 /// away. Every chunk written is also the echo canceller's reference.
+///
+/// Pacing: the model delivers a reply in bursts (in interleaved generation, twelve frames of
+/// speech, then six text steps without any). A reply that started to play with its first frame
+/// would run dry in every pause the burst before it did not cover. So the start of a reply is
+/// held back by the delay its predecessors needed to play without a hole ([`Pacing`]), and a
+/// reply that runs dry anyway (generation slower than real time) pauses once until a second of
+/// speech is buffered, rather than stuttering: both are logged.
 struct Player {
     playback: DevicePlayback,
     reference: Option<EchoReference>,
     pending: VecDeque<f32>,
-    /// Samples written since the device opened.
+    /// Samples written since the device opened, less those a barge-in dropped: `written -
+    /// played()` is what the device still has to play.
     written: u64,
     finished: bool,
+    pace: Pacing,
+    /// Since when the device has had nothing to play.
+    idle_since: Option<Instant>,
+}
+
+/// The start delay of replies, learnt from the replies so far.
+struct Pacing {
+    /// Seconds a reply waits after its first audio arrived before it starts to play.
+    lead: f64,
+    /// The reply being received: when its first audio came, its samples so far, and the delay
+    /// it would have needed to play through without a hole (the largest `arrival - first -
+    /// audio before it / rate`).
+    first: Option<Instant>,
+    last: Option<Instant>,
+    received: u64,
+    needed: f64,
+    /// Not writing to the device: the reply waits for its lead (or, after running dry, for
+    /// [`Pacing::REBUFFER`] of speech).
+    holding: bool,
+    rebuffering: Option<Instant>,
+    /// Pauses of the current reply to let generation catch up, and their total time.
+    pauses: u32,
+    paused: Duration,
+    /// The device's counters when the reply began (underruns are reported per reply).
+    stats: audio_io::StreamStats,
+}
+
+impl Pacing {
+    /// The lead of the first reply, before anything was measured.
+    const FIRST_LEAD: f64 = 0.12;
+    /// Added to what the replies so far needed (scheduling jitter, a device period).
+    const MARGIN: f64 = 0.06;
+    const MAX_LEAD: f64 = 3.0;
+    /// Speech buffered before a reply that ran dry goes on.
+    const REBUFFER: u64 = 24_000;
+
+    fn new() -> Self {
+        Self {
+            lead: Self::FIRST_LEAD,
+            first: None,
+            last: None,
+            received: 0,
+            needed: 0.0,
+            holding: false,
+            rebuffering: None,
+            pauses: 0,
+            paused: Duration::ZERO,
+            stats: audio_io::StreamStats::default(),
+        }
+    }
+
+    /// Generated speech per second of generating, once there is enough to tell.
+    fn rate(&self) -> Option<f64> {
+        let span = self.last?.duration_since(self.first?).as_secs_f64();
+        (span > 1.0).then(|| self.received as f64 / 24_000.0 / span)
+    }
 }
 
 impl Player {
     /// 0.4 s at 24 kHz.
     const LEAD: u64 = 24_000 * 2 / 5;
+    /// Idle time after which the device is paused.
+    const SUSPEND_AFTER: Duration = Duration::from_millis(500);
+    /// What the device's resampler may hold back (20 ms): a backlog this small is none.
+    const HELD: u64 = 480;
 
     fn open(sel: &DeviceSelector, reference: Option<EchoReference>) -> anyhow::Result<Self> {
         Ok(Self {
@@ -343,6 +448,8 @@ impl Player {
             pending: VecDeque::new(),
             written: 0,
             finished: true,
+            pace: Pacing::new(),
+            idle_since: None,
         })
     }
 
@@ -351,19 +458,155 @@ impl Player {
         self.finished = false;
     }
 
+    /// A reply begins: its audio is held back by the learnt lead.
+    fn begin_reply(&mut self) {
+        let lead = self.pace.lead;
+        self.pace = Pacing {
+            lead,
+            holding: true,
+            stats: self.playback.stats(),
+            ..Pacing::new()
+        };
+    }
+
+    /// Audio of the current reply arrived from the engine.
+    fn reply_audio(&mut self, samples: &[f32]) {
+        let now = Instant::now();
+        let p = &mut self.pace;
+        let first = *p.first.get_or_insert(now);
+        let due = p.received as f64 / 24_000.0;
+        p.needed = p.needed.max(now.duration_since(first).as_secs_f64() - due);
+        p.last = Some(now);
+        p.received += samples.len() as u64;
+        self.queue(samples);
+    }
+
+    /// The current reply is over (played out, or cut): learns the lead for the next one and
+    /// returns what to log about how it played.
+    fn end_reply(&mut self) -> String {
+        let p = &mut self.pace;
+        p.holding = false;
+        p.rebuffering = None;
+        let mut notes = Vec::new();
+        let stats = self.playback.stats();
+        // Underruns of our queue (nothing to play while the reply went on), and those the
+        // driver reported (the device was not fed in time: a loaded machine).
+        let underruns = stats.xruns.saturating_sub(p.stats.xruns);
+        let driver = stats.device_xruns.saturating_sub(p.stats.device_xruns);
+        let rate = self
+            .playback
+            .device_format()
+            .map_or(48_000, |f| f.sample_rate);
+        let silent = stats.xrun_frames.saturating_sub(p.stats.xrun_frames) as f64 / f64::from(rate);
+        notes.push(match (underruns, driver) {
+            (0, 0) => "no underrun".to_string(),
+            (0, d) => format!("no underrun of the queue, {d} of the driver"),
+            (u, d) => format!(
+                "{u} underruns ({:.0} ms of silence), {d} of the driver",
+                silent * 1e3
+            ),
+        });
+        if p.pauses > 0 {
+            notes.push(format!(
+                "{} pauses ({:.0} ms) to let generation catch up",
+                p.pauses,
+                p.paused.as_secs_f64() * 1e3
+            ));
+        }
+        if let Some(rate) = p.rate() {
+            notes.push(format!("generated at {rate:.2}x real time"));
+            if rate < 1.0 {
+                notes.push("generation is slower than real time: later replies start later".into());
+            }
+        }
+        if p.first.is_some() {
+            // Rise at once to what this reply needed; come down slowly.
+            let want = (p.needed + Pacing::MARGIN).min(Pacing::MAX_LEAD);
+            p.lead = if want > p.lead {
+                want
+            } else {
+                0.8 * p.lead + 0.2 * want
+            };
+            notes.push(format!("next lead {:.0} ms", p.lead * 1e3));
+        }
+        p.first = None;
+        notes.join(", ")
+    }
+
     /// Samples the device has played since it opened.
     fn played(&self) -> u64 {
         self.playback.played()
     }
 
+    /// Whether the hold on the current reply is over. `done`: everything was generated.
+    fn release(&mut self, done: bool, start: Instant) -> bool {
+        let p = &mut self.pace;
+        if !p.holding {
+            return true;
+        }
+        let now = Instant::now();
+        let ready = match (p.rebuffering, p.first) {
+            _ if done => true,
+            (Some(since), _) => {
+                let go = self.pending.len() as u64 >= Pacing::REBUFFER;
+                if go {
+                    p.pauses += 1;
+                    p.paused += now.duration_since(since);
+                }
+                go
+            }
+            (None, Some(first)) => {
+                now.duration_since(first).as_secs_f64() >= p.lead
+                    || self.pending.len() as f64 >= (p.lead + 1.0) * 24_000.0
+            }
+            (None, None) => false,
+        };
+        if ready {
+            if p.rebuffering.take().is_some() {
+                log(format!(
+                    "{} playback resumes: generation had fallen behind real time",
+                    stamp(start)
+                ));
+            }
+            p.holding = false;
+        }
+        ready
+    }
+
     /// Moves queued audio to the device; once the queue is empty and `done`, lets the device
     /// play out what it holds.
     fn pump(&mut self, done: bool, start: Instant) {
+        let played = self.played();
+        // A device that played past what it was given (a barge-in dropped the rest).
+        self.written = self.written.max(played);
+        if !self.pace.holding
+            && !done
+            && self.pace.first.is_some()
+            && self.written <= played + Self::HELD
+            && self.pending.is_empty()
+            && self.pace.rebuffering.is_none()
+        {
+            // The reply ran dry while more is coming: wait for a good stretch rather than
+            // playing every frame as it comes.
+            self.pace.holding = true;
+            self.pace.rebuffering = Some(Instant::now());
+            log(format!(
+                "{} playback ran dry: generation is behind real time; buffering {:.1} s",
+                stamp(start),
+                Pacing::REBUFFER as f64 / 24_000.0
+            ));
+        }
+        if !self.release(done, start) {
+            if let Some(r) = &self.reference {
+                r.observe(played);
+            }
+            return;
+        }
         while !self.pending.is_empty() && self.written.saturating_sub(self.played()) < Self::LEAD {
             let n = self.pending.len().min(1920);
             let chunk: Vec<f32> = self.pending.drain(..n).collect();
             if let Err(e) = self.playback.write(&chunk) {
-                eprintln!("{} playback: {e}", stamp(start));
+                log(format!("{} playback: {e}", stamp(start)));
             }
             if let Some(r) = &self.reference {
                 r.push(&chunk, self.played());
@@ -373,13 +616,22 @@ impl Player {
         if done && self.pending.is_empty() && !self.finished {
             self.finished = true;
             if let Err(e) = self.playback.finish() {
-                eprintln!("{} playback: {e}", stamp(start));
+                log(format!("{} playback: {e}", stamp(start)));
             }
             if let Some(r) = &self.reference {
                 r.finish();
             }
         } else if let Some(r) = &self.reference {
             r.observe(self.played());
+        }
+        // A speaker with nothing to play for a while is paused: listening costs less.
+        if self.pending.is_empty() && self.finished && self.playback.wait_idle(Duration::ZERO) {
+            let since = *self.idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Self::SUSPEND_AFTER {
+                self.playback.suspend();
+            }
+        } else {
+            self.idle_since = None;
         }
     }
 
@@ -390,12 +642,19 @@ impl Player {
             && self.playback.wait_idle(Duration::ZERO)
     }
 
+    /// Drops everything queued and not yet played (barge-in).
     fn clear(&mut self) {
         self.pending.clear();
         self.playback.clear();
+        // What was dropped will never be played: the device's backlog is nothing again. (Not
+        // taking it off kept the lead full of audio that never plays: mute after a barge-in.)
+        let played = self.played();
+        self.written = played;
         self.finished = true;
+        self.pace.holding = false;
+        self.pace.rebuffering = None;
         if let Some(r) = &self.reference {
-            r.finish();
+            r.clear(played);
         }
     }
 
@@ -429,7 +688,12 @@ fn tools(cfg: &Config) -> Vec<dialog::tools::ToolSpec> {
     tools
 }
 
-fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result<()> {
+fn assistant(
+    args: &Args,
+    r: &Resolved,
+    engine: &EngineHandle,
+    stop: &Receiver<i32>,
+) -> anyhow::Result<()> {
     let (cfg, start) = (&r.cfg, r.start);
     let conv = engine.open(Setup {
         instructions: cfg.assistant.system_prompt.clone(),
@@ -464,17 +728,27 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
     let mut reply_base: Option<u64> = None;
     let mut reply_done = false;
     let mut replies = 0u64;
+    let mut barge_ins = 0u64;
     let mut user_turns = 0u64;
     let mut last_user: Option<(String, Vec<f32>)> = None;
     let mut spoke_at: Option<Instant> = None;
+    // Uptime of the last voiced sample of the utterance being answered, until the answer's
+    // first sample has been played; and the delays measured so far.
+    let mut question_end: Option<f64> = None;
+    let mut pending_end: Option<f64> = None;
+    let mut delays: Vec<f64> = Vec::new();
     let mut tool_round = false;
     let mut heard_at_stop: Option<u64> = None;
     let mut current_item: Option<String> = None;
+    let mut signal: Option<i32> = None;
+    // Transcripts asked for and not yet received.
+    let mut transcripts = 0u32;
     let deadline = args
         .seconds
         .map(|s| start + Duration::from_secs_f64(s.max(0.0)));
     let stdout = std::io::stdout();
     let say = |line: String| {
+        end_open_line();
         let mut out = stdout.lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
@@ -482,23 +756,37 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
     loop {
         let mut actions = Vec::new();
         select! {
+            recv(stop) -> sig => {
+                signal = Some(sig.unwrap_or(0));
+                break;
+            }
             recv(listener.events()) -> ev => match ev {
-                Ok(ListenEvent::Vad { event: VadEvent::SpeechStarted { at }, .. }) => {
-                    say(format!("{} user: (speaking at {:.2}s)", stamp(start), at.as_secs_f64()));
+                Ok(ListenEvent::Vad { event: VadEvent::SpeechStarted { at }, decided, latency }) => {
+                    say(format!(
+                        "{} user: (speaking since {:.2}s)",
+                        stamp(start),
+                        uptime_of(start, at, decided, latency)
+                    ));
                     actions = turns.handle(Event::SpeechStarted { at });
                 }
-                Ok(ListenEvent::Vad { event: VadEvent::SpeechEnded { at, audio, .. }, .. }) => {
-                    say(format!("{} user: ({:.2} s of speech)", stamp(start), audio.len() as f64 / 16_000.0));
+                Ok(ListenEvent::Vad { event: VadEvent::SpeechEnded { at, audio, .. }, decided, latency }) => {
+                    let ended = uptime_of(start, at, decided, latency);
+                    say(format!(
+                        "{} user: ({:.2} s of speech, ended at {ended:.2}s)",
+                        stamp(start),
+                        audio.len() as f64 / 16_000.0
+                    ));
                     spoke_at = Some(Instant::now());
+                    pending_end = Some(ended);
                     actions = turns.handle(Event::SpeechEnded { at, audio });
                 }
                 Ok(ListenEvent::Stopped { error, .. }) => {
                     if let Some(e) = error {
-                        eprintln!("{} capture stopped: {e}", stamp(start));
+                        log(format!("{} capture stopped: {e}", stamp(start)));
                     }
                     break;
                 }
-                Ok(ListenEvent::Device(e)) => eprintln!("{} input device: {e:?}", stamp(start)),
+                Ok(ListenEvent::Device(e)) => log(format!("{} input device: {e}", stamp(start))),
                 Ok(_) => {}
                 Err(_) => break,
             },
@@ -506,11 +794,15 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                 Ok(ConvEvent::ReplyStarted { response_id, item_id, latency_ms }) => {
                     current_item = Some(item_id);
                     let _ = latency_ms;
+                    let line = format!("{} assistant: ", stamp(start));
                     let mut out = stdout.lock();
-                    let _ = write!(out, "{} assistant: ", stamp(start));
+                    let _ = write!(out, "{line}");
                     let _ = out.flush();
+                    OPEN_LINE.store(true, Ordering::Relaxed);
                     current = Some(response_id);
-                    reply_base = Some(player.written);
+                    // Where this reply's first sample will be in the player's count.
+                    reply_base = Some(player.written + player.pending.len() as u64);
+                    player.begin_reply();
                     reply_done = false;
                     actions = turns.handle(Event::ReplyStarted);
                 }
@@ -518,19 +810,23 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     if Some(&response_id) == cancelled.as_ref() => {}
                 Ok(ConvEvent::Text { piece, .. }) => {
                     let mut out = stdout.lock();
+                    if !OPEN_LINE.swap(true, Ordering::Relaxed) {
+                        // The line was ended by another one in between: go on after a stamp.
+                        let _ = write!(out, "[{:>8.2}s] assistant: ...", start.elapsed().as_secs_f64());
+                    }
                     let _ = write!(out, "{piece}");
                     let _ = out.flush();
                 }
                 Ok(ConvEvent::Audio { samples, .. }) => {
                     if let Some(t) = spoke_at.take() {
-                        eprintln!("{} first audio {:.0} ms after the end of speech", stamp(start), t.elapsed().as_secs_f64() * 1e3);
+                        log(format!("{} first audio {:.0} ms after the end of speech", stamp(start), t.elapsed().as_secs_f64() * 1e3));
                     }
-                    player.queue(&samples);
+                    player.reply_audio(&samples);
                 }
                 Ok(ConvEvent::ToolCall { name, arguments, call_id, .. }) => {
                     // The answer comes in a reply of its own, after the result.
                     tool_round = true;
-                    say(format!("\n{} tool call {call_id}: {name}({arguments})", stamp(start)));
+                    say(format!("{} tool call {call_id}: {name}({arguments})", stamp(start)));
                 }
                 Ok(ConvEvent::ToolResult { call_id, output, ok, .. }) => {
                     say(format!("{} tool result {call_id} ({}): {output}", stamp(start), if ok { "ok" } else { "failed" }));
@@ -542,7 +838,6 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                 }
                 Ok(ConvEvent::ReplyDone { response_id, text, audio_samples, cancelled: was_cut, .. }) => {
                     let frames = audio_samples / 1920;
-                    say(String::new());
                     say(format!(
                         "{} assistant {}: {text:?} ({frames} frames, {:.2} s of speech)",
                         stamp(start),
@@ -562,6 +857,7 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     }
                 }
                 Ok(ConvEvent::Transcript { item_id, text }) => {
+                    transcripts = transcripts.saturating_sub(1);
                     say(format!("{} user ({item_id}): {text:?}", stamp(start)));
                 }
                 Ok(ConvEvent::Truncated { item_id, audio_samples, text }) => {
@@ -577,7 +873,7 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                 }
                 Ok(ConvEvent::Error { message, .. }) => {
                     // Every reply ends with ReplyDone, failed ones too: this is only news.
-                    eprintln!("{} error: {message}", stamp(start));
+                    log(format!("{} error: {message}", stamp(start)));
                 }
                 Ok(_) => {}
                 Err(_) => break,
@@ -585,10 +881,28 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
             default(Duration::from_millis(20)) => {}
         }
         player.pump(reply_done, start);
+        if let (Some(base), Some(ended)) = (reply_base, question_end) {
+            let played = player.played();
+            if played > base {
+                // The first sample of the answer went to the device this long ago.
+                let heard = start.elapsed().as_secs_f64() - (played - base) as f64 / 24_000.0;
+                let delay = heard - ended;
+                delays.push(delay);
+                question_end = None;
+                log(format!(
+                    "{} answer audible {:.0} ms after the end of the question (ended at {ended:.2}s, first sample played at {heard:.2}s)",
+                    stamp(start),
+                    delay * 1e3
+                ));
+            }
+        }
         // The reply is over once it has been generated and played out.
         if reply_done && (reply_base.is_none() || player.idle()) {
             reply_done = false;
-            reply_base = None;
+            if reply_base.take().is_some() {
+                let notes = player.end_reply();
+                log(format!("{} reply played: {notes}", stamp(start)));
+            }
             actions.extend(turns.handle(Event::ReplyFinished));
             if args.max_turns.is_some_and(|m| replies >= m) {
                 break;
@@ -601,9 +915,11 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     let id = format!("user-{user_turns}");
                     conv.add(id.clone(), Content::UserAudio(audio.clone()));
                     respond(&conv, user_turns);
+                    question_end = pending_end.take();
                     if cfg.assistant.transcribe_user {
-                        // After the reply in the queue: the words are for the log.
-                        conv.transcribe(id.clone(), audio.clone());
+                        // The engine runs it when nothing else waits: the words are for the log.
+                        conv.transcribe_when_idle(id.clone(), audio.clone());
+                        transcripts += 1;
                     }
                     last_user = Some((id, audio));
                 }
@@ -620,8 +936,10 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                     let id = format!("user-{user_turns}");
                     conv.add(id.clone(), Content::UserAudio(whole.clone()));
                     respond(&conv, user_turns);
+                    question_end = pending_end.take();
                     if cfg.assistant.transcribe_user {
-                        conv.transcribe(id.clone(), whole.clone());
+                        conv.transcribe_when_idle(id.clone(), whole.clone());
+                        transcripts += 1;
                     }
                     last_user = Some((id, whole));
                 }
@@ -636,13 +954,24 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
                         .take()
                         .or_else(|| reply_base.map(|base| player.played().saturating_sub(base)))
                         .unwrap_or(0);
-                    if reply_base.is_some() {
+                    barge_ins += 1;
+                    if heard == 0 {
+                        say(format!(
+                            "{} barge-in: nothing of the reply had been heard yet; it is dropped",
+                            stamp(start)
+                        ));
+                    } else {
                         say(format!(
                             "{} barge-in: the assistant is cut after {:.2} s of its reply",
                             stamp(start),
                             heard as f64 / 24_000.0
                         ));
                     }
+                    if reply_base.is_some() {
+                        let notes = player.end_reply();
+                        log(format!("{} reply played (cut): {notes}", stamp(start)));
+                    }
+                    question_end = None;
                     match (&current_item, reply_done) {
                         // Generated already and still playing: cut the item that is in the
                         // conversation to what was heard.
@@ -660,10 +989,54 @@ fn assistant(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result
             break;
         }
     }
+    // At the end of a scripted session (--max-turns, --seconds) the last words still to be
+    // transcribed are waited for, a few seconds at most, so that the log is complete; a signal
+    // does not wait.
+    let wait_until = Instant::now() + Duration::from_secs(10);
+    while signal.is_none() && transcripts > 0 && Instant::now() < wait_until {
+        select! {
+            recv(stop) -> sig => signal = Some(sig.unwrap_or(0)),
+            recv(conv.events()) -> ev => match ev {
+                Ok(ConvEvent::Transcript { item_id, text }) => {
+                    transcripts -= 1;
+                    say(format!("{} user ({item_id}): {text:?}", stamp(start)));
+                }
+                Ok(ConvEvent::Error { message, .. }) => {
+                    transcripts -= 1;
+                    log(format!("{} error: {message}", stamp(start)));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            },
+            default(Duration::from_millis(100)) => {}
+        }
+    }
+    // Stop at once: nothing more is played or generated.
     conv.cancel(Some(0));
+    if signal.is_some() {
+        player.clear();
+    }
     listener.stop();
+    let stats = player.playback.stats();
     player.close();
-    eprintln!("{} stopped after {replies} replies", stamp(start));
+    delays.sort_by(f64::total_cmp);
+    let latency = match delays.as_slice() {
+        [] => String::new(),
+        d => format!(
+            "; answers audible {:.0} ms (median) / {:.0} ms (max) after the question",
+            d[d.len() / 2] * 1e3,
+            d[d.len() - 1] * 1e3
+        ),
+    };
+    log(format!(
+        "{} stopped after {replies} replies{}: {user_turns} user turns, {barge_ins} barge-ins, {} playback underruns{latency}",
+        stamp(start),
+        match signal {
+            Some(sig) => format!(" ({})", signal_name(sig)),
+            None => String::new(),
+        },
+        stats.xruns + stats.device_xruns
+    ));
     Ok(())
 }
 
@@ -719,7 +1092,12 @@ fn clock(d: Duration) -> String {
 }
 
 /// Live transcription, or translation: each utterance on its own, with its timestamps.
-fn transcribe_or_translate(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result<()> {
+fn transcribe_or_translate(
+    args: &Args,
+    r: &Resolved,
+    engine: &EngineHandle,
+    stop: &Receiver<i32>,
+) -> anyhow::Result<()> {
     let (cfg, start) = (&r.cfg, r.start);
     let translate = r.mode == Mode::Translate;
     let lang = cfg.assistant.translate_to.trim();
@@ -780,8 +1158,13 @@ fn transcribe_or_translate(args: &Args, r: &Resolved, engine: &EngineHandle) -> 
     let mut spans: std::collections::HashMap<String, (Duration, Duration)> = Default::default();
     let mut done = 0u64;
     let mut text = String::new();
+    let mut signal = None;
     loop {
         select! {
+            recv(stop) -> sig => {
+                signal = Some(sig.unwrap_or(0));
+                break;
+            }
             recv(listener.events()) -> ev => match ev {
                 Ok(ListenEvent::Vad { event: VadEvent::SpeechEnded { started, at, audio, .. }, .. }) => {
                     n += 1;
@@ -842,16 +1225,29 @@ fn transcribe_or_translate(args: &Args, r: &Resolved, engine: &EngineHandle) -> 
             break;
         }
     }
+    conv.cancel(Some(0));
     listener.stop();
-    if let Some(p) = player {
+    if let Some(mut p) = player {
+        if signal.is_some() {
+            p.clear();
+        }
         p.close();
     }
-    eprintln!("{} stopped after {done} utterances", stamp(start));
+    eprintln!(
+        "{} stopped after {done} utterances{}",
+        stamp(start),
+        signal.map_or(String::new(), |s| format!(" ({})", signal_name(s)))
+    );
     Ok(())
 }
 
 /// Reads lines of stdin aloud.
-fn speak(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result<()> {
+fn speak(
+    args: &Args,
+    r: &Resolved,
+    engine: &EngineHandle,
+    stop: &Receiver<i32>,
+) -> anyhow::Result<()> {
     let (cfg, start) = (&r.cfg, r.start);
     let voice = crate::voices::find(&cfg.assistant.voice, None)?;
     let mut params = sampling(cfg);
@@ -882,6 +1278,7 @@ fn speak(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result<()>
     let mut asked = 0u64;
     let mut done = 0u64;
     let mut eof = false;
+    let mut signal = None;
     loop {
         let lines_rx: Receiver<String> = if eof {
             crossbeam_channel::never()
@@ -889,6 +1286,10 @@ fn speak(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result<()>
             lines.clone()
         };
         select! {
+            recv(stop) -> sig => {
+                signal = Some(sig.unwrap_or(0));
+                break;
+            }
             recv(lines_rx) -> line => match line {
                 Ok(line) if line.trim().is_empty() => {}
                 Ok(line) => {
@@ -923,7 +1324,15 @@ fn speak(args: &Args, r: &Resolved, engine: &EngineHandle) -> anyhow::Result<()>
             break;
         }
     }
+    conv.cancel(Some(0));
+    if signal.is_some() {
+        player.clear();
+    }
     player.close();
-    eprintln!("{} stopped after {done} lines", stamp(start));
+    eprintln!(
+        "{} stopped after {done} lines{}",
+        stamp(start),
+        signal.map_or(String::new(), |s| format!(" ({})", signal_name(s)))
+    );
     Ok(())
 }

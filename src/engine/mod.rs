@@ -270,6 +270,8 @@ pub(crate) enum Job {
         audio: Vec<f32>,
         /// Send the text piece by piece as it is decoded too.
         stream: bool,
+        /// Run only when nothing else is queued, giving way to any job that comes.
+        background: bool,
     },
     Close {
         conv: u64,
@@ -414,6 +416,7 @@ impl Conversation {
             item_id: item_id.into(),
             audio,
             stream: false,
+            background: false,
         });
     }
 
@@ -425,6 +428,20 @@ impl Conversation {
             item_id: item_id.into(),
             audio,
             stream: true,
+            background: false,
+        });
+    }
+
+    /// [`transcribe`](Self::transcribe), but only when the engine has nothing else to do: it
+    /// never delays a job queued after it (a reply), and one that arrives while it runs stops
+    /// it within a token (it starts again later). For words that are only for the record.
+    pub fn transcribe_when_idle(&self, item_id: impl Into<String>, audio: Vec<f32>) {
+        self.send(Job::Transcribe {
+            conv: self.id,
+            item_id: item_id.into(),
+            audio,
+            stream: false,
+            background: true,
         });
     }
 }

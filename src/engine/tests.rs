@@ -792,6 +792,7 @@ fn the_queue_takes_conversations_in_turn() {
         item_id: "b0".into(),
         audio: Vec::new(),
         stream: false,
+        background: false,
     });
     let mut order = Vec::new();
     while let Some(j) = q.pop() {
@@ -949,4 +950,40 @@ fn a_reply_reports_its_usage_and_whether_the_limit_cut_it() {
         .position(|e| matches!(e, ConvEvent::ReplyUsage { .. }))
         .unwrap();
     assert!(used < done);
+}
+
+/// The daemon asks for the transcript of each user turn after its reply; the next turn's reply
+/// must not wait for it (on a random model a transcript runs to its 448-token limit: seconds).
+/// Queued behind a reply, the transcript comes after the next reply too, and still comes.
+#[test]
+fn a_queued_transcription_never_holds_up_the_next_reply() {
+    let model = model();
+    let detok = codec::open_detokenizer(&fixture(), codec::DetokenizerChoice::Auto).unwrap();
+    let (engine, thread) = spawn_with(model, detok, EngineOptions::default()).unwrap();
+    let c = engine.open(setup(24)).unwrap();
+    let ask = |n: u32| {
+        c.add(format!("u{n}"), Content::UserAudio(clip()));
+        c.respond(Respond {
+            response_id: format!("r{n}"),
+            item_id: format!("r{n}"),
+            output: None,
+        });
+    };
+    // As the daemon queues them: turn 1, its transcript, turn 2 (all while turn 1 generates).
+    ask(1);
+    c.transcribe_when_idle("u1", clip());
+    ask(2);
+    let mut order = Vec::new();
+    while order.len() < 3 {
+        match c.events().recv_timeout(Duration::from_secs(120)).unwrap() {
+            ConvEvent::ReplyDone { response_id, .. } => order.push(response_id),
+            ConvEvent::Transcript { item_id, .. } => order.push(format!("transcript {item_id}")),
+            ConvEvent::Error { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    assert_eq!(order, ["r1", "r2", "transcript u1"]);
+    drop(c);
+    engine.shutdown();
+    thread.join().unwrap();
 }

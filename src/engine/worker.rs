@@ -255,20 +255,43 @@ impl Worker {
     }
 
     pub(crate) fn run(&mut self, jobs: Receiver<Job>) {
+        // Conversations are served in turn (`FairQueue`). Background transcriptions wait until
+        // nothing else is queued, and give way within one token to any job that arrives
+        // meanwhile (then start again later): the words of a turn that are only for the record
+        // must never hold up a reply.
         let mut queue = FairQueue::default();
+        let mut deferred: std::collections::VecDeque<Job> = Default::default();
         loop {
+            loop {
+                match jobs.try_recv() {
+                    Ok(job) => queue.push(job),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        if queue.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
             if queue.is_empty() {
+                if let Some(job) = deferred.pop_front() {
+                    if let Some(job) = self.transcribe_unless(job, &jobs) {
+                        deferred.push_front(job);
+                    }
+                    continue;
+                }
                 match jobs.recv() {
                     Ok(job) => queue.push(job),
                     Err(_) => break,
                 }
             }
-            while let Ok(job) = jobs.try_recv() {
-                queue.push(job);
-            }
             let Some(job) = queue.pop() else { continue };
             match job {
                 Job::Shutdown => break,
+                job @ Job::Transcribe {
+                    background: true, ..
+                } => deferred.push_back(job),
                 Job::Open {
                     conv,
                     setup,
@@ -285,6 +308,43 @@ impl Worker {
                     self.convs.remove(&conv);
                 }
                 job => self.conversation_job(job),
+            }
+        }
+    }
+
+    /// Runs a deferred transcription job, unless another job arrives first: then returns it
+    /// to be run again later.
+    fn transcribe_unless(&mut self, job: Job, jobs: &Receiver<Job>) -> Option<Job> {
+        let Job::Transcribe {
+            conv,
+            item_id,
+            audio,
+            ..
+        } = job
+        else {
+            return None;
+        };
+        // A closed conversation has nobody to report to.
+        let c = self.convs.remove(&conv)?;
+        let result = self.transcribe_until(&c, item_id.clone(), &audio, false, || !jobs.is_empty());
+        self.convs.insert(conv, c);
+        match result {
+            Ok(true) => None,
+            Ok(false) => Some(Job::Transcribe {
+                conv,
+                item_id,
+                audio,
+                stream: false,
+                background: true,
+            }),
+            Err(e) => {
+                if let Some(c) = self.convs.get(&conv) {
+                    c.emit(ConvEvent::Error {
+                        item_id: Some(item_id),
+                        message: format!("{e:#}"),
+                    });
+                }
+                None
             }
         }
     }
@@ -768,23 +828,46 @@ impl Worker {
         audio: &[f32],
         stream: bool,
     ) -> anyhow::Result<()> {
+        self.transcribe_until(conv, item_id, audio, stream, || false)
+            .map(|_| ())
+    }
+
+    /// [`transcribe`](Self::transcribe), given up (false, nothing reported) as soon as `stop`
+    /// says so between two tokens.
+    fn transcribe_until(
+        &self,
+        conv: &Conv,
+        item_id: String,
+        audio: &[f32],
+        stream: bool,
+        stop: impl Fn() -> bool,
+    ) -> anyhow::Result<bool> {
         let model = &self.model;
+        if stop() {
+            return Ok(false);
+        }
         let emb = model.audio.embed(audio).context("encoding the speech")?;
         let chat = asr_chat(&model.tokenizer, emb)?;
         let mut session = Session::new(model.backbone.clone())?;
         let hidden = prefill_chat(&mut session, &chat)?;
         let mut sampler = Sampler::new(SamplingParams::GREEDY, 0);
         let special = model.tokenizer.special();
+        if stop() {
+            return Ok(false);
+        }
         // Streamed pieces add up to the final text: no special tokens, no leading space.
         let mut pieces = TextStream::new();
         let mut sent = String::new();
-        let (ids, _) = generate_text(
+        let (ids, why) = generate_text(
             &mut session,
             &hidden,
             &mut sampler,
             self.max_transcript_tokens,
             &[special.im_end],
             |id| {
+                if stop() {
+                    return Ok(false);
+                }
                 if stream {
                     if let Some(piece) = pieces.push(&model.tokenizer, id)? {
                         let piece = strip_specials(&piece);
@@ -805,11 +888,14 @@ impl Worker {
                 Ok(true)
             },
         )?;
+        if why == lfm2_audio::generate::StopReason::Cancelled {
+            return Ok(false);
+        }
         let text = strip_specials(&model.tokenizer.decode_readable(&ids)?)
             .trim()
             .to_owned();
         conv.emit(ConvEvent::Transcript { item_id, text });
-        Ok(())
+        Ok(true)
     }
 
     /// A reply, and with [`ToolPolicy::Run`] the rounds of tool calls that follow it.

@@ -44,7 +44,11 @@ pub(crate) fn listen_address(listen: &str, api_key: Option<&str>) -> anyhow::Res
 }
 
 /// `lfm2d serve --listen ADDR`: the Realtime API server alone (no sound devices).
-pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
+pub fn run(
+    args: &Args,
+    listen: &str,
+    stop: &crossbeam_channel::Receiver<i32>,
+) -> anyhow::Result<()> {
     let api_key = args.api_key.clone().filter(|k| !k.is_empty());
     let addr = listen_address(listen, api_key.as_deref())?;
     let cfg = crate::daemon::serve::configured(args)?;
@@ -87,11 +91,29 @@ pub fn run(args: &Args, listen: &str) -> anyhow::Result<()> {
             model_dir.display(),
             server::PATH
         );
-        server::serve(listener, shared).await
+        crate::daemon::shutdown::running();
+        // SIGINT/SIGTERM: stop accepting; the connections close with the runtime below.
+        let stop = stop.clone();
+        let signal = tokio::task::spawn_blocking(move || stop.recv().unwrap_or(0));
+        tokio::select! {
+            r = server::serve(listener, shared) => r.map(|()| None),
+            sig = signal => Ok(Some(sig.unwrap_or(0))),
+        }
     });
+    // Connections still open are dropped with their tasks (their conversations cancel what
+    // the engine does for them).
+    runtime.shutdown_timeout(Duration::from_millis(300));
     engine.shutdown();
-    let _ = engine_thread.join();
-    result
+    crate::daemon::shutdown::join(engine_thread, "the engine");
+    let signal = result?;
+    if let Some(sig) = signal {
+        eprintln!(
+            "[{:>8.2}s] stopped ({})",
+            started.elapsed().as_secs_f64(),
+            crate::daemon::shutdown::name(sig)
+        );
+    }
+    Ok(())
 }
 
 /// The server's state over a running engine (the Wyoming server may share the engine).

@@ -15,7 +15,7 @@ pub mod zeroconf;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -70,7 +70,12 @@ pub fn wanted(args: &Args) -> anyhow::Result<Option<String>> {
 
 /// `lfm2d serve --wyoming ADDR [--listen ADDR]`: the Wyoming server, and the Realtime API server
 /// too when asked, on one engine (no sound devices).
-pub fn run(args: &Args, address: &str, listen: Option<&str>) -> anyhow::Result<()> {
+pub fn run(
+    args: &Args,
+    address: &str,
+    listen: Option<&str>,
+    stop: &crossbeam_channel::Receiver<i32>,
+) -> anyhow::Result<()> {
     let addr = parse_address(address)?;
     let api_key = args.api_key.clone().filter(|k| !k.is_empty());
     let realtime_addr = listen
@@ -178,8 +183,15 @@ pub fn run(args: &Args, address: &str, listen: Option<&str>) -> anyhow::Result<(
             None
         };
         let wyoming = server::serve(listener, shared);
+        crate::daemon::shutdown::running();
+        // SIGINT/SIGTERM: stop accepting; the connections close with the runtime below.
+        let stop = stop.clone();
+        let signal = tokio::task::spawn_blocking(move || stop.recv().unwrap_or(0));
         match realtime {
-            None => wyoming.await,
+            None => tokio::select! {
+                r = wyoming => r.map(|()| None),
+                sig = signal => Ok(Some(sig.unwrap_or(0))),
+            },
             Some((a, rt)) => {
                 let l = tokio::net::TcpListener::bind(a)
                     .await
@@ -191,15 +203,26 @@ pub fn run(args: &Args, address: &str, listen: Option<&str>) -> anyhow::Result<(
                     crate::realtime::server::PATH
                 );
                 tokio::select! {
-                    r = wyoming => r,
-                    r = crate::realtime::server::serve(l, rt) => r,
+                    r = wyoming => r.map(|()| None),
+                    r = crate::realtime::server::serve(l, rt) => r.map(|()| None),
+                    sig = signal => Ok(Some(sig.unwrap_or(0))),
                 }
             }
         }
     });
+    // Connections still open are dropped with their tasks (their conversations cancel what
+    // the engine does for them).
+    runtime.shutdown_timeout(Duration::from_millis(300));
     engine.shutdown();
-    let _ = engine_thread.join();
-    result
+    crate::daemon::shutdown::join(engine_thread, "the engine");
+    if let Some(sig) = result? {
+        eprintln!(
+            "[{:>8.2}s] stopped ({})",
+            started.elapsed().as_secs_f64(),
+            crate::daemon::shutdown::name(sig)
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

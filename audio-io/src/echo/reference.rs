@@ -104,6 +104,9 @@ struct Timeline {
     /// Times samples were placed anew (a new stretch, a stall): those re-anchorings, unlike
     /// a re-measurement asked for after some lateness, void what the timing said before.
     moves: u64,
+    /// 16 kHz samples by which stalls moved what was pushed later than first placed, in all:
+    /// for that long the timeline said the speaker was playing while it was not.
+    stalled: f64,
 }
 
 impl Timeline {
@@ -203,6 +206,7 @@ impl Timeline {
         }
         self.generation += 1;
         self.moves += 1;
+        self.stalled += by.max(0.0);
         self.segment = Some(Segment {
             floor: seg.floor,
             ..Segment::new(at, q, wall)
@@ -361,6 +365,7 @@ impl EchoReference {
                     segment: None,
                     generation: 0,
                     moves: 0,
+                    stalled: 0.0,
                 }),
             }),
         })
@@ -432,6 +437,12 @@ impl EchoReference {
     /// subset of the [`generation`](Self::generation)s.
     pub fn moves(&self) -> u64 {
         self.lock().moves
+    }
+
+    /// 16 kHz samples of playing time, in all, that stalls took away from what the timeline had
+    /// placed as playing (each stall moved the rest of its segment that much later).
+    pub fn stalled(&self) -> f64 {
+        self.lock().stalled
     }
 
     /// The reference for wall indices `start..start + out.len()`, and the generation it
