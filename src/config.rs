@@ -203,12 +203,27 @@ impl Config {
                 return Err(format!("{key} = {t}: expected a number >= 0"));
             }
         }
+        let max_threads = lfm2_audio::quant::MAX_THREADS;
+        if self.model.threads > max_threads {
+            return Err(format!(
+                "model.threads = {}: expected 0 (one per core) to {max_threads}; more than the \
+                 cores are clamped to the core count",
+                self.model.threads
+            ));
+        }
         if self.assistant.max_reply_tokens == 0 {
             return Err("assistant.max_reply_tokens must be at least 1".into());
         }
         for tool in &self.tools {
             if tool.name.is_empty() || tool.command.is_empty() {
                 return Err(format!("tools: {:?} needs a name and a command", tool.name));
+            }
+            let max = dialog::tools::MAX_TOOL_TIMEOUT_SECS;
+            if !(tool.timeout_secs > 0.0 && tool.timeout_secs <= max) {
+                return Err(format!(
+                    "tools: {:?}: timeout_secs = {}: expected a number of seconds in (0, {max}]",
+                    tool.name, tool.timeout_secs
+                ));
             }
         }
         Ok(())
