@@ -292,6 +292,32 @@ mod tests {
     }
 
     #[test]
+    fn absurd_threads_and_tool_timeouts_are_refused() {
+        let err = Config::parse("[model]\nthreads = 100000\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.threads = 100000"), "{err}");
+        for t in ["inf", "nan", "-1.0", "0.0", "1e9"] {
+            let text = format!(
+                "[[tools]]\nname = \"w\"\ndescription = \"W\"\ncommand = [\"true\"]\ntimeout_secs = {t}\n"
+            );
+            let err = Config::parse(&text, Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("timeout_secs"), "{t}: {err}");
+        }
+        // A spec made elsewhere still runs with a bounded time.
+        assert_eq!(
+            dialog::tools::tool_timeout(f64::INFINITY).as_secs_f64(),
+            dialog::tools::MAX_TOOL_TIMEOUT_SECS
+        );
+        assert_eq!(
+            dialog::tools::tool_timeout(f64::NAN).as_secs_f64(),
+            dialog::tools::MAX_TOOL_TIMEOUT_SECS
+        );
+    }
+
+    #[test]
     fn tools_are_read() {
         let cfg = Config::parse(
             "[[tools]]\nname = \"weather\"\ndescription = \"Weather\"\ncommand = [\"sh\", \"-c\", \"echo sunny\"]\n",
