@@ -368,3 +368,26 @@ fn absurd_flags_are_refused_or_clamped() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(r.stderr.contains("10000 threads requested"), "{}", r.stderr);
 }
+
+#[test]
+fn a_prompt_longer_than_the_context_is_refused_with_the_numbers() {
+    // 120 KB of system text: tens of thousands of tokens, over the default 4096 positions.
+    let words = ["the", "assistant", "answers", "questions", "about", "time"];
+    let mut system = String::new();
+    let mut i = 0usize;
+    while system.len() < 120_000 {
+        system.push_str(words[i % words.len()]);
+        system.push(' ');
+        i = i.wrapping_mul(31).wrapping_add(7);
+    }
+    let r = run(&[
+        "generate",
+        "--model",
+        &model("tiny-a"),
+        "--system",
+        &system,
+        "--prompt",
+        "Hi",
+    ]);
+    r.assert_refused("more than fit in the context of 4096 positions");
+}
