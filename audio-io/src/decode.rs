@@ -89,8 +89,7 @@ fn isolated<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             .with(|p| p.borrow_mut().take())
             .unwrap_or_else(|| "a panic".to_owned());
         // One line: the first line of the decoder's message.
-        let first = message.lines().next().unwrap_or_default().to_owned();
-        format!("internal error: {first}")
+        message.lines().next().unwrap_or_default().to_owned()
     })
 }
 
