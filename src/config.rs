@@ -222,12 +222,27 @@ impl Config {
                 return Err(format!("{key} = {t}: expected a number >= 0"));
             }
         }
+        let max_threads = lfm2_audio::quant::MAX_THREADS;
+        if self.model.threads > max_threads {
+            return Err(format!(
+                "model.threads = {}: expected 0 (one per core) to {max_threads}; more than the \
+                 cores are clamped to the core count",
+                self.model.threads
+            ));
+        }
         if self.assistant.max_reply_tokens == 0 {
             return Err("assistant.max_reply_tokens must be at least 1".into());
         }
         for tool in &self.tools {
             if tool.name.is_empty() || tool.command.is_empty() {
                 return Err(format!("tools: {:?} needs a name and a command", tool.name));
+            }
+            let max = dialog::tools::MAX_TOOL_TIMEOUT_SECS;
+            if !(tool.timeout_secs > 0.0 && tool.timeout_secs <= max) {
+                return Err(format!(
+                    "tools: {:?}: timeout_secs = {}: expected a number of seconds in (0, {max}]",
+                    tool.name, tool.timeout_secs
+                ));
             }
         }
         Ok(())
@@ -293,6 +308,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("translate_to"), "{err}");
+    }
+
+    #[test]
+    fn absurd_threads_and_tool_timeouts_are_refused() {
+        let err = Config::parse("[model]\nthreads = 100000\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.threads = 100000"), "{err}");
+        for t in ["inf", "nan", "-1.0", "0.0", "1e9"] {
+            let text = format!(
+                "[[tools]]\nname = \"w\"\ndescription = \"W\"\ncommand = [\"true\"]\ntimeout_secs = {t}\n"
+            );
+            let err = Config::parse(&text, Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("timeout_secs"), "{t}: {err}");
+        }
+        // A spec made elsewhere still runs with a bounded time.
+        assert_eq!(
+            dialog::tools::tool_timeout(f64::INFINITY).as_secs_f64(),
+            dialog::tools::MAX_TOOL_TIMEOUT_SECS
+        );
+        assert_eq!(
+            dialog::tools::tool_timeout(f64::NAN).as_secs_f64(),
+            dialog::tools::MAX_TOOL_TIMEOUT_SECS
+        );
     }
 
     #[test]

@@ -66,6 +66,13 @@ if ! .venv-wyoming/bin/python -c "import wyoming.version as v; assert v.__versio
     .venv-wyoming/bin/pip install -q "wyoming==1.10.2"
 fi
 
+# cargo-fuzz (pinned) for the fuzz targets in fuzz/ (tools/fuzz.sh; stable Rust with
+# RUSTC_BOOTSTRAP=1, no nightly needed).
+if ! cargo fuzz --version 2>/dev/null | grep -q "0.13.2"; then
+    echo "setup: installing cargo-fuzz 0.13.2"
+    cargo install cargo-fuzz --version 0.13.2 --locked
+fi
+
 if [ "${1:-}" != "--no-build" ]; then
     cargo build --release
     echo "setup: done; the binary is target/release/lfm2d"

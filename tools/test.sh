@@ -10,3 +10,5 @@ bash tools/setup.sh --no-build
 export LFM2D_PULSE_TESTS=1
 cargo fmt --all -- --check
 cargo test --workspace
+# Each fuzz target for a short smoke run (tools/fuzz.sh SECONDS runs them longer).
+bash tools/fuzz.sh 20

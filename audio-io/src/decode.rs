@@ -1,8 +1,17 @@
 //! Reading audio files of any common format (WAV 8/16/24/32-bit integer and float, FLAC, MP3,
 //! Ogg Vorbis, ...) as a stream of mono f32 chunks, with bounded memory.
+//!
+//! A user's file is untrusted input: sample rates outside [`MIN_RATE`]..=[`MAX_RATE`] are refused
+//! (a WAV header's rate is checked before the decoder sees it), only regular files are read (a FIFO
+//! or a device would block or never end), and a panic inside the decoder crate while probing or
+//! decoding becomes a [`FileError::Decoder`] for that file instead of taking the process down.
 
+use std::cell::{Cell, RefCell};
 use std::fs::File;
+use std::io::Read;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 use symphonia::core::audio::SampleBuffer;
 use symphonia::core::codecs::{Decoder, DecoderOptions, CODEC_TYPE_NULL};
@@ -27,6 +36,116 @@ pub enum FileError {
     Format { path: PathBuf, message: String },
     #[error("{path}: sample {index} is not a finite number")]
     NotFinite { path: PathBuf, index: u64 },
+    #[error(
+        "{path}: sample rate {rate} Hz is not supported (expected {} to {} Hz)",
+        MIN_RATE,
+        MAX_RATE
+    )]
+    Rate { path: PathBuf, rate: u64 },
+    #[error("{path}: not a regular file (a pipe, device or directory cannot be decoded)")]
+    NotRegular { path: PathBuf },
+    #[error("{path}: the audio decoder failed on this file ({message})")]
+    Decoder { path: PathBuf, message: String },
+}
+
+/// Lowest sample rate accepted from a file.
+pub const MIN_RATE: u32 = 1_000;
+/// Highest sample rate accepted from a file.
+pub const MAX_RATE: u32 = 384_000;
+
+thread_local! {
+    /// Set while this thread runs decoder code whose panics are caught and reported as errors.
+    static QUIET_PANICS: Cell<bool> = const { Cell::new(false) };
+    /// The message of the last panic caught on this thread.
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, turning a panic inside it into `Err(message)`. The panic is not printed: it is
+/// reported as an error of the file being read.
+fn isolated<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if QUIET_PANICS.with(Cell::get) {
+                let message = if let Some(s) = info.payload().downcast_ref::<&str>() {
+                    (*s).to_owned()
+                } else if let Some(s) = info.payload().downcast_ref::<String>() {
+                    s.clone()
+                } else {
+                    "a panic".to_owned()
+                };
+                LAST_PANIC.with(|p| *p.borrow_mut() = Some(message));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET_PANICS.with(|q| q.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(was));
+    result.map_err(|_| {
+        let message = LAST_PANIC
+            .with(|p| p.borrow_mut().take())
+            .unwrap_or_else(|| "a panic".to_owned());
+        // One line: the first line of the decoder's message.
+        message.lines().next().unwrap_or_default().to_owned()
+    })
+}
+
+/// Checks the sample rate and channel count in a WAV (RIFF/RF64/WAVE) header before the decoder
+/// sees them: the decoder divides by the rate. Other formats pass; they are checked after probing.
+fn check_wav_header(path: &Path, file: &mut File) -> Result<(), FileError> {
+    use std::io::{Seek, SeekFrom};
+    let io = |source| FileError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut head = Vec::with_capacity(4096);
+    file.by_ref()
+        .take(4096)
+        .read_to_end(&mut head)
+        .map_err(io)?;
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    if head.len() < 12 || !matches!(&head[0..4], b"RIFF" | b"RF64") || &head[8..12] != b"WAVE" {
+        return Ok(());
+    }
+    let mut at = 12usize;
+    while at + 8 <= head.len() {
+        let id = &head[at..at + 4];
+        let size = u32::from_le_bytes([head[at + 4], head[at + 5], head[at + 6], head[at + 7]]);
+        if id == b"fmt " {
+            let body = &head[at + 8..];
+            if body.len() >= 8 {
+                let channels = u16::from_le_bytes([body[2], body[3]]);
+                let rate = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
+                check_rate(path, u64::from(rate))?;
+                if channels == 0 {
+                    return Err(FileError::Format {
+                        path: path.to_owned(),
+                        message: "the header says 0 channels".into(),
+                    });
+                }
+            }
+            return Ok(());
+        }
+        // Chunks are padded to an even size.
+        at = at
+            .saturating_add(8)
+            .saturating_add(size as usize + (size as usize & 1));
+    }
+    Ok(())
+}
+
+fn check_rate(path: &Path, rate: u64) -> Result<(), FileError> {
+    if (u64::from(MIN_RATE)..=u64::from(MAX_RATE)).contains(&rate) {
+        Ok(())
+    } else {
+        Err(FileError::Rate {
+            path: path.to_owned(),
+            rate,
+        })
+    }
 }
 
 /// A decoding stream of an audio file, downmixed to mono (mean of the channels).
@@ -51,25 +170,40 @@ impl AudioFileReader {
             path: path.to_owned(),
             message,
         };
-        let file = File::open(path).map_err(io)?;
+        // The type is checked before opening: opening a FIFO for reading blocks until a writer
+        // comes.
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if !meta.is_file() {
+            return Err(FileError::NotRegular {
+                path: path.to_owned(),
+            });
+        }
+        let mut file = File::open(path).map_err(io)?;
         if file.metadata().map_err(io)?.len() == 0 {
             return Err(FileError::Empty {
                 path: path.to_owned(),
             });
         }
+        check_wav_header(path, &mut file)?;
         let mss = MediaSourceStream::new(Box::new(file), Default::default());
         let mut hint = Hint::new();
         if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
             hint.with_extension(ext);
         }
-        let probed = symphonia::default::get_probe()
-            .format(
+        let decoder_err = |message: String| FileError::Decoder {
+            path: path.to_owned(),
+            message,
+        };
+        let probed = isolated(|| {
+            symphonia::default::get_probe().format(
                 &hint,
                 mss,
                 &FormatOptions::default(),
                 &MetadataOptions::default(),
             )
-            .map_err(|e| format_err(describe(&e)))?;
+        })
+        .map_err(decoder_err)?
+        .map_err(|e| format_err(describe(&e)))?;
         let format = probed.format;
         let track = format
             .tracks()
@@ -80,9 +214,7 @@ impl AudioFileReader {
             .codec_params
             .sample_rate
             .ok_or_else(|| format_err("no sample rate".into()))?;
-        if sample_rate == 0 {
-            return Err(format_err("the sample rate is 0".into()));
-        }
+        check_rate(path, u64::from(sample_rate))?;
         let channels = track
             .codec_params
             .channels
@@ -90,9 +222,11 @@ impl AudioFileReader {
             .unwrap_or(1)
             .max(1);
         let track_id = track.id;
-        let decoder = symphonia::default::get_codecs()
-            .make(&track.codec_params, &DecoderOptions::default())
-            .map_err(|e| format_err(describe(&e)))?;
+        let params = track.codec_params.clone();
+        let decoder =
+            isolated(|| symphonia::default::get_codecs().make(&params, &DecoderOptions::default()))
+                .map_err(decoder_err)?
+                .map_err(|e| format_err(describe(&e)))?;
         Ok(Self {
             path: path.to_owned(),
             format,
@@ -114,8 +248,21 @@ impl AudioFileReader {
     }
 
     /// The next chunk of mono samples, `None` at the end. A file cut short ends at the last
-    /// complete packet.
+    /// complete packet. A panic of the decoder is an error, and the stream ends there.
     pub fn next_chunk(&mut self) -> Result<Option<Vec<f32>>, FileError> {
+        match isolated(|| self.next_chunk_inner()) {
+            Ok(r) => r,
+            Err(message) => {
+                self.done = true;
+                Err(FileError::Decoder {
+                    path: self.path.clone(),
+                    message,
+                })
+            }
+        }
+    }
+
+    fn next_chunk_inner(&mut self) -> Result<Option<Vec<f32>>, FileError> {
         while !self.done {
             let packet = match self.format.next_packet() {
                 Ok(p) => p,

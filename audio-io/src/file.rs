@@ -18,6 +18,17 @@ pub fn read_wav(path: &Path) -> Result<(Vec<f32>, StreamFormat), AudioError> {
     let format = StreamFormat::new(spec.sample_rate, spec.channels)
         .validate()
         .map_err(|e| AudioError::file(path, e))?;
+    if !(crate::decode::MIN_RATE..=crate::decode::MAX_RATE).contains(&spec.sample_rate) {
+        return Err(AudioError::file(
+            path,
+            format!(
+                "sample rate {} Hz is not supported (expected {} to {} Hz)",
+                spec.sample_rate,
+                crate::decode::MIN_RATE,
+                crate::decode::MAX_RATE
+            ),
+        ));
+    }
     let samples: Result<Vec<f32>, hound::Error> = match spec.sample_format {
         hound::SampleFormat::Float if spec.bits_per_sample == 32 => {
             reader.into_samples::<f32>().collect()

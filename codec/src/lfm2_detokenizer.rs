@@ -270,16 +270,17 @@ impl Detokenizer for Lfm2Detokenizer {
 /// Reads `audio_detokenizer/config.json` (an LFM2 config at the top level, plus
 /// `sliding_window` and `output_size`).
 pub fn read_config(path: &Path) -> Result<Lfm2Config> {
-    let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            path: path.to_owned(),
-            what: "LFM2 audio detokenizer configuration",
-        },
-        _ => Error::Io {
-            path: path.to_owned(),
-            source,
-        },
-    })?;
+    let text =
+        lfm2_audio::config::read_config_text(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile {
+                path: path.to_owned(),
+                what: "LFM2 audio detokenizer configuration",
+            },
+            _ => Error::Io {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
     let config_err = |key: &str, message: String| Error::Config {
         path: PathBuf::from(path),
         key: key.into(),

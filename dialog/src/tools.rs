@@ -53,6 +53,20 @@ fn default_timeout() -> f64 {
     10.0
 }
 
+/// Longest time a tool may run, in seconds (a day); configurations are checked against it.
+pub const MAX_TOOL_TIMEOUT_SECS: f64 = 86_400.0;
+
+/// The time a tool may run for a configured `timeout_secs`: at least 10 ms, at most
+/// [`MAX_TOOL_TIMEOUT_SECS`]; a value that is not a number gets the longest.
+pub fn tool_timeout(secs: f64) -> Duration {
+    let secs = if secs.is_nan() {
+        MAX_TOOL_TIMEOUT_SECS
+    } else {
+        secs.clamp(0.01, MAX_TOOL_TIMEOUT_SECS)
+    };
+    Duration::from_secs_f64(secs)
+}
+
 impl ToolSpec {
     /// The declaration the model sees.
     pub fn declaration(&self) -> Value {
@@ -472,7 +486,7 @@ pub fn run_command(spec: &ToolSpec, call: &ToolCall) -> ToolOutcome {
         }
         (out, err)
     });
-    let deadline = Instant::now() + Duration::from_secs_f64(spec.timeout_secs.max(0.01));
+    let deadline = Instant::now() + tool_timeout(spec.timeout_secs);
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),

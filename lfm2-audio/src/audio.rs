@@ -16,6 +16,13 @@ use crate::weights::Weights;
 /// carries no information and is an error here.
 pub const MIN_SAMPLES: usize = 320;
 
+/// The longest clip encoded at once, in seconds: the encoder's attention grows with the square of
+/// the length (about 200 MB at this length). Longer recordings are split (as `transcribe` does).
+pub const MAX_SECONDS: usize = 120;
+
+/// [`MAX_SECONDS`] in 16 kHz samples.
+pub const MAX_SAMPLES: usize = MAX_SECONDS * 16_000;
+
 /// The mel front-end, encoder and adapter.
 #[derive(Debug)]
 pub struct AudioEncoder {
@@ -61,6 +68,12 @@ impl AudioEncoder {
                 wave.len() as f64 / 16.0
             )));
         }
+        if wave.len() > MAX_SAMPLES {
+            return Err(Error::Invalid(format!(
+                "the clip is {:.1} s long; at most {MAX_SECONDS} s of audio is encoded at once",
+                wave.len() as f64 / 16_000.0
+            )));
+        }
         let mel = self.mel.compute(wave)?;
         self.adapter.forward(&self.conformer.forward(&mel)?)
     }
@@ -69,6 +82,13 @@ impl AudioEncoder {
     pub fn embed_at(&self, wave: &[f32], sample_rate: u32) -> Result<Tensor> {
         if sample_rate == MODEL_RATE {
             return self.embed(wave);
+        }
+        // Refused before resampling (which would allocate for all of it).
+        if wave.len() as u64 > MAX_SECONDS as u64 * u64::from(sample_rate) + 1 {
+            return Err(Error::Invalid(format!(
+                "the clip is {:.1} s long; at most {MAX_SECONDS} s of audio is encoded at once",
+                wave.len() as f64 / f64::from(sample_rate.max(1))
+            )));
         }
         let wave =
             Resampler::resample_all(sample_rate, MODEL_RATE, wave).map_err(Error::Invalid)?;

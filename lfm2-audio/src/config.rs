@@ -171,6 +171,14 @@ impl Lfm2Config {
             // Hugging Face's default when neither key is given: every layer is attention.
             let idxs = if r.has("full_attn_idxs") {
                 let list = r.array("full_attn_idxs")?;
+                r.check(
+                    list.len() <= num_hidden_layers,
+                    "full_attn_idxs",
+                    &format!(
+                        "has {} entries, more than num_hidden_layers {num_hidden_layers}",
+                        list.len()
+                    ),
+                )?;
                 list.iter()
                     .enumerate()
                     .map(|(i, v)| {
@@ -190,15 +198,11 @@ impl Lfm2Config {
             } else {
                 (0..num_hidden_layers).collect()
             };
-            (0..num_hidden_layers)
-                .map(|i| {
-                    if idxs.contains(&i) {
-                        LayerKind::Attention
-                    } else {
-                        LayerKind::Conv
-                    }
-                })
-                .collect()
+            let mut layers = vec![LayerKind::Conv; num_hidden_layers];
+            for i in idxs {
+                layers[i] = LayerKind::Attention;
+            }
+            layers
         };
 
         let rope_theta = match obj.get("rope_parameters") {
@@ -307,7 +311,7 @@ pub struct Lfm2AudioConfig {
 impl Lfm2AudioConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
+        let text = read_config_text(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => Error::MissingFile {
                 path: path.to_owned(),
                 what: "model configuration",
@@ -385,6 +389,51 @@ impl Lfm2AudioConfig {
     }
 }
 
+/// Largest `config.json` read (real ones are a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The largest value accepted for an integer key of a configuration, before anything is sized by
+/// it. The limits are far above every released model (documented in the README) and low enough
+/// that no product of them overflows or asks for an absurd allocation before the weights are
+/// checked against them.
+pub fn max_of(key: &str) -> usize {
+    match key {
+        // Layer counts.
+        "num_hidden_layers" | "layers" | "n_layers" | "num_layers" | "num_blocks" => 256,
+        // Widths.
+        "hidden_size"
+        | "dim"
+        | "d_model"
+        | "head_dim"
+        | "subsampling_conv_channels"
+        | "feat_in"
+        | "features" => 1 << 16,
+        "intermediate_size" | "block_ff_dim" | "ff_dim" => 1 << 18,
+        "num_attention_heads" | "num_key_value_heads" | "n_heads" | "num_heads" => 1024,
+        "vocab_size" | "codebook_size" | "audio_vocab_size" => 1 << 22,
+        "codebooks" | "num_codebooks" | "n_q" => 64,
+        "max_position_embeddings" | "context" | "sliding_window" | "pos_emb_max_len" => 1 << 24,
+        // The mel front-end: an FFT of at most 2^16 points, padding to at most 2^12 frames.
+        "n_fft" => 1 << 16,
+        "pad_to" => 1 << 12,
+        "sample_rate" => 384_000,
+        "conv_L_cache" | "conv_kernel_size" | "kernel_size" => 1024,
+        _ => 1 << 20,
+    }
+}
+
+/// Reads a configuration file, refusing one over [`MAX_CONFIG_BYTES`] before reading it.
+pub fn read_config_text(path: &Path) -> std::io::Result<String> {
+    let len = std::fs::metadata(path)?.len();
+    if len > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{len} bytes is too large for a configuration (at most {MAX_CONFIG_BYTES})"),
+        ));
+    }
+    std::fs::read_to_string(path)
+}
+
 /// Typed access to one JSON object with errors that name the key's dotted path.
 pub(crate) struct Reader<'a> {
     pub obj: &'a Map<String, Value>,
@@ -456,14 +505,21 @@ impl Reader<'_> {
     }
 
     fn to_usize(&self, key: &str, v: &Value) -> Result<usize> {
-        // Integral floats (e.g. 512.0) are accepted, as Python writes them that way at times.
+        // Integral floats (e.g. 512.0) are accepted, as Python writes them that way at times; only
+        // up to 2^53, where they are still exact (a cast would saturate larger ones).
         let n = v.as_u64().or_else(|| {
             v.as_f64()
-                .filter(|f| *f >= 0.0 && f.fract() == 0.0)
+                .filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f <= 9_007_199_254_740_992.0)
                 .map(|f| f as u64)
         });
-        n.and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| self.err(key, &format!("expected a non-negative integer, got {v}")))
+        let n = n
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| self.err(key, &format!("expected a non-negative integer, got {v}")))?;
+        let max = max_of(key);
+        if n > max {
+            return Err(self.err(key, &format!("{n} is out of range (at most {max})")));
+        }
+        Ok(n)
     }
 
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {

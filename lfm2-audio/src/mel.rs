@@ -58,6 +58,16 @@ impl PreprocessorConfig {
         )?;
         let window_size = r.f64_or("window_size", 0.025)?;
         let window_stride = r.f64_or("window_stride", 0.01)?;
+        r.check(
+            window_size > 0.0 && window_size <= 1.0,
+            "window_size",
+            "must be in (0, 1] seconds",
+        )?;
+        r.check(
+            window_stride > 0.0 && window_stride <= 1.0,
+            "window_stride",
+            "must be in (0, 1] seconds",
+        )?;
         let win_length = (window_size * sample_rate as f64) as usize;
         let hop_length = (window_stride * sample_rate as f64) as usize;
         r.check(win_length > 0, "window_size", "gives an empty window")?;

@@ -295,6 +295,35 @@ impl Weights {
     }
 }
 
+/// Parses a safetensors file held in memory as [`Weights::open`] does and lists its tensors
+/// (name, dtype, shape) in header order, checking each one's dtype is one the loader reads. `path`
+/// only names the file in errors. (The loader's checks without a file, for tests and fuzzing.)
+pub fn inspect(bytes: &[u8], path: &Path) -> Result<Vec<(String, String, Vec<usize>)>> {
+    let tensors = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+        path: path.to_owned(),
+        message: describe_safetensors_error(&e, bytes.len()),
+    })?;
+    let mut out = Vec::new();
+    for (name, view) in tensors.iter() {
+        match view.dtype() {
+            safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16 => {}
+            other => {
+                return Err(Error::TensorDtype {
+                    path: path.to_owned(),
+                    name: name.to_owned(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        }
+        out.push((
+            name.to_owned(),
+            format!("{:?}", view.dtype()),
+            view.shape().to_vec(),
+        ));
+    }
+    Ok(out)
+}
+
 fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
     use safetensors::SafeTensorError as E;
     match e {

@@ -129,7 +129,26 @@ struct Row {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    anyhow::ensure!(
+        (1..=1000).contains(&args.runs),
+        "--runs must be from 1 to 1000, got {}",
+        args.runs
+    );
+    anyhow::ensure!(
+        args.speech_seconds.is_finite()
+            && args.speech_seconds > 0.0
+            && args.speech_seconds <= 3600.0,
+        "--speech-seconds must be in (0, 3600], got {}",
+        args.speech_seconds
+    );
+    let max_utterance = lfm2_audio::audio::MAX_SECONDS as f64;
+    anyhow::ensure!(
+        args.utterance_seconds.is_finite()
+            && args.utterance_seconds >= 0.1
+            && args.utterance_seconds <= max_utterance,
+        "--utterance-seconds must be from 0.1 to {max_utterance}, got {}",
+        args.utterance_seconds
+    );
     let start = Instant::now();
     let model_dir = crate::model_cache::model_or_default(args.model.as_deref())?;
     let model = args.runtime.load(&model_dir)?;
@@ -147,6 +166,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model.backbone.weight_bytes() as f64 / 1e6
     );
     let vocab = model.config.lfm.vocab_size;
+    let context = model.config.lfm.max_position_embeddings;
+    anyhow::ensure!(
+        args.prefill_tokens >= 1 && args.prefill_tokens <= context,
+        "--prefill-tokens must be from 1 to the model's context of {context}, got {}",
+        args.prefill_tokens
+    );
+    anyhow::ensure!(
+        args.history <= context / 2,
+        "--history must be at most {} (half the model's context of {context}), got {}",
+        context / 2,
+        args.history
+    );
     let mut rows = Vec::new();
 
     // Prefill.

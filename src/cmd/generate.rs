@@ -32,6 +32,12 @@ pub struct Args {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Positions of context: the prompt and the reply together (at most the model's). A prompt
+    /// that does not fit is refused at once. Prefill attends over everything before it, so its
+    /// cost grows with the square of the prompt's length: 4096 positions, as the daemon, by
+    /// default.
+    #[arg(long, default_value_t = 4096)]
+    pub context: usize,
     /// Print one JSON object `{"text": ..., "text_ids": [...]}` instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -55,12 +61,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let chat = ChatState::text_chat(tok, args.system.as_deref(), &args.prompt)?;
     let mut session = Session::new(model.backbone.clone())?;
     let prompt_ids = chat.text_ids();
+    let model_context = session.remaining();
+    let context = args.context.min(model_context);
     anyhow::ensure!(
-        prompt_ids.len() < session.remaining(),
-        "the prompt has {} tokens, the model's context is {}",
-        prompt_ids.len(),
-        session.remaining()
+        prompt_ids.len() < context,
+        "the prompt has {} tokens, more than fit in the context of {context} positions \
+         (--context; the model allows {model_context})",
+        prompt_ids.len()
     );
+    let max_new_tokens = args.max_new_tokens.min(context - prompt_ids.len());
     let hidden = session.prefill_text(&prompt_ids)?;
     let last = hidden.get(prompt_ids.len() - 1)?;
     let mut sampler = Sampler::new(SamplingParams::new(args.temperature, args.top_k), args.seed);
@@ -72,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &mut session,
         &last,
         &mut sampler,
-        args.max_new_tokens,
+        max_new_tokens,
         &[tok.special().im_end],
         |id| {
             if !json {

@@ -41,6 +41,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(s) = args.seconds {
+        anyhow::ensure!(
+            s.is_finite() && (0.0..=1e9).contains(&s),
+            "--seconds must be a number of seconds from 0 to 1e9, got {s}"
+        );
+    }
     let vad_config = VadConfig {
         min_silence: Duration::from_millis(args.min_silence_ms),
         min_speech: Duration::from_millis(args.min_speech_ms),

@@ -31,13 +31,27 @@ pub struct RuntimeArgs {
     pub threads: Option<usize>,
 }
 
+/// The thread count to use for `wanted`: at least 1, and at most the cores this process may use
+/// (more threads than cores only wait on each other; a huge count would exhaust the system).
+/// Above the core count it is clamped, with a warning.
+pub fn checked_threads(wanted: Option<usize>) -> anyhow::Result<usize> {
+    let cores = Threads::available();
+    match wanted {
+        None => Ok(cores),
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(n) if n > cores => {
+            eprintln!(
+                "warning: {n} threads requested, this machine has {cores} cores; using {cores}"
+            );
+            Ok(cores)
+        }
+        Some(n) => Ok(n),
+    }
+}
+
 impl RuntimeArgs {
     pub fn plan(&self) -> anyhow::Result<QuantPlan> {
-        let threads = match self.threads {
-            Some(0) => anyhow::bail!("--threads must be at least 1"),
-            Some(n) => Threads::new(n)?,
-            None => Threads::all_cores()?,
-        };
+        let threads = Threads::new(checked_threads(self.threads)?)?;
         let threads = Arc::new(threads);
         Ok(match self.quant {
             Quant::F32 => QuantPlan {
@@ -51,11 +65,13 @@ impl RuntimeArgs {
 
     /// Loads `dir` as these flags say.
     pub fn load(&self, dir: &Path) -> anyhow::Result<Lfm2AudioModel> {
-        if let Some(n) = self.threads {
+        let plan = self.plan()?;
+        if self.threads.is_some() {
             // candle's own parallel kernels (f32 products, prefill) follow rayon's pool.
+            let n = plan.threads.as_ref().map_or(1, |t| t.len());
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         }
-        Lfm2AudioModel::load_with(dir, self.plan()?)
+        Lfm2AudioModel::load_with(dir, plan)
             .with_context(|| format!("loading the model in {}", dir.display()))
     }
 }

@@ -32,7 +32,8 @@ pub struct Args {
     /// Most tokens per clip.
     #[arg(long, default_value_t = 512)]
     pub max_new_tokens: usize,
-    /// Longest clip given to the model at once; longer recordings are split at silences.
+    /// Longest clip given to the model at once (1 to 120 s); longer recordings are split at
+    /// silences.
     #[arg(long, default_value_t = 30.0)]
     pub max_segment_seconds: f32,
     #[command(flatten)]
@@ -48,9 +49,11 @@ struct ClipText {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let max = lfm2_audio::audio::MAX_SECONDS;
     anyhow::ensure!(
-        args.max_segment_seconds.is_finite() && args.max_segment_seconds >= 1.0,
-        "--max-segment-seconds must be at least 1, got {}",
+        args.max_segment_seconds.is_finite()
+            && (1.0..=max as f32).contains(&args.max_segment_seconds),
+        "--max-segment-seconds must be between 1 and {max}, got {}",
         args.max_segment_seconds
     );
     let model_dir = crate::model_cache::model_or_default(args.model.as_deref())?;

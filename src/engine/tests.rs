@@ -987,3 +987,48 @@ fn a_queued_transcription_never_holds_up_the_next_reply() {
     engine.shutdown();
     thread.join().unwrap();
 }
+
+/// Without tools, a tool-call token in a reply (a random-weight model makes them) is text: the
+/// reply goes on to its end, no call and no error is reported, and the words are kept.
+#[test]
+fn tool_call_tokens_without_tools_are_text() {
+    let model = model();
+    let mut w = worker(&model, EngineOptions::default());
+    w.force_reply_without_tools("<|tool_call_start|>[get_current_time(]<|tool_call_end|>");
+    let mut s = setup(20);
+    s.output = Output::Text;
+    let (mut conv, rx) = open(&w, s);
+    w.add(&mut conv, "u1".into(), Content::UserText("Go.".into()))
+        .unwrap();
+    respond(&mut w, &mut conv, "r1");
+    let events = drain(&rx);
+    let said = format!("{events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(
+            e,
+            ConvEvent::Error { .. } | ConvEvent::ToolCall { .. } | ConvEvent::ToolResult { .. }
+        )),
+        "{said}"
+    );
+    let text = events
+        .iter()
+        .find_map(|e| match e {
+            ConvEvent::ReplyDone {
+                text, cancelled, ..
+            } => {
+                assert!(!cancelled);
+                Some(text.clone())
+            }
+            _ => None,
+        })
+        .expect("the reply ends");
+    assert!(text.contains("get_current_time("), "{text:?}");
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| match e {
+            ConvEvent::Text { piece, .. } => Some(piece.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(streamed.contains("get_current_time("), "{streamed:?}");
+}

@@ -226,6 +226,8 @@ pub(crate) struct Worker {
     forced: Option<String>,
     forced_tts: Option<String>,
     max_transcript_tokens: usize,
+    /// The forced text applies to conversations without tools too (tests only).
+    force_without_tools: bool,
 }
 
 impl Worker {
@@ -251,6 +253,7 @@ impl Worker {
             forced,
             forced_tts,
             max_transcript_tokens,
+            force_without_tools: false,
         }
     }
 
@@ -361,6 +364,13 @@ impl Worker {
     #[cfg(test)]
     pub(crate) fn force_tts(&mut self, text: &str) {
         self.forced_tts = Some(text.to_owned());
+    }
+
+    /// As [`Worker::force_reply`], for conversations without tools too.
+    #[cfg(test)]
+    pub(crate) fn force_reply_without_tools(&mut self, text: &str) {
+        self.forced = Some(text.to_owned());
+        self.force_without_tools = true;
     }
 
     /// The model's context, or the configured smaller one.
@@ -1026,8 +1036,13 @@ impl Worker {
             .min(self.context_limit() / 4);
         self.make_room(conv, reserve)?;
 
+        // Without tools, a tool-call token the model makes anyway (a random-weight model does) is
+        // only text: the reply goes on, and nothing is parsed as a call.
+        let with_tools = !conv.setup.tools.is_empty();
         let forced: Vec<u32> = match &self.forced {
-            Some(text) if conv.replies == 0 && !conv.setup.tools.is_empty() => tok.encode(text)?,
+            Some(text) if conv.replies == 0 && (with_tools || self.force_without_tools) => {
+                tok.encode(text)?
+            }
             _ => match &self.forced_tts {
                 Some(text) if output == Output::Tts => tok.encode(text)?,
                 _ => Vec::new(),
@@ -1035,9 +1050,9 @@ impl Worker {
         };
         conv.replies += 1;
         let call_end = tok.encode(tools::TOOL_CALL_END)?;
-        let call_end = (call_end.len() == 1).then(|| call_end[0]);
+        let call_end = (with_tools && call_end.len() == 1).then(|| call_end[0]);
         let call_start = tok.encode(tools::TOOL_CALL_START)?;
-        let call_start = (call_start.len() == 1).then(|| call_start[0]);
+        let call_start = (with_tools && call_start.len() == 1).then(|| call_start[0]);
 
         let start = conv.session.len();
         let mut prompt = header.clone();
@@ -1255,7 +1270,12 @@ impl Worker {
         // A reply cut in the middle of a character drops its incomplete bytes.
         let raw = tok.decode(&text_ids)?;
         let raw = raw.trim_end_matches('\u{FFFD}');
-        let text = strip_specials(&without_calls(raw)).trim().to_owned();
+        let text = if with_tools {
+            strip_specials(&without_calls(raw))
+        } else {
+            strip_specials(raw)
+        };
+        let text = text.trim().to_owned();
         conv.entries.push(Entry {
             id: item_id.to_owned(),
             start,
@@ -1267,7 +1287,7 @@ impl Worker {
             },
         });
         // Calls are reported before the reply ends.
-        let call_text = if cancelled {
+        let call_text = if cancelled || !with_tools {
             None
         } else {
             tools::extract_call_text(raw)

@@ -200,7 +200,7 @@ impl MimiConfig {
 
     /// Reads and validates a `mimi_config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let text = lfm2_audio::config::read_config_text(path).map_err(|source| Error::Io {
             path: path.to_owned(),
             source,
         })?;
@@ -237,6 +237,44 @@ impl MimiConfig {
         let q = &self.quantizer;
         let t = &self.transformer;
         let m = &self.model;
+        // Sizes are bounded before anything is allocated by them (far above the released
+        // checkpoint: dimension 512, 32 filters, 8 layers, 2048 feed-forward, context 250).
+        for (key, value, max) in [
+            ("seanet_kwargs.dimension", s.dimension, 1 << 14),
+            ("seanet_kwargs.n_filters", s.n_filters, 1 << 12),
+            ("seanet_kwargs.n_residual_layers", s.n_residual_layers, 64),
+            ("seanet_kwargs.kernel_size", s.kernel_size, 1024),
+            (
+                "seanet_kwargs.residual_kernel_size",
+                s.residual_kernel_size,
+                1024,
+            ),
+            ("seanet_kwargs.last_kernel_size", s.last_kernel_size, 1024),
+            ("seanet_kwargs.dilation_base", s.dilation_base, 64),
+            ("seanet_kwargs.compress", s.compress, 64),
+            ("quantizer_kwargs.dimension", q.dimension, 1 << 14),
+            ("quantizer_kwargs.n_q", q.n_q, 64),
+            ("transformer_kwargs.d_model", t.d_model, 1 << 14),
+            ("transformer_kwargs.num_heads", t.num_heads, 1024),
+            ("transformer_kwargs.num_layers", t.num_layers, 256),
+            ("transformer_kwargs.context", t.context, 1 << 20),
+            (
+                "transformer_kwargs.dim_feedforward",
+                t.dim_feedforward,
+                1 << 18,
+            ),
+        ] {
+            check(
+                value <= max,
+                key,
+                format!("{value} is out of range (at most {max})"),
+            )?;
+        }
+        check(
+            s.ratios.iter().all(|&r| r <= 1 << 12),
+            "seanet_kwargs.ratios",
+            format!("each ratio must be at most {}", 1 << 12),
+        )?;
         check(
             self.num_codebooks == CODEBOOKS,
             "num_codebooks",

@@ -103,7 +103,7 @@ mod threads;
 
 pub use blocks::BLOCK;
 pub use kernels::Kernel;
-pub use threads::{Threads, DEFAULT_SPIN};
+pub use threads::{Threads, DEFAULT_SPIN, MAX_THREADS};
 
 use crate::{Error, Result};
 use half::f16;

@@ -82,6 +82,9 @@ pub struct Threads {
     scratch: Mutex<Scratch>,
 }
 
+/// Most threads a pool may have.
+pub const MAX_THREADS: usize = 1024;
+
 impl Threads {
     /// A pool of `n` threads (including the caller) using the best kernel of this CPU.
     pub fn new(n: usize) -> Result<Self> {
@@ -104,6 +107,11 @@ impl Threads {
             return Err(Error::Invalid(
                 "thread pool: need at least one thread".into(),
             ));
+        }
+        if n > MAX_THREADS {
+            return Err(Error::Invalid(format!(
+                "thread pool: {n} threads is too many (at most {MAX_THREADS})"
+            )));
         }
         if !kernel.is_supported() {
             return Err(Error::Invalid(format!(
