@@ -63,6 +63,11 @@ seed_tools() {
     printf '%s' 'Sure.<|tool_call_start|>[get_weather(city="Paris", days=2), set_timer(seconds=5.5, label=None)]<|tool_call_end|>' >"$1/calls"
     printf '%s' '<|tool_call_start|>[{"name": "f", "arguments": {"a": [1, {"b": true}]}}]<|tool_call_end|>' >"$1/json"
 }
+seed_wyoming() {
+    printf '%s\n' '{"type": "describe"}' >"$1/describe"
+    printf '%s\n%s' '{"type": "transcript", "data_length": 50}' '{"text": "hi", "context": {"conversation_id": "c"}}' >"$1/transcript"
+    printf '%s\n%s' '{"type": "audio-chunk", "data": {"rate": 16000, "width": 2, "channels": 1}, "payload_length": 4}' 'abcd' >"$1/chunk"
+}
 
 failed=()
 for t in "${targets[@]}"; do
@@ -72,6 +77,7 @@ for t in "${targets[@]}"; do
     safetensors_header) seed "$t" seed_safetensors ;;
     audio_decode) seed "$t" seed_audio ;;
     tool_call) seed "$t" seed_tools ;;
+    wyoming_event) seed "$t" seed_wyoming ;;
     *) mkdir -p "fuzz/corpus/$t" ;;
     esac
     echo "fuzz: $t for $seconds s"
