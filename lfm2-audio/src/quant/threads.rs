@@ -32,6 +32,14 @@ type Job = dyn Fn(usize) + Sync;
 /// How long an idle worker spins before parking, unless changed with [`Threads::set_spin`].
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
 
+/// A join that waits this long for a worker still inside the job means the worker was
+/// descheduled mid-chunk (a chunk is tens of microseconds of work): the cores are taken by other
+/// processes. The pool then runs jobs on the calling thread alone for [`SERIAL_SPELL`], so that
+/// the caller does not keep waiting for a worker the scheduler cannot run, and tries again after.
+const STALL: Duration = Duration::from_micros(500);
+/// How long the pool stays serial after a stall.
+const SERIAL_SPELL: Duration = Duration::from_millis(20);
+
 /// Bit 0 of the job word: the job is closed (no more workers may join).
 const CLOSED: u64 = 1;
 /// One worker inside the job (bits 1..32 count them).
@@ -55,6 +63,17 @@ struct Shared {
     shutdown: AtomicBool,
     panicked: AtomicBool,
     spin_ns: AtomicU64,
+    /// Until when (nanoseconds since `start`) jobs run on the calling thread alone, after a
+    /// worker kept a job waiting (see [`STALL`]).
+    serial_until: AtomicU64,
+    start: Instant,
+}
+
+impl Shared {
+    /// Nanoseconds since the pool was built.
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
 }
 
 // SAFETY: all fields but `job` are thread-safe. `job` is written by the dispatcher only while no
@@ -120,6 +139,8 @@ impl Threads {
             shutdown: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
             spin_ns: AtomicU64::new(DEFAULT_SPIN.as_nanos() as u64),
+            serial_until: AtomicU64::new(0),
+            start: Instant::now(),
         });
         let mut pool = Threads {
             shared,
@@ -191,11 +212,21 @@ impl Threads {
     /// chunks until none are left), so that whoever participates completes all of it. The
     /// caller must hold the guard from [`Threads::lock`], which keeps jobs from overlapping.
     pub(crate) fn dispatch(&self, f: &(dyn Fn(usize) + Sync)) {
-        if self.workers.is_empty() {
+        self.dispatch_with(f, true)
+    }
+
+    /// [`Threads::dispatch`] for jobs whose chunks may each take longer than [`STALL`] (the
+    /// batched products): waiting for a worker's last chunk is then no sign of a stall.
+    pub(crate) fn dispatch_long(&self, f: &(dyn Fn(usize) + Sync)) {
+        self.dispatch_with(f, false)
+    }
+
+    fn dispatch_with(&self, f: &(dyn Fn(usize) + Sync), detect_stall: bool) {
+        let s = &*self.shared;
+        if self.workers.is_empty() || s.now_ns() < s.serial_until.load(Ordering::Relaxed) {
             f(0);
             return;
         }
-        let s = &*self.shared;
         // SAFETY: the lifetime is erased only for the duration of this call: `Close` below
         // (also while unwinding) closes the job and waits until every worker that joined it has
         // left, and no worker can join a closed job, so nobody calls `f` after it goes away.
@@ -212,26 +243,33 @@ impl Threads {
             s.wake.notify_all();
         }
 
-        struct Close<'a>(&'a Shared);
+        struct Close<'a>(&'a Shared, bool);
         impl Drop for Close<'_> {
             fn drop(&mut self) {
                 self.0.state.fetch_or(CLOSED, Ordering::AcqRel);
                 let mut spins = 0u32;
+                let mut waiting_since = None;
                 while self.0.state.load(Ordering::Acquire) & INSIDE_MASK != 0 {
                     // A worker inside may be descheduled by other load on the machine: stop
-                    // burning the core after a while.
-                    if spins < 1 << 14 {
+                    // burning the core after a while, and after a long wait let the next
+                    // jobs run without the workers.
+                    if spins < 1 << 10 {
                         spins += 1;
                         std::hint::spin_loop();
                     } else {
+                        let since = *waiting_since.get_or_insert_with(Instant::now);
                         std::thread::yield_now();
+                        if self.1 && since.elapsed() >= STALL {
+                            let until = self.0.now_ns() + SERIAL_SPELL.as_nanos() as u64;
+                            self.0.serial_until.store(until, Ordering::Relaxed);
+                        }
                     }
                 }
                 // SAFETY: the job is closed and empty: no worker holds or can take the pointer.
                 unsafe { *self.0.job.get() = None };
             }
         }
-        let close = Close(s);
+        let close = Close(s, detect_stall);
         f(0);
         drop(close);
         if s.panicked.swap(false, Ordering::Relaxed) {
@@ -321,6 +359,12 @@ fn wait_for_epoch(s: &Shared, seen: u64) -> u64 {
             return e;
         }
         n = n.wrapping_add(1);
+        if n.is_multiple_of(256) {
+            // Let other runnable threads have the core while waiting (returns at once when
+            // nothing else wants it), so that an idle worker does not take the core from the
+            // calling thread or other processes when the machine is busy.
+            std::thread::yield_now();
+        }
         if n.is_multiple_of(64) && start.elapsed() >= spin {
             let mut g = s.park.lock().unwrap_or_else(|e| e.into_inner());
             // Announce the sleep before the final check (both SeqCst): the dispatcher stores the
