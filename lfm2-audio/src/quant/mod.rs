@@ -60,10 +60,10 @@
 //! worker gives way to runnable threads) and then park. Work is shared by claiming chunks of rows
 //! from an atomic counter, and a job is closed when the caller runs out of chunks, so a worker
 //! that was descheduled never delays the call unless it is inside a chunk. Decode chunks are at
-//! most 256 KiB of weights; if the caller still waits 0.5 ms for a worker inside a chunk, the
-//! scheduler has taken that worker's core for another process, and the pool runs the next 20 ms
-//! of jobs on the calling thread alone, so that a busy machine slows decoding in proportion
-//! instead of making each of the ~100 products of a step wait for a time slice. An empty
+//! most 256 KiB of weights; a caller that is done with its share spins 100 µs for the workers
+//! still inside and then blocks, so that when another process holds a worker's core the caller's
+//! core goes idle and the scheduler runs the worker there (instead of the caller spinning while
+//! the worker waits for a time slice): a busy machine slows decoding in proportion. An empty
 //! fork/join costs about 0.5 µs; the pool owns the scratch buffer of quantized activations, so a
 //! call allocates nothing once the largest shape has been seen. Matrices under 128 KB run on the
 //! calling thread. [`QMatrix::matvec_many`] multiplies one input by several matrices (q, k and v;
@@ -679,7 +679,7 @@ impl QMatrix {
         } else {
             let ap = SyncPtr(act.as_mut_ptr());
             let next = AtomicUsize::new(0);
-            threads.dispatch_long(&|_| loop {
+            threads.dispatch(&|_| loop {
                 let j0 = next.fetch_add(4, Ordering::Relaxed);
                 if j0 >= t {
                     break;
@@ -725,7 +725,7 @@ impl QMatrix {
         let chunk = self.rows.div_ceil(n * 4).max(min_chunk).next_multiple_of(4);
         let chunks = self.rows.div_ceil(chunk);
         let next = AtomicUsize::new(0);
-        threads.dispatch_long(&|_| loop {
+        threads.dispatch(&|_| loop {
             let c = next.fetch_add(1, Ordering::Relaxed);
             if c >= chunks {
                 break;

@@ -11,7 +11,9 @@
 //! it *closes* the job, and a worker that was descheduled (the cores are shared with other
 //! processes) and wakes up late finds the job closed and skips it. The caller then only waits for
 //! workers already inside the job, each finishing its current chunk. Without this, one
-//! preempted worker turns a 300 µs product into a multi-millisecond one.
+//! preempted worker turns a 300 µs product into a multi-millisecond one. Waiting for a worker
+//! inside, the caller spins briefly and then blocks, so that its core is free for the worker
+//! when the machine is busy; a waiting worker likewise yields its core every few hundred polls.
 //!
 //! The pool also owns the scratch buffer for quantized activations, so the hot path allocates
 //! nothing once it has seen the largest shape.
@@ -32,13 +34,12 @@ type Job = dyn Fn(usize) + Sync;
 /// How long an idle worker spins before parking, unless changed with [`Threads::set_spin`].
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
 
-/// A join that waits this long for a worker still inside the job means the worker was
-/// descheduled mid-chunk (a chunk is tens of microseconds of work): the cores are taken by other
-/// processes. The pool then runs jobs on the calling thread alone for [`SERIAL_SPELL`], so that
-/// the caller does not keep waiting for a worker the scheduler cannot run, and tries again after.
-const STALL: Duration = Duration::from_micros(500);
-/// How long the pool stays serial after a stall.
-const SERIAL_SPELL: Duration = Duration::from_millis(20);
+/// How long a caller whose own share of a job is done spins for the workers still inside it
+/// before it blocks. A decode chunk is at most 256 KiB of weights, tens of microseconds, so on
+/// an idle machine the caller never blocks; when another process has taken a worker's core in
+/// the middle of a chunk, the blocked caller leaves its own core idle, and the scheduler moves
+/// the worker there instead of letting it wait for a time slice behind the other process.
+const JOIN_SPIN: Duration = Duration::from_micros(100);
 
 /// Bit 0 of the job word: the job is closed (no more workers may join).
 const CLOSED: u64 = 1;
@@ -63,17 +64,9 @@ struct Shared {
     shutdown: AtomicBool,
     panicked: AtomicBool,
     spin_ns: AtomicU64,
-    /// Until when (nanoseconds since `start`) jobs run on the calling thread alone, after a
-    /// worker kept a job waiting (see [`STALL`]).
-    serial_until: AtomicU64,
-    start: Instant,
-}
-
-impl Shared {
-    /// Nanoseconds since the pool was built.
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
+    /// The caller is blocked on `done` until the last worker leaves the job.
+    caller_waiting: AtomicBool,
+    done: Condvar,
 }
 
 // SAFETY: all fields but `job` are thread-safe. `job` is written by the dispatcher only while no
@@ -139,8 +132,8 @@ impl Threads {
             shutdown: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
             spin_ns: AtomicU64::new(DEFAULT_SPIN.as_nanos() as u64),
-            serial_until: AtomicU64::new(0),
-            start: Instant::now(),
+            caller_waiting: AtomicBool::new(false),
+            done: Condvar::new(),
         });
         let mut pool = Threads {
             shared,
@@ -212,21 +205,11 @@ impl Threads {
     /// chunks until none are left), so that whoever participates completes all of it. The
     /// caller must hold the guard from [`Threads::lock`], which keeps jobs from overlapping.
     pub(crate) fn dispatch(&self, f: &(dyn Fn(usize) + Sync)) {
-        self.dispatch_with(f, true)
-    }
-
-    /// [`Threads::dispatch`] for jobs whose chunks may each take longer than [`STALL`] (the
-    /// batched products): waiting for a worker's last chunk is then no sign of a stall.
-    pub(crate) fn dispatch_long(&self, f: &(dyn Fn(usize) + Sync)) {
-        self.dispatch_with(f, false)
-    }
-
-    fn dispatch_with(&self, f: &(dyn Fn(usize) + Sync), detect_stall: bool) {
-        let s = &*self.shared;
-        if self.workers.is_empty() || s.now_ns() < s.serial_until.load(Ordering::Relaxed) {
+        if self.workers.is_empty() {
             f(0);
             return;
         }
+        let s = &*self.shared;
         // SAFETY: the lifetime is erased only for the duration of this call: `Close` below
         // (also while unwinding) closes the job and waits until every worker that joined it has
         // left, and no worker can join a closed job, so nobody calls `f` after it goes away.
@@ -243,33 +226,41 @@ impl Threads {
             s.wake.notify_all();
         }
 
-        struct Close<'a>(&'a Shared, bool);
+        struct Close<'a>(&'a Shared);
         impl Drop for Close<'_> {
             fn drop(&mut self) {
                 self.0.state.fetch_or(CLOSED, Ordering::AcqRel);
-                let mut spins = 0u32;
-                let mut waiting_since = None;
+                let start = Instant::now();
+                let mut n = 0u32;
                 while self.0.state.load(Ordering::Acquire) & INSIDE_MASK != 0 {
-                    // A worker inside may be descheduled by other load on the machine: stop
-                    // burning the core after a while, and after a long wait let the next
-                    // jobs run without the workers.
-                    if spins < 1 << 10 {
-                        spins += 1;
+                    n = n.wrapping_add(1);
+                    if !n.is_multiple_of(64) || start.elapsed() < JOIN_SPIN {
                         std::hint::spin_loop();
-                    } else {
-                        let since = *waiting_since.get_or_insert_with(Instant::now);
-                        std::thread::yield_now();
-                        if self.1 && since.elapsed() >= STALL {
-                            let until = self.0.now_ns() + SERIAL_SPELL.as_nanos() as u64;
-                            self.0.serial_until.store(until, Ordering::Relaxed);
-                        }
+                        continue;
                     }
+                    // A worker inside was descheduled: block instead of burning the core.
+                    let mut g = self.0.park.lock().unwrap_or_else(|e| e.into_inner());
+                    // Announce the wait before the final check (both SeqCst): the worker
+                    // leaves the job before reading `caller_waiting`, so either it sees the
+                    // flag and notifies under the lock, or this check sees it gone.
+                    self.0.caller_waiting.store(true, Ordering::SeqCst);
+                    while self.0.state.load(Ordering::SeqCst) & INSIDE_MASK != 0 {
+                        // The timeout only guards against a lost wake-up.
+                        g = self
+                            .0
+                            .done
+                            .wait_timeout(g, Duration::from_millis(1))
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                    self.0.caller_waiting.store(false, Ordering::SeqCst);
+                    break;
                 }
                 // SAFETY: the job is closed and empty: no worker holds or can take the pointer.
                 unsafe { *self.0.job.get() = None };
             }
         }
-        let close = Close(s, detect_stall);
+        let close = Close(s);
         f(0);
         drop(close);
         if s.panicked.swap(false, Ordering::Relaxed) {
@@ -324,7 +315,11 @@ fn worker(s: &Shared, idx: usize) {
                 s.panicked.store(true, Ordering::Relaxed);
             }
         }
-        s.state.fetch_sub(ONE_INSIDE, Ordering::Release);
+        let before = s.state.fetch_sub(ONE_INSIDE, Ordering::SeqCst);
+        if before & INSIDE_MASK == ONE_INSIDE && s.caller_waiting.load(Ordering::SeqCst) {
+            let _g = s.park.lock().unwrap_or_else(|e| e.into_inner());
+            s.done.notify_one();
+        }
     }
 }
 

@@ -564,7 +564,7 @@ tile256!(
     tile_avxvnni,
     "avx2,fma,f16c,avxvnni",
     false,
-    |acc, w, x, _q4| { _mm256_dpbusd_avx_epi32(acc, w, x) }
+    |acc, w, x, _q4| _mm256_dpbusd_avx_epi32(acc, w, x)
 );
 
 tile256!(tile_avx2, "avx2,fma,f16c", true, |acc, w, x, q4| {
