@@ -529,13 +529,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    println!(
-        "machine: {}, {} threads, kernel {}",
-        cpu_model(),
-        pool.len(),
-        pool.kernel()
-    );
-    println!();
     println!("| measurement | median | unit | notes |");
     println!("| --- | ---: | --- | --- |");
     for r in &rows {
@@ -548,6 +541,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         println!("| {} | {value} | {} | {} |", r.name, r.unit, r.note);
     }
+    println!();
+    println!(
+        "machine: {}, {} threads, kernel {}",
+        cpu_model(),
+        pool.len(),
+        pool.kernel()
+    );
     if args.json {
         let obj: serde_json::Map<String, serde_json::Value> = rows
             .iter()
