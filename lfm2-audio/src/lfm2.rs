@@ -194,6 +194,37 @@ impl Linear {
     }
 }
 
+/// Several linear maps of the same input (`ys[i] = maps[i] x`). Quantized maps of one format
+/// and pool share one quantization of `x` and one fork/join of the pool
+/// ([`QMatrix::matvec_many`]); anything else runs map by map. Same numbers either way.
+pub fn forward_vec_many(maps: &[&Linear], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
+    let mut qs = Vec::with_capacity(maps.len());
+    let mut pool: Option<&Arc<Threads>> = None;
+    for m in maps {
+        match (&m.weight, &m.bias) {
+            (Weight::Quantized { q, threads }, None)
+                if pool.is_none_or(|p| Arc::ptr_eq(p, threads))
+                    && qs.first().is_none_or(|f: &&QMatrix| {
+                        f.cols() == q.cols() && f.format() == q.format()
+                    }) =>
+            {
+                pool = Some(threads);
+                qs.push(&**q);
+            }
+            _ => break,
+        }
+    }
+    match pool {
+        Some(threads) if qs.len() == maps.len() => QMatrix::matvec_many(&qs, x, ys, threads),
+        _ => {
+            for (m, y) in maps.iter().zip(ys.iter_mut()) {
+                m.forward_vec(x, y)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Runs `f` on the f32 data of a contiguous CPU tensor, without copying it.
 pub fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = x.storage_and_layout();
@@ -418,8 +449,7 @@ impl FeedForward {
         up: &mut [f32],
         out: &mut [f32],
     ) -> Result<()> {
-        self.w1.forward_vec(x, gate)?;
-        self.w3.forward_vec(x, up)?;
+        forward_vec_many(&[&self.w1, &self.w3], x, &mut [gate, up])?;
         crate::ops::silu_mul(gate, up);
         self.w2.forward_vec(gate, out)
     }
@@ -806,9 +836,11 @@ impl Attention {
         let hd = self.head_dim;
         let (qn, kvn) = (self.heads * hd, self.kv_heads * hd);
         let q = &mut b.proj[..qn];
-        self.q_proj.forward_vec(x, q)?;
-        self.k_proj.forward_vec(x, &mut b.k[..kvn])?;
-        self.v_proj.forward_vec(x, &mut b.v[..kvn])?;
+        forward_vec_many(
+            &[&self.q_proj, &self.k_proj, &self.v_proj],
+            x,
+            &mut [q, &mut b.k[..kvn], &mut b.v[..kvn]],
+        )?;
         self.q_norm.forward_heads(q);
         self.k_norm.forward_heads(&mut b.k[..kvn]);
         ops::rope_half(q, &b.cos, &b.sin);

@@ -121,6 +121,25 @@ fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The CPU as /proc/cpuinfo names it, with its family and model numbers (which tell CPU
+/// generations apart when the name is generic, as in virtual machines).
+fn cpu_model() -> String {
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return std::env::consts::ARCH.to_string();
+    };
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let name = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!("{name} (family {f}, model {m})"),
+        _ => name,
+    }
+}
+
 struct Row {
     name: &'static str,
     value: f64,
@@ -214,6 +233,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         v.push(steps as f64 / t.elapsed().as_secs_f64());
     }
+    let text_step_s = 1.0 / median(v.clone());
     rows.push(Row {
         name: "text decode",
         value: median(v),
@@ -463,6 +483,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
+    // The memory roofline: a text step reads every backbone weight and the tied head once.
+    let pool = model.plan.threads.clone().map_or_else(
+        || lfm2_audio::quant::Threads::new(threads).map(std::sync::Arc::new),
+        Ok,
+    )?;
+    let bandwidth = lfm2_audio::quant::read_bandwidth(&pool, 512 << 20, args.runs.max(3));
+    let step_bytes = model.backbone.weight_bytes() as f64;
+    rows.push(Row {
+        name: "read bandwidth",
+        value: bandwidth,
+        unit: "GB/s",
+        note: format!("plain read of 512 MB with {} threads", pool.len()),
+    });
+    rows.push(Row {
+        name: "text decode / roofline",
+        value: step_bytes / text_step_s / 1e9 / bandwidth * 100.0,
+        unit: "%",
+        note: format!(
+            "{:.0} MB of weights per step / step time / read bandwidth",
+            step_bytes / 1e6
+        ),
+    });
+
     // Agreement of quantized greedy decoding with f32.
     if args.agreement_steps > 0 && args.runtime.quant != Quant::F32 {
         let (text, audio) = agreement(&model, &model_dir, args.agreement_steps)?;
@@ -529,6 +572,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         println!("| {} | {value} | {} | {} |", r.name, r.unit, r.note);
     }
+    println!();
+    println!(
+        "machine: {}, {} threads, kernel {}",
+        cpu_model(),
+        pool.len(),
+        pool.kernel()
+    );
     if args.json {
         let obj: serde_json::Map<String, serde_json::Value> = rows
             .iter()

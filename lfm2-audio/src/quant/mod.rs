@@ -45,7 +45,9 @@
 //!   and the reduction in slices of 2048 columns, so that the tile's weights stay in L1.
 //! - [`Kernel::AvxVnni`]: the same on 256-bit vectors (VEX `vpdpbusd`), 2 x 2 tiles.
 //! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd`; Q8_0 uses the sign trick (|w| x sign(w) x)
-//!   because u8 255 x i8 127 pairs would saturate `vpmaddubsw`'s i16 sums.
+//!   because u8 255 x i8 127 pairs would saturate `vpmaddubsw`'s i16 sums. Q4_0 decode adds the
+//!   8 `vpmaddubsw` results of a block in i16 (at most 8 x 3810, no saturation) and widens them
+//!   with one `vpmaddwd` per block lane and half-group instead of one per vector.
 //! - [`Kernel::Scalar`]: portable Rust, the reference and the fallback (aarch64 included).
 //!
 //! [`Kernel::best`] picks the fastest one the CPU has (`is_x86_feature_detected!`, so the crate
@@ -54,11 +56,18 @@
 //! # Threads
 //!
 //! [`Threads`] is a persistent pool: the caller is participant 0, workers spin for
-//! [`DEFAULT_SPIN`] after each job and then park. Work is shared by claiming chunks of rows from
-//! an atomic counter, and a job is closed when the caller runs out of chunks, so a worker that
-//! was descheduled never delays the call unless it is inside a chunk. An empty fork/join costs
-//! about 0.5 µs; the pool owns the scratch buffer of quantized activations, so a call allocates
-//! nothing once the largest shape has been seen. Matrices under 128 KB run on the calling thread.
+//! [`DEFAULT_SPIN`] after each job (yielding the core every few hundred polls, so that a waiting
+//! worker gives way to runnable threads) and then park. Work is shared by claiming chunks of rows
+//! from an atomic counter, and a job is closed when the caller runs out of chunks, so a worker
+//! that was descheduled never delays the call unless it is inside a chunk. Decode chunks are at
+//! most 256 KiB of weights; a caller that is done with its share spins 100 µs for the workers
+//! still inside and then blocks, so that when another process holds a worker's core the caller's
+//! core goes idle and the scheduler runs the worker there (instead of the caller spinning while
+//! the worker waits for a time slice): a busy machine slows decoding in proportion. An empty
+//! fork/join costs about 0.5 µs; the pool owns the scratch buffer of quantized activations, so a
+//! call allocates nothing once the largest shape has been seen. Matrices under 128 KB run on the
+//! calling thread. [`QMatrix::matvec_many`] multiplies one input by several matrices (q, k and v;
+//! the feed-forward's two input maps) with one quantization of the input and one fork/join.
 //!
 //! # Accuracy
 //!
@@ -99,10 +108,12 @@
 mod blocks;
 mod kernels;
 mod layout;
+mod roofline;
 mod threads;
 
 pub use blocks::BLOCK;
 pub use kernels::Kernel;
+pub use roofline::read_bandwidth;
 pub use threads::{Threads, DEFAULT_SPIN, MAX_THREADS};
 
 use crate::{Error, Result};
@@ -556,7 +567,78 @@ impl QMatrix {
             ptr: y.as_mut_ptr(),
             stride: self.rows,
         };
-        self.run_rows(threads, &act, 1, out, 4);
+        run_parts(
+            threads,
+            &act,
+            &[(self.view(), out, self.rows)],
+            self.quants.len(),
+        );
+        drop(scratch);
+        Ok(())
+    }
+
+    /// Several products of the same input: `ys[i] = ms[i] x`, with `x` quantized once and all
+    /// the rows handed to the pool in one job (one fork/join instead of one per matrix). The
+    /// matrices must have the same number of columns and the same format; each result is the
+    /// same as [`QMatrix::matvec`] would give.
+    pub fn matvec_many(
+        ms: &[&QMatrix],
+        x: &[f32],
+        ys: &mut [&mut [f32]],
+        threads: &Threads,
+    ) -> Result<()> {
+        let Some(first) = ms.first() else {
+            return Ok(());
+        };
+        if ms.len() != ys.len() {
+            return Err(invalid(format!(
+                "{} matrices and {} outputs",
+                ms.len(),
+                ys.len()
+            )));
+        }
+        for (m, y) in ms.iter().zip(ys.iter()) {
+            if m.cols != first.cols || m.format != first.format {
+                return Err(invalid(format!(
+                    "fused products need one shape of input and one format: {}x{} {} with {}x{} {}",
+                    first.rows, first.cols, first.format, m.rows, m.cols, m.format
+                )));
+            }
+            if x.len() != m.cols || y.len() != m.rows {
+                return Err(invalid(format!(
+                    "matvec of a {}x{} matrix with x of {} and y of {} values",
+                    m.rows,
+                    m.cols,
+                    x.len(),
+                    y.len()
+                )));
+            }
+        }
+        let kernel = threads.kernel();
+        let stride = first.act_stride();
+        let mut scratch = threads.lock();
+        let act = scratch.act.ensure(stride);
+        kernels::quantize_act(kernel, x, first.bias_mult(kernel), act);
+        let act = ActView {
+            ptr: act.as_ptr(),
+            stride,
+        };
+        let jobs: Vec<(WeightView, OutView, usize)> = ms
+            .iter()
+            .zip(ys.iter_mut())
+            .map(|(m, y)| {
+                (
+                    m.view(),
+                    OutView {
+                        ptr: y.as_mut_ptr(),
+                        stride: m.rows,
+                    },
+                    m.rows,
+                )
+            })
+            .collect();
+        let bytes: usize = ms.iter().map(|m| m.quants.len()).sum();
+        run_parts(threads, &act, &jobs, bytes);
         drop(scratch);
         Ok(())
     }
@@ -659,6 +741,58 @@ impl QMatrix {
     fn bias_mult(&self, kernel: Kernel) -> i32 {
         kernels::bias_mult(kernel, self.format == Format::Q4_0)
     }
+}
+
+/// Decode products of one quantized token with several matrices (weights, output, rows), their
+/// rows cut into chunks that the participants claim one at a time from a single counter.
+fn run_parts(
+    threads: &Threads,
+    act: &ActView,
+    parts: &[(WeightView, OutView, usize)],
+    bytes: usize,
+) {
+    let kernel = threads.kernel();
+    let n = threads.len();
+    if n == 1 || bytes < SERIAL_BYTES {
+        for (w, out, rows) in parts {
+            // SAFETY: the views cover each whole matrix, the quantized token and its output
+            // (checked by the caller), and this thread is the only one running.
+            unsafe { kernels::compute(kernel, w, act, 1, 0, *rows, *out) };
+        }
+        return;
+    }
+    // Chunks of about the same number of bytes in every matrix, several per participant, and
+    // at most 256 KiB (a few microseconds of reading) so that the last chunk of a large matrix
+    // does not keep the other participants waiting.
+    let target = (bytes / (n * 4)).clamp(16 * 1024, 256 * 1024);
+    let sizes: Vec<(usize, usize)> = parts
+        .iter()
+        .map(|(w, _, rows)| {
+            let chunk = (target / w.row_bytes.max(1))
+                .clamp(4, (*rows).max(4))
+                .next_multiple_of(4);
+            (chunk, rows.div_ceil(chunk))
+        })
+        .collect();
+    let total: usize = sizes.iter().map(|s| s.1).sum();
+    let next = AtomicUsize::new(0);
+    threads.dispatch(&|_| loop {
+        let mut c = next.fetch_add(1, Ordering::Relaxed);
+        if c >= total {
+            break;
+        }
+        let mut p = 0;
+        while c >= sizes[p].1 {
+            c -= sizes[p].1;
+            p += 1;
+        }
+        let (w, out, rows) = &parts[p];
+        let r0 = c * sizes[p].0;
+        let r1 = (r0 + sizes[p].0).min(*rows);
+        // SAFETY: chunk `c` of part `p` (rows r0..r1) is claimed by exactly one participant, so
+        // no two threads write the same output rows; the views outlive the job.
+        unsafe { kernels::compute(kernel, w, act, 1, r0, r1, *out) };
+    });
 }
 
 /// A raw pointer that may be shared with the pool's workers (see the SAFETY notes at its uses).

@@ -11,7 +11,9 @@
 //! it *closes* the job, and a worker that was descheduled (the cores are shared with other
 //! processes) and wakes up late finds the job closed and skips it. The caller then only waits for
 //! workers already inside the job, each finishing its current chunk. Without this, one
-//! preempted worker turns a 300 µs product into a multi-millisecond one.
+//! preempted worker turns a 300 µs product into a multi-millisecond one. Waiting for a worker
+//! inside, the caller spins briefly and then blocks, so that its core is free for the worker
+//! when the machine is busy; a waiting worker likewise yields its core every few hundred polls.
 //!
 //! The pool also owns the scratch buffer for quantized activations, so the hot path allocates
 //! nothing once it has seen the largest shape.
@@ -31,6 +33,13 @@ type Job = dyn Fn(usize) + Sync;
 
 /// How long an idle worker spins before parking, unless changed with [`Threads::set_spin`].
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
+
+/// How long a caller whose own share of a job is done spins for the workers still inside it
+/// before it blocks. A decode chunk is at most 256 KiB of weights, tens of microseconds, so on
+/// an idle machine the caller never blocks; when another process has taken a worker's core in
+/// the middle of a chunk, the blocked caller leaves its own core idle, and the scheduler moves
+/// the worker there instead of letting it wait for a time slice behind the other process.
+const JOIN_SPIN: Duration = Duration::from_micros(100);
 
 /// Bit 0 of the job word: the job is closed (no more workers may join).
 const CLOSED: u64 = 1;
@@ -55,6 +64,9 @@ struct Shared {
     shutdown: AtomicBool,
     panicked: AtomicBool,
     spin_ns: AtomicU64,
+    /// The caller is blocked on `done` until the last worker leaves the job.
+    caller_waiting: AtomicBool,
+    done: Condvar,
 }
 
 // SAFETY: all fields but `job` are thread-safe. `job` is written by the dispatcher only while no
@@ -128,6 +140,8 @@ impl Threads {
             shutdown: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
             spin_ns: AtomicU64::new(DEFAULT_SPIN.as_nanos() as u64),
+            caller_waiting: AtomicBool::new(false),
+            done: Condvar::new(),
         });
         let mut pool = Threads {
             shared,
@@ -224,16 +238,31 @@ impl Threads {
         impl Drop for Close<'_> {
             fn drop(&mut self) {
                 self.0.state.fetch_or(CLOSED, Ordering::AcqRel);
-                let mut spins = 0u32;
+                let start = Instant::now();
+                let mut n = 0u32;
                 while self.0.state.load(Ordering::Acquire) & INSIDE_MASK != 0 {
-                    // A worker inside may be descheduled by other load on the machine: stop
-                    // burning the core after a while.
-                    if spins < 1 << 14 {
-                        spins += 1;
+                    n = n.wrapping_add(1);
+                    if !n.is_multiple_of(64) || start.elapsed() < JOIN_SPIN {
                         std::hint::spin_loop();
-                    } else {
-                        std::thread::yield_now();
+                        continue;
                     }
+                    // A worker inside was descheduled: block instead of burning the core.
+                    let mut g = self.0.park.lock().unwrap_or_else(|e| e.into_inner());
+                    // Announce the wait before the final check (both SeqCst): the worker
+                    // leaves the job before reading `caller_waiting`, so either it sees the
+                    // flag and notifies under the lock, or this check sees it gone.
+                    self.0.caller_waiting.store(true, Ordering::SeqCst);
+                    while self.0.state.load(Ordering::SeqCst) & INSIDE_MASK != 0 {
+                        // The timeout only guards against a lost wake-up.
+                        g = self
+                            .0
+                            .done
+                            .wait_timeout(g, Duration::from_millis(1))
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                    self.0.caller_waiting.store(false, Ordering::SeqCst);
+                    break;
                 }
                 // SAFETY: the job is closed and empty: no worker holds or can take the pointer.
                 unsafe { *self.0.job.get() = None };
@@ -294,7 +323,11 @@ fn worker(s: &Shared, idx: usize) {
                 s.panicked.store(true, Ordering::Relaxed);
             }
         }
-        s.state.fetch_sub(ONE_INSIDE, Ordering::Release);
+        let before = s.state.fetch_sub(ONE_INSIDE, Ordering::SeqCst);
+        if before & INSIDE_MASK == ONE_INSIDE && s.caller_waiting.load(Ordering::SeqCst) {
+            let _g = s.park.lock().unwrap_or_else(|e| e.into_inner());
+            s.done.notify_one();
+        }
     }
 }
 
@@ -329,6 +362,12 @@ fn wait_for_epoch(s: &Shared, seen: u64) -> u64 {
             return e;
         }
         n = n.wrapping_add(1);
+        if n.is_multiple_of(256) {
+            // Let other runnable threads have the core while waiting (returns at once when
+            // nothing else wants it), so that an idle worker does not take the core from the
+            // calling thread or other processes when the machine is busy.
+            std::thread::yield_now();
+        }
         if n.is_multiple_of(64) && start.elapsed() >= spin {
             let mut g = s.park.lock().unwrap_or_else(|e| e.into_inner());
             // Announce the sleep before the final check (both SeqCst): the dispatcher stores the

@@ -430,7 +430,7 @@ driver!(
 // other with the same f32 accumulators (only the final sum matters).
 
 macro_rules! tile256 {
-    ($name:ident, $features:literal, |$acc:ident, $w:ident, $x:ident, $q4:ident| $dot:expr) => {
+    ($name:ident, $features:literal, $i16:literal, |$acc:ident, $w:ident, $x:ident, $q4:ident| $dot:expr) => {
         /// One micro-tile: rows `r..r+R` against tokens `j..j+T`.
         ///
         /// # Safety
@@ -476,26 +476,55 @@ macro_rules! tile256 {
                                 a[t] = bias;
                             }
                         }
-                        for k in 0..8 {
-                            let mut wv = [_mm256_setzero_si256(); R];
-                            for (i, v) in wv.iter_mut().enumerate() {
-                                *v = if Q4 {
-                                    let raw = wl(i, k % 4);
-                                    if k < 4 {
-                                        _mm256_and_si256(raw, nib)
-                                    } else {
-                                        _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nib)
-                                    }
-                                } else {
-                                    wl(i, k)
-                                };
-                            }
-                            for t in 0..T {
-                                let $x = xv(t, k);
+                        if $i16 && Q4 && T == 1 {
+                            // Decode, 4-bit, vpmaddubsw: a nibble (0..15) times an i8 (|x| <=
+                            // 127) pair-summed is at most 3810 in magnitude, so the 8 products
+                            // of a block lane add up in i16 without saturating (30480 < 32767);
+                            // one vpmaddwd per row and half-group then widens them, instead of
+                            // one per vector.
+                            let mut s16 = [_mm256_setzero_si256(); R];
+                            for p in 0..4 {
+                                let (xl, xh) = (xv(0, p), xv(0, p + 4));
                                 for i in 0..R {
-                                    let $acc = acc[i][t];
-                                    let $w = wv[i];
-                                    acc[i][t] = $dot;
+                                    let raw = wl(i, p);
+                                    let lo = _mm256_and_si256(raw, nib);
+                                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nib);
+                                    s16[i] = _mm256_add_epi16(
+                                        s16[i],
+                                        _mm256_add_epi16(
+                                            _mm256_maddubs_epi16(lo, xl),
+                                            _mm256_maddubs_epi16(hi, xh),
+                                        ),
+                                    );
+                                }
+                            }
+                            let ones = _mm256_set1_epi16(1);
+                            for i in 0..R {
+                                acc[i][0] =
+                                    _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i], ones));
+                            }
+                        } else {
+                            for k in 0..8 {
+                                let mut wv = [_mm256_setzero_si256(); R];
+                                for (i, v) in wv.iter_mut().enumerate() {
+                                    *v = if Q4 {
+                                        let raw = wl(i, k % 4);
+                                        if k < 4 {
+                                            _mm256_and_si256(raw, nib)
+                                        } else {
+                                            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nib)
+                                        }
+                                    } else {
+                                        wl(i, k)
+                                    };
+                                }
+                                for t in 0..T {
+                                    let $x = xv(t, k);
+                                    for i in 0..R {
+                                        let $acc = acc[i][t];
+                                        let $w = wv[i];
+                                        acc[i][t] = $dot;
+                                    }
                                 }
                             }
                         }
@@ -531,11 +560,14 @@ macro_rules! tile256 {
     };
 }
 
-tile256!(tile_avxvnni, "avx2,fma,f16c,avxvnni", |acc, w, x, _q4| {
-    _mm256_dpbusd_avx_epi32(acc, w, x)
-});
+tile256!(
+    tile_avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    false,
+    |acc, w, x, _q4| _mm256_dpbusd_avx_epi32(acc, w, x)
+);
 
-tile256!(tile_avx2, "avx2,fma,f16c", |acc, w, x, q4| {
+tile256!(tile_avx2, "avx2,fma,f16c", true, |acc, w, x, q4| {
     let ones = _mm256_set1_epi16(1);
     if q4 {
         // Nibbles are 0..15, so the u8 x i8 pair sums of vpmaddubsw cannot saturate.

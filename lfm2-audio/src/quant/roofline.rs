@@ -1,0 +1,76 @@
+//! The memory roofline: how fast the pool's threads can read memory, the bound a decode step
+//! (which reads every weight once) is compared against.
+
+use super::Threads;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Bytes each participant claims at a time (256 KiB, about the size of a large matrix's share).
+const CHUNK: usize = 256 * 1024;
+
+/// Reads a fresh buffer of `bytes` (rounded to 256 KiB, far larger than the caches) with all
+/// the pool's participants, `rounds` times after one warm-up pass, and returns the median read
+/// rate in GB/s. Chunks are claimed from a counter, as the matrix products share their rows.
+pub fn read_bandwidth(threads: &Threads, bytes: usize, rounds: usize) -> f64 {
+    let words = bytes.div_ceil(CHUNK).max(1) * CHUNK / 8;
+    // Written once so that every page is really mapped (a zero page would read from cache).
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut rates = Vec::with_capacity(rounds);
+    for round in 0..=rounds {
+        let next = AtomicUsize::new(0);
+        let total = AtomicU64::new(0);
+        let start = Instant::now();
+        threads.run(|_| {
+            let mut acc = 0u64;
+            loop {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                let from = c * CHUNK / 8;
+                if from >= buf.len() {
+                    break;
+                }
+                acc = acc.wrapping_add(sum(&buf[from..(from + CHUNK / 8).min(buf.len())]));
+            }
+            total.fetch_add(acc, Ordering::Relaxed);
+        });
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(total.into_inner());
+        if round > 0 {
+            rates.push((words * 8) as f64 / secs / 1e9);
+        }
+    }
+    rates.sort_by(|a, b| a.total_cmp(b));
+    rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A wrapping sum of the words, with 8 independent accumulators (vectorized by the compiler;
+/// with AVX2 when the CPU has it).
+fn sum(words: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { sum_avx2(words) };
+    }
+    sum_portable(words)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_avx2(words: &[u64]) -> u64 {
+    sum_portable(words)
+}
+
+#[inline(always)]
+fn sum_portable(words: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let mut chunks = words.chunks_exact(8);
+    for v in &mut chunks {
+        for k in 0..8 {
+            acc[k] = acc[k].wrapping_add(v[k]);
+        }
+    }
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(0u64, |a, &b| a.wrapping_add(b));
+    acc.iter().fold(rest, |a, &b| a.wrapping_add(b))
+}

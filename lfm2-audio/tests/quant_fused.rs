@@ -1,0 +1,74 @@
+//! Fused products of one input with several quantized matrices (`QMatrix::matvec_many`, used by
+//! the decode step for q/k/v and the feed-forward's two input maps), and the memory roofline.
+
+use lfm2_audio::quant::{read_bandwidth, Format, Kernel, QMatrix, Threads};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            ((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+#[test]
+fn matvec_many_equals_separate_products() {
+    for kernel in Kernel::supported() {
+        for n in [1, 2, 3] {
+            let pool = Threads::with_kernel(n, kernel).unwrap();
+            for format in [Format::Q8_0, Format::Q4_0] {
+                // Large enough to be split over the pool, rows not multiples of the tiles.
+                let shapes = [(1030, 1056), (258, 1056), (7, 1056)];
+                let ms: Vec<QMatrix> = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(r, c))| {
+                        QMatrix::quantize(&values(r * c, i as u64 + 1), r, c, format).unwrap()
+                    })
+                    .collect();
+                let x = values(1056, 99);
+                let mut want: Vec<Vec<f32>> = Vec::new();
+                for m in &ms {
+                    let mut y = vec![0f32; m.rows()];
+                    m.matvec(&x, &mut y, &pool).unwrap();
+                    want.push(y);
+                }
+                let mut got: Vec<Vec<f32>> = ms.iter().map(|m| vec![f32::NAN; m.rows()]).collect();
+                let refs: Vec<&QMatrix> = ms.iter().collect();
+                let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|v| v.as_mut_slice()).collect();
+                QMatrix::matvec_many(&refs, &x, &mut outs, &pool).unwrap();
+                // The same kernel sums the same blocks in the same order: identical results.
+                assert_eq!(got, want, "{kernel} {format} with {n} threads");
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_many_rejects_mixed_shapes() {
+    let pool = Threads::new(2).unwrap();
+    let a = QMatrix::quantize(&values(64 * 64, 1), 64, 64, Format::Q8_0).unwrap();
+    let b = QMatrix::quantize(&values(64 * 128, 2), 64, 128, Format::Q8_0).unwrap();
+    let c = QMatrix::quantize(&values(64 * 64, 3), 64, 64, Format::Q4_0).unwrap();
+    let x = values(64, 4);
+    let (mut y1, mut y2) = (vec![0f32; 64], vec![0f32; 64]);
+    for pair in [[&a, &b], [&a, &c]] {
+        let err = QMatrix::matvec_many(&pair, &x, &mut [&mut y1, &mut y2], &pool);
+        assert!(err.is_err());
+    }
+    // Wrong output length, wrong number of outputs.
+    assert!(QMatrix::matvec_many(&[&a], &x, &mut [&mut y1[..3]], &pool).is_err());
+    assert!(QMatrix::matvec_many(&[&a, &a], &x, &mut [&mut y1], &pool).is_err());
+    assert!(QMatrix::matvec_many(&[], &x, &mut [], &pool).is_ok());
+}
+
+#[test]
+fn read_bandwidth_is_measured() {
+    let pool = Threads::new(2).unwrap();
+    let gbs = read_bandwidth(&pool, 8 << 20, 2);
+    assert!(gbs.is_finite() && gbs > 0.1, "{gbs} GB/s");
+}
