@@ -57,6 +57,8 @@ impl Run {
 }
 
 /// Runs `lfm2d args` and measures its peak memory (the child's maximum resident set).
+// The child is reaped by `wait4`, which also gives its resource usage.
+#[allow(clippy::zombie_processes)]
 fn run(args: &[&str]) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lfm2d"))
         .args(args)
@@ -283,7 +285,8 @@ fn damaged_model(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Strin
 #[test]
 fn absurd_configuration_sizes_are_refused_by_key() {
     let dir = scratch("config");
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "layers",
             Box::new(|c| c["lfm"]["num_hidden_layers"] = 1_000_000_000_000u64.into()),
