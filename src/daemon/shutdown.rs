@@ -80,3 +80,43 @@ pub fn name(sig: i32) -> &'static str {
         _ => "signal",
     }
 }
+
+/// Runs the network servers (`servers`: binding, announcing and serving) on a two-thread async
+/// runtime until they end or a stop request arrives on `stop`; then drops the connections still
+/// open (their conversations cancel what the engine does for them), stops the engine and says
+/// which signal stopped it. Shared by `serve --listen` and `serve --wyoming`.
+pub fn serve_until_stopped(
+    servers: impl std::future::Future<Output = anyhow::Result<()>>,
+    stop: &Receiver<i32>,
+    engine: crate::engine::EngineHandle,
+    engine_thread: JoinHandle<()>,
+    started: Instant,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let stop = stop.clone();
+    let result = runtime.block_on(async move {
+        running();
+        // SIGINT/SIGTERM: stop accepting; the connections close with the runtime below.
+        let signal = tokio::task::spawn_blocking(move || stop.recv().unwrap_or(0));
+        tokio::select! {
+            r = servers => r.map(|()| None),
+            sig = signal => Ok(Some(sig.unwrap_or(0))),
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_millis(300));
+    engine.shutdown();
+    join(engine_thread, "the engine");
+    if let Some(sig) = result? {
+        eprintln!(
+            "[{:>8.2}s] stopped ({})",
+            started.elapsed().as_secs_f64(),
+            name(sig)
+        );
+    }
+    Ok(())
+}

@@ -75,12 +75,7 @@ pub fn run(
         api_key,
         started,
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let result = runtime.block_on(async move {
+    let servers = async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
@@ -91,29 +86,9 @@ pub fn run(
             model_dir.display(),
             server::PATH
         );
-        crate::daemon::shutdown::running();
-        // SIGINT/SIGTERM: stop accepting; the connections close with the runtime below.
-        let stop = stop.clone();
-        let signal = tokio::task::spawn_blocking(move || stop.recv().unwrap_or(0));
-        tokio::select! {
-            r = server::serve(listener, shared) => r.map(|()| None),
-            sig = signal => Ok(Some(sig.unwrap_or(0))),
-        }
-    });
-    // Connections still open are dropped with their tasks (their conversations cancel what
-    // the engine does for them).
-    runtime.shutdown_timeout(Duration::from_millis(300));
-    engine.shutdown();
-    crate::daemon::shutdown::join(engine_thread, "the engine");
-    let signal = result?;
-    if let Some(sig) = signal {
-        eprintln!(
-            "[{:>8.2}s] stopped ({})",
-            started.elapsed().as_secs_f64(),
-            crate::daemon::shutdown::name(sig)
-        );
-    }
-    Ok(())
+        server::serve(listener, shared).await
+    };
+    crate::daemon::shutdown::serve_until_stopped(servers, stop, engine, engine_thread, started)
 }
 
 /// The server's state over a running engine (the Wyoming server may share the engine).

@@ -15,7 +15,7 @@ pub mod zeroconf;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 
@@ -152,12 +152,7 @@ pub fn run(
         )
     });
     let zeroconf_on = cfg.wyoming.zeroconf && !args.no_zeroconf;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let result = runtime.block_on(async move {
+    let servers = async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on tcp://{addr}"))?;
@@ -183,15 +178,8 @@ pub fn run(
             None
         };
         let wyoming = server::serve(listener, shared);
-        crate::daemon::shutdown::running();
-        // SIGINT/SIGTERM: stop accepting; the connections close with the runtime below.
-        let stop = stop.clone();
-        let signal = tokio::task::spawn_blocking(move || stop.recv().unwrap_or(0));
         match realtime {
-            None => tokio::select! {
-                r = wyoming => r.map(|()| None),
-                sig = signal => Ok(Some(sig.unwrap_or(0))),
-            },
+            None => wyoming.await,
             Some((a, rt)) => {
                 let l = tokio::net::TcpListener::bind(a)
                     .await
@@ -203,26 +191,13 @@ pub fn run(
                     crate::realtime::server::PATH
                 );
                 tokio::select! {
-                    r = wyoming => r.map(|()| None),
-                    r = crate::realtime::server::serve(l, rt) => r.map(|()| None),
-                    sig = signal => Ok(Some(sig.unwrap_or(0))),
+                    r = wyoming => r,
+                    r = crate::realtime::server::serve(l, rt) => r,
                 }
             }
         }
-    });
-    // Connections still open are dropped with their tasks (their conversations cancel what
-    // the engine does for them).
-    runtime.shutdown_timeout(Duration::from_millis(300));
-    engine.shutdown();
-    crate::daemon::shutdown::join(engine_thread, "the engine");
-    if let Some(sig) = result? {
-        eprintln!(
-            "[{:>8.2}s] stopped ({})",
-            started.elapsed().as_secs_f64(),
-            crate::daemon::shutdown::name(sig)
-        );
-    }
-    Ok(())
+    };
+    crate::daemon::shutdown::serve_until_stopped(servers, stop, engine, engine_thread, started)
 }
 
 #[cfg(test)]
