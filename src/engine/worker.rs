@@ -865,9 +865,18 @@ impl Worker {
         if stop() {
             return Ok(false);
         }
-        // Streamed pieces add up to the final text: no special tokens, no leading space.
+        // Streamed pieces add up to the final text exactly: no special tokens, nothing of the
+        // white space the final text trims (held back until more text follows), and what the
+        // stream held back (an incomplete character at the end) sent with the final text.
         let mut pieces = TextStream::new();
-        let mut sent = String::new();
+        let mut streamed = String::new();
+        let mut sent = 0;
+        let delta = |text: &str| {
+            conv.emit(ConvEvent::TranscriptDelta {
+                item_id: item_id.clone(),
+                text: text.to_owned(),
+            })
+        };
         let (ids, why) = generate_text(
             &mut session,
             &hidden,
@@ -880,18 +889,11 @@ impl Worker {
                 }
                 if stream {
                     if let Some(piece) = pieces.push(&model.tokenizer, id)? {
-                        let piece = strip_specials(&piece);
-                        let piece = if sent.is_empty() {
-                            piece.trim_start()
-                        } else {
-                            &piece
-                        };
-                        if !piece.is_empty() {
-                            sent.push_str(piece);
-                            conv.emit(ConvEvent::TranscriptDelta {
-                                item_id: item_id.clone(),
-                                text: piece.to_owned(),
-                            });
+                        streamed.push_str(&strip_specials(&piece));
+                        let visible = streamed.trim();
+                        if visible.len() > sent {
+                            delta(&visible[sent..]);
+                            sent = visible.len();
                         }
                     }
                 }
@@ -904,6 +906,14 @@ impl Worker {
         let text = strip_specials(&model.tokenizer.decode_readable(&ids)?)
             .trim()
             .to_owned();
+        if stream {
+            let visible = streamed.trim();
+            if let Some(rest) = text.strip_prefix(&visible[..sent]) {
+                if !rest.is_empty() {
+                    delta(rest);
+                }
+            }
+        }
         conv.emit(ConvEvent::Transcript { item_id, text });
         Ok(true)
     }
