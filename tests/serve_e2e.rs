@@ -666,7 +666,13 @@ fn replies_are_heard_whole_after_barge_ins() {
             &holes[..holes.len().min(5)]
         );
     }
-    assert!(played.contains("no underrun"), "{played}");
+    // Underruns of the queue are the pacing's fault only while generation keeps ahead of real
+    // time; the daemon says when it does not (a starved machine), and plays on with pauses.
+    if played.contains("slower than real time") {
+        eprintln!("*** generation fell behind real time (a loaded machine): not checking for underruns: {played}");
+    } else {
+        assert!(played.contains("no underrun"), "{played}");
+    }
 }
 
 /// Ctrl-C in the middle of a reply: the daemon stops within a second, silences the speaker,
