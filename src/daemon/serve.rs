@@ -280,13 +280,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model_dir.display(),
         r.mode
     );
-    let (engine, engine_thread) = engine::spawn_with(
-        model,
-        detok,
-        EngineOptions {
-            context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
-        },
-    )?;
+    let (engine, engine_thread) = engine::spawn_with(model, detok, engine_options(cfg))?;
     super::shutdown::running();
     let result = match r.mode {
         Mode::Assistant => assistant(&args, &r, &engine, &stop),
@@ -301,6 +295,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The name of a signal, for the log.
 pub(crate) fn signal_name(sig: i32) -> &'static str {
     super::shutdown::name(sig)
+}
+
+/// The engine's options as the configuration sets them (every front end starts one engine).
+pub(crate) fn engine_options(cfg: &Config) -> EngineOptions {
+    EngineOptions {
+        context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
+    }
 }
 
 pub(crate) fn sampling(cfg: &Config) -> GenerationParams {

@@ -60,13 +60,8 @@ pub fn run(
         detok,
     } = crate::daemon::serve::load(args, &cfg)?;
     let model_ref = Arc::clone(&model);
-    let (engine, engine_thread) = crate::engine::spawn_with(
-        model,
-        detok,
-        crate::engine::EngineOptions {
-            context_limit: (cfg.assistant.context_limit > 0).then_some(cfg.assistant.context_limit),
-        },
-    )?;
+    let (engine, engine_thread) =
+        crate::engine::spawn_with(model, detok, crate::daemon::serve::engine_options(&cfg))?;
     let shared = shared(
         &cfg,
         &model_dir,
