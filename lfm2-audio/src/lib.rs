@@ -15,6 +15,7 @@ pub mod config;
 pub mod conformer;
 pub mod depthformer;
 pub mod error;
+pub mod format;
 pub mod generate;
 pub mod lfm2;
 pub mod mel;

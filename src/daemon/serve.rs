@@ -19,10 +19,10 @@ use audio_io::echo::{EchoCanceller, EchoConfig, EchoMode, EchoReference};
 use audio_io::vad::{SileroVad, VadAssets, VadConfig, VadEvent};
 use audio_io::{
     DeviceCapture, DevicePlayback, DeviceSelector, ListenEvent, Listener, ListenerConfig, Playback,
-    PLAYBACK_SOURCE_RATE,
 };
 use crossbeam_channel::{select, Receiver};
 use dialog::turn::{Action, Event, TurnManager};
+use lfm2_audio::format::OUTPUT_SAMPLE_RATE;
 use lfm2_audio::generate::GenerationParams;
 use lfm2_audio::sampling::SamplingParams;
 
@@ -444,7 +444,7 @@ impl Player {
 
     fn open(sel: &DeviceSelector, reference: Option<EchoReference>) -> anyhow::Result<Self> {
         Ok(Self {
-            playback: DevicePlayback::open(sel, PLAYBACK_SOURCE_RATE)?,
+            playback: DevicePlayback::open(sel, OUTPUT_SAMPLE_RATE)?,
             reference,
             pending: VecDeque::new(),
             written: 0,
@@ -707,7 +707,7 @@ fn assistant(
     })?;
     let reference = match r.echo {
         EchoMode::Off => None,
-        _ => Some(EchoReference::new(PLAYBACK_SOURCE_RATE)?),
+        _ => Some(EchoReference::new(OUTPUT_SAMPLE_RATE)?),
     };
     let listener = listen(args, r, reference.clone())?;
     let mut player = Player::open(
@@ -1127,7 +1127,7 @@ fn transcribe_or_translate(
     // interrupted (half duplex keeps the microphone from hearing them).
     let reference = player
         .as_ref()
-        .map(|_| EchoReference::new(PLAYBACK_SOURCE_RATE))
+        .map(|_| EchoReference::new(OUTPUT_SAMPLE_RATE))
         .transpose()?;
     if let (Some(p), Some(rf)) = (player.as_mut(), reference.as_ref()) {
         p.reference = Some(rf.clone());
