@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use lfm2_audio::config::Lfm2Config;
-use lfm2_audio::lfm2::{Lfm2, Lfm2State, Linear};
+use lfm2_audio::lfm2::{Lfm2, Lfm2State};
+use lfm2_audio::nn::Linear;
 use lfm2_audio::weights::QuantPlan;
 use lfm2_audio::weights::Weights;
 use serde_json::Value;

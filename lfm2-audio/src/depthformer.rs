@@ -19,8 +19,8 @@ use candle_core::{Device, Tensor};
 use crate::config::{DepthformerConfig, Lfm2Config};
 use crate::error::{Error, Result};
 use crate::format::{Frame, CODEBOOKS, CODEBOOK_CLASSES, END_OF_AUDIO};
-use crate::lfm2::{with_f32_slice, FeedForward, Linear, RmsNorm, Table};
-use crate::ops;
+use crate::nn::{FeedForward, Linear, RmsNorm, Rotary, Table};
+use crate::ops::{self, with_f32_slice};
 use crate::sampling::Sampler;
 use crate::weights::{WeightClass, Weights};
 
@@ -29,7 +29,7 @@ const HEADS: usize = 32;
 /// Key/value heads (`gqa_dim` default).
 const KV_HEADS: usize = 8;
 /// Rotary base of the depthformer (`MHA` default theta).
-const ROPE_THETA: f32 = 1e6;
+const ROPE_THETA: f64 = 1e6;
 /// RMSNorm epsilon throughout the audio head.
 const NORM_EPS: f64 = 1e-5;
 
@@ -183,19 +183,7 @@ impl AudioHead {
             });
         }
         // precompute_freqs_cis(head_dim, ·, 1e6): angle = pos · 1/θ^(2i/d), in f32.
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / ROPE_THETA.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
-        let mut cos = Vec::with_capacity(n_codebooks * half);
-        let mut sin = Vec::with_capacity(n_codebooks * half);
-        for pos in 0..n_codebooks {
-            for &f in &inv {
-                let a = pos as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let (cos, sin) = Rotary::new(head_dim, ROPE_THETA).values(0, n_codebooks);
         Ok(Self {
             audio_embedding,
             depth_linear,

@@ -20,6 +20,7 @@ pub mod generate;
 pub mod lfm2;
 pub mod mel;
 pub mod model;
+pub mod nn;
 pub mod ops;
 pub mod prompt;
 pub mod quant;
