@@ -1,8 +1,10 @@
 //! Live audio for lfm2d: capture and playback through the sound card (cpal) with lock-free rings,
-//! WAV/file and in-memory devices for batch use and tests, resampling to the model's 16 kHz, and
-//! voice activity detection (Silero VAD through ONNX Runtime) with endpointing.
+//! WAV/file and in-memory devices for batch use and tests, resampling to the model's 16 kHz,
+//! voice activity detection (Silero VAD through ONNX Runtime) with endpointing, echo handling,
+//! and the player that paces the assistant's speech.
 //!
-//! Not for: anything that touches the model. This crate moves and measures samples only.
+//! Not for: running the model. The crate moves and measures samples; from `lfm2-audio` it takes
+//! only the rates the model works at ([`lfm2_audio::format`]).
 //!
 //! The pieces, in the order samples flow through them:
 //! - [`decode`]: audio files of any common format (WAV, FLAC, MP3, Ogg) as a stream of mono
@@ -14,23 +16,27 @@
 //!   ([`StreamResampler`]), runs the [`vad::SileroVad`] and the [`vad::Endpointer`], and sends
 //!   [`ListenEvent`]s (levels, speech started/ended with the utterance audio, device events) over a
 //!   crossbeam channel.
-//! - [`Playback`]: a sink for 24 kHz mono audio (the codec's rate, [`lfm2_audio::format::OUTPUT_SAMPLE_RATE`]) that
-//!   counts what was really played: [`DevicePlayback`] (resampled to the device rate and channel
-//!   count), [`WavPlayback`] and [`MemoryPlayback`].
+//! - [`Playback`]: a sink for 24 kHz mono audio (the codec's rate,
+//!   [`lfm2_audio::format::OUTPUT_SAMPLE_RATE`]) that counts what was really played:
+//!   [`DevicePlayback`] (resampled to the device rate and channel count), [`WavPlayback`] and
+//!   [`MemoryPlayback`].
 //! - [`Player`]: the assistant's speaker: a queue in front of a playback, each reply held back
 //!   by the lead its predecessors needed ([`player::ReplyPacing`]), and every chunk written also
 //!   pushed to the echo canceller's reference: the rule every speaker writer must follow.
-//!
 //! - [`echo`]: keeping the assistant from hearing itself: an echo canceller on the 16 kHz
 //!   microphone signal with the played audio ([`echo::EchoReference`]) as reference, a gate that
 //!   tells the user's barge-in from the echo, and a half-duplex fallback ([`echo::EchoMode`]).
 //!   The listener runs it before the VAD ([`Listener::start_with_echo`]).
 //!
-//! Real-time rules: the cpal data callbacks ([`rt::CaptureCallback`], [`rt::PlaybackCallback`]) only
-//! move samples between the device buffer and an SPSC ring and update atomic counters. They do not
-//! allocate, lock, log or make system calls; `tests/realtime.rs` checks the allocation part with a
-//! counting global allocator.
+//! The sound cards themselves are in [`device`]: choosing a device, opening its streams, and
+//! reopening them when the device goes away.
+//!
+//! Real-time rules: the cpal data callbacks ([`callbacks::CaptureCallback`],
+//! [`callbacks::PlaybackCallback`]) only move samples between the device buffer and an SPSC ring
+//! and update atomic counters. They do not allocate, lock, log or make system calls;
+//! `tests/realtime.rs` checks the allocation part with a counting global allocator.
 
+pub mod callbacks;
 mod capture;
 pub mod decode;
 pub mod device;
@@ -42,10 +48,10 @@ mod memory;
 mod playback;
 pub mod player;
 pub mod resample;
-pub mod rt;
 pub mod segment;
 pub mod vad;
 
+pub use callbacks::StreamStats;
 pub use capture::{Capture, Pacing, ReadOutcome};
 pub use device::{
     DeviceCapture, DeviceEvent, DeviceInfo, DevicePlayback, DeviceSelector, Direction,
@@ -58,7 +64,6 @@ pub use memory::{MemoryCapture, MemoryPlayback};
 pub use playback::Playback;
 pub use player::{Player, Speaker};
 pub use resample::StreamResampler;
-pub use rt::StreamStats;
 
 /// Rate and channel count of an interleaved stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Instant;
 
-use audio_io::rt::{
+use audio_io::callbacks::{
     CaptureCallback, PlaybackCallback, PlaybackShared, PlaybackState, StreamCounters,
 };
 use cpal::{FromSample, Sample};
