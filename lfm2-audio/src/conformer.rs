@@ -1,4 +1,4 @@
-//! The audio encoder: FastConformer (dw-striding ×8 subsampling, relative-position
+//! The audio encoder's network: FastConformer (dw-striding ×8 subsampling, relative-position
 //! self-attention, convolution module, macaron feed-forwards) and the MLP adapter that maps its
 //! outputs into the backbone's embedding space. One clip in, `ceil(T_mel / 8)` embeddings out.
 //!

@@ -1,19 +1,35 @@
-//! LFM2-Audio on candle, on the CPU.
+//! LFM2-Audio on the CPU: loading a checkpoint and running it, from a 16 kHz waveform and text
+//! to text tokens and audio frames. Tensors are candle's, in f32; the large matrices can be
+//! block-quantized, with kernels of our own.
 //!
-//! What is here: the checkpoint's configuration ([`config`]) and weights ([`weights`], [`model`]),
-//! the generic LFM2 stack ([`lfm2`]) used by the backbone ([`backbone`]) and by the LFM2 audio
-//! detokenizer, the tokenizer and chat prompt ([`tokenizer`], [`prompt`]), sampling
-//! ([`sampling`]), the conversation state with exact truncation ([`session`]) and the generation
-//! loops ([`generate`]). Everything computes in f32.
+//! The modules, from the bottom up:
+//! - [`format`]: the model's audio at its two ends (input rate, frames of codes, output rate),
+//!   the names the whole workspace uses.
+//! - [`config`], [`weights`], [`model`]: the checkpoint's `config.json`, its tensors (in f32, or
+//!   quantized as a [`weights::QuantPlan`] says, with a cache of the quantized matrices), and a
+//!   loaded model directory.
+//! - [`quant`]: quantized matrices, their kernels and the thread pool they run on; [`ops`]:
+//!   one-position operations on f32 slices for the decode loops.
+//! - [`nn`]: the layers the networks share (linear maps, embedding tables, norms, the SwiGLU
+//!   feed-forward, rotary tables); [`cache`]: per-position caches with exact truncation.
+//! - [`lfm2`]: the LFM2 stack, used by the [`backbone`] and by `codec`'s LFM2 audio
+//!   detokenizer.
+//! - [`encoder`]: the audio encoder, waveform → [`mel`] → [`conformer`] and adapter → backbone
+//!   embeddings; [`resample`]: resampling to 16 kHz exactly as the reference does.
+//! - [`depthformer`]: the audio head (a hidden state to a frame of codes, a frame back to an
+//!   embedding).
+//! - [`tokenizer`], [`prompt`] (the chat template), [`sampling`], [`session`] (a conversation's
+//!   state with exact truncation) and [`generate`] (the generation loops).
 //!
-//! Not for: threads, devices or networking. This crate only loads files and computes.
+//! Not for: devices, networking, or turning frames into sound (that is `codec`). The only threads
+//! are the quantized kernels' pool and the scoped ones that quantize weights at load.
 
-pub mod audio;
 pub mod backbone;
 pub mod cache;
 pub mod config;
 pub mod conformer;
 pub mod depthformer;
+pub mod encoder;
 pub mod error;
 pub mod format;
 pub mod generate;

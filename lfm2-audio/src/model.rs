@@ -11,10 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::audio::AudioEncoder;
 use crate::backbone::Backbone;
 use crate::config::Lfm2AudioConfig;
 use crate::depthformer::AudioHead;
+use crate::encoder::AudioEncoder;
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::{QuantPlan, Weights};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use common::{assert_close, errors, fixtures};
-use lfm2_audio::audio::MIN_SAMPLES;
+use lfm2_audio::encoder::MIN_SAMPLES;
 use lfm2_audio::generate::{asr_chat, generate_text, prefill_chat};
 use lfm2_audio::model::Lfm2AudioModel;
 use lfm2_audio::prompt::Item;

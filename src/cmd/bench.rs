@@ -160,7 +160,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "--speech-seconds must be in (0, 3600], got {}",
         args.speech_seconds
     );
-    let max_utterance = lfm2_audio::audio::MAX_SECONDS as f64;
+    let max_utterance = lfm2_audio::encoder::MAX_SECONDS as f64;
     anyhow::ensure!(
         args.utterance_seconds.is_finite()
             && args.utterance_seconds >= 0.1

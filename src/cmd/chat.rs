@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use audio_io::decode::AudioFileReader;
-use lfm2_audio::audio::MAX_SECONDS;
+use lfm2_audio::encoder::MAX_SECONDS;
 use lfm2_audio::generate::{audio_chat, GenerationMode};
 use lfm2_audio::sampling::SamplingParams;
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use audio_io::decode::AudioFileReader;
 use audio_io::segment::{Segment, Segmenter};
-use lfm2_audio::audio::MIN_SAMPLES;
+use lfm2_audio::encoder::MIN_SAMPLES;
 use lfm2_audio::format::INPUT_SAMPLE_RATE;
 use lfm2_audio::generate::{asr_chat, generate_text, prefill_chat, StopReason};
 use lfm2_audio::model::Lfm2AudioModel;
@@ -50,7 +50,7 @@ struct ClipText {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let max = lfm2_audio::audio::MAX_SECONDS;
+    let max = lfm2_audio::encoder::MAX_SECONDS;
     anyhow::ensure!(
         args.max_segment_seconds.is_finite()
             && (1.0..=max as f32).contains(&args.max_segment_seconds),

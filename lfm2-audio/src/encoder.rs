@@ -1,5 +1,5 @@
-//! Audio understanding: 16 kHz waveform → log-mel → FastConformer → adapter → one backbone
-//! embedding per 80 ms.
+//! The audio encoder ([`AudioEncoder`]): 16 kHz waveform → log-mel ([`crate::mel`]) →
+//! FastConformer and adapter ([`crate::conformer`]) → one backbone embedding per 80 ms.
 
 use candle_core::Tensor;
 
