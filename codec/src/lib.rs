@@ -1,20 +1,23 @@
-//! Audio codes to 24 kHz waveform: the LFM2 audio detokenizer (with its streaming ISTFT) and the
+//! Audio frames to 24 kHz waveform: the LFM2 audio detokenizer (with its streaming ISTFT) and the
 //! Mimi decoder, both behind one streaming [`Detokenizer`] trait.
 //!
-//! A frame is 8 codes (one per codebook, each in `0..2048`) and stands for 80 ms of audio, 1920
-//! samples at 24 kHz. Both decoders are causal, so they stream: every [`Detokenizer::push`]
-//! returns the samples that no later frame can change, and a stream's concatenated output equals
-//! the batch [`Detokenizer::decode`] of the same frames.
+//! A frame ([`lfm2_audio::format::Frame`]) is 8 codes, one per codebook, each in `0..2048`, and
+//! stands for 80 ms of audio, 1920 samples at 24 kHz. Both decoders are causal, so they stream:
+//! every [`Detokenizer::push`] returns the samples that no later frame can change, and a stream's
+//! concatenated output equals the batch [`Detokenizer::decode`] of the same frames.
 //!
-//! - [`Lfm2Detokenizer`] (LFM2.5-Audio's `audio_detokenizer/`): holds back 480 samples (20 ms) of
-//!   ISTFT overlap, so it returns 1440 samples for the first frame, 1920 for each later one and
-//!   the last 480 at [`Detokenizer::flush`].
-//! - [`MimiDecoder`] (Kyutai's Mimi, LFM2-Audio-1.5B's codec): 1920 samples per frame, nothing
-//!   held back.
+//! - [`Lfm2Detokenizer`] (LFM2.5-Audio's `audio_detokenizer/`, built on `lfm2-audio`'s LFM2
+//!   stack) with the streaming ISTFT of [`istft`]: holds back 480 samples (20 ms) of overlap, so
+//!   it returns 1440 samples for the first frame, 1920 for each later one and the last 480 at
+//!   [`Detokenizer::flush`].
+//! - [`MimiDecoder`] (Kyutai's Mimi, LFM2-Audio-1.5B's codec; [`mimi`]: quantizer, transformer,
+//!   SEANet): 1920 samples per frame, nothing held back.
 //!
+//! [`open_detokenizer`] loads the one a model directory has (or the one asked for), and
 //! [`DecodeThread`] runs any of them on a thread of its own, fed through a channel.
 //!
-//! Not for: generating codes (that is `lfm2-audio`) or playing audio (that is `audio-io`).
+//! Not for: generating codes (that is `lfm2-audio`, which also holds the weights loader and the
+//! layers both decoders are built from) or playing audio (that is `audio-io`).
 
 pub mod decode_thread;
 pub mod istft;
