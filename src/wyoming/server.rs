@@ -18,10 +18,9 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::protocol::{self, error_event, Event, Resync};
 use super::session::{Effect, Offer, Session, Work};
-use crate::engine::{
-    Content, ConvEvent, Conversation, EngineHandle, Output, Respond, Setup, ToolPolicy,
-};
+use crate::engine::{Conversation, EngineHandle, Setup};
 use crate::voices::Voice;
+use dialog::conversation::{Content, ConvEvent, Output, Respond, ToolPolicy};
 
 /// What connections may do.
 #[derive(Debug, Clone)]
