@@ -2,9 +2,10 @@
 //! (what was heard, where to cut), tool rounds and the conversation's items, free of I/O.
 //!
 //! Inputs go in ([`Input`]: the voice activity detector's events, the engine's [`ConvEvent`]s,
-//! and ticks as the speaker plays on), each with where the speaker is ([`Speaker`]); [`Effect`]s
-//! come out: calls on the engine conversation ([`Call`]), what to do with the speaker, and what
-//! happened, for the log. No threads, no clocks: the caller passes the speaker's counters in.
+//! and ticks as the speaker plays on), each with where the speaker is ([`SpeakerState`]);
+//! [`Effect`]s come out: calls on the engine conversation ([`Call`]), what to do with the
+//! speaker, and what happened, for the log. No threads, no clocks: the caller passes the
+//! speaker's counters in.
 //!
 //! Turn-taking itself is [`TurnManager`]'s (listening, the user speaking, responding; barge-in
 //! and a continued utterance). This machine turns its actions into items and calls:
@@ -25,7 +26,7 @@ use crate::turn::{Action, Event, TurnManager, TurnState};
 
 /// Where the speaker is, in 24 kHz samples since it opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Speaker {
+pub struct SpeakerState {
     /// Samples played (heard).
     pub played: u64,
     /// Where the next sample queued will be in the count of `played`.
@@ -144,7 +145,7 @@ impl Assistant {
     }
 
     /// Applies an input; returns the effects, in order.
-    pub fn handle(&mut self, input: Input, speaker: Speaker) -> Vec<Effect> {
+    pub fn handle(&mut self, input: Input, speaker: SpeakerState) -> Vec<Effect> {
         let mut out = Vec::new();
         let actions = match input {
             Input::Start => self.turns.handle(Event::Start),
@@ -168,7 +169,7 @@ impl Assistant {
     fn engine_event(
         &mut self,
         ev: ConvEvent,
-        speaker: Speaker,
+        speaker: SpeakerState,
         out: &mut Vec<Effect>,
     ) -> Vec<Action> {
         match ev {
@@ -214,7 +215,7 @@ impl Assistant {
     }
 
     /// The reply is over once it has been generated and played out.
-    fn tick(&mut self, speaker: Speaker, out: &mut Vec<Effect>) -> Vec<Action> {
+    fn tick(&mut self, speaker: SpeakerState, out: &mut Vec<Effect>) -> Vec<Action> {
         if !self.reply_done || (self.reply_base.is_some() && !speaker.idle) {
             return Vec::new();
         }
@@ -228,7 +229,7 @@ impl Assistant {
         self.turns.handle(Event::ReplyFinished)
     }
 
-    fn act(&mut self, action: Action, speaker: Speaker, out: &mut Vec<Effect>) {
+    fn act(&mut self, action: Action, speaker: SpeakerState, out: &mut Vec<Effect>) {
         match action {
             Action::Respond { audio } => self.user_turn(audio, out),
             Action::ExtendUtterance { audio } => {
@@ -305,8 +306,8 @@ mod tests {
     }
 
     /// A speaker that played `played` samples and has `queued - played` still to play.
-    fn speaker(played: u64, queued: u64) -> Speaker {
-        Speaker {
+    fn speaker(played: u64, queued: u64) -> SpeakerState {
+        SpeakerState {
             played,
             queued,
             idle: played >= queued,
@@ -357,7 +358,7 @@ mod tests {
     /// An assistant that heard one utterance (`user-1`) and asked for `reply-1`.
     fn asked() -> Assistant {
         let mut a = Assistant::new(false, false);
-        let s = Speaker::default();
+        let s = SpeakerState::default();
         assert!(a.handle(Input::Start, s).is_empty());
         assert!(a.handle(Input::SpeechStarted { at: at(1) }, s).is_empty());
         let out = a.handle(
@@ -537,7 +538,7 @@ mod tests {
     #[test]
     fn half_duplex_plays_the_reply_through_speech() {
         let mut a = Assistant::new(true, true);
-        let s = Speaker::default();
+        let s = SpeakerState::default();
         a.handle(Input::Start, s);
         a.handle(Input::SpeechStarted { at: at(1) }, s);
         let out = a.handle(

@@ -14,7 +14,7 @@ use audio_io::echo::{EchoMode, EchoReference};
 use audio_io::vad::VadEvent;
 use audio_io::{ListenEvent, Player, PLAYBACK_SOURCE_RATE};
 use crossbeam_channel::{select, Receiver};
-use dialog::assistant::{Assistant, Effect, Input, Speaker};
+use dialog::assistant::{Assistant, Effect, Input, SpeakerState};
 
 use super::console::{log, pump, say, signal_name, stamp, uptime_of, OPEN_LINE};
 use super::setup::{device, listen, sampling, tools, Args, Resolved};
@@ -199,8 +199,8 @@ pub(crate) fn assistant(
 }
 
 /// Where the speaker is, for the dialog.
-fn speaker(player: &mut Player) -> Speaker {
-    Speaker {
+fn speaker(player: &mut Player) -> SpeakerState {
+    SpeakerState {
         played: player.played(),
         queued: player.queued_end(),
         idle: player.idle(),

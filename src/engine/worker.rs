@@ -297,17 +297,10 @@ fn run_tool(
     events: &Sender<ConvEvent>,
     call: &ToolCall,
 ) -> ToolOutcome {
-    let Some(spec) = tools.iter().find(|t| t.name == call.name) else {
-        return ToolOutcome::Failed(format!("there is no tool named {:?}", call.name));
-    };
-    if spec.command.is_empty() {
-        let events = events.clone();
-        tools::run_built_in(call, move |label| {
-            let _ = events.send(ConvEvent::TimerFired { label });
-        })
-    } else {
-        tools::run_command(spec, call)
-    }
+    let events = events.clone();
+    tools::run(tools, call, move |label| {
+        let _ = events.send(ConvEvent::TimerFired { label });
+    })
 }
 
 impl Worker {
