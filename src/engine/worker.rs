@@ -1070,8 +1070,10 @@ impl Worker {
     }
 
     /// A reply, and with [`ToolPolicy::Run`] the rounds of tool calls that follow it, the tools
-    /// run on the calling thread (the engine thread runs them on threads of their own: see
-    /// [`Worker::start_response`]).
+    /// run on the calling thread. The engine thread's replies run them on threads of their own
+    /// (see [`Worker::start_response`]); this is for the tests and for out-of-band replies, whose
+    /// conversation is apart from its history (the Realtime server's, which report their calls
+    /// to the client rather than run them).
     pub(crate) fn respond(
         &mut self,
         conv: &mut Conv,
