@@ -6,8 +6,7 @@
 //! are kept, and with them the text generated before the last of them; the session is truncated
 //! right after that item.
 
-/// Samples per audio frame at 24 kHz (80 ms).
-pub const SAMPLES_PER_FRAME: u64 = 1920;
+use lfm2_audio::format::SAMPLES_PER_FRAME;
 
 /// One generated item.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +64,7 @@ impl ReplyTracker {
     /// (`ceil(played / 1920)` frames), with the text generated before the last of them. With
     /// nothing played the user heard none of the reply, so the cut is at its start.
     pub fn cut(&self, played: u64) -> Cut {
-        let heard = played.div_ceil(SAMPLES_PER_FRAME) as usize;
+        let heard = played.div_ceil(SAMPLES_PER_FRAME as u64) as usize;
         if heard == 0 {
             return Cut {
                 position: self.start,

@@ -273,7 +273,7 @@ pub(crate) fn speak(
             recv(conv.events()) -> ev => match ev {
                 Ok(ConvEvent::Audio { samples, .. }) => player.queue(&samples),
                 Ok(ConvEvent::ReplyDone { response_id, item_id, text, audio_samples, .. }) => {
-                    println!("{} said {text:?} ({:.2} s)", stamp(start), audio_samples as f64 / 24_000.0);
+                    println!("{} said {text:?} ({:.2} s)", stamp(start), audio_samples as f64 / f64::from(OUTPUT_SAMPLE_RATE));
                     conv.delete(item_id);
                     conv.delete(response_id);
                     done += 1;

@@ -15,7 +15,7 @@ use audio_io::vad::VadEvent;
 use audio_io::{ListenEvent, Player};
 use crossbeam_channel::{select, Receiver};
 use dialog::assistant::{Assistant, Effect, Input, SpeakerState};
-use lfm2_audio::format::OUTPUT_SAMPLE_RATE;
+use lfm2_audio::format::{INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME};
 
 use super::console::{log, pump, say, signal_name, stamp, uptime_of, OPEN_LINE};
 use super::setup::{device, listen, sampling, tools, Args, Resolved};
@@ -26,7 +26,7 @@ fn chime() -> Vec<f32> {
     let mut out = Vec::new();
     for (f, n) in [(880.0f32, 4800), (1320.0, 7200)] {
         for i in 0..n {
-            let t = i as f32 / 24_000.0;
+            let t = i as f32 / OUTPUT_SAMPLE_RATE as f32;
             let env = (1.0 - i as f32 / n as f32).min(i as f32 / 240.0);
             out.push(0.25 * env * (2.0 * std::f32::consts::PI * f * t).sin());
         }
@@ -109,7 +109,7 @@ pub(crate) fn assistant(
                     say(format!(
                         "{} user: ({:.2} s of speech, ended at {ended:.2}s)",
                         stamp(start),
-                        audio.len() as f64 / 16_000.0
+                        audio.len() as f64 / f64::from(INPUT_SAMPLE_RATE)
                     ));
                     run.spoke_at = Some(Instant::now());
                     run.pending_end = Some(ended);
@@ -282,7 +282,7 @@ impl Run<'_> {
                         say(format!(
                             "{} barge-in: the assistant is cut after {:.2} s of its reply",
                             stamp(start),
-                            heard as f64 / 24_000.0
+                            heard as f64 / f64::from(OUTPUT_SAMPLE_RATE)
                         ));
                     }
                     self.question_end = None;
@@ -343,7 +343,7 @@ impl Run<'_> {
                 cancelled,
                 ..
             } => {
-                let frames = audio_samples / 1920;
+                let frames = audio_samples / SAMPLES_PER_FRAME as u64;
                 say(format!(
                     "{} assistant {}: {text:?} ({frames} frames, {:.2} s of speech)",
                     stamp(start),
@@ -352,7 +352,7 @@ impl Run<'_> {
                     } else {
                         "(done)"
                     },
-                    *audio_samples as f64 / 24_000.0
+                    *audio_samples as f64 / f64::from(OUTPUT_SAMPLE_RATE)
                 ));
             }
             ConvEvent::Transcript { item_id, text } => {
@@ -367,8 +367,8 @@ impl Run<'_> {
                 say(format!(
                     "{} assistant (interrupted, kept): {text:?} ({} frames, {:.2} s of speech; {item_id})",
                     stamp(start),
-                    audio_samples / 1920,
-                    *audio_samples as f64 / 24_000.0
+                    audio_samples / SAMPLES_PER_FRAME as u64,
+                    *audio_samples as f64 / f64::from(OUTPUT_SAMPLE_RATE)
                 ));
             }
             ConvEvent::Trimmed { item_ids } => {
@@ -396,7 +396,8 @@ impl Run<'_> {
         if played > base {
             // The first sample of the answer went to the device this long ago.
             let start = self.start;
-            let heard = start.elapsed().as_secs_f64() - (played - base) as f64 / 24_000.0;
+            let heard = start.elapsed().as_secs_f64()
+                - (played - base) as f64 / f64::from(OUTPUT_SAMPLE_RATE);
             let delay = heard - ended;
             self.delays.push(delay);
             self.question_end = None;
