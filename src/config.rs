@@ -190,7 +190,8 @@ impl Config {
                 ))
             }
         };
-        one_of("model.quant", &self.model.quant, &["f32", "q8", "q4"])?;
+        let presets = crate::cmd::runtime::Quant::ALL.map(|(name, _)| name);
+        one_of("model.quant", &self.model.quant, &presets)?;
         one_of("model.codec", &self.model.codec, &["auto", "lfm2", "mimi"])?;
         one_of(
             "echo.mode",
