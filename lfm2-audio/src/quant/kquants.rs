@@ -518,8 +518,8 @@ pub(crate) fn dot_q6k(row: &[u8], x: &Act) -> f32 {
         let mut sumi = 0i32;
         for s in 0..16 {
             let mut p = 0i32;
-            for v in 16 * s..16 * s + 16 {
-                p += q6_level(blk, v) as i32 * xq[v] as i32;
+            for (v, &xv) in xq.iter().enumerate().skip(16 * s).take(16) {
+                p += q6_level(blk, v) as i32 * xv as i32;
             }
             sumi += (blk[192 + s] as i8 as i32) * p;
         }
