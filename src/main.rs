@@ -9,6 +9,7 @@ mod daemon;
 mod engine;
 mod model_cache;
 mod realtime;
+mod serve;
 mod voices;
 mod wyoming;
 
@@ -35,7 +36,7 @@ enum Command {
     Speak(cmd::speak::Args),
     /// The voice assistant: listen on the microphone and answer out loud (or, with --listen,
     /// serve the OpenAI-Realtime-compatible WebSocket API).
-    Serve(daemon::serve::Args),
+    Serve(daemon::setup::Args),
     /// Measure speed and memory on this machine (a table of medians).
     Bench(cmd::bench::Args),
     /// Download an official checkpoint into the Hugging Face cache (resumable, checksum-verified).
@@ -56,7 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::SynthModel(args) => cmd::synth_model::run(args),
         Command::FetchModel(args) => cmd::fetch::run(args),
         Command::Bench(args) => cmd::bench::run(args),
-        Command::Serve(args) => daemon::serve::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Speak(args) => cmd::speak::run(args),
         Command::Devices(args) => cmd::devices::run(args),

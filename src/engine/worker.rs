@@ -6,7 +6,7 @@
 //! truncating an entry, dropping the oldest turns, new instructions) truncates the session at the
 //! first changed entry and prefills everything after it in one batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +16,7 @@ use codec::Detokenizer;
 use crossbeam_channel::{Receiver, Sender};
 use dialog::reply::{ReplyItem, ReplyTracker};
 use dialog::tools::{self, ToolCall, ToolOutcome};
-use lfm2_audio::depthformer::{Frame, END_OF_AUDIO};
+use lfm2_audio::format::{Frame, END_OF_AUDIO, SAMPLES_PER_FRAME};
 use lfm2_audio::generate::{
     asr_chat, generate_text, prefill_chat, GenerationMode, Generator, Token,
 };
@@ -113,7 +113,7 @@ fn samples_of(tokens: &[Token]) -> u64 {
         .iter()
         .filter(|t| matches!(t, Token::Audio(f) if !f.contains(&END_OF_AUDIO)))
         .count() as u64
-        * codec::SAMPLES_PER_FRAME as u64
+        * SAMPLES_PER_FRAME as u64
 }
 
 pub(crate) struct Conv {
@@ -192,11 +192,24 @@ impl FairQueue {
         q.push_back(job);
     }
 
+    #[cfg(test)]
     pub(crate) fn pop(&mut self) -> Option<Job> {
+        self.pop_unless(&HashSet::new())
+    }
+
+    /// Whether a job of a conversation not in `held` is waiting.
+    pub(crate) fn has_runnable(&self, held: &HashSet<u64>) -> bool {
+        !self.urgent.is_empty() || self.turns.iter().any(|c| !held.contains(c))
+    }
+
+    /// The next job, passing over the conversations in `held` (their jobs keep their order and
+    /// wait until they are not held any more).
+    pub(crate) fn pop_unless(&mut self, held: &HashSet<u64>) -> Option<Job> {
         if let Some(job) = self.urgent.pop_front() {
             return Some(job);
         }
-        let conv = self.turns.pop_front()?;
+        let at = self.turns.iter().position(|c| !held.contains(c))?;
+        let conv = self.turns.remove(at)?;
         let q = self.by_conv.get_mut(&conv)?;
         let job = q.pop_front();
         if q.is_empty() {
@@ -228,6 +241,66 @@ pub(crate) struct Worker {
     max_transcript_tokens: usize,
     /// The forced text applies to conversations without tools too (tests only).
     force_without_tools: bool,
+    /// Tool commands run on threads of their own (a slow tool never stalls another
+    /// conversation); their results come back here. A conversation waiting for its tools is
+    /// held: its later jobs wait, in order, until the response has gone on.
+    tools_done: (Sender<ToolsDone>, Receiver<ToolsDone>),
+    held: HashSet<u64>,
+}
+
+/// A response between its rounds: what the next round needs.
+pub(crate) struct Round {
+    seq: u64,
+    req: Respond,
+    output: Output,
+    started: Instant,
+    /// Rounds of tool calls so far, and the item of the round in progress.
+    number: usize,
+    item_id: String,
+}
+
+/// Tool calls of a round, to run before the response goes on.
+pub(crate) struct ToolRun {
+    round: Round,
+    calls: Vec<(String, Result<ToolCall, String>)>,
+    tools: Vec<dialog::tools::ToolSpec>,
+    events: Sender<ConvEvent>,
+}
+
+impl ToolRun {
+    /// Runs the calls, in order (on whatever thread calls this).
+    fn run(self) -> (Round, Vec<(String, ToolOutcome)>) {
+        let results = self
+            .calls
+            .into_iter()
+            .map(|(call_id, call)| {
+                let outcome = match call {
+                    Ok(call) => run_tool(&self.tools, &self.events, &call),
+                    Err(e) => ToolOutcome::Failed(e),
+                };
+                (call_id, outcome)
+            })
+            .collect();
+        (self.round, results)
+    }
+}
+
+/// The results of a conversation's tool calls, back from their thread.
+pub(crate) struct ToolsDone {
+    conv: u64,
+    round: Round,
+    results: Vec<(String, ToolOutcome)>,
+}
+
+fn run_tool(
+    tools: &[dialog::tools::ToolSpec],
+    events: &Sender<ConvEvent>,
+    call: &ToolCall,
+) -> ToolOutcome {
+    let events = events.clone();
+    tools::run(tools, call, move |label| {
+        let _ = events.send(ConvEvent::TimerFired { label });
+    })
 }
 
 impl Worker {
@@ -254,6 +327,8 @@ impl Worker {
             forced_tts,
             max_transcript_tokens,
             force_without_tools: false,
+            tools_done: crossbeam_channel::unbounded(),
+            held: HashSet::new(),
         }
     }
 
@@ -261,35 +336,55 @@ impl Worker {
         // Conversations are served in turn (`FairQueue`). Background transcriptions wait until
         // nothing else is queued, and give way within one token to any job that arrives
         // meanwhile (then start again later): the words of a turn that are only for the record
-        // must never hold up a reply.
+        // must never hold up a reply. A conversation whose tools are running is passed over
+        // until their results are back.
         let mut queue = FairQueue::default();
         let mut deferred: std::collections::VecDeque<Job> = Default::default();
+        let tools_done = self.tools_done.1.clone();
+        let mut open = true;
         loop {
-            loop {
+            while open {
                 match jobs.try_recv() {
                     Ok(job) => queue.push(job),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        if queue.is_empty() {
-                            return;
-                        }
-                        break;
-                    }
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => open = false,
                 }
             }
-            if queue.is_empty() {
+            if !open && queue.is_empty() {
+                // Every handle is gone (and with them every conversation).
+                return;
+            }
+            while let Ok(done) = tools_done.try_recv() {
+                self.tools_finished(done);
+            }
+            if !queue.has_runnable(&self.held) {
                 if let Some(job) = deferred.pop_front() {
                     if let Some(job) = self.transcribe_unless(job, &jobs) {
                         deferred.push_front(job);
                     }
                     continue;
                 }
-                match jobs.recv() {
-                    Ok(job) => queue.push(job),
-                    Err(_) => break,
+                let incoming = if open {
+                    jobs.clone()
+                } else {
+                    crossbeam_channel::never()
+                };
+                crossbeam_channel::select! {
+                    recv(incoming) -> job => match job {
+                        Ok(job) => queue.push(job),
+                        Err(_) => open = false,
+                    },
+                    recv(tools_done) -> done => {
+                        if let Ok(done) = done {
+                            self.tools_finished(done);
+                        }
+                    }
                 }
+                continue;
             }
-            let Some(job) = queue.pop() else { continue };
+            let Some(job) = queue.pop_unless(&self.held) else {
+                continue;
+            };
             match job {
                 Job::Shutdown => break,
                 job @ Job::Transcribe {
@@ -309,9 +404,55 @@ impl Worker {
                 }
                 Job::Close { conv } => {
                     self.convs.remove(&conv);
+                    self.held.remove(&conv);
                 }
                 job => self.conversation_job(job),
             }
+        }
+    }
+
+    /// Runs a round's tool calls on a thread of their own; the conversation is held until
+    /// [`Worker::tools_finished`] takes the results.
+    fn start_tools(&mut self, conv: u64, run: ToolRun) {
+        let done = self.tools_done.0.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tool".into())
+            .spawn(move || {
+                let (round, results) = run.run();
+                let _ = done.send(ToolsDone {
+                    conv,
+                    round,
+                    results,
+                });
+            });
+        match spawned {
+            Ok(_) => {
+                self.held.insert(conv);
+            }
+            Err(e) => {
+                // No thread: the response ends with the reason rather than stalling the engine.
+                if let Some(c) = self.convs.get(&conv) {
+                    c.emit(ConvEvent::Error {
+                        item_id: None,
+                        message: format!("could not start a thread for the tool calls: {e}"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// A conversation's tool results are back: its response goes on (and its jobs with it).
+    fn tools_finished(&mut self, done: ToolsDone) {
+        self.held.remove(&done.conv);
+        // A closed conversation has nobody to report to.
+        let Some(mut conv) = self.convs.remove(&done.conv) else {
+            return;
+        };
+        if let Some(run) = self.after_tools(&mut conv, done.round, done.results) {
+            self.convs.insert(done.conv, conv);
+            self.start_tools(done.conv, run);
+        } else {
+            self.convs.insert(done.conv, conv);
         }
     }
 
@@ -329,7 +470,10 @@ impl Worker {
         };
         // A closed conversation has nobody to report to.
         let c = self.convs.remove(&conv)?;
-        let result = self.transcribe_until(&c, item_id.clone(), &audio, false, || !jobs.is_empty());
+        let tools_done = self.tools_done.1.clone();
+        let result = self.transcribe_until(&c, item_id.clone(), &audio, false, || {
+            !jobs.is_empty() || !tools_done.is_empty()
+        });
         self.convs.insert(conv, c);
         match result {
             Ok(true) => None,
@@ -429,7 +573,14 @@ impl Worker {
                     });
                     Ok(())
                 }
-                None => self.respond(&mut conv, seq, respond),
+                None => {
+                    if let Some(run) = self.start_response(&mut conv, seq, respond) {
+                        self.convs.insert(id, conv);
+                        self.start_tools(id, run);
+                        return;
+                    }
+                    Ok(())
+                }
             },
             Job::RespondApart {
                 seq,
@@ -825,7 +976,7 @@ impl Worker {
         self.rebuild(conv, i)?;
         conv.emit(ConvEvent::Truncated {
             item_id: item_id.to_owned(),
-            audio_samples: cut.frames as u64 * codec::SAMPLES_PER_FRAME as u64,
+            audio_samples: cut.frames as u64 * SAMPLES_PER_FRAME as u64,
             text,
         });
         Ok(())
@@ -918,96 +1069,128 @@ impl Worker {
         Ok(true)
     }
 
-    /// A reply, and with [`ToolPolicy::Run`] the rounds of tool calls that follow it.
+    /// A reply, and with [`ToolPolicy::Run`] the rounds of tool calls that follow it, the tools
+    /// run on the calling thread. The engine thread's replies run them on threads of their own
+    /// (see [`Worker::start_response`]); this is for the tests and for out-of-band replies, whose
+    /// conversation is apart from its history (the Realtime server's, which report their calls
+    /// to the client rather than run them).
     pub(crate) fn respond(
         &mut self,
         conv: &mut Conv,
         seq: u64,
         req: Respond,
     ) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let output = req.output.unwrap_or(conv.setup.output);
-        let mut round = 0;
-        let mut item_id = req.item_id.clone();
-        loop {
-            // Every reply ends with ReplyDone, a failed one too, so that clients waiting for
-            // the end of a response are never left hanging.
-            let closing = |conv: &Conv, item_id: &str| {
-                conv.emit(ConvEvent::ReplyDone {
-                    response_id: req.response_id.clone(),
-                    item_id: item_id.to_owned(),
-                    text: String::new(),
-                    audio_samples: 0,
-                    cancelled: false,
-                })
-            };
-            let calls = match self.reply(conv, seq, &req.response_id, &item_id, output, started) {
-                Ok(calls) => calls,
-                Err(e) => {
-                    // The error first: it says why the reply is empty.
-                    self.fail(conv, Some(item_id.clone()), e);
-                    closing(conv, &item_id);
-                    return Ok(());
-                }
-            };
-            if calls.is_empty() {
-                return Ok(());
-            }
-            let ToolPolicy::Run { max_rounds } = conv.setup.tool_policy else {
-                return Ok(());
-            };
-            if round >= max_rounds {
-                conv.emit(ConvEvent::Error {
-                    item_id: Some(item_id),
-                    message: format!(
-                        "the model called tools again after {max_rounds} rounds; not run"
-                    ),
-                });
-                return Ok(());
-            }
-            round += 1;
-            for (call_id, call) in calls {
-                let outcome = match call {
-                    Ok(call) => self.run_tool(conv, &call),
-                    Err(e) => ToolOutcome::Failed(e),
-                };
-                let ok = matches!(outcome, ToolOutcome::Ok(_));
-                let output = outcome.as_result_text();
-                conv.emit(ConvEvent::ToolResult {
-                    response_id: req.response_id.clone(),
-                    call_id: call_id.clone(),
-                    output: output.clone(),
-                    ok,
-                });
-                if let Err(e) = self.add(
-                    conv,
-                    format!("{item_id}-result-{call_id}"),
-                    Content::ToolResult { call_id, output },
-                ) {
-                    self.fail(conv, Some(item_id.clone()), e);
-                    closing(conv, &item_id);
-                    return Ok(());
-                }
-            }
-            if conv.cancel.check(seq).is_some() {
-                return Ok(());
-            }
-            item_id = format!("{}-{round}", req.item_id);
+        let mut next = self.start_response(conv, seq, req);
+        while let Some(run) = next {
+            let (round, results) = run.run();
+            next = self.after_tools(conv, round, results);
         }
+        Ok(())
     }
 
-    fn run_tool(&self, conv: &Conv, call: &ToolCall) -> ToolOutcome {
-        let Some(spec) = conv.setup.tools.iter().find(|t| t.name == call.name) else {
-            return ToolOutcome::Failed(format!("there is no tool named {:?}", call.name));
+    /// The first round of a response. Returns the tool calls to run before it goes on, if any
+    /// (with [`ToolPolicy::Run`]).
+    pub(crate) fn start_response(
+        &mut self,
+        conv: &mut Conv,
+        seq: u64,
+        req: Respond,
+    ) -> Option<ToolRun> {
+        let round = Round {
+            seq,
+            output: req.output.unwrap_or(conv.setup.output),
+            item_id: req.item_id.clone(),
+            req,
+            started: Instant::now(),
+            number: 0,
         };
-        if spec.command.is_empty() {
-            let events = conv.events.clone();
-            tools::run_built_in(call, move |label| {
-                let _ = events.send(ConvEvent::TimerFired { label });
-            })
-        } else {
-            tools::run_command(spec, call)
+        self.reply_round(conv, round)
+    }
+
+    /// Every reply ends with ReplyDone, a failed one too, so that clients waiting for the end
+    /// of a response are never left hanging.
+    fn close_round(conv: &Conv, round: &Round) {
+        conv.emit(ConvEvent::ReplyDone {
+            response_id: round.req.response_id.clone(),
+            item_id: round.item_id.clone(),
+            text: String::new(),
+            audio_samples: 0,
+            cancelled: false,
+        })
+    }
+
+    /// One round: a reply, and the tool calls it made if they are to be run.
+    fn reply_round(&mut self, conv: &mut Conv, mut round: Round) -> Option<ToolRun> {
+        let calls = match self.reply(
+            conv,
+            round.seq,
+            &round.req.response_id,
+            &round.item_id,
+            round.output,
+            round.started,
+        ) {
+            Ok(calls) => calls,
+            Err(e) => {
+                // The error first: it says why the reply is empty.
+                self.fail(conv, Some(round.item_id.clone()), e);
+                Self::close_round(conv, &round);
+                return None;
+            }
+        };
+        if calls.is_empty() {
+            return None;
         }
+        let ToolPolicy::Run { max_rounds } = conv.setup.tool_policy else {
+            return None;
+        };
+        if round.number >= max_rounds {
+            conv.emit(ConvEvent::Error {
+                item_id: Some(round.item_id),
+                message: format!("the model called tools again after {max_rounds} rounds; not run"),
+            });
+            return None;
+        }
+        round.number += 1;
+        Some(ToolRun {
+            round,
+            calls,
+            tools: conv.setup.tools.clone(),
+            events: conv.events.clone(),
+        })
+    }
+
+    /// The results of a round's tools go back to the model as `tool` turns, and the next round
+    /// begins (unless the response was cancelled meanwhile).
+    fn after_tools(
+        &mut self,
+        conv: &mut Conv,
+        mut round: Round,
+        results: Vec<(String, ToolOutcome)>,
+    ) -> Option<ToolRun> {
+        for (call_id, outcome) in results {
+            let ok = matches!(outcome, ToolOutcome::Ok(_));
+            let output = outcome.as_result_text();
+            conv.emit(ConvEvent::ToolResult {
+                response_id: round.req.response_id.clone(),
+                call_id: call_id.clone(),
+                output: output.clone(),
+                ok,
+            });
+            if let Err(e) = self.add(
+                conv,
+                format!("{}-result-{call_id}", round.item_id),
+                Content::ToolResult { call_id, output },
+            ) {
+                self.fail(conv, Some(round.item_id.clone()), e);
+                Self::close_round(conv, &round);
+                return None;
+            }
+        }
+        if conv.cancel.check(round.seq).is_some() {
+            return None;
+        }
+        round.item_id = format!("{}-{}", round.req.item_id, round.number);
+        self.reply_round(conv, round)
     }
 
     /// Generates one assistant turn. Returns the tool calls it made (each with its call id; a
@@ -1074,7 +1257,7 @@ impl Worker {
         let mut tokens: Vec<Token> = Vec::new();
         let mut tracker = ReplyTracker::new(reply_start);
         let mut stream = TextStream::new();
-        let mut pcm = Vec::with_capacity(codec::SAMPLES_PER_FRAME);
+        let mut pcm = Vec::with_capacity(SAMPLES_PER_FRAME);
         let mut samples: u64 = 0;
         let mut in_call = false;
         let mut call_done = false;
@@ -1209,12 +1392,8 @@ impl Worker {
                         tracker.push(ReplyItem::Frame { audible });
                         // Speech of a tool call is not played.
                         if audible && !in_call {
-                            let f: &codec::Frame = frame
-                                .as_slice()
-                                .try_into()
-                                .map_err(|_| anyhow::anyhow!("a frame of {} codes", frame.len()))?;
                             pcm.clear();
-                            self.detok.push_into(f, &mut pcm)?;
+                            self.detok.push_into(&frame, &mut pcm)?;
                             samples += pcm.len() as u64;
                             emit(ConvEvent::Audio {
                                 response_id: response_id.to_owned(),
@@ -1230,7 +1409,7 @@ impl Worker {
             (_, Some(c)) => {
                 tokens.truncate(c.position - reply_start);
                 conv.session.truncate_to(c.position)?;
-                c.frames as u64 * codec::SAMPLES_PER_FRAME as u64
+                c.frames as u64 * SAMPLES_PER_FRAME as u64
             }
             (Ending::Cancelled(None), None) => {
                 // Everything generated stays; the positions fed are exactly the tokens.
