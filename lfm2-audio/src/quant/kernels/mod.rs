@@ -123,15 +123,13 @@ unsafe impl Send for OutView {}
 unsafe impl Sync for OutView {}
 
 /// The zero-point correction multiplier a kernel needs for a format: Q4_0 nibbles are unsigned
-/// with zero point 8; Q8_0 is stored +128 (the unsigned operand of vpdpbusd, and of the AVX2
-/// decode kernel's widening multiply). The AVX2 kernel's batched products undo the offset and
-/// use the sign trick instead, and ignore the correction term.
+/// with zero point 8; Q8_0 is stored +128 for vpdpbusd, while the AVX2 kernel undoes the offset
+/// and multiplies signed values with the sign trick, so it needs no correction.
 pub(crate) fn bias_mult(kernel: Kernel, q4: bool) -> i32 {
-    let _ = kernel;
-    if q4 {
-        8
-    } else {
-        128
+    match (q4, kernel) {
+        (true, _) => 8,
+        (false, Kernel::Avx2) => 0,
+        (false, _) => 128,
     }
 }
 

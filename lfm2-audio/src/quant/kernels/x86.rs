@@ -469,18 +469,11 @@ macro_rules! tile256 {
                             _mm256_loadu_si256(wg.add(i * w.row_bytes + k * 64 + h * 32).cast())
                         };
                         let mut acc = [[_mm256_setzero_si256(); T]; R];
-                        // The AVX2 8-bit products with more than one token use the sign trick on
-                        // the signed values, which needs no zero-point correction.
-                        let sign_trick = $i16 && !Q4 && T > 1;
                         for t in 0..T {
                             let bias =
                                 _mm256_load_si256(xg.add(t * x.stride + ACT_BIAS + h * 32).cast());
                             for a in acc.iter_mut() {
-                                a[t] = if sign_trick {
-                                    _mm256_setzero_si256()
-                                } else {
-                                    bias
-                                };
+                                a[t] = bias;
                             }
                         }
                         if $i16 && Q4 && T == 1 {
@@ -509,38 +502,6 @@ macro_rules! tile256 {
                             for i in 0..R {
                                 acc[i][0] =
                                     _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i], ones));
-                            }
-                        } else if $i16 && !Q4 && T == 1 {
-                            // Decode, 8-bit, vpmaddwd: the stored weights (q + 128, u8) widened
-                            // to i16 times the activation widened to i16, the zero point taken
-                            // off by the correction term (-128 * sum x per block). No sign trick
-                            // and no saturation: two widening moves (shuffle pipes) and one
-                            // multiply-add per 16 weights, against the sign trick's three
-                            // operations and two multiplies on the multiply pipes.
-                            // `lo` holds blocks 0..4 of the half (two i32 lanes each), `hi`
-                            // blocks 4..8.
-                            let mut lo = [_mm256_setzero_si256(); R];
-                            let mut hi = [_mm256_setzero_si256(); R];
-                            for k in 0..8 {
-                                let xp = xg.add(k * 64 + h * 32);
-                                let xl = _mm256_cvtepi8_epi16(_mm_load_si128(xp.cast()));
-                                let xh = _mm256_cvtepi8_epi16(_mm_load_si128(xp.add(16).cast()));
-                                for i in 0..R {
-                                    let wp = wg.add(i * w.row_bytes + k * 64 + h * 32);
-                                    let wl = _mm256_cvtepu8_epi16(_mm_loadu_si128(wp.cast()));
-                                    let wh =
-                                        _mm256_cvtepu8_epi16(_mm_loadu_si128(wp.add(16).cast()));
-                                    lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(wl, xl));
-                                    hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(wh, xh));
-                                }
-                            }
-                            for i in 0..R {
-                                // hadd gives blocks [0 1 4 5 | 2 3 6 7]; the permute restores
-                                // the order of the scales.
-                                let s = _mm256_permute4x64_epi64::<0b11_01_10_00>(
-                                    _mm256_hadd_epi32(lo[i], hi[i]),
-                                );
-                                acc[i][0] = _mm256_add_epi32(acc[i][0], s);
                             }
                         } else {
                             for k in 0..8 {
