@@ -305,6 +305,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.quant") && err.contains("q4"), "{err}");
+        assert!(err.contains("mixed") && err.contains("q4k"), "{err}");
+        for preset in ["f32", "q8", "q6k", "mixed", "q4k", "q4"] {
+            let cfg = Config::parse(
+                &format!("[model]\nquant = \"{preset}\"\n"),
+                Path::new("c.toml"),
+            )
+            .unwrap();
+            assert_eq!(cfg.model.quant, preset);
+        }
         let err = Config::parse("[assistant]\nmode = \"translate\"\n", Path::new("c.toml"))
             .unwrap_err()
             .to_string();

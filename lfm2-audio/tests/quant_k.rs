@@ -329,3 +329,47 @@ fn shapes_and_serialization() {
         assert_eq!(y, [0.0; 3]);
     }
 }
+
+/// The mixed plans give each decode role its format, by tensor name, and fall back to a
+/// 32-value format for rows that are not whole super-blocks.
+#[test]
+fn plans_choose_formats_by_role() {
+    use lfm2_audio::weights::{DecodeRole, QuantPlan, WeightClass};
+    use std::sync::Arc;
+    let roles = [
+        (
+            "lfm.layers.0.feed_forward.w1.weight",
+            DecodeRole::FeedForward,
+        ),
+        ("lfm.layers.2.self_attn.q_proj.weight", DecodeRole::Operator),
+        ("lfm.layers.0.conv.in_proj.weight", DecodeRole::Operator),
+        ("lfm.embed_tokens.weight", DecodeRole::Head),
+        (
+            "depthformer.layers.3.feed_forward.w2.weight",
+            DecodeRole::Depth,
+        ),
+        ("depth_linear.weight", DecodeRole::Depth),
+        ("depth_embeddings.4.embedding.weight", DecodeRole::Depth),
+    ];
+    for (name, role) in roles {
+        assert_eq!(DecodeRole::of(name), role, "{name}");
+    }
+    let plan = QuantPlan::mixed(
+        Format::Q4_K,
+        &[(DecodeRole::Operator, Format::Q6_K)],
+        Format::Q8_0,
+        Arc::new(Threads::new(1).unwrap()),
+    );
+    let d = WeightClass::Decode;
+    let ffn = "lfm.layers.0.feed_forward.w1.weight";
+    let attn = "lfm.layers.2.self_attn.q_proj.weight";
+    assert_eq!(plan.format_of(ffn, d, 2048), Some(Format::Q4_K));
+    assert_eq!(plan.format_of(attn, d, 2048), Some(Format::Q6_K));
+    assert_eq!(plan.format_of(ffn, d, 2048 + 32), Some(Format::Q4_0));
+    assert_eq!(plan.format_of(attn, d, 2048 + 32), Some(Format::Q8_0));
+    assert_eq!(
+        plan.format_of(ffn, WeightClass::Auxiliary, 2048),
+        Some(Format::Q8_0)
+    );
+    assert_eq!(QuantPlan::f32().format_of(ffn, d, 2048), None);
+}
