@@ -112,6 +112,8 @@ pub fn build_gguf(model_dir: &Path, format: Format, work_dir: &Path) -> Result<P
     let dtype = match format {
         Format::Q8_0 => GgmlDType::Q8_0,
         Format::Q4_0 => GgmlDType::Q4_0,
+        Format::Q4_K => GgmlDType::Q4K,
+        Format::Q6_K => GgmlDType::Q6K,
     };
     build_gguf_as(model_dir, dtype, work_dir)
 }

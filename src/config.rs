@@ -190,7 +190,8 @@ impl Config {
                 ))
             }
         };
-        one_of("model.quant", &self.model.quant, &["f32", "q8", "q4"])?;
+        let presets = crate::cmd::runtime::Quant::ALL.map(|(name, _)| name);
+        one_of("model.quant", &self.model.quant, &presets)?;
         one_of("model.codec", &self.model.codec, &["auto", "lfm2", "mimi"])?;
         one_of(
             "echo.mode",
@@ -304,6 +305,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.quant") && err.contains("q4"), "{err}");
+        assert!(err.contains("mixed") && err.contains("q4k"), "{err}");
+        for preset in ["f32", "q8", "q6k", "mixed", "q4k", "q4"] {
+            let cfg = Config::parse(
+                &format!("[model]\nquant = \"{preset}\"\n"),
+                Path::new("c.toml"),
+            )
+            .unwrap();
+            assert_eq!(cfg.model.quant, preset);
+        }
         let err = Config::parse("[assistant]\nmode = \"translate\"\n", Path::new("c.toml"))
             .unwrap_err()
             .to_string();

@@ -133,6 +133,7 @@ pub fn open_detokenizer_with(
     let plan = lfm2_audio::weights::QuantPlan {
         decode: plan.auxiliary,
         auxiliary: plan.auxiliary,
+        roles: Vec::new(),
         threads: plan.threads.clone(),
     };
     if !model_dir.is_dir() {

@@ -3,6 +3,7 @@
 //!
 //!     cargo bench -p lfm2-audio --bench quant [-- --quick] [--no-candle]
 //!         [--sections roof,mv,hot,mm,overhead] [--kernels avx512-vnni,scalar]
+//!         [--formats q8_0,q4_0,q4_k,q6_k]
 //!
 //! matvec (decode) is reported as GB/s of weight bytes read (GGML size), with the weights rotated
 //! through enough copies to exceed the L3 cache, as in real decoding where ~1.2 GB of weights
@@ -28,7 +29,7 @@ const PREFILL: usize = 512;
 /// Tokens for the scalar kernel's matmul (512 would take minutes).
 const PREFILL_SCALAR: usize = 16;
 const BACKBONE_PARAMS: f64 = 1.04e9;
-const FORMATS: [Format; 2] = [Format::Q8_0, Format::Q4_0];
+const FORMATS: [Format; 4] = [Format::Q8_0, Format::Q4_0, Format::Q4_K, Format::Q6_K];
 const ROOF_BYTES: usize = 256 << 20;
 
 #[derive(Clone, Copy)]
@@ -175,6 +176,13 @@ fn main() {
             .collect(),
         None => Kernel::supported(),
     };
+    let formats: Vec<Format> = match list("--formats") {
+        Some(names) => FORMATS
+            .into_iter()
+            .filter(|f| names.iter().any(|n| n.eq_ignore_ascii_case(f.name())))
+            .collect(),
+        None => FORMATS.to_vec(),
+    };
     let with_candle = !args.iter().any(|a| a == "--no-candle") && (on("mv") || on("mm"));
     let candle_rows = if with_candle {
         candle::run_children(quick)
@@ -225,7 +233,7 @@ fn main() {
         println!();
         println!("| format | rows x cols | MB | kernel | 1 thread | 2 threads |");
         println!("|---|---|---|---|---|---|");
-        for format in FORMATS {
+        for &format in &formats {
             for (rows, cols) in MV_SHAPES {
                 let m = QMatrix::quantize(&weights(rows, cols), rows, cols, format).unwrap();
                 let bytes = m.ggml_bytes();
@@ -260,7 +268,7 @@ fn main() {
         println!();
         println!("| format | kernel | 1 thread | 2 threads |");
         println!("|---|---|---|---|");
-        for format in FORMATS {
+        for &format in &formats {
             let m = QMatrix::quantize(&weights(2048, 2048), 2048, 2048, format).unwrap();
             let x = Rng(8).vec(2048);
             let mut y = vec![0f32; 2048];
@@ -289,7 +297,7 @@ fn main() {
             run_time: Duration::from_millis(1),
             ..cfg
         };
-        for format in FORMATS {
+        for &format in &formats {
             for (rows, cols) in MM_SHAPES {
                 let m = QMatrix::quantize(&weights(rows, cols), rows, cols, format).unwrap();
                 for (k, pool) in &pools {
@@ -456,6 +464,8 @@ mod candle {
         let dt = match format {
             Format::Q8_0 => GgmlDType::Q8_0,
             Format::Q4_0 => GgmlDType::Q4_0,
+            Format::Q4_K => GgmlDType::Q4K,
+            Format::Q6_K => GgmlDType::Q6K,
         };
         let t = Tensor::from_slice(w, (rows, cols), &Device::Cpu).unwrap();
         QMatMul::from_qtensor(QTensor::quantize(&t, dt).unwrap()).unwrap()

@@ -29,6 +29,35 @@ pub enum WeightClass {
     Auxiliary,
 }
 
+/// What a [`WeightClass::Decode`] matrix does, told from its tensor name, so that a plan can
+/// store the parts that matter most for fidelity in a wider format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecodeRole {
+    /// The backbone's feed-forward maps (`feed_forward.w1/w2/w3`): most of its weights.
+    FeedForward,
+    /// The backbone's operators: attention projections and the short convolutions' maps.
+    Operator,
+    /// The text head (the tied `embed_tokens` table).
+    Head,
+    /// The depthformer, `depth_linear` and the audio codebook heads.
+    Depth,
+}
+
+impl DecodeRole {
+    /// The role of the matrix stored under `name`.
+    pub fn of(name: &str) -> Self {
+        if name.starts_with("depth") {
+            DecodeRole::Depth
+        } else if name.contains("embed_tokens") || name.contains("lm_head") {
+            DecodeRole::Head
+        } else if name.contains("feed_forward") {
+            DecodeRole::FeedForward
+        } else {
+            DecodeRole::Operator
+        }
+    }
+}
+
 /// How large matrices are stored after loading.
 #[derive(Debug, Clone, Default)]
 pub struct QuantPlan {
@@ -36,6 +65,8 @@ pub struct QuantPlan {
     pub decode: Option<Format>,
     /// Format of [`WeightClass::Auxiliary`] matrices (`None`: f32).
     pub auxiliary: Option<Format>,
+    /// Formats of some decode roles that differ from `decode` (mixed presets).
+    pub roles: Vec<(DecodeRole, Format)>,
     /// The thread pool quantized products run on.
     pub threads: Option<Arc<Threads>>,
 }
@@ -51,6 +82,22 @@ impl QuantPlan {
         Self {
             decode: Some(format),
             auxiliary: Some(Format::Q8_0),
+            roles: Vec::new(),
+            threads: Some(threads),
+        }
+    }
+
+    /// `decode` for every decode weight except the roles listed, which get their own format.
+    pub fn mixed(
+        decode: Format,
+        roles: &[(DecodeRole, Format)],
+        auxiliary: Format,
+        threads: Arc<Threads>,
+    ) -> Self {
+        Self {
+            decode: Some(decode),
+            auxiliary: Some(auxiliary),
+            roles: roles.to_vec(),
             threads: Some(threads),
         }
     }
@@ -60,6 +107,28 @@ impl QuantPlan {
             WeightClass::Decode => self.decode,
             WeightClass::Auxiliary => self.auxiliary,
         }
+    }
+
+    /// The format of the matrix `name` of `class` with rows of `cols` values (`None`: f32). The
+    /// K-quant formats need rows of whole 256-value super-blocks; other rows fall back to a
+    /// 32-value format (Q4_K to Q4_0, Q6_K to Q8_0), as llama.cpp falls back for such rows.
+    pub fn format_of(&self, name: &str, class: WeightClass, cols: usize) -> Option<Format> {
+        let f = match class {
+            WeightClass::Decode => {
+                let role = DecodeRole::of(name);
+                self.roles
+                    .iter()
+                    .find(|(r, _)| *r == role)
+                    .map(|&(_, f)| f)
+                    .or(self.decode)?
+            }
+            WeightClass::Auxiliary => self.auxiliary?,
+        };
+        Some(match f {
+            Format::Q4_K if !cols.is_multiple_of(f.block_values()) => Format::Q4_0,
+            Format::Q6_K if !cols.is_multiple_of(f.block_values()) => Format::Q8_0,
+            f => f,
+        })
     }
 }
 
@@ -146,7 +215,7 @@ impl Weights {
         class: WeightClass,
         load: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Matrix> {
-        let format = match self.plan.format(class) {
+        let format = match self.plan.format_of(name, class, cols) {
             Some(f)
                 if cols.is_multiple_of(BLOCK)
                     && rows * cols >= MIN_QUANT_ELEMENTS
@@ -202,13 +271,18 @@ impl Weights {
             .as_ref()
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-        format!(
+        let mut key = format!(
             "v1 size={} mtime={} decode={:?} aux={:?}",
             meta.map(|m| m.len()).unwrap_or(0),
             mtime.map(|d| d.as_nanos()).unwrap_or(0),
             plan.decode,
-            plan.auxiliary
-        )
+            plan.auxiliary,
+        );
+        // Plans without roles keep the keys (and caches) made before roles existed.
+        if !plan.roles.is_empty() {
+            key.push_str(&format!(" roles={:?}", plan.roles));
+        }
+        key
     }
 
     pub fn plan(&self) -> &QuantPlan {

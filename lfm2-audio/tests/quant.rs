@@ -54,6 +54,7 @@ fn decode_ggml(format: Format, data: &[u8]) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| d * ((q & 15) as i32 - 8) as f32));
                 out.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
             }
+            _ => unreachable!("K-quants are tested in quant_k.rs"),
         }
     }
     out
@@ -196,6 +197,7 @@ fn round_trip_error_bounds() {
             let bound = match format {
                 Format::Q8_0 => amax / 127.0 * (0.5 + 127.0 / 2048.0),
                 Format::Q4_0 => amax / 8.0 * (1.0 + 8.0 / 2048.0),
+                _ => unreachable!("K-quants are tested in quant_k.rs"),
             } * 1.0001;
             for (&a, &b) in xb.iter().zip(qb) {
                 assert!(
@@ -208,6 +210,7 @@ fn round_trip_error_bounds() {
         let limit = match format {
             Format::Q8_0 => 0.01,
             Format::Q4_0 => 0.15,
+            _ => unreachable!("K-quants are tested in quant_k.rs"),
         };
         assert!(err < limit, "{format}: relative rms error {err}");
     }
@@ -292,6 +295,7 @@ fn check_products(rows: usize, cols: usize, t: usize, pool: &Threads, seed: u64)
         let limit = match format {
             Format::Q8_0 => 0.06,
             Format::Q4_0 => 0.2,
+            _ => unreachable!("K-quants are tested in quant_k.rs"),
         };
         assert!(err < limit, "{ctx}: relative error vs f32 weights {err}");
 

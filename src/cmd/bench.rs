@@ -504,7 +504,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // Agreement of quantized greedy decoding with f32.
     if args.agreement_steps > 0 && args.runtime.quant != Quant::F32 {
-        let (text, audio) = agreement(&model, &model_dir, args.agreement_steps)?;
+        let Agreement {
+            text,
+            audio,
+            logits_mean,
+            logits_max,
+            text_steps,
+        } = agreement(&model, &model_dir, args.agreement_steps)?;
+        rows.push(Row {
+            name: "text logits error vs f32",
+            value: logits_mean * 100.0,
+            unit: "%",
+            note: format!(
+                "mean over {text_steps} text steps of |logits - f32| / |f32 logits| (L2), max {:.2} %",
+                logits_max * 100.0
+            ),
+        });
         rows.push(Row {
             name: "top-1 agreement, text",
             value: text * 100.0,
@@ -593,7 +608,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// Greedy interleaved decoding of the f32 model, with the quantized model fed the same items
 /// (teacher forcing): the share of steps where the quantized model's own top-1 choice agrees,
 /// for text tokens and for audio codes (per codebook).
-fn agreement(quant: &Lfm2AudioModel, dir: &Path, steps: usize) -> anyhow::Result<(f64, f64)> {
+/// How closely a quantized model follows f32 (see [`agreement`]).
+struct Agreement {
+    /// Share of text steps whose top-1 token is f32's.
+    text: f64,
+    /// Share of audio codes that are f32's.
+    audio: f64,
+    /// Mean and largest relative L2 distance of the text logits from f32's.
+    logits_mean: f64,
+    logits_max: f64,
+    text_steps: usize,
+}
+
+fn agreement(quant: &Lfm2AudioModel, dir: &Path, steps: usize) -> anyhow::Result<Agreement> {
     let exact = RuntimeArgs {
         quant: Quant::F32,
         threads: None,
@@ -628,6 +655,7 @@ fn agreement(quant: &Lfm2AudioModel, dir: &Path, steps: usize) -> anyhow::Result
         ref_hidden,
     );
     let (mut text_same, mut text_n, mut codes_same, mut codes_n) = (0usize, 0usize, 0usize, 0usize);
+    let mut logit_errors = Vec::new();
     let mut greedy = Sampler::new(SamplingParams::GREEDY, 0);
     while let Some(token) = gen.next_item()? {
         match &token {
@@ -639,6 +667,19 @@ fn agreement(quant: &Lfm2AudioModel, dir: &Path, steps: usize) -> anyhow::Result
                     .to_vec1::<f32>()?;
                 text_same += usize::from(argmax(&logits) == *id);
                 text_n += 1;
+                if let Some(h) = gen.last_hidden() {
+                    let exact = exact
+                        .backbone
+                        .text_logits(&h.unsqueeze(0)?)?
+                        .squeeze(0)?
+                        .to_vec1::<f32>()?;
+                    let (mut d2, mut r2) = (0f64, 0f64);
+                    for (&a, &b) in logits.iter().zip(&exact) {
+                        d2 += (a as f64 - b as f64).powi(2);
+                        r2 += (b as f64).powi(2);
+                    }
+                    logit_errors.push((d2 / r2.max(f64::MIN_POSITIVE)).sqrt());
+                }
                 q_hidden = q_session.step_text(*id)?;
             }
             Token::Audio(frame) => {
@@ -662,5 +703,12 @@ fn agreement(quant: &Lfm2AudioModel, dir: &Path, steps: usize) -> anyhow::Result
             a as f64 / n as f64
         }
     };
-    Ok((ratio(text_same, text_n), ratio(codes_same, codes_n)))
+    let n = logit_errors.len();
+    Ok(Agreement {
+        text: ratio(text_same, text_n),
+        audio: ratio(codes_same, codes_n),
+        logits_mean: logit_errors.iter().sum::<f64>() / n.max(1) as f64,
+        logits_max: logit_errors.iter().copied().fold(0.0, f64::max),
+        text_steps: n,
+    })
 }

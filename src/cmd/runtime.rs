@@ -14,9 +14,58 @@ pub enum Quant {
     F32,
     /// 8-bit blocks (GGML Q8_0) for every large matrix.
     Q8,
+    /// GGML Q6_K (6.56 bits) for the decode weights, Q8_0 for the rest.
+    Q6k,
+    /// GGML Q4_K for the backbone's feed-forward maps; Q6_K for its attention and convolution
+    /// maps, the text head and the depthformer; Q8_0 for the rest (about 5 bits a weight).
+    Mixed,
+    /// GGML Q4_K (4.5 bits) for the decode weights, Q8_0 for the rest.
+    Q4k,
     /// 4-bit blocks (GGML Q4_0) for the decode weights, 8-bit for the encoder, detokenizer and
     /// embedding tables.
     Q4,
+}
+
+impl Quant {
+    /// Every preset, widest first, by the name `--quant` and the configuration file use.
+    pub const ALL: [(&'static str, Quant); 6] = [
+        ("f32", Quant::F32),
+        ("q8", Quant::Q8),
+        ("q6k", Quant::Q6k),
+        ("mixed", Quant::Mixed),
+        ("q4k", Quant::Q4k),
+        ("q4", Quant::Q4),
+    ];
+
+    /// The preset called `name`.
+    pub fn from_name(name: &str) -> Option<Quant> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|&(_, q)| q)
+    }
+
+    /// The storage plan of this preset on `threads`.
+    pub fn plan(self, threads: Arc<Threads>) -> QuantPlan {
+        use lfm2_audio::weights::DecodeRole::{Depth, Head, Operator};
+        match self {
+            Quant::F32 => QuantPlan {
+                threads: Some(threads),
+                ..QuantPlan::f32()
+            },
+            Quant::Q8 => QuantPlan::with_format(Format::Q8_0, threads),
+            Quant::Q6k => QuantPlan::with_format(Format::Q6_K, threads),
+            Quant::Mixed => QuantPlan::mixed(
+                Format::Q4_K,
+                &[
+                    (Operator, Format::Q6_K),
+                    (Head, Format::Q6_K),
+                    (Depth, Format::Q6_K),
+                ],
+                Format::Q8_0,
+                threads,
+            ),
+            Quant::Q4k => QuantPlan::with_format(Format::Q4_K, threads),
+            Quant::Q4 => QuantPlan::with_format(Format::Q4_0, threads),
+        }
+    }
 }
 
 /// Flags for loading a model.
@@ -53,14 +102,7 @@ impl RuntimeArgs {
     pub fn plan(&self) -> anyhow::Result<QuantPlan> {
         let threads = Threads::new(checked_threads(self.threads)?)?;
         let threads = Arc::new(threads);
-        Ok(match self.quant {
-            Quant::F32 => QuantPlan {
-                threads: Some(threads),
-                ..QuantPlan::f32()
-            },
-            Quant::Q8 => QuantPlan::with_format(Format::Q8_0, threads),
-            Quant::Q4 => QuantPlan::with_format(Format::Q4_0, threads),
-        })
+        Ok(self.quant.plan(threads))
     }
 
     /// Loads `dir` as these flags say.

@@ -121,11 +121,10 @@ pub(crate) fn load(args: &Args, cfg: &Config) -> anyhow::Result<Loaded> {
     let model_dir = cfg
         .model_dir()
         .map_or_else(crate::model_cache::default_model_dir, Ok)?;
-    let quant = args.quant.unwrap_or(match cfg.model.quant.as_str() {
-        "f32" => Quant::F32,
-        "q8" => Quant::Q8,
-        _ => Quant::Q4,
-    });
+    // The configuration was validated against the preset names.
+    let quant = args
+        .quant
+        .unwrap_or(Quant::from_name(&cfg.model.quant).unwrap_or(Quant::Q4));
     let threads = args
         .threads
         .or((cfg.model.threads > 0).then_some(cfg.model.threads));

@@ -22,6 +22,12 @@
 //! [`QMatrix::to_bytes`] / [`QMatrix::from_bytes`] wrap the GGML blocks in a 32-byte header
 //! for an on-disk cache; a truncated or inconsistent buffer is an error, never a panic.
 //!
+//! [`Format::Q4_K`] and [`Format::Q6_K`] are GGML's K-quant super-blocks of 256 values (see
+//! `kquants.rs`), byte-identical to ggml's reference quantizers as well and kept in memory in
+//! GGML's own layout. Their products quantize the activation to GGML's Q8_K (one scale per 256
+//! values) and compute each super-block's sums exactly in integers; the AVX2 and portable
+//! kernels give the same bits.
+//!
 //! In memory the same numbers are kept in an order the kernels read directly: each row is cut
 //! into groups of 16 blocks, the 4-byte pieces of the 16 blocks are interleaved so that 32-bit
 //! lane `i` of every 64-byte vector belongs to block `i`, and the scales sit in a separate array
@@ -107,12 +113,14 @@
 
 mod blocks;
 mod kernels;
+mod kquants;
 mod layout;
 mod roofline;
 mod threads;
 
 pub use blocks::BLOCK;
 pub use kernels::Kernel;
+pub use kquants::QK_K;
 pub use roofline::read_bandwidth;
 pub use threads::{Threads, DEFAULT_SPIN, MAX_THREADS};
 
@@ -122,7 +130,8 @@ use kernels::{ActView, OutView, WeightView};
 use layout::{AlignedBuf, ACT_GROUP, GROUP, GROUP_BLOCKS};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// A quantization format (GGML block layouts).
+/// A quantization format (GGML block layouts, named as GGML names them).
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Format {
     /// 32 values per block: f16 scale `d`, 32 x i8 `q`; value = `d * q`. 34 bytes per block.
@@ -130,6 +139,12 @@ pub enum Format {
     /// 32 values per block: f16 scale `d`, 16 bytes of nibbles (low nibbles are values 0..16,
     /// high nibbles 16..32); value = `d * (q - 8)`. 18 bytes per block.
     Q4_0,
+    /// 256 values per super-block: f16 `d` and `dmin`, 6-bit scales and mins of 8 sub-blocks
+    /// of 32, 128 bytes of nibbles; value = `d * sc * q - dmin * m`. 144 bytes (4.5 bits).
+    Q4_K,
+    /// 256 values per super-block: 6-bit levels (low nibbles and high 2-bit pairs), i8 scales
+    /// of 16 sub-blocks of 16, f16 `d`; value = `d * sc * (q - 32)`. 210 bytes (6.56 bits).
+    Q6_K,
 }
 
 impl Format {
@@ -138,7 +153,24 @@ impl Format {
         match self {
             Format::Q8_0 => 2 + BLOCK,
             Format::Q4_0 => 2 + BLOCK / 2,
+            Format::Q4_K => kquants::Q4K_BYTES,
+            Format::Q6_K => kquants::Q6K_BYTES,
         }
+    }
+
+    /// Values per block: 32, or 256 for the K-quant super-blocks. A row's length must be a
+    /// multiple of it.
+    pub fn block_values(self) -> usize {
+        if self.is_k() {
+            QK_K
+        } else {
+            BLOCK
+        }
+    }
+
+    /// Whether this is one of the K-quant super-block formats (Q4_K, Q6_K).
+    pub fn is_k(self) -> bool {
+        matches!(self, Format::Q4_K | Format::Q6_K)
     }
 
     /// GGML's `ggml_type` number (as written in GGUF files).
@@ -146,6 +178,8 @@ impl Format {
         match self {
             Format::Q8_0 => 8,
             Format::Q4_0 => 2,
+            Format::Q4_K => 12,
+            Format::Q6_K => 14,
         }
     }
 
@@ -154,27 +188,33 @@ impl Format {
         match t {
             8 => Some(Format::Q8_0),
             2 => Some(Format::Q4_0),
+            12 => Some(Format::Q4_K),
+            14 => Some(Format::Q6_K),
             _ => None,
         }
     }
 
-    /// Bits per weight, scales included (8.5 and 4.5).
+    /// Bits per weight, scales included (8.5, 4.5, 4.5 and 6.5625).
     pub fn bits_per_weight(self) -> f64 {
-        self.block_bytes() as f64 * 8.0 / BLOCK as f64
+        self.block_bytes() as f64 * 8.0 / self.block_values() as f64
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Format::Q8_0 => "Q8_0",
             Format::Q4_0 => "Q4_0",
+            Format::Q4_K => "Q4_K",
+            Format::Q6_K => "Q6_K",
         }
     }
 
-    /// Quant bytes per interleaved group of 16 blocks.
+    /// Quant bytes per interleaved group of 16 blocks (K-quants: per super-block, kept in
+    /// GGML's own layout).
     fn group_bytes(self) -> usize {
         match self {
             Format::Q8_0 => GROUP,
             Format::Q4_0 => GROUP / 2,
+            Format::Q4_K | Format::Q6_K => self.block_bytes(),
         }
     }
 }
@@ -227,13 +267,14 @@ fn invalid(msg: String) -> Error {
 }
 
 /// Checks a shape and returns the number of weights.
-fn check_shape(rows: usize, cols: usize) -> Result<usize> {
+fn check_shape(rows: usize, cols: usize, format: Format) -> Result<usize> {
     if rows == 0 || cols == 0 {
         return Err(invalid(format!("empty shape {rows}x{cols}")));
     }
-    if !cols.is_multiple_of(BLOCK) {
+    let block = format.block_values();
+    if !cols.is_multiple_of(block) {
         return Err(invalid(format!(
-            "cols = {cols} is not a multiple of the block size {BLOCK}"
+            "cols = {cols} is not a multiple of the {format} block size {block}"
         )));
     }
     let n = rows
@@ -246,8 +287,13 @@ fn check_shape(rows: usize, cols: usize) -> Result<usize> {
 impl QMatrix {
     /// An all-zero matrix in the interleaved layout (every quant the zero point).
     fn zeroed(rows: usize, cols: usize, format: Format) -> Result<Self> {
-        check_shape(rows, cols)?;
-        let groups = cols.div_ceil(GROUP);
+        check_shape(rows, cols, format)?;
+        // K-quants keep GGML's super-blocks as they are: a "group" is one super-block.
+        let groups = if format.is_k() {
+            cols / QK_K
+        } else {
+            cols.div_ceil(GROUP)
+        };
         // Padding to whole groups can make the layout larger than the values (16x for a single
         // block per row), so check again.
         let bytes = rows
@@ -265,14 +311,18 @@ impl QMatrix {
             format,
             groups,
             quants,
-            scales: vec![f16::ZERO; rows * groups * GROUP_BLOCKS],
+            scales: if format.is_k() {
+                Vec::new()
+            } else {
+                vec![f16::ZERO; rows * groups * GROUP_BLOCKS]
+            },
         })
     }
 
     /// Quantizes a row-major f32 matrix `w` (`rows * cols` values) exactly as GGML's reference
     /// quantizers do. `cols` must be a multiple of 32. Rows are quantized in parallel.
     pub fn quantize(w: &[f32], rows: usize, cols: usize, format: Format) -> Result<Self> {
-        let n = check_shape(rows, cols)?;
+        let n = check_shape(rows, cols, format)?;
         if w.len() != n {
             return Err(invalid(format!(
                 "{} values given for a {rows}x{cols} matrix",
@@ -280,6 +330,20 @@ impl QMatrix {
             )));
         }
         let mut m = Self::zeroed(rows, cols, format)?;
+        if format.is_k() {
+            let bb = format.block_bytes();
+            m.fill_rows(|r, qr, _| {
+                let wr = &w[r * cols..(r + 1) * cols];
+                for (x, out) in wr.chunks_exact(QK_K).zip(qr.chunks_exact_mut(bb)) {
+                    if format == Format::Q4_K {
+                        kquants::quantize_q4_k(x, out);
+                    } else {
+                        kquants::quantize_q6_k(x, out);
+                    }
+                }
+            });
+            return Ok(m);
+        }
         m.fill_rows(|r, qr, sr| {
             let wr = &w[r * cols..(r + 1) * cols];
             for (b, x) in wr.chunks_exact(BLOCK).enumerate() {
@@ -294,6 +358,7 @@ impl QMatrix {
                         let (d, q) = blocks::quantize_q4_0(&xb);
                         put_q4(qr, sr, b, d, &q);
                     }
+                    Format::Q4_K | Format::Q6_K => unreachable!("handled above"),
                 }
             }
         });
@@ -309,13 +374,15 @@ impl QMatrix {
         let f = &f;
         std::thread::scope(|scope| {
             let quants = self.quants.as_mut_slice().chunks_mut(per * row_bytes);
-            let scales = self.scales.chunks_mut(per * row_scales);
-            for (c, (q, s)) in quants.zip(scales).enumerate() {
+            // K-quant matrices have no separate scales (row_scales = 0).
+            let mut scales: &mut [f16] = &mut self.scales;
+            for (c, q) in quants.enumerate() {
+                let n = q.len() / row_bytes;
+                let (s, rest) = std::mem::take(&mut scales).split_at_mut(n * row_scales);
+                scales = rest;
                 scope.spawn(move || {
-                    let rows = q
-                        .chunks_exact_mut(row_bytes)
-                        .zip(s.chunks_exact_mut(row_scales));
-                    for (i, (qr, sr)) in rows.enumerate() {
+                    for (i, qr) in q.chunks_exact_mut(row_bytes).enumerate() {
+                        let sr = &mut s[i * row_scales..(i + 1) * row_scales];
                         f(c * per + i, qr, sr);
                     }
                 });
@@ -326,9 +393,9 @@ impl QMatrix {
     /// Builds a matrix from GGML blocks (`rows * cols / 32` blocks of [`Format::block_bytes`],
     /// row-major, as in a GGUF tensor).
     pub fn from_ggml(rows: usize, cols: usize, format: Format, data: &[u8]) -> Result<Self> {
-        let n = check_shape(rows, cols)?;
+        let n = check_shape(rows, cols, format)?;
         let bb = format.block_bytes();
-        let expected = n / BLOCK * bb;
+        let expected = n / format.block_values() * bb;
         if data.len() != expected {
             return Err(invalid(format!(
                 "{} bytes of {format} blocks given, a {rows}x{cols} matrix needs {expected}",
@@ -336,6 +403,10 @@ impl QMatrix {
             )));
         }
         let mut m = Self::zeroed(rows, cols, format)?;
+        if format.is_k() {
+            m.quants.as_mut_slice().copy_from_slice(data);
+            return Ok(m);
+        }
         let row_in = cols / BLOCK * bb;
         m.fill_rows(|r, qr, sr| {
             let src = &data[r * row_in..(r + 1) * row_in];
@@ -354,6 +425,7 @@ impl QMatrix {
                         q.copy_from_slice(&blk[2..]);
                         put_q4(qr, sr, b, d, &q);
                     }
+                    Format::Q4_K | Format::Q6_K => unreachable!("copied above"),
                 }
             }
         });
@@ -363,6 +435,9 @@ impl QMatrix {
     /// The matrix as GGML blocks (row-major, `rows * cols / 32` blocks), byte-identical to what
     /// llama.cpp stores for the same tensor and type.
     pub fn to_ggml(&self) -> Vec<u8> {
+        if self.format.is_k() {
+            return self.quants.as_slice().to_vec();
+        }
         let bb = self.format.block_bytes();
         let nb = self.cols / BLOCK;
         let mut out = Vec::with_capacity(self.rows * nb * bb);
@@ -394,6 +469,7 @@ impl QMatrix {
                     *o = q[layout::q4_offset(i, m)];
                 }
             }
+            Format::Q4_K | Format::Q6_K => unreachable!("K-quants are stored as GGML blocks"),
         }
         (self.scales[r * self.row_scales() + b], out)
     }
@@ -413,6 +489,18 @@ impl QMatrix {
                 self.cols
             )));
         }
+        if self.format.is_k() {
+            let bb = self.format.block_bytes();
+            let row = &self.quants.as_slice()[r * self.row_bytes()..(r + 1) * self.row_bytes()];
+            for (blk, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK_K)) {
+                if self.format == Format::Q4_K {
+                    kquants::dequantize_q4_k(blk, o);
+                } else {
+                    kquants::dequantize_q6_k(blk, o);
+                }
+            }
+            return Ok(());
+        }
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
             let (d, qs) = self.ggml_block(r, b);
             let d = d.to_f32();
@@ -428,6 +516,7 @@ impl QMatrix {
                         o[j + BLOCK / 2] = d * ((q >> 4) as i32 - 8) as f32;
                     }
                 }
+                Format::Q4_K | Format::Q6_K => unreachable!("handled above"),
             }
         }
         Ok(())
@@ -488,8 +577,8 @@ impl QMatrix {
         let too_large = || invalid("dimensions do not fit in memory".into());
         let rows = usize::try_from(u64_at(16)).map_err(|_| too_large())?;
         let cols = usize::try_from(u64_at(24)).map_err(|_| too_large())?;
-        let n = check_shape(rows, cols)?;
-        let payload = n / BLOCK * format.block_bytes();
+        let n = check_shape(rows, cols, format)?;
+        let payload = n / format.block_values() * format.block_bytes();
         let body = &bytes[HEADER_BYTES..];
         if body.len() != payload {
             return Err(invalid(format!(
@@ -514,7 +603,7 @@ impl QMatrix {
 
     /// Size of the weights in GGML's layout: what a product reads from memory.
     pub fn ggml_bytes(&self) -> usize {
-        self.rows * self.cols / BLOCK * self.format.block_bytes()
+        self.rows * self.cols / self.format.block_values() * self.format.block_bytes()
     }
 
     fn row_bytes(&self) -> usize {
@@ -522,7 +611,11 @@ impl QMatrix {
     }
 
     fn row_scales(&self) -> usize {
-        self.groups * GROUP_BLOCKS
+        if self.format.is_k() {
+            0
+        } else {
+            self.groups * GROUP_BLOCKS
+        }
     }
 
     fn view(&self) -> WeightView {
@@ -533,12 +626,27 @@ impl QMatrix {
             row_bytes: self.row_bytes(),
             row_scales: self.row_scales(),
             q4: self.format == Format::Q4_0,
+            format: self.format,
         }
     }
 
     /// Bytes of one quantized activation token for this matrix.
     fn act_stride(&self) -> usize {
-        self.groups * ACT_GROUP
+        if self.format.is_k() {
+            kquants::act_stride(self.cols)
+        } else {
+            self.groups * ACT_GROUP
+        }
+    }
+
+    /// Quantizes one token `x` for this matrix and kernel into `out` (`act_stride` bytes): per
+    /// block of 32 for Q8_0/Q4_0, GGML's Q8_K super-blocks for the K-quants.
+    fn quantize_token(&self, kernel: Kernel, x: &[f32], out: &mut [u8]) {
+        if self.format.is_k() {
+            kquants::quantize_act(x, out);
+        } else {
+            kernels::quantize_act(kernel, x, self.bias_mult(kernel), out);
+        }
     }
 
     /// `y = W x` for one token (`x`: `cols` values, `y`: `rows` values). `x` is quantized to
@@ -558,7 +666,7 @@ impl QMatrix {
         let stride = self.act_stride();
         let mut scratch = threads.lock();
         let act = scratch.act.ensure(stride);
-        kernels::quantize_act(kernel, x, self.bias_mult(kernel), act);
+        self.quantize_token(kernel, x, act);
         let act = ActView {
             ptr: act.as_ptr(),
             stride,
@@ -618,7 +726,7 @@ impl QMatrix {
         let stride = first.act_stride();
         let mut scratch = threads.lock();
         let act = scratch.act.ensure(stride);
-        kernels::quantize_act(kernel, x, first.bias_mult(kernel), act);
+        first.quantize_token(kernel, x, act);
         let act = ActView {
             ptr: act.as_ptr(),
             stride,
@@ -663,7 +771,6 @@ impl QMatrix {
             _ => {}
         }
         let kernel = threads.kernel();
-        let mult = self.bias_mult(kernel);
         let stride = self.act_stride();
         let total = t
             .checked_mul(stride)
@@ -674,7 +781,7 @@ impl QMatrix {
         // `stride`-byte slice of the scratch buffer is written by exactly one participant.
         if threads.len() == 1 || t < 8 {
             for (xj, aj) in x.chunks_exact(self.cols).zip(act.chunks_exact_mut(stride)) {
-                kernels::quantize_act(kernel, xj, mult, aj);
+                self.quantize_token(kernel, xj, aj);
             }
         } else {
             let ap = SyncPtr(act.as_mut_ptr());
@@ -689,7 +796,7 @@ impl QMatrix {
                     // participant that claimed j touches it, and the buffer outlives the job.
                     let aj =
                         unsafe { std::slice::from_raw_parts_mut(ap.get().add(j * stride), stride) };
-                    kernels::quantize_act(kernel, &x[j * self.cols..(j + 1) * self.cols], mult, aj);
+                    self.quantize_token(kernel, &x[j * self.cols..(j + 1) * self.cols], aj);
                 }
             });
         }

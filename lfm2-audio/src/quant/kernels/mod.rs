@@ -2,9 +2,13 @@
 //! quantization of activations they consume. All paths compute exactly the same integer block
 //! sums; they differ only in the order in which the scaled f32 partial sums are added.
 
+use super::kquants::{self, Act, QK_K};
 use super::layout::{ACT_BIAS, ACT_D, ACT_GROUP, ACT_Q, BLOCK, GROUP_BLOCKS};
+use super::Format;
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
+mod kx86;
 mod scalar;
 // The AVX-512 intrinsics and the `avxvnni` target feature are stable since Rust 1.89, newer
 // than the workspace's declared rust-version (1.85): building this module needs 1.89 or later.
@@ -91,6 +95,7 @@ pub(crate) struct WeightView {
     /// Scales per row (`groups * 16`).
     pub row_scales: usize,
     pub q4: bool,
+    pub format: Format,
 }
 
 /// The quantized activations of `t` tokens, `stride` bytes apart.
@@ -183,6 +188,10 @@ pub(crate) unsafe fn compute(
     r1: usize,
     y: OutView,
 ) {
+    if w.format.is_k() {
+        // SAFETY: forwarded from this function's contract.
+        return unsafe { compute_k(kernel, w, x, t, r0, r1, y) };
+    }
     match kernel {
         // SAFETY (all arms): forwarded from this function's contract.
         #[cfg(target_arch = "x86_64")]
@@ -192,5 +201,76 @@ pub(crate) unsafe fn compute(
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 => unsafe { x86::avx2::compute(w, x, t, r0, r1, y) },
         _ => unsafe { scalar::compute(w, x, t, r0, r1, y) },
+    }
+}
+
+/// Tokens per tile in the K-quant products: a tile's activations (up to 64 x 8.6 KiB) stay in
+/// L2 while each row's weights, read once per tile, stay in L1.
+const K_TOKEN_TILE: usize = 32;
+
+/// [`compute`] for the K-quant formats: rows in GGML's super-block layout, tokens in Q8_K.
+/// Every kernel that has AVX2 uses the AVX2 dot products; they give the same bits as the
+/// portable ones.
+///
+/// # Safety
+/// As for [`compute`]; `w.groups` is the number of super-blocks per row and `x` holds tokens
+/// quantized by `kquants::quantize_act`.
+unsafe fn compute_k(
+    kernel: Kernel,
+    w: &WeightView,
+    x: &ActView,
+    t: usize,
+    r0: usize,
+    r1: usize,
+    y: OutView,
+) {
+    let nb = w.groups;
+    let cols = nb * QK_K;
+    let q4k = w.format == Format::Q4_K;
+    #[cfg(target_arch = "x86_64")]
+    let simd = kernel != Kernel::Scalar;
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = {
+        let _ = kernel;
+        false
+    };
+    let mut j0 = 0;
+    while j0 < t {
+        let j1 = t.min(j0 + K_TOKEN_TILE);
+        for r in r0..r1 {
+            // SAFETY: row r exists (r < r1 <= rows) and is `row_bytes` long.
+            let row = unsafe { w.quants.add(r * w.row_bytes) };
+            for j in j0..j1 {
+                // SAFETY: token j exists and was quantized for `cols` values.
+                let act = unsafe { Act::at(x.ptr.add(j * x.stride), cols) };
+                let v = if simd {
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        // SAFETY: a non-scalar kernel was checked to be supported, and every
+                        // one of them implies AVX2 + FMA + F16C; the row and token are valid.
+                        unsafe {
+                            if q4k {
+                                kx86::dot_q4k(row, nb, &act)
+                            } else {
+                                kx86::dot_q6k(row, nb, &act)
+                            }
+                        }
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!()
+                } else {
+                    // SAFETY: the row is `row_bytes` long.
+                    let row = unsafe { std::slice::from_raw_parts(row, w.row_bytes) };
+                    if q4k {
+                        kquants::dot_q4k(row, &act)
+                    } else {
+                        kquants::dot_q6k(row, &act)
+                    }
+                };
+                // SAFETY: this thread owns row r of the output for every token.
+                unsafe { *y.ptr.add(j * y.stride + r) = v };
+            }
+        }
+        j0 = j1;
     }
 }
