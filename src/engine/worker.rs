@@ -13,15 +13,16 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Tensor;
 use codec::Detokenizer;
+use codec::{ReplyStream, StreamEvent};
 use crossbeam_channel::{Receiver, Sender};
 use dialog::reply::{ReplyItem, ReplyTracker};
 use dialog::tools::{self, ToolCall, ToolOutcome};
-use lfm2_audio::depthformer::{Frame, END_OF_AUDIO};
+use lfm2_audio::depthformer::Frame;
 use lfm2_audio::generate::{
-    asr_chat, generate_text, prefill_chat, GenerationMode, Generator, Token,
+    asr_chat, generate_text, is_audible, prefill_chat, Generation, GenerationMode, ReplyEnd, Token,
 };
 use lfm2_audio::model::Lfm2AudioModel;
-use lfm2_audio::prompt::{ChatState, Item};
+use lfm2_audio::prompt::{self, ChatState, Item};
 use lfm2_audio::sampling::{Sampler, SamplingParams};
 use lfm2_audio::session::Session;
 use lfm2_audio::tokenizer::TextStream;
@@ -111,7 +112,7 @@ fn token_parts(tokens: &[Token]) -> Vec<Part> {
 fn samples_of(tokens: &[Token]) -> u64 {
     tokens
         .iter()
-        .filter(|t| matches!(t, Token::Audio(f) if !f.contains(&END_OF_AUDIO)))
+        .filter(|t| matches!(t, Token::Audio(f) if is_audible(f)))
         .count() as u64
         * codec::SAMPLES_PER_FRAME as u64
 }
@@ -212,15 +213,16 @@ impl FairQueue {
 enum Ending {
     /// The model finished (or reached the step or context limit).
     Done,
-    /// Cancelled; `Some(samples)` heard, or `None` to keep everything generated.
-    Cancelled(Option<u64>),
+    /// Cancelled (what was heard, if the client said, is in the reply's cut).
+    Cancelled,
     /// Text output and the model wanted to speak: stopped before the audio.
     TextOnly,
 }
 
 pub(crate) struct Worker {
     model: Arc<Lfm2AudioModel>,
-    detok: Box<dyn Detokenizer>,
+    /// Audio decoders not in use by a reply.
+    detoks: Vec<Box<dyn Detokenizer>>,
     options: EngineOptions,
     convs: HashMap<u64, Conv>,
     forced: Option<String>,
@@ -247,7 +249,7 @@ impl Worker {
             .unwrap_or(MAX_TRANSCRIPT_TOKENS);
         Self {
             model,
-            detok,
+            detoks: vec![detok],
             options,
             convs: HashMap::new(),
             forced,
@@ -689,10 +691,7 @@ impl Worker {
         );
         let tok = &self.model.tokenizer;
         let text_turn = |role: &str, text: &str| -> anyhow::Result<Vec<u32>> {
-            let mut ids = tok.encode(&format!("<|im_start|>{role}\n"))?;
-            ids.extend(tok.encode(text)?);
-            ids.extend(tok.encode("<|im_end|>\n")?);
-            Ok(ids)
+            Ok(prompt::text_turn(tok, role, text)?)
         };
         let parts = match content {
             Content::UserAudio(audio) => {
@@ -702,9 +701,9 @@ impl Worker {
                     .embed(&audio)
                     .context("encoding the user's speech")?;
                 vec![
-                    Part::Text(tok.encode("<|im_start|>user\n")?),
+                    Part::Text(prompt::turn_start(tok, "user")?),
                     Part::AudioIn(emb),
-                    Part::Text(tok.encode("<|im_end|>\n")?),
+                    Part::Text(prompt::turn_end(tok)?),
                 ]
             }
             Content::UserText(text) => vec![Part::Text(text_turn("user", &text)?)],
@@ -1010,8 +1009,8 @@ impl Worker {
         }
     }
 
-    /// Generates one assistant turn. Returns the tool calls it made (each with its call id; a
-    /// malformed one as the parse error).
+    /// Generates one assistant turn, to its end. Returns the tool calls it made (each with its
+    /// call id; a malformed one as the parse error).
     fn reply(
         &mut self,
         conv: &mut Conv,
@@ -1021,12 +1020,40 @@ impl Worker {
         output: Output,
         started: Instant,
     ) -> anyhow::Result<Vec<(String, Result<ToolCall, String>)>> {
+        let Some(mut run) = self.begin_reply(conv, seq, response_id, item_id, output, started)?
+        else {
+            return Ok(Vec::new());
+        };
+        loop {
+            match self.step_reply(conv, &mut run) {
+                Ok(false) => {}
+                Ok(true) => break,
+                Err(e) => {
+                    self.recycle(run);
+                    return Err(e);
+                }
+            }
+        }
+        self.end_reply(conv, run)
+    }
+
+    /// Starts an assistant turn: its header (and any forced text) prefilled, and a stream ready
+    /// to step with [`Worker::step_reply`]. None when it was cancelled before it began (its
+    /// [`ConvEvent::ReplyDone`] is sent).
+    fn begin_reply(
+        &mut self,
+        conv: &mut Conv,
+        seq: u64,
+        response_id: &str,
+        item_id: &str,
+        output: Output,
+        started: Instant,
+    ) -> anyhow::Result<Option<ReplyRun>> {
         let model = Arc::clone(&self.model);
         let tok = &model.tokenizer;
         let special = tok.special();
-        if let Some(heard) = conv.cancel.check(seq) {
+        if conv.cancel.check(seq).is_some() {
             // Cancelled before it began: nothing was said.
-            let _ = heard;
             conv.emit(ConvEvent::ReplyDone {
                 response_id: response_id.to_owned(),
                 item_id: item_id.to_owned(),
@@ -1034,14 +1061,14 @@ impl Worker {
                 audio_samples: 0,
                 cancelled: true,
             });
-            return Ok(Vec::new());
+            return Ok(None);
         }
         anyhow::ensure!(
             conv.position_of(item_id).is_none(),
             "an item with id {item_id:?} is already in the conversation"
         );
-        let header = tok.encode("<|im_start|>assistant\n")?;
-        let footer = tok.encode("<|im_end|>\n")?;
+        let header = prompt::turn_start(tok, "assistant")?;
+        let footer = prompt::turn_end(tok)?;
         let reserve = (conv.setup.params.max_new_tokens + header.len() + footer.len())
             .min(self.context_limit() / 4);
         self.make_room(conv, reserve)?;
@@ -1065,67 +1092,20 @@ impl Worker {
         let call_start = (with_tools && call_start.len() == 1).then(|| call_start[0]);
 
         let start = conv.session.len();
+        let input = conv.session.items()[..start]
+            .iter()
+            .fold(Usage::default(), |mut u, item| {
+                match item {
+                    Item::Text(_) => u.input_text += 1,
+                    _ => u.input_audio += 1,
+                }
+                u
+            });
         let mut prompt = header.clone();
         prompt.extend(&forced);
         let hidden = conv.session.prefill_text(&prompt)?;
         let hidden = hidden.get(hidden.dim(0)? - 1)?;
         let reply_start = start + header.len();
-
-        let mut tokens: Vec<Token> = Vec::new();
-        let mut tracker = ReplyTracker::new(reply_start);
-        let mut stream = TextStream::new();
-        let mut pcm = Vec::with_capacity(codec::SAMPLES_PER_FRAME);
-        let mut samples: u64 = 0;
-        let mut in_call = false;
-        let mut call_done = false;
-        let mut first = true;
-        self.detok.reset();
-
-        let events = conv.events.clone();
-        let emit = |ev: ConvEvent| {
-            let _ = events.send(ev);
-        };
-        let mut on_text = |id: u32,
-                           tokens: &mut Vec<Token>,
-                           tracker: &mut ReplyTracker,
-                           first: &mut bool,
-                           in_call: &mut bool|
-         -> anyhow::Result<bool> {
-            if *first {
-                *first = false;
-                emit(ConvEvent::ReplyStarted {
-                    response_id: response_id.to_owned(),
-                    item_id: item_id.to_owned(),
-                    latency_ms: started.elapsed().as_secs_f64() * 1e3,
-                });
-            }
-            tokens.push(Token::Text(id));
-            tracker.push(ReplyItem::Text(id));
-            if Some(id) == call_start {
-                *in_call = true;
-            }
-            let ended = Some(id) == call_end;
-            if ended {
-                *in_call = false;
-            }
-            let shown = !*in_call && !ended;
-            if let Some(piece) = stream.push(tok, id)? {
-                let piece = strip_specials(&piece);
-                // A tool call's text is for the engine, not for the listener.
-                if shown && !piece.is_empty() {
-                    emit(ConvEvent::Text {
-                        response_id: response_id.to_owned(),
-                        piece,
-                    });
-                }
-            }
-            Ok(ended)
-        };
-        for &id in &forced {
-            if on_text(id, &mut tokens, &mut tracker, &mut first, &mut in_call)? {
-                call_done = true;
-            }
-        }
 
         let mode = match output {
             Output::Speech => GenerationMode::Interleaved {
@@ -1138,131 +1118,210 @@ impl Worker {
             seed: conv.setup.params.seed.wrapping_add(conv.replies),
             ..conv.setup.params
         };
-        let head = Arc::clone(&model.audio_head);
-        let mut ending = Ending::Done;
-        let mut cut = None;
-        let mut hit_limit = false;
-        let input = conv.session.items()[..start]
-            .iter()
-            .fold(Usage::default(), |mut u, item| {
-                match item {
-                    Item::Text(_) => u.input_text += 1,
-                    _ => u.input_audio += 1,
-                }
-                u
-            });
-        {
-            let mut gen = Generator::new(&mut conv.session, &head, special, mode, params, hidden);
-            if mode == GenerationMode::Sequential && forced.last() == Some(&special.audio_start) {
-                gen.continue_in_audio();
-            }
-            while !call_done {
-                if let Some(heard) = conv.cancel.check(seq) {
-                    ending = Ending::Cancelled(heard);
-                    if let Some(h) = heard {
-                        let c = tracker.cut(h);
-                        // The last item may not have run through the model yet; the cut may
-                        // need it.
-                        if c.position > gen.session().len() {
-                            gen.feed_pending()?;
-                        }
-                        cut = Some(c);
-                    } else {
-                        gen.feed_pending()?;
-                    }
-                    break;
-                }
-                let at_limit =
-                    gen.steps() >= params.max_new_tokens || gen.session().remaining() <= 1;
-                let Some(token) = gen.next_item()? else {
-                    hit_limit = at_limit;
-                    gen.feed_pending()?;
-                    break;
-                };
-                match token {
-                    Token::Text(id)
-                        if mode == GenerationMode::Sequential && id == special.im_end =>
-                    {
-                        // Sequential generation yields its stop token; the footer closes the turn.
-                        break;
-                    }
-                    Token::Text(id) if output == Output::Text && id == special.audio_start => {
-                        ending = Ending::TextOnly;
-                        break;
-                    }
-                    Token::Text(id) => {
-                        if on_text(id, &mut tokens, &mut tracker, &mut first, &mut in_call)? {
-                            gen.feed_pending()?;
-                            call_done = true;
-                        }
-                    }
-                    Token::Audio(frame) => {
-                        if first {
-                            first = false;
-                            emit(ConvEvent::ReplyStarted {
-                                response_id: response_id.to_owned(),
-                                item_id: item_id.to_owned(),
-                                latency_ms: started.elapsed().as_secs_f64() * 1e3,
-                            });
-                        }
-                        let audible = !frame.contains(&END_OF_AUDIO);
-                        tracker.push(ReplyItem::Frame { audible });
-                        // Speech of a tool call is not played.
-                        if audible && !in_call {
-                            let f: &codec::Frame = frame
-                                .as_slice()
-                                .try_into()
-                                .map_err(|_| anyhow::anyhow!("a frame of {} codes", frame.len()))?;
-                            pcm.clear();
-                            self.detok.push_into(f, &mut pcm)?;
-                            samples += pcm.len() as u64;
-                            emit(ConvEvent::Audio {
-                                response_id: response_id.to_owned(),
-                                samples: pcm.clone(),
-                            });
-                        }
-                        tokens.push(Token::Audio(frame));
-                    }
-                }
+        let mut generation =
+            Generation::new(Arc::clone(&model.audio_head), special, mode, params, hidden);
+        if mode == GenerationMode::Sequential && forced.last() == Some(&special.audio_start) {
+            generation.continue_in_audio();
+        }
+        let detok = self.detoks.pop();
+        anyhow::ensure!(detok.is_some(), "no audio decoder is free for this reply");
+        let mut run = ReplyRun {
+            seq,
+            response_id: response_id.to_owned(),
+            item_id: item_id.to_owned(),
+            output,
+            started,
+            header,
+            footer,
+            start,
+            reply_start,
+            with_tools,
+            call_start,
+            call_end,
+            input,
+            tokens: Vec::new(),
+            tracker: ReplyTracker::new(reply_start),
+            text: TextStream::new(),
+            samples: 0,
+            in_call: false,
+            call_done: false,
+            first: true,
+            ending: Ending::Done,
+            cut: None,
+            hit_limit: false,
+            stream: ReplyStream::new(generation, detok),
+        };
+        for &id in &forced {
+            if let Err(e) = self.on_text(conv, &mut run, id) {
+                self.recycle(run);
+                return Err(e);
             }
         }
+        Ok(Some(run))
+    }
+
+    /// Sends the reply's start event, once, before its first item.
+    fn started(conv: &Conv, run: &mut ReplyRun) {
+        if run.first {
+            run.first = false;
+            conv.emit(ConvEvent::ReplyStarted {
+                response_id: run.response_id.clone(),
+                item_id: run.item_id.clone(),
+                latency_ms: run.started.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+    }
+
+    /// A text token of the reply: recorded, and shown unless it belongs to a tool call.
+    fn on_text(&self, conv: &Conv, run: &mut ReplyRun, id: u32) -> anyhow::Result<()> {
+        Self::started(conv, run);
+        run.tokens.push(Token::Text(id));
+        run.tracker.push(ReplyItem::Text(id));
+        if Some(id) == run.call_start {
+            run.in_call = true;
+        }
+        let ended = Some(id) == run.call_end;
+        if ended {
+            run.in_call = false;
+            run.call_done = true;
+        }
+        // Speech of a tool call is not played.
+        run.stream.set_muted(run.in_call);
+        let shown = !run.in_call && !ended;
+        if let Some(piece) = run.text.push(&self.model.tokenizer, id)? {
+            let piece = strip_specials(&piece);
+            // A tool call's text is for the engine, not for the listener.
+            if shown && !piece.is_empty() {
+                conv.emit(ConvEvent::Text {
+                    response_id: run.response_id.clone(),
+                    piece,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of a reply: a cancellation handled, or one event of its stream (a token, a
+    /// frame, a frame's samples). True when the reply is over ([`Worker::end_reply`] next).
+    fn step_reply(&self, conv: &mut Conv, run: &mut ReplyRun) -> anyhow::Result<bool> {
+        if run.call_done {
+            // A tool call is complete: the reply ends after it, with what the decoder held.
+            run.stream.feed_pending(&mut conv.session)?;
+            let tail = run.stream.finish()?;
+            if !tail.is_empty() {
+                run.samples += tail.len() as u64;
+                conv.emit(ConvEvent::Audio {
+                    response_id: run.response_id.clone(),
+                    samples: tail.to_vec(),
+                });
+            }
+            return Ok(true);
+        }
+        if let Some(heard) = conv.cancel.check(run.seq) {
+            run.ending = Ending::Cancelled;
+            if let Some(h) = heard {
+                let c = run.tracker.cut(h);
+                // The last item may not have run through the model yet; the cut may need it.
+                if c.position > conv.session.len() {
+                    run.stream.feed_pending(&mut conv.session)?;
+                }
+                run.cut = Some(c);
+            } else {
+                run.stream.feed_pending(&mut conv.session)?;
+            }
+            return Ok(true);
+        }
+        let special = self.model.tokenizer.special();
+        match run.stream.next(&mut conv.session)? {
+            StreamEvent::End(end) => {
+                run.hit_limit = end != ReplyEnd::StopToken;
+                run.stream.feed_pending(&mut conv.session)?;
+                Ok(true)
+            }
+            // A sequential reply yields its stop token; the footer closes the turn.
+            StreamEvent::Text(id) if id == special.im_end => Ok(false),
+            StreamEvent::Text(id) if run.output == Output::Text && id == special.audio_start => {
+                // Text output and the model wants to speak: stop before the audio.
+                run.ending = Ending::TextOnly;
+                Ok(true)
+            }
+            StreamEvent::Text(id) => {
+                self.on_text(conv, run, id)?;
+                Ok(false)
+            }
+            StreamEvent::Frame { frame, audible } => {
+                Self::started(conv, run);
+                run.tracker.push(ReplyItem::Frame { audible });
+                run.tokens.push(Token::Audio(frame));
+                Ok(false)
+            }
+            StreamEvent::Pcm(pcm) => {
+                run.samples += pcm.len() as u64;
+                conv.emit(ConvEvent::Audio {
+                    response_id: run.response_id.clone(),
+                    samples: pcm.to_vec(),
+                });
+                Ok(false)
+            }
+        }
+    }
+
+    /// Gives the decoder of a reply that is over back to the pool.
+    fn recycle(&mut self, run: ReplyRun) {
+        if let Some(detok) = run.stream.into_detokenizer() {
+            self.detoks.push(detok);
+        }
+    }
+
+    /// Ends a reply: what stays in the conversation, its footer, the tool calls it made (each
+    /// with its call id; a malformed one as the parse error) and its closing events.
+    fn end_reply(
+        &mut self,
+        conv: &mut Conv,
+        run: ReplyRun,
+    ) -> anyhow::Result<Vec<(String, Result<ToolCall, String>)>> {
+        let ReplyRun {
+            seq,
+            response_id,
+            item_id,
+            header,
+            footer,
+            start,
+            reply_start,
+            with_tools,
+            input,
+            mut tokens,
+            samples,
+            ending,
+            cut,
+            hit_limit,
+            stream,
+            ..
+        } = run;
+        if let Some(detok) = stream.into_detokenizer() {
+            self.detoks.push(detok);
+        }
+        let tok = &self.model.tokenizer;
         let kept_samples = match (&ending, &cut) {
             (_, Some(c)) => {
                 tokens.truncate(c.position - reply_start);
                 conv.session.truncate_to(c.position)?;
                 c.frames as u64 * codec::SAMPLES_PER_FRAME as u64
             }
-            (Ending::Cancelled(None), None) => {
+            _ => {
                 // Everything generated stays; the positions fed are exactly the tokens.
                 let fed = conv.session.len() - reply_start;
                 tokens.truncate(fed);
                 samples
             }
-            _ => {
-                if matches!(ending, Ending::Done) {
-                    pcm.clear();
-                    self.detok.flush_into(&mut pcm)?;
-                    if !pcm.is_empty() {
-                        samples += pcm.len() as u64;
-                        conv.emit(ConvEvent::Audio {
-                            response_id: response_id.to_owned(),
-                            samples: pcm.clone(),
-                        });
-                    }
-                }
-                let fed = conv.session.len() - reply_start;
-                tokens.truncate(fed);
-                samples
-            }
         };
-        self.detok.reset();
-        let cancelled = matches!(ending, Ending::Cancelled(_));
+        let cancelled = matches!(ending, Ending::Cancelled);
         if cancelled && tokens.is_empty() {
             // Cancelled before anything was heard: the turn leaves no trace.
             conv.session.truncate_to(start)?;
             conv.emit(ConvEvent::ReplyDone {
-                response_id: response_id.to_owned(),
-                item_id: item_id.to_owned(),
+                response_id,
+                item_id,
                 text: String::new(),
                 audio_samples: 0,
                 cancelled,
@@ -1287,7 +1346,7 @@ impl Worker {
         };
         let text = text.trim().to_owned();
         conv.entries.push(Entry {
-            id: item_id.to_owned(),
+            id: item_id.clone(),
             start,
             len: conv.session.len() - start,
             body: Body::Reply {
@@ -1315,13 +1374,13 @@ impl Worker {
             let call_id = format!("call_{}_{}", seq, conv.calls);
             match &call {
                 Ok(c) => conv.emit(ConvEvent::ToolCall {
-                    response_id: response_id.to_owned(),
+                    response_id: response_id.clone(),
                     call_id: call_id.clone(),
                     name: c.name.clone(),
                     arguments: serde_json::Value::Object(c.arguments.clone()).to_string(),
                 }),
                 Err(e) => conv.emit(ConvEvent::Error {
-                    item_id: Some(item_id.to_owned()),
+                    item_id: Some(item_id.clone()),
                     message: format!("the model made a malformed tool call: {e}"),
                 }),
             }
@@ -1334,7 +1393,7 @@ impl Worker {
                 .filter(|t| matches!(t, Token::Audio(_)))
                 .count() as u64;
             conv.emit(ConvEvent::ReplyUsage {
-                response_id: response_id.to_owned(),
+                response_id: response_id.clone(),
                 usage: Usage {
                     output_text: tokens.len() as u64 - audio,
                     output_audio: audio,
@@ -1344,14 +1403,50 @@ impl Worker {
             });
         }
         conv.emit(ConvEvent::ReplyDone {
-            response_id: response_id.to_owned(),
-            item_id: item_id.to_owned(),
+            response_id,
+            item_id,
             text,
             audio_samples: kept_samples,
             cancelled,
         });
         Ok(out)
     }
+}
+
+/// A reply between two steps: what [`Worker::begin_reply`] set up and the steps so far.
+pub(crate) struct ReplyRun {
+    seq: u64,
+    response_id: String,
+    item_id: String,
+    output: Output,
+    started: Instant,
+    /// The turn's markers, `<|im_start|>assistant\n` and `<|im_end|>\n`.
+    header: Vec<u32>,
+    footer: Vec<u32>,
+    /// Where the turn starts in the session, and where its generated part starts.
+    start: usize,
+    reply_start: usize,
+    with_tools: bool,
+    call_start: Option<u32>,
+    call_end: Option<u32>,
+    /// What the context held when the reply began.
+    input: Usage,
+    /// What was generated (forced text included).
+    tokens: Vec<Token>,
+    tracker: ReplyTracker,
+    text: TextStream,
+    /// 24 kHz samples sent.
+    samples: u64,
+    /// Inside a tool call (its text is not shown, its speech not played).
+    in_call: bool,
+    /// A tool call is complete: the reply ends.
+    call_done: bool,
+    /// Nothing sent yet.
+    first: bool,
+    ending: Ending,
+    cut: Option<dialog::reply::Cut>,
+    hit_limit: bool,
+    stream: ReplyStream,
 }
 
 fn parts_len(parts: &[Part]) -> anyhow::Result<usize> {
@@ -1370,7 +1465,7 @@ fn reply_item(t: &Token) -> ReplyItem {
     match t {
         Token::Text(id) => ReplyItem::Text(*id),
         Token::Audio(f) => ReplyItem::Frame {
-            audible: !f.contains(&END_OF_AUDIO),
+            audible: is_audible(f),
         },
     }
 }
