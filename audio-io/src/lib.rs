@@ -17,6 +17,9 @@
 //! - [`Playback`]: a sink for 24 kHz mono audio (the codec's rate, [`PLAYBACK_SOURCE_RATE`]) that
 //!   counts what was really played: [`DevicePlayback`] (resampled to the device rate and channel
 //!   count), [`WavPlayback`] and [`MemoryPlayback`].
+//! - [`Player`]: the assistant's speaker: a queue in front of a playback, each reply held back
+//!   by the lead its predecessors needed ([`player::ReplyPacing`]), and every chunk written also
+//!   pushed to the echo canceller's reference: the rule every speaker writer must follow.
 //!
 //! - [`echo`]: keeping the assistant from hearing itself: an echo canceller on the 16 kHz
 //!   microphone signal with the played audio ([`echo::EchoReference`]) as reference, a gate that
@@ -37,6 +40,7 @@ mod file;
 mod listener;
 mod memory;
 mod playback;
+pub mod player;
 pub mod resample;
 pub mod rt;
 pub mod segment;
@@ -52,6 +56,7 @@ pub use file::{read_wav, write_wav, WavCapture, WavPlayback};
 pub use listener::{ListenEvent, Listener, ListenerConfig};
 pub use memory::{MemoryCapture, MemoryPlayback};
 pub use playback::Playback;
+pub use player::{Player, Speaker};
 pub use resample::StreamResampler;
 pub use rt::StreamStats;
 

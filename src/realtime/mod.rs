@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use audio_io::vad::VadAssets;
 
-use crate::daemon::serve::Args;
+use crate::daemon::setup::Args;
 
 /// The most input audio a session buffers before a commit: one append of the largest size the
 /// reference allows (15 MiB of pcm16, 327 s) fits.
@@ -51,17 +51,17 @@ pub fn run(
 ) -> anyhow::Result<()> {
     let api_key = args.api_key.clone().filter(|k| !k.is_empty());
     let addr = listen_address(listen, api_key.as_deref())?;
-    let cfg = crate::daemon::serve::configured(args)?;
+    let cfg = crate::daemon::setup::configured(args)?;
     let started = Instant::now();
-    let crate::daemon::serve::Loaded {
+    let crate::daemon::setup::Loaded {
         dir: model_dir,
         quant,
         model,
         detok,
-    } = crate::daemon::serve::load(args, &cfg)?;
+    } = crate::daemon::setup::load(args, &cfg)?;
     let model_ref = Arc::clone(&model);
     let (engine, engine_thread) =
-        crate::engine::spawn_with(model, detok, crate::daemon::serve::engine_options(&cfg))?;
+        crate::engine::spawn_with(model, detok, crate::daemon::setup::engine_options(&cfg))?;
     let shared = shared(
         &cfg,
         &model_dir,
@@ -95,7 +95,7 @@ pub(crate) fn shared(
     api_key: Option<String>,
     started: Instant,
 ) -> Arc<server::Shared> {
-    let params = crate::daemon::serve::sampling(cfg);
+    let params = crate::daemon::setup::sampling(cfg);
     let vad_assets = VadAssets::locate().map_err(|e| e.to_string());
     if let Err(e) = &vad_assets {
         eprintln!("warning: server VAD is off (sessions start with manual turn-taking): {e}");

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::daemon::serve::Args;
+use crate::daemon::setup::Args;
 
 /// The port Wyoming services use by convention for speech to text.
 pub const DEFAULT_PORT: u16 = 10300;
@@ -64,7 +64,7 @@ pub fn wanted(args: &Args) -> anyhow::Result<Option<String>> {
     if let Some(a) = &args.wyoming {
         return Ok(Some(a.clone()));
     }
-    let cfg = crate::daemon::serve::configured(args)?;
+    let cfg = crate::daemon::setup::configured(args)?;
     Ok((!cfg.wyoming.address.trim().is_empty()).then(|| cfg.wyoming.address.clone()))
 }
 
@@ -81,19 +81,19 @@ pub fn run(
     let realtime_addr = listen
         .map(|l| crate::realtime::listen_address(l, api_key.as_deref()))
         .transpose()?;
-    let cfg = crate::daemon::serve::configured(args)?;
+    let cfg = crate::daemon::setup::configured(args)?;
     if !addr.ip().is_loopback() {
         eprintln!(
             "warning: the Wyoming server at tcp://{addr} is reachable from other machines; the Wyoming protocol has no authentication, so anyone who can reach it can use the model"
         );
     }
     let started = Instant::now();
-    let crate::daemon::serve::Loaded {
+    let crate::daemon::setup::Loaded {
         dir: model_dir,
         quant,
         model,
         detok,
-    } = crate::daemon::serve::load(args, &cfg)?;
+    } = crate::daemon::setup::load(args, &cfg)?;
     let voices = crate::voices::all(None)?;
     let default_voice = if voices.iter().any(|v| v.name == cfg.assistant.voice) {
         cfg.assistant.voice.clone()
@@ -114,20 +114,15 @@ pub fn run(
         default_voice,
         max_tool_rounds: cfg.assistant.max_tool_rounds,
     };
-    let mut tools = if cfg.assistant.builtin_tools {
-        dialog::tools::built_in()
-    } else {
-        Vec::new()
-    };
-    tools.extend(cfg.tools.iter().cloned());
+    let tools = crate::daemon::setup::tools(&cfg);
     let model_ref = Arc::clone(&model);
     let (engine, engine_thread) =
-        crate::engine::spawn_with(model, detok, crate::daemon::serve::engine_options(&cfg))?;
+        crate::engine::spawn_with(model, detok, crate::daemon::setup::engine_options(&cfg))?;
     let shared = Arc::new(server::Shared::new(
         engine.clone(),
         offer,
         voices,
-        crate::daemon::serve::sampling(&cfg),
+        crate::daemon::setup::sampling(&cfg),
         cfg.wyoming.system_prompt.clone(),
         tools,
         server::Limits::default(),
