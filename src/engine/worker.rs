@@ -194,10 +194,22 @@ impl FairQueue {
     }
 
     pub(crate) fn pop(&mut self) -> Option<Job> {
+        self.pop_where(|_, _| true)
+    }
+
+    /// The next job, from the first conversation in turn whose next job `runnable` accepts
+    /// (given the conversation and the job); conversations passed over keep their turn.
+    pub(crate) fn pop_where(&mut self, runnable: impl Fn(u64, &Job) -> bool) -> Option<Job> {
         if let Some(job) = self.urgent.pop_front() {
             return Some(job);
         }
-        let conv = self.turns.pop_front()?;
+        let i = self.turns.iter().position(|c| {
+            self.by_conv
+                .get(c)
+                .and_then(|q| q.front())
+                .is_some_and(|job| runnable(*c, job))
+        })?;
+        let conv = self.turns.remove(i)?;
         let q = self.by_conv.get_mut(&conv)?;
         let job = q.pop_front();
         if q.is_empty() {
@@ -207,6 +219,13 @@ impl FairQueue {
         }
         job
     }
+}
+
+/// Replies generated at once (one step of each in turn).
+pub(crate) const IN_FLIGHT: usize = 2;
+
+fn is_response(job: &Job) -> bool {
+    matches!(job, Job::Respond { .. } | Job::RespondApart { .. })
 }
 
 /// How a reply ended.
@@ -221,8 +240,10 @@ enum Ending {
 
 pub(crate) struct Worker {
     model: Arc<Lfm2AudioModel>,
-    /// Audio decoders not in use by a reply.
+    /// Audio decoders not in use by a reply, and the one they are forked from (each reply in
+    /// progress decodes with a stream of its own).
     detoks: Vec<Box<dyn Detokenizer>>,
+    template: Box<dyn Detokenizer>,
     options: EngineOptions,
     convs: HashMap<u64, Conv>,
     forced: Option<String>,
@@ -249,7 +270,8 @@ impl Worker {
             .unwrap_or(MAX_TRANSCRIPT_TOKENS);
         Self {
             model,
-            detoks: vec![detok],
+            detoks: Vec::new(),
+            template: detok,
             options,
             convs: HashMap::new(),
             forced,
@@ -260,60 +282,100 @@ impl Worker {
     }
 
     pub(crate) fn run(&mut self, jobs: Receiver<Job>) {
-        // Conversations are served in turn (`FairQueue`). Background transcriptions wait until
-        // nothing else is queued, and give way within one token to any job that arrives
-        // meanwhile (then start again later): the words of a turn that are only for the record
-        // must never hold up a reply.
+        // Conversations are served in turn (`FairQueue`), and up to `IN_FLIGHT` replies are
+        // generated at once, one step of each in turn: a reply asked for while others are in
+        // progress starts as soon as one of them is over. Between two rounds of steps, one job
+        // of another conversation runs (an item to prefill, a transcription). Background
+        // transcriptions wait until nothing else is queued or in progress, and give way within
+        // one token to any job that arrives meanwhile (then start again later): the words of a
+        // turn that are only for the record must never hold up a reply.
         let mut queue = FairQueue::default();
         let mut deferred: std::collections::VecDeque<Job> = Default::default();
+        let mut active: Vec<Active> = Vec::new();
+        let mut hung_up = false;
         loop {
-            loop {
+            while !hung_up {
                 match jobs.try_recv() {
                     Ok(job) => queue.push(job),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        if queue.is_empty() {
-                            return;
-                        }
-                        break;
-                    }
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => hung_up = true,
                 }
             }
-            if queue.is_empty() {
-                if let Some(job) = deferred.pop_front() {
-                    if let Some(job) = self.transcribe_unless(job, &jobs) {
-                        deferred.push_front(job);
-                    }
-                    continue;
-                }
-                match jobs.recv() {
-                    Ok(job) => queue.push(job),
-                    Err(_) => break,
-                }
+            if hung_up && queue.is_empty() && active.is_empty() {
+                break;
             }
-            let Some(job) = queue.pop() else { continue };
+            // A conversation's jobs run in order: none starts while it has a reply in progress.
+            let room = active.len() < IN_FLIGHT;
+            let job = queue.pop_where(|conv, job| {
+                !active.iter().any(|a| a.conv == conv) && (room || !is_response(job))
+            });
             match job {
-                Job::Shutdown => break,
-                job @ Job::Transcribe {
-                    background: true, ..
-                } => deferred.push_back(job),
-                Job::Open {
+                Some(Job::Shutdown) => break,
+                Some(
+                    job @ Job::Transcribe {
+                        background: true, ..
+                    },
+                ) => deferred.push_back(job),
+                Some(Job::Open {
                     conv,
                     setup,
                     events,
                     cancel,
                     done,
-                } => {
+                }) => {
                     let r = self.open(setup, events, cancel).map(|c| {
                         self.convs.insert(conv, c);
                     });
                     let _ = done.send(r);
                 }
-                Job::Close { conv } => {
+                Some(Job::Close { conv }) => {
                     self.convs.remove(&conv);
+                    let (gone, kept) = std::mem::take(&mut active)
+                        .into_iter()
+                        .partition(|a| a.conv == conv);
+                    active = kept;
+                    for a in gone {
+                        self.retire(a);
+                    }
                 }
-                job => self.conversation_job(job),
+                Some(job @ (Job::Respond { .. } | Job::RespondApart { .. })) => {
+                    if let Some(a) = self.start_response(job) {
+                        active.push(a);
+                    }
+                }
+                Some(job) => self.conversation_job(job),
+                None if active.is_empty() => {
+                    // Nothing queued and nothing in progress.
+                    if let Some(job) = deferred.pop_front() {
+                        if let Some(job) = self.transcribe_unless(job, &jobs) {
+                            deferred.push_front(job);
+                        }
+                        continue;
+                    }
+                    if hung_up {
+                        break;
+                    }
+                    match jobs.recv() {
+                        Ok(job) => queue.push(job),
+                        Err(_) => hung_up = true,
+                    }
+                    continue;
+                }
+                None => {}
             }
+            // One step of each reply in progress, in turn.
+            let mut i = 0;
+            while i < active.len() {
+                if self.step_active(&mut active[i]) {
+                    let a = active.remove(i);
+                    self.retire(a);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for a in active {
+            self.retire(a);
         }
     }
 
@@ -352,6 +414,12 @@ impl Worker {
                 None
             }
         }
+    }
+
+    /// A conversation of the engine, by id.
+    #[cfg(test)]
+    pub(crate) fn conversation(&self, id: u64) -> Option<&Conv> {
+        self.convs.get(&id)
     }
 
     /// Teacher-forces `text` at the start of the first reply of conversations with tools (the
@@ -414,31 +482,6 @@ impl Worker {
                 }
                 r
             }
-            Job::Respond { seq, respond, .. } => match conv.failed_add.take() {
-                Some(failed) => {
-                    conv.emit(ConvEvent::Error {
-                        item_id: Some(respond.item_id.clone()),
-                        message: format!(
-                            "item {failed:?} could not be added to the conversation (see the error before); no reply is made without it"
-                        ),
-                    });
-                    conv.emit(ConvEvent::ReplyDone {
-                        response_id: respond.response_id,
-                        item_id: respond.item_id,
-                        text: String::new(),
-                        audio_samples: 0,
-                        cancelled: false,
-                    });
-                    Ok(())
-                }
-                None => self.respond(&mut conv, seq, respond),
-            },
-            Job::RespondApart {
-                seq,
-                respond,
-                input,
-                ..
-            } => self.respond_apart(&mut conv, seq, respond, input),
             Job::Truncate {
                 item_id,
                 audio_samples,
@@ -451,7 +494,12 @@ impl Worker {
                 stream,
                 ..
             } => self.transcribe(&conv, item_id, &audio, stream),
-            Job::Open { .. } | Job::Close { .. } | Job::Shutdown => Ok(()),
+            // Responses are started by `start_response` and stepped by the run loop.
+            Job::Respond { .. }
+            | Job::RespondApart { .. }
+            | Job::Open { .. }
+            | Job::Close { .. }
+            | Job::Shutdown => Ok(()),
         };
         if let Err(e) = result {
             self.fail(&mut conv, item_id, e);
@@ -641,14 +689,34 @@ impl Worker {
         respond: Respond,
         input: Option<Vec<(String, Content)>>,
     ) -> anyhow::Result<()> {
+        let Some(mut active) = self.start_apart(conv, 0, seq, respond, input)? else {
+            return Ok(());
+        };
+        while !self.step_in(conv, &mut active) {}
+        Ok(())
+    }
+
+    /// Sets up an out-of-band response of `conv` (whose id is `id`); None when it is already
+    /// over (its input could not be added: reported).
+    fn start_apart(
+        &mut self,
+        conv: &mut Conv,
+        id: u64,
+        seq: u64,
+        respond: Respond,
+        input: Option<Vec<(String, Content)>>,
+    ) -> anyhow::Result<Option<Active>> {
         let Some(input) = input else {
             // To the conversation as it is: the reply is made in it, then cut off again (the
             // positions before it are untouched).
-            let (len, entries) = (conv.session.len(), conv.entries.len());
-            self.respond(conv, seq, respond)?;
-            conv.entries.truncate(entries);
-            conv.session.truncate_to(len)?;
-            return Ok(());
+            return Ok(Some(Active {
+                conv: id,
+                place: Place::Restore {
+                    len: conv.session.len(),
+                    entries: conv.entries.len(),
+                },
+                responding: Responding::new(conv, seq, respond),
+            }));
         };
         let mut apart = self.open(
             conv.setup.clone(),
@@ -671,10 +739,102 @@ impl Worker {
                     audio_samples: 0,
                     cancelled: false,
                 });
-                return Ok(());
+                return Ok(None);
             }
         }
-        self.respond(&mut apart, seq, respond)
+        Ok(Some(Active {
+            conv: id,
+            responding: Responding::new(&apart, seq, respond),
+            place: Place::Apart(Box::new(apart)),
+        }))
+    }
+
+    /// One step of a response of `conv` (see [`Worker::respond_step`]); true when it is over.
+    fn step_in(&mut self, conv: &mut Conv, active: &mut Active) -> bool {
+        let done = match &mut active.place {
+            Place::Apart(apart) => self.respond_step(apart, &mut active.responding),
+            _ => self.respond_step(conv, &mut active.responding),
+        };
+        if done {
+            if let Place::Restore { len, entries } = active.place {
+                conv.entries.truncate(entries);
+                if let Err(e) = conv.session.truncate_to(len) {
+                    self.fail(conv, None, e.into());
+                }
+            }
+        }
+        done
+    }
+
+    /// One step of a response in the engine's conversations; true when it is over (or its
+    /// conversation was closed).
+    fn step_active(&mut self, active: &mut Active) -> bool {
+        let Some(mut conv) = self.convs.remove(&active.conv) else {
+            return true;
+        };
+        let done = self.step_in(&mut conv, active);
+        self.convs.insert(active.conv, conv);
+        done
+    }
+
+    /// Drops a response (over, or of a closed conversation), keeping its audio decoder.
+    fn retire(&mut self, active: Active) {
+        if let Some(run) = active.responding.run {
+            self.recycle(run);
+        }
+    }
+
+    /// Starts a response job: the reply's first step is left to [`Worker::step_active`].
+    /// None when there is nothing to generate (the job was answered at once).
+    fn start_response(&mut self, job: Job) -> Option<Active> {
+        let (id, item_id) = match &job {
+            Job::Respond { conv, respond, .. } | Job::RespondApart { conv, respond, .. } => {
+                (*conv, respond.item_id.clone())
+            }
+            _ => return None,
+        };
+        // A job of a closed conversation has nobody to report to.
+        let mut conv = self.convs.remove(&id)?;
+        let active = match job {
+            Job::Respond { seq, respond, .. } => match conv.failed_add.take() {
+                Some(failed) => {
+                    conv.emit(ConvEvent::Error {
+                        item_id: Some(respond.item_id.clone()),
+                        message: format!(
+                            "item {failed:?} could not be added to the conversation (see the error before); no reply is made without it"
+                        ),
+                    });
+                    conv.emit(ConvEvent::ReplyDone {
+                        response_id: respond.response_id,
+                        item_id: respond.item_id,
+                        text: String::new(),
+                        audio_samples: 0,
+                        cancelled: false,
+                    });
+                    None
+                }
+                None => Some(Active {
+                    conv: id,
+                    place: Place::Conversation,
+                    responding: Responding::new(&conv, seq, respond),
+                }),
+            },
+            Job::RespondApart {
+                seq,
+                respond,
+                input,
+                ..
+            } => match self.start_apart(&mut conv, id, seq, respond, input) {
+                Ok(active) => active,
+                Err(e) => {
+                    self.fail(&mut conv, Some(item_id), e);
+                    None
+                }
+            },
+            _ => None,
+        };
+        self.convs.insert(id, conv);
+        active
     }
 
     /// Puts an item at `place` and prefills it (and what follows it).
@@ -924,75 +1084,111 @@ impl Worker {
         seq: u64,
         req: Respond,
     ) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let output = req.output.unwrap_or(conv.setup.output);
-        let mut round = 0;
-        let mut item_id = req.item_id.clone();
-        loop {
-            // Every reply ends with ReplyDone, a failed one too, so that clients waiting for
-            // the end of a response are never left hanging.
-            let closing = |conv: &Conv, item_id: &str| {
-                conv.emit(ConvEvent::ReplyDone {
-                    response_id: req.response_id.clone(),
-                    item_id: item_id.to_owned(),
-                    text: String::new(),
-                    audio_samples: 0,
-                    cancelled: false,
-                })
-            };
-            let calls = match self.reply(conv, seq, &req.response_id, &item_id, output, started) {
-                Ok(calls) => calls,
+        let mut r = Responding::new(conv, seq, req);
+        while !self.respond_step(conv, &mut r) {}
+        Ok(())
+    }
+
+    /// One step of a [`Responding`]: the start of a reply, one step of it, or its end (with
+    /// the tools it called run, when the engine runs them). True when the whole response is
+    /// over; it always ends with a [`ConvEvent::ReplyDone`].
+    pub(crate) fn respond_step(&mut self, conv: &mut Conv, r: &mut Responding) -> bool {
+        // Every reply ends with ReplyDone, a failed one too, so that clients waiting for the
+        // end of a response are never left hanging.
+        let closing = |w: &Self, conv: &mut Conv, item_id: &str, e: anyhow::Error| {
+            // The error first: it says why the reply is empty.
+            w.fail(conv, Some(item_id.to_owned()), e);
+            conv.emit(ConvEvent::ReplyDone {
+                response_id: r.req.response_id.clone(),
+                item_id: item_id.to_owned(),
+                text: String::new(),
+                audio_samples: 0,
+                cancelled: false,
+            });
+        };
+        let Some(run) = r.run.as_mut() else {
+            let begun = self.begin_reply(
+                conv,
+                r.seq,
+                &r.req.response_id,
+                &r.item_id,
+                r.output,
+                r.started,
+            );
+            return match begun {
+                Ok(Some(run)) => {
+                    r.run = Some(run);
+                    false
+                }
+                Ok(None) => true,
                 Err(e) => {
-                    // The error first: it says why the reply is empty.
-                    self.fail(conv, Some(item_id.clone()), e);
-                    closing(conv, &item_id);
-                    return Ok(());
+                    closing(self, conv, &r.item_id, e);
+                    true
                 }
             };
-            if calls.is_empty() {
-                return Ok(());
-            }
-            let ToolPolicy::Run { max_rounds } = conv.setup.tool_policy else {
-                return Ok(());
-            };
-            if round >= max_rounds {
-                conv.emit(ConvEvent::Error {
-                    item_id: Some(item_id),
-                    message: format!(
-                        "the model called tools again after {max_rounds} rounds; not run"
-                    ),
-                });
-                return Ok(());
-            }
-            round += 1;
-            for (call_id, call) in calls {
-                let outcome = match call {
-                    Ok(call) => self.run_tool(conv, &call),
-                    Err(e) => ToolOutcome::Failed(e),
-                };
-                let ok = matches!(outcome, ToolOutcome::Ok(_));
-                let output = outcome.as_result_text();
-                conv.emit(ConvEvent::ToolResult {
-                    response_id: req.response_id.clone(),
-                    call_id: call_id.clone(),
-                    output: output.clone(),
-                    ok,
-                });
-                if let Err(e) = self.add(
-                    conv,
-                    format!("{item_id}-result-{call_id}"),
-                    Content::ToolResult { call_id, output },
-                ) {
-                    self.fail(conv, Some(item_id.clone()), e);
-                    closing(conv, &item_id);
-                    return Ok(());
+        };
+        match self.step_reply(conv, run) {
+            Ok(false) => return false,
+            Ok(true) => {}
+            Err(e) => {
+                if let Some(run) = r.run.take() {
+                    self.recycle(run);
                 }
+                closing(self, conv, &r.item_id, e);
+                return true;
             }
-            if conv.cancel.check(seq).is_some() {
-                return Ok(());
-            }
-            item_id = format!("{}-{round}", req.item_id);
         }
+        let Some(run) = r.run.take() else {
+            return true;
+        };
+        let calls = match self.end_reply(conv, run) {
+            Ok(calls) => calls,
+            Err(e) => {
+                closing(self, conv, &r.item_id, e);
+                return true;
+            }
+        };
+        if calls.is_empty() {
+            return true;
+        }
+        let ToolPolicy::Run { max_rounds } = conv.setup.tool_policy else {
+            return true;
+        };
+        if r.round >= max_rounds {
+            conv.emit(ConvEvent::Error {
+                item_id: Some(r.item_id.clone()),
+                message: format!("the model called tools again after {max_rounds} rounds; not run"),
+            });
+            return true;
+        }
+        r.round += 1;
+        for (call_id, call) in calls {
+            let outcome = match call {
+                Ok(call) => self.run_tool(conv, &call),
+                Err(e) => ToolOutcome::Failed(e),
+            };
+            let ok = matches!(outcome, ToolOutcome::Ok(_));
+            let output = outcome.as_result_text();
+            conv.emit(ConvEvent::ToolResult {
+                response_id: r.req.response_id.clone(),
+                call_id: call_id.clone(),
+                output: output.clone(),
+                ok,
+            });
+            if let Err(e) = self.add(
+                conv,
+                format!("{}-result-{call_id}", r.item_id),
+                Content::ToolResult { call_id, output },
+            ) {
+                closing(self, conv, &r.item_id, e);
+                return true;
+            }
+        }
+        if conv.cancel.check(r.seq).is_some() {
+            return true;
+        }
+        r.item_id = format!("{}-{}", r.req.item_id, r.round);
+        false
     }
 
     fn run_tool(&self, conv: &Conv, call: &ToolCall) -> ToolOutcome {
@@ -1007,34 +1203,6 @@ impl Worker {
         } else {
             tools::run_command(spec, call)
         }
-    }
-
-    /// Generates one assistant turn, to its end. Returns the tool calls it made (each with its
-    /// call id; a malformed one as the parse error).
-    fn reply(
-        &mut self,
-        conv: &mut Conv,
-        seq: u64,
-        response_id: &str,
-        item_id: &str,
-        output: Output,
-        started: Instant,
-    ) -> anyhow::Result<Vec<(String, Result<ToolCall, String>)>> {
-        let Some(mut run) = self.begin_reply(conv, seq, response_id, item_id, output, started)?
-        else {
-            return Ok(Vec::new());
-        };
-        loop {
-            match self.step_reply(conv, &mut run) {
-                Ok(false) => {}
-                Ok(true) => break,
-                Err(e) => {
-                    self.recycle(run);
-                    return Err(e);
-                }
-            }
-        }
-        self.end_reply(conv, run)
     }
 
     /// Starts an assistant turn: its header (and any forced text) prefilled, and a stream ready
@@ -1123,8 +1291,10 @@ impl Worker {
         if mode == GenerationMode::Sequential && forced.last() == Some(&special.audio_start) {
             generation.continue_in_audio();
         }
-        let detok = self.detoks.pop();
-        anyhow::ensure!(detok.is_some(), "no audio decoder is free for this reply");
+        let detok = match self.detoks.pop() {
+            Some(d) => d,
+            None => self.template.fork()?,
+        };
         let mut run = ReplyRun {
             seq,
             response_id: response_id.to_owned(),
@@ -1149,7 +1319,7 @@ impl Worker {
             ending: Ending::Done,
             cut: None,
             hit_limit: false,
-            stream: ReplyStream::new(generation, detok),
+            stream: ReplyStream::new(generation, Some(detok)),
         };
         for &id in &forced {
             if let Err(e) = self.on_text(conv, &mut run, id) {
@@ -1410,6 +1580,51 @@ impl Worker {
             cancelled,
         });
         Ok(out)
+    }
+}
+
+/// Where a response's reply is made.
+pub(crate) enum Place {
+    /// In its conversation, where it stays.
+    Conversation,
+    /// In its conversation, cut off again when it is over (back to this many positions and
+    /// entries): an out-of-band reply to the conversation as it is.
+    Restore { len: usize, entries: usize },
+    /// In a conversation of its own: an out-of-band reply to items of its own.
+    Apart(Box<Conv>),
+}
+
+/// A response in progress in the engine.
+pub(crate) struct Active {
+    conv: u64,
+    place: Place,
+    responding: Responding,
+}
+
+/// A response being made, between two steps: the reply in progress and the tool rounds so far.
+pub(crate) struct Responding {
+    seq: u64,
+    req: Respond,
+    output: Output,
+    started: Instant,
+    /// Tool rounds run so far, and the item id of the reply of this round.
+    round: usize,
+    item_id: String,
+    /// The reply in progress (None before each round's reply begins).
+    run: Option<ReplyRun>,
+}
+
+impl Responding {
+    pub(crate) fn new(conv: &Conv, seq: u64, req: Respond) -> Self {
+        Self {
+            seq,
+            output: req.output.unwrap_or(conv.setup.output),
+            started: Instant::now(),
+            round: 0,
+            item_id: req.item_id.clone(),
+            req,
+            run: None,
+        }
     }
 }
 
