@@ -8,9 +8,10 @@
 //! instructions replaced, the oldest turns dropped when the context is full), and then the
 //! history from the first changed item on is prefilled again, once.
 //!
-//! Jobs of all conversations go through one queue, so at most one reply is being generated at a
-//! time; a reply can be cancelled between two decode steps ([`Conversation::cancel`] does not
-//! wait for the queue).
+//! Jobs of all conversations go through one queue, taken in turn. Up to two replies are generated
+//! at once, one step of each in turn (each in its own session, with its own audio decoder), so a
+//! reply asked for while two are in progress waits for one of them at most. A reply can be
+//! cancelled between two steps ([`Conversation::cancel`] does not wait for the queue).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
