@@ -9,6 +9,7 @@ mod daemon;
 mod engine;
 mod model_cache;
 mod realtime;
+mod serve;
 mod voices;
 mod wyoming;
 
@@ -56,7 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::SynthModel(args) => cmd::synth_model::run(args),
         Command::FetchModel(args) => cmd::fetch::run(args),
         Command::Bench(args) => cmd::bench::run(args),
-        Command::Serve(args) => daemon::serve::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Speak(args) => cmd::speak::run(args),
         Command::Devices(args) => cmd::devices::run(args),

@@ -54,10 +54,8 @@ impl ReplyStream {
     /// The next event of the reply: at most one backbone step (a text token or a frame), or
     /// one frame's decoding, or the decoder's flush at the end.
     pub fn next(&mut self, session: &mut Session) -> Result<StreamEvent<'_>> {
-        if self.sink.undecoded.is_some() {
-            if self.sink.decode()? {
-                return Ok(StreamEvent::Pcm(&self.sink.pcm));
-            }
+        if self.sink.undecoded.is_some() && self.sink.decode()? {
+            return Ok(StreamEvent::Pcm(&self.sink.pcm));
         }
         if self.end.is_none() {
             match self.generation.next_item(session)? {

@@ -1,10 +1,19 @@
-//! The conversation layer of lfm2d: turn-taking, barge-in, conversation history and its
-//! truncation to what was actually played, tool calls, and the modes (assistant, transcribe,
-//! translate, speak).
+//! The dialog layer of lfm2d, free of I/O: what a conversation with the engine is made of, and
+//! the state machines that decide what happens in it.
 //!
-//! Not for: running the model or the sound card; it drives them through the engine and audio-io.
+//! - [`conversation`]: the vocabulary the engine executes: items, replies, cancel and truncate,
+//!   tool policy, usage, the conversation's events, and calls as data ([`conversation::Call`]);
+//! - [`assistant`]: the dialog manager of a spoken conversation: turn-taking, barge-in (what was
+//!   heard, where to cut), tool rounds and the items of the conversation;
+//! - [`turn`]: turn-taking as a state machine (listening, the user speaking, responding);
+//! - [`reply`]: a reply position by position, to keep exactly what was heard when it is cut;
+//! - [`tools`]: the tools the model may call: their specs, the call format, running them.
+//!
+//! Not for: running the model, threads or the sound card; the engine (in the `lfm2d` binary) and
+//! `audio-io` do that, driven by these state machines.
 
-pub mod tools;
-
+pub mod assistant;
+pub mod conversation;
 pub mod reply;
+pub mod tools;
 pub mod turn;

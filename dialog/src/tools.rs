@@ -532,6 +532,23 @@ pub fn run_command(spec: &ToolSpec, call: &ToolCall) -> ToolOutcome {
     }
 }
 
+/// Runs a call of one of `tools`: the built-in ones here, the others' commands. `on_timer` is
+/// called with the label of a timer the built-in `set_timer` set, when it runs out.
+pub fn run(
+    tools: &[ToolSpec],
+    call: &ToolCall,
+    on_timer: impl FnOnce(String) + Send + 'static,
+) -> ToolOutcome {
+    let Some(spec) = tools.iter().find(|t| t.name == call.name) else {
+        return ToolOutcome::Failed(format!("there is no tool named {:?}", call.name));
+    };
+    if spec.command.is_empty() {
+        run_built_in(call, on_timer)
+    } else {
+        run_command(spec, call)
+    }
+}
+
 /// Runs a built-in tool (see [`built_in`]). `on_timer` is called with the timer's label when a
 /// timer set with `set_timer` runs out (from a thread of its own).
 pub fn run_built_in(

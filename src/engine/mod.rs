@@ -11,7 +11,12 @@
 //! Jobs of all conversations go through one queue, taken in turn. Up to two replies are generated
 //! at once, one step of each in turn (each in its own session, with its own audio decoder), so a
 //! reply asked for while two are in progress waits for one of them at most. A reply can be
-//! cancelled between two steps ([`Conversation::cancel`] does not wait for the queue).
+//! cancelled between two steps ([`Conversation::cancel`] does not wait for the queue). Tool commands the engine runs ([`ToolPolicy::Run`]) run on threads of
+//! their own: while one conversation waits for a slow tool, the others are served; its own later
+//! jobs wait, in order, until its response has gone on.
+//!
+//! The vocabulary (items, replies, events, tool policy) is the `dialog` crate's
+//! ([`dialog::conversation`]), re-exported here; [`Setup`] adds what only the model knows.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,27 +25,9 @@ use crossbeam_channel::{Receiver, Sender};
 use dialog::tools::ToolSpec;
 use lfm2_audio::generate::GenerationParams;
 
-/// What a reply is made of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    /// Interleaved text and speech (the model's assistant mode).
-    Speech,
-    /// Text only.
-    Text,
-    /// The text first, then its speech (the model's sequential mode, used for text to speech).
-    Tts,
-}
-
-/// Who runs the tools the model calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ToolPolicy {
-    /// The engine runs them (configured commands and built-ins), feeds the results back as a
-    /// `tool` turn and lets the model answer, up to `max_rounds` times per reply.
-    Run { max_rounds: usize },
-    /// The engine reports each call ([`ConvEvent::ToolCall`]) and ends the reply; the client
-    /// answers with a [`Content::ToolResult`] item and asks for a new reply.
-    Report,
-}
+pub use dialog::conversation::{
+    Call, Content, ConvEvent, Output, Placement, Respond, ToolPolicy, Usage,
+};
 
 /// How a conversation behaves.
 #[derive(Debug, Clone)]
@@ -51,144 +38,6 @@ pub struct Setup {
     pub tool_policy: ToolPolicy,
     pub params: GenerationParams,
     pub output: Output,
-}
-
-/// An item of the conversation.
-#[derive(Debug, Clone)]
-pub enum Content {
-    /// A user turn of 16 kHz mono speech.
-    UserAudio(Vec<f32>),
-    /// A user turn of text.
-    UserText(String),
-    /// An assistant turn of text (written by the client, not generated).
-    AssistantText(String),
-    /// A system turn in the conversation (after the instructions' own).
-    SystemText(String),
-    /// The result of a tool call, as a `tool` turn.
-    ToolResult { call_id: String, output: String },
-}
-
-/// Where an item goes in the conversation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Placement {
-    /// After the last item.
-    End,
-    /// Before the first item (right after the instructions).
-    Start,
-    /// Right after the item with this id.
-    After(String),
-}
-
-/// A request for a reply.
-#[derive(Debug, Clone)]
-pub struct Respond {
-    /// Names the reply in the events.
-    pub response_id: String,
-    /// The id the reply's item gets in the conversation (for later truncation or deletion).
-    pub item_id: String,
-    /// Overrides the conversation's output for this reply.
-    pub output: Option<Output>,
-}
-
-/// What happens in a conversation.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ConvEvent {
-    /// An item is in the conversation (prefilled).
-    Added {
-        item_id: String,
-    },
-    /// A reply has begun; `latency_ms` is the time from the job's start to its first item.
-    ReplyStarted {
-        response_id: String,
-        item_id: String,
-        latency_ms: f64,
-    },
-    /// Readable text of the reply as it grows.
-    Text {
-        response_id: String,
-        piece: String,
-    },
-    /// 24 kHz samples of the reply's speech.
-    Audio {
-        response_id: String,
-        samples: Vec<f32>,
-    },
-    /// The model called a tool. With [`ToolPolicy::Run`] a [`ConvEvent::ToolResult`] follows.
-    ToolCall {
-        response_id: String,
-        call_id: String,
-        name: String,
-        /// The arguments as a JSON object.
-        arguments: String,
-    },
-    /// The engine ran a tool (with [`ToolPolicy::Run`]); `output` went back to the model.
-    ToolResult {
-        response_id: String,
-        call_id: String,
-        output: String,
-        ok: bool,
-    },
-    /// What the reply used (sent just before its [`ConvEvent::ReplyDone`]); `hit_limit` when
-    /// the reply was cut by `max_new_tokens` or by the end of the context.
-    ReplyUsage {
-        response_id: String,
-        usage: Usage,
-        hit_limit: bool,
-    },
-    /// The reply is over: what stays in the conversation. `audio_samples` counts the 24 kHz
-    /// samples kept (all generated ones, or what was heard when cancelled with a count).
-    ReplyDone {
-        response_id: String,
-        item_id: String,
-        text: String,
-        audio_samples: u64,
-        cancelled: bool,
-    },
-    /// An assistant item was cut to `audio_samples` of its speech (and the text before it).
-    Truncated {
-        item_id: String,
-        audio_samples: u64,
-        text: String,
-    },
-    Deleted {
-        item_id: String,
-    },
-    /// A piece of a transcript as it is decoded (only with
-    /// [`Conversation::transcribe_streaming`]); the pieces come before the [`Transcript`].
-    ///
-    /// [`Transcript`]: ConvEvent::Transcript
-    TranscriptDelta {
-        item_id: String,
-        text: String,
-    },
-    /// The transcript of a user audio item (asked for with [`Conversation::transcribe`]).
-    Transcript {
-        item_id: String,
-        text: String,
-    },
-    /// A timer set with the built-in `set_timer` tool has run out.
-    TimerFired {
-        label: String,
-    },
-    /// The oldest items were dropped to make room (the context was full).
-    Trimmed {
-        item_ids: Vec<String>,
-    },
-    /// A job failed; the conversation is as it was before the job.
-    Error {
-        item_id: Option<String>,
-        message: String,
-    },
-}
-
-/// Positions of a reply: the input is what the context held when it began, the output what it
-/// generated; audio counts one position per input-audio embedding or generated frame.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub input_text: u64,
-    pub input_audio: u64,
-    pub output_text: u64,
-    pub output_audio: u64,
 }
 
 /// Cancellation of replies, shared by a conversation's handle and the engine thread. Replies are
@@ -338,6 +187,30 @@ impl Conversation {
         let _ = self.jobs.send(job);
     }
 
+    /// Makes a call given as data (see [`Call`]).
+    pub fn apply(&self, call: Call<Setup>) {
+        match call {
+            Call::Configure(setup) => self.configure(setup),
+            Call::Add {
+                item_id,
+                content,
+                place,
+            } => self.insert(item_id, content, place),
+            Call::Respond(r) => self.respond(r),
+            Call::RespondApart { respond, input } => self.respond_apart(respond, input),
+            Call::Cancel { heard } => self.cancel(heard),
+            Call::Truncate {
+                item_id,
+                audio_samples,
+            } => self.truncate(item_id, audio_samples),
+            Call::Delete { item_id } => self.delete(item_id),
+            Call::Transcribe { item_id, audio } => self.transcribe(item_id, audio),
+            Call::TranscribeWhenIdle { item_id, audio } => {
+                self.transcribe_when_idle(item_id, audio)
+            }
+        }
+    }
+
     /// Replaces the instructions, tools, sampling or output (the history is prefilled again
     /// after the new system turn).
     pub fn configure(&self, setup: Setup) {
@@ -469,8 +342,14 @@ pub fn spawn_with(
     detok: Box<dyn codec::Detokenizer>,
     options: EngineOptions,
 ) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    spawn(worker::Worker::new(model, detok, options))
+}
+
+/// Starts the engine thread on `worker`.
+fn spawn(
+    mut worker: worker::Worker,
+) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (jobs, rx) = crossbeam_channel::unbounded();
-    let mut worker = worker::Worker::new(model, detok, options);
     let thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || worker.run(rx))?;

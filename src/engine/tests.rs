@@ -1025,6 +1025,84 @@ fn tool_call_tokens_without_tools_are_text() {
     assert!(streamed.contains("get_current_time("), "{streamed:?}");
 }
 
+/// Tool commands run off the engine thread: while one conversation's tool sleeps, another
+/// conversation's reply is generated and completes; the first goes on once its tool is back.
+#[test]
+fn a_slow_tool_never_stalls_another_conversation() {
+    let model = model();
+    let mut w = worker(&model, EngineOptions::default());
+    w.force_reply("<|tool_call_start|>[nap()]<|tool_call_end|>");
+    let (engine, thread) = super::spawn(w).unwrap();
+    let mut slow = setup(12);
+    slow.output = Output::Text;
+    slow.tools = vec![dialog::tools::ToolSpec {
+        name: "nap".into(),
+        description: "Sleeps a while.".into(),
+        parameters: serde_json::json!({"type": "object", "properties": {}}),
+        command: vec!["sh".into(), "-c".into(), "sleep 2; echo rested".into()],
+        timeout_secs: 30.0,
+    }];
+    slow.tool_policy = ToolPolicy::Run { max_rounds: 1 };
+    let a = engine.open(slow).unwrap();
+    let mut quick = setup(4);
+    quick.output = Output::Text;
+    let b = engine.open(quick).unwrap();
+    let ask = |c: &Conversation, id: &str| {
+        c.add(format!("{id}-u"), Content::UserText("Hello.".into()));
+        c.respond(Respond {
+            response_id: id.into(),
+            item_id: id.into(),
+            output: None,
+        });
+    };
+    let recv = |c: &Conversation| c.events().recv_timeout(Duration::from_secs(60)).unwrap();
+    ask(&a, "a");
+    // The call is made; the tool is running now.
+    loop {
+        match recv(&a) {
+            ConvEvent::ToolCall { name, .. } => {
+                assert_eq!(name, "nap");
+                break;
+            }
+            ConvEvent::Error { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    ask(&b, "b");
+    loop {
+        match recv(&b) {
+            ConvEvent::ReplyDone { cancelled, .. } => {
+                assert!(!cancelled);
+                break;
+            }
+            ConvEvent::Error { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    let so_far: Vec<ConvEvent> = a.events().try_iter().collect();
+    assert!(
+        !so_far
+            .iter()
+            .any(|e| matches!(e, ConvEvent::ToolResult { .. })),
+        "the other conversation's reply waited for the tool: {so_far:?}"
+    );
+    // The tool's result comes back and the response goes on to its answer.
+    let mut result = None;
+    loop {
+        match recv(&a) {
+            ConvEvent::ToolResult { output, ok, .. } => result = Some((output, ok)),
+            ConvEvent::ReplyDone { item_id, .. } if item_id == "a-1" => break,
+            ConvEvent::Error { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    assert_eq!(result, Some(("rested".to_string(), true)));
+    drop(a);
+    drop(b);
+    engine.shutdown();
+    thread.join().unwrap();
+}
+
 /// Three conversations ask for a reply at once. Two replies are generated at a time, a step of
 /// each in turn, so the second starts before the first is over and the third waits for one
 /// reply only (the shorter of the two in progress), not for both. Each reply, its speech

@@ -6,7 +6,7 @@
 //! truncating an entry, dropping the oldest turns, new instructions) truncates the session at the
 //! first changed entry and prefills everything after it in one batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -193,8 +193,16 @@ impl FairQueue {
         q.push_back(job);
     }
 
+    #[cfg(test)]
     pub(crate) fn pop(&mut self) -> Option<Job> {
-        self.pop_where(|_, _| true)
+        self.pop_unless(&HashSet::new())
+    }
+
+    /// The next job, passing over the conversations in `held` (their jobs keep their order and
+    /// wait until they are not held any more).
+    #[cfg(test)]
+    pub(crate) fn pop_unless(&mut self, held: &HashSet<u64>) -> Option<Job> {
+        self.pop_where(|conv, _| !held.contains(&conv))
     }
 
     /// The next job, from the first conversation in turn whose next job `runnable` accepts
@@ -203,13 +211,13 @@ impl FairQueue {
         if let Some(job) = self.urgent.pop_front() {
             return Some(job);
         }
-        let i = self.turns.iter().position(|c| {
+        let at = self.turns.iter().position(|c| {
             self.by_conv
                 .get(c)
                 .and_then(|q| q.front())
                 .is_some_and(|job| runnable(*c, job))
         })?;
-        let conv = self.turns.remove(i)?;
+        let conv = self.turns.remove(at)?;
         let q = self.by_conv.get_mut(&conv)?;
         let job = q.pop_front();
         if q.is_empty() {
@@ -219,13 +227,6 @@ impl FairQueue {
         }
         job
     }
-}
-
-/// Replies generated at once (one step of each in turn).
-pub(crate) const IN_FLIGHT: usize = 2;
-
-fn is_response(job: &Job) -> bool {
-    matches!(job, Job::Respond { .. } | Job::RespondApart { .. })
 }
 
 /// How a reply ended.
@@ -251,6 +252,105 @@ pub(crate) struct Worker {
     max_transcript_tokens: usize,
     /// The forced text applies to conversations without tools too (tests only).
     force_without_tools: bool,
+    /// Tool commands run on threads of their own (a slow tool never stalls another
+    /// conversation); their results come back here. A conversation waiting for its tools is
+    /// held: its later jobs wait, in order, until the response has gone on.
+    tools_done: (Sender<ToolsDone>, Receiver<ToolsDone>),
+    held: HashSet<u64>,
+    /// The responses whose replies are in progress (at most `IN_FLIGHT` at once, but for one
+    /// going on after its tools), stepped in turn.
+    active: Vec<Active>,
+}
+
+/// Replies generated at once (one step of each in turn).
+pub(crate) const IN_FLIGHT: usize = 2;
+
+fn is_response(job: &Job) -> bool {
+    matches!(job, Job::Respond { .. } | Job::RespondApart { .. })
+}
+
+/// Where a response's reply is made.
+pub(crate) enum Place {
+    /// In its conversation, where it stays.
+    Conversation,
+    /// In its conversation, cut off again when it is over (back to this many positions and
+    /// entries): an out-of-band reply to the conversation as it is.
+    Restore { len: usize, entries: usize },
+    /// In a conversation of its own: an out-of-band reply to items of its own.
+    Apart(Box<Conv>),
+}
+
+/// A response in progress on the engine thread.
+pub(crate) struct Active {
+    conv: u64,
+    place: Place,
+    round: Round,
+    /// The round's reply (None before it begins).
+    run: Option<ReplyRun>,
+}
+
+/// What a step of a response led to.
+enum Step {
+    Going,
+    Done,
+    /// Tools to run before the response goes on.
+    Tools(ToolRun),
+}
+
+/// A response between its rounds: what the next round needs.
+#[derive(Clone)]
+pub(crate) struct Round {
+    seq: u64,
+    req: Respond,
+    output: Output,
+    started: Instant,
+    /// Rounds of tool calls so far, and the item of the round in progress.
+    number: usize,
+    item_id: String,
+}
+
+/// Tool calls of a round, to run before the response goes on.
+pub(crate) struct ToolRun {
+    round: Round,
+    calls: Vec<(String, Result<ToolCall, String>)>,
+    tools: Vec<dialog::tools::ToolSpec>,
+    events: Sender<ConvEvent>,
+}
+
+impl ToolRun {
+    /// Runs the calls, in order (on whatever thread calls this).
+    fn run(self) -> (Round, Vec<(String, ToolOutcome)>) {
+        let results = self
+            .calls
+            .into_iter()
+            .map(|(call_id, call)| {
+                let outcome = match call {
+                    Ok(call) => run_tool(&self.tools, &self.events, &call),
+                    Err(e) => ToolOutcome::Failed(e),
+                };
+                (call_id, outcome)
+            })
+            .collect();
+        (self.round, results)
+    }
+}
+
+/// The results of a conversation's tool calls, back from their thread.
+pub(crate) struct ToolsDone {
+    conv: u64,
+    round: Round,
+    results: Vec<(String, ToolOutcome)>,
+}
+
+fn run_tool(
+    tools: &[dialog::tools::ToolSpec],
+    events: &Sender<ConvEvent>,
+    call: &ToolCall,
+) -> ToolOutcome {
+    let events = events.clone();
+    tools::run(tools, call, move |label| {
+        let _ = events.send(ConvEvent::TimerFired { label });
+    })
 }
 
 impl Worker {
@@ -278,6 +378,9 @@ impl Worker {
             forced_tts,
             max_transcript_tokens,
             force_without_tools: false,
+            tools_done: crossbeam_channel::unbounded(),
+            held: HashSet::new(),
+            active: Vec::new(),
         }
     }
 
@@ -285,30 +388,39 @@ impl Worker {
         // Conversations are served in turn (`FairQueue`), and up to `IN_FLIGHT` replies are
         // generated at once, one step of each in turn: a reply asked for while others are in
         // progress starts as soon as one of them is over. Between two rounds of steps, one job
-        // of another conversation runs (an item to prefill, a transcription). Background
-        // transcriptions wait until nothing else is queued or in progress, and give way within
-        // one token to any job that arrives meanwhile (then start again later): the words of a
-        // turn that are only for the record must never hold up a reply.
+        // of another conversation runs (an item to prefill, a transcription). A conversation
+        // with a reply in progress or tools running is passed over (its jobs keep their order).
+        // Background transcriptions wait until nothing else is queued or in progress, and give
+        // way within one token to any job that arrives meanwhile (then start again later): the
+        // words of a turn that are only for the record must never hold up a reply.
         let mut queue = FairQueue::default();
         let mut deferred: std::collections::VecDeque<Job> = Default::default();
-        let mut active: Vec<Active> = Vec::new();
-        let mut hung_up = false;
+        let tools_done = self.tools_done.1.clone();
+        let mut open = true;
         loop {
-            while !hung_up {
+            while open {
                 match jobs.try_recv() {
                     Ok(job) => queue.push(job),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => hung_up = true,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => open = false,
                 }
             }
-            if hung_up && queue.is_empty() && active.is_empty() {
+            while let Ok(done) = tools_done.try_recv() {
+                self.tools_finished(done);
+            }
+            if !open && queue.is_empty() && self.active.is_empty() {
+                // Every handle is gone (and with them every conversation).
                 break;
             }
-            // A conversation's jobs run in order: none starts while it has a reply in progress.
-            let room = active.len() < IN_FLIGHT;
-            let job = queue.pop_where(|conv, job| {
-                !active.iter().any(|a| a.conv == conv) && (room || !is_response(job))
-            });
+            let room = self.active.len() < IN_FLIGHT;
+            let busy: HashSet<u64> = self
+                .held
+                .iter()
+                .copied()
+                .chain(self.active.iter().map(|a| a.conv))
+                .collect();
+            let job =
+                queue.pop_where(|conv, job| !busy.contains(&conv) && (room || !is_response(job)));
             match job {
                 Some(Job::Shutdown) => break,
                 Some(
@@ -330,34 +442,42 @@ impl Worker {
                 }
                 Some(Job::Close { conv }) => {
                     self.convs.remove(&conv);
-                    let (gone, kept) = std::mem::take(&mut active)
+                    self.held.remove(&conv);
+                    let (gone, kept) = std::mem::take(&mut self.active)
                         .into_iter()
                         .partition(|a| a.conv == conv);
-                    active = kept;
+                    self.active = kept;
                     for a in gone {
                         self.retire(a);
                     }
                 }
                 Some(job @ (Job::Respond { .. } | Job::RespondApart { .. })) => {
-                    if let Some(a) = self.start_response(job) {
-                        active.push(a);
-                    }
+                    self.start_active(job)
                 }
                 Some(job) => self.conversation_job(job),
-                None if active.is_empty() => {
-                    // Nothing queued and nothing in progress.
+                None if self.active.is_empty() => {
+                    // Nothing to run and no reply in progress.
                     if let Some(job) = deferred.pop_front() {
                         if let Some(job) = self.transcribe_unless(job, &jobs) {
                             deferred.push_front(job);
                         }
                         continue;
                     }
-                    if hung_up {
-                        break;
-                    }
-                    match jobs.recv() {
-                        Ok(job) => queue.push(job),
-                        Err(_) => hung_up = true,
+                    let incoming = if open {
+                        jobs.clone()
+                    } else {
+                        crossbeam_channel::never()
+                    };
+                    crossbeam_channel::select! {
+                        recv(incoming) -> job => match job {
+                            Ok(job) => queue.push(job),
+                            Err(_) => open = false,
+                        },
+                        recv(tools_done) -> done => {
+                            if let Ok(done) = done {
+                                self.tools_finished(done);
+                            }
+                        }
                     }
                     continue;
                 }
@@ -365,17 +485,282 @@ impl Worker {
             }
             // One step of each reply in progress, in turn.
             let mut i = 0;
-            while i < active.len() {
-                if self.step_active(&mut active[i]) {
-                    let a = active.remove(i);
-                    self.retire(a);
-                } else {
-                    i += 1;
+            while i < self.active.len() {
+                let mut a = self.active.swap_remove(i);
+                match self.step_active(&mut a) {
+                    Step::Going => {
+                        // Back in its place: the order of turns is kept.
+                        self.active.push(a);
+                        let last = self.active.len() - 1;
+                        self.active.swap(i, last);
+                        i += 1;
+                    }
+                    Step::Done => self.retire(a),
+                    Step::Tools(run) => {
+                        let conv = a.conv;
+                        self.retire(a);
+                        self.start_tools(conv, run);
+                    }
                 }
             }
         }
-        for a in active {
+        for a in std::mem::take(&mut self.active) {
             self.retire(a);
+        }
+    }
+
+    /// Runs a round's tool calls on a thread of their own; the conversation is held until
+    /// [`Worker::tools_finished`] takes the results.
+    fn start_tools(&mut self, conv: u64, run: ToolRun) {
+        let done = self.tools_done.0.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tool".into())
+            .spawn(move || {
+                let (round, results) = run.run();
+                let _ = done.send(ToolsDone {
+                    conv,
+                    round,
+                    results,
+                });
+            });
+        match spawned {
+            Ok(_) => {
+                self.held.insert(conv);
+            }
+            Err(e) => {
+                // No thread: the response ends with the reason rather than stalling the engine.
+                if let Some(c) = self.convs.get(&conv) {
+                    c.emit(ConvEvent::Error {
+                        item_id: None,
+                        message: format!("could not start a thread for the tool calls: {e}"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// A conversation's tool results are back: its response goes on (and its jobs with it), its
+    /// next reply stepped among the others.
+    fn tools_finished(&mut self, done: ToolsDone) {
+        self.held.remove(&done.conv);
+        // A closed conversation has nobody to report to.
+        let Some(mut conv) = self.convs.remove(&done.conv) else {
+            return;
+        };
+        let next = self.add_results(&mut conv, done.round, done.results);
+        self.convs.insert(done.conv, conv);
+        if let Some(round) = next {
+            self.active.push(Active {
+                conv: done.conv,
+                place: Place::Conversation,
+                round,
+                run: None,
+            });
+        }
+    }
+
+    /// Starts a response job on the engine thread: its reply is stepped among the others by
+    /// [`Worker::step_active`]. Nothing to step when the job is answered at once.
+    fn start_active(&mut self, job: Job) {
+        let (id, item_id) = match &job {
+            Job::Respond { conv, respond, .. } | Job::RespondApart { conv, respond, .. } => {
+                (*conv, respond.item_id.clone())
+            }
+            _ => return,
+        };
+        // A job of a closed conversation has nobody to report to.
+        let Some(mut conv) = self.convs.remove(&id) else {
+            return;
+        };
+        let (seq, respond, place) = match job {
+            Job::Respond { seq, respond, .. } => match conv.failed_add.take() {
+                Some(failed) => {
+                    conv.emit(ConvEvent::Error {
+                        item_id: Some(respond.item_id.clone()),
+                        message: format!(
+                            "item {failed:?} could not be added to the conversation (see the error before); no reply is made without it"
+                        ),
+                    });
+                    conv.emit(ConvEvent::ReplyDone {
+                        response_id: respond.response_id,
+                        item_id: respond.item_id,
+                        text: String::new(),
+                        audio_samples: 0,
+                        cancelled: false,
+                    });
+                    self.convs.insert(id, conv);
+                    return;
+                }
+                None => (seq, respond, Place::Conversation),
+            },
+            Job::RespondApart {
+                seq,
+                respond,
+                input,
+                ..
+            } => match self.place_apart(&mut conv, &respond, input) {
+                Ok(Some(place)) => (seq, respond, place),
+                Ok(None) => {
+                    self.convs.insert(id, conv);
+                    return;
+                }
+                Err(e) => {
+                    self.fail(&mut conv, Some(item_id), e);
+                    self.convs.insert(id, conv);
+                    return;
+                }
+            },
+            _ => return,
+        };
+        let round = Round {
+            seq,
+            output: respond.output.unwrap_or(conv.setup.output),
+            item_id: respond.item_id.clone(),
+            req: respond,
+            started: Instant::now(),
+            number: 0,
+        };
+        self.convs.insert(id, conv);
+        self.active.push(Active {
+            conv: id,
+            place,
+            round,
+            run: None,
+        });
+    }
+
+    /// Where an out-of-band reply of `conv` is made: in it (cut off again afterwards), or in a
+    /// conversation of its own holding `input`. None when its input could not be added
+    /// (reported, and the response closed).
+    fn place_apart(
+        &mut self,
+        conv: &mut Conv,
+        respond: &Respond,
+        input: Option<Vec<(String, Content)>>,
+    ) -> anyhow::Result<Option<Place>> {
+        let Some(input) = input else {
+            return Ok(Some(Place::Restore {
+                len: conv.session.len(),
+                entries: conv.entries.len(),
+            }));
+        };
+        let mut apart = self.open(
+            conv.setup.clone(),
+            conv.events.clone(),
+            Arc::clone(&conv.cancel),
+        )?;
+        // The test seam's count and the call ids go on from the conversation's.
+        apart.replies = conv.replies;
+        apart.calls = conv.calls + 1_000_000;
+        for (id, content) in input {
+            if let Err(e) = self.insert(&mut apart, id, content, Placement::End) {
+                conv.emit(ConvEvent::Error {
+                    item_id: Some(respond.item_id.clone()),
+                    message: format!("{e:#}"),
+                });
+                conv.emit(ConvEvent::ReplyDone {
+                    response_id: respond.response_id.clone(),
+                    item_id: respond.item_id.clone(),
+                    text: String::new(),
+                    audio_samples: 0,
+                    cancelled: false,
+                });
+                return Ok(None);
+            }
+        }
+        Ok(Some(Place::Apart(Box::new(apart))))
+    }
+
+    /// One step of a response in progress: its reply's start, one step of it, or its end (and
+    /// what follows: the next round, or tools to run).
+    fn step_active(&mut self, active: &mut Active) -> Step {
+        // A closed conversation has nobody to report to.
+        let Some(mut conv) = self.convs.remove(&active.conv) else {
+            return Step::Done;
+        };
+        let step = self.step_in(&mut conv, active);
+        if !matches!(step, Step::Going) {
+            if let Place::Restore { len, entries } = active.place {
+                conv.entries.truncate(entries);
+                if let Err(e) = conv.session.truncate_to(len) {
+                    self.fail(&mut conv, None, e.into());
+                }
+            }
+        }
+        self.convs.insert(active.conv, conv);
+        step
+    }
+
+    fn step_in(&mut self, conv: &mut Conv, active: &mut Active) -> Step {
+        let in_conversation = matches!(active.place, Place::Conversation);
+        let conv = match &mut active.place {
+            Place::Apart(apart) => apart.as_mut(),
+            _ => conv,
+        };
+        let round = &active.round;
+        let Some(run) = active.run.as_mut() else {
+            let begun = self.begin_reply(
+                conv,
+                round.seq,
+                &round.req.response_id,
+                &round.item_id,
+                round.output,
+                round.started,
+            );
+            return match begun {
+                Ok(Some(run)) => {
+                    active.run = Some(run);
+                    Step::Going
+                }
+                Ok(None) => Step::Done,
+                Err(e) => {
+                    // The error first: it says why the reply is empty.
+                    self.fail(conv, Some(round.item_id.clone()), e);
+                    Self::close_round(conv, round);
+                    Step::Done
+                }
+            };
+        };
+        let ended = match self.step_reply(conv, run) {
+            Ok(false) => return Step::Going,
+            Ok(true) => active.run.take().map(|run| self.end_reply(conv, run)),
+            Err(e) => {
+                if let Some(run) = active.run.take() {
+                    self.recycle(run);
+                }
+                Some(Err(e))
+            }
+        };
+        let calls = match ended {
+            Some(Ok(calls)) => calls,
+            Some(Err(e)) => {
+                self.fail(conv, Some(round.item_id.clone()), e);
+                Self::close_round(conv, round);
+                return Step::Done;
+            }
+            None => return Step::Done,
+        };
+        let Some(tools) = self.round_calls(conv, round.clone(), calls) else {
+            return Step::Done;
+        };
+        if in_conversation {
+            return Step::Tools(tools);
+        }
+        // Out of band: the tools run here, and the reply goes on.
+        let (round, results) = tools.run();
+        match self.add_results(conv, round, results) {
+            Some(next) => {
+                active.round = next;
+                Step::Going
+            }
+            None => Step::Done,
+        }
+    }
+
+    /// Drops a response (over, or of a closed conversation), keeping its audio decoder.
+    fn retire(&mut self, active: Active) {
+        if let Some(run) = active.run {
+            self.recycle(run);
         }
     }
 
@@ -393,7 +778,10 @@ impl Worker {
         };
         // A closed conversation has nobody to report to.
         let c = self.convs.remove(&conv)?;
-        let result = self.transcribe_until(&c, item_id.clone(), &audio, false, || !jobs.is_empty());
+        let tools_done = self.tools_done.1.clone();
+        let result = self.transcribe_until(&c, item_id.clone(), &audio, false, || {
+            !jobs.is_empty() || !tools_done.is_empty()
+        });
         self.convs.insert(conv, c);
         match result {
             Ok(true) => None,
@@ -494,7 +882,7 @@ impl Worker {
                 stream,
                 ..
             } => self.transcribe(&conv, item_id, &audio, stream),
-            // Responses are started by `start_response` and stepped by the run loop.
+            // Responses are started by `start_active` and stepped by the run loop.
             Job::Respond { .. }
             | Job::RespondApart { .. }
             | Job::Open { .. }
@@ -682,6 +1070,7 @@ impl Worker {
 
     /// A reply to `input` alone: a conversation of its own (the instructions, then `input`) in a
     /// session of its own, so that the conversation's caches are not touched.
+    #[cfg(test)]
     pub(crate) fn respond_apart(
         &mut self,
         conv: &mut Conv,
@@ -689,34 +1078,14 @@ impl Worker {
         respond: Respond,
         input: Option<Vec<(String, Content)>>,
     ) -> anyhow::Result<()> {
-        let Some(mut active) = self.start_apart(conv, 0, seq, respond, input)? else {
-            return Ok(());
-        };
-        while !self.step_in(conv, &mut active) {}
-        Ok(())
-    }
-
-    /// Sets up an out-of-band response of `conv` (whose id is `id`); None when it is already
-    /// over (its input could not be added: reported).
-    fn start_apart(
-        &mut self,
-        conv: &mut Conv,
-        id: u64,
-        seq: u64,
-        respond: Respond,
-        input: Option<Vec<(String, Content)>>,
-    ) -> anyhow::Result<Option<Active>> {
         let Some(input) = input else {
             // To the conversation as it is: the reply is made in it, then cut off again (the
             // positions before it are untouched).
-            return Ok(Some(Active {
-                conv: id,
-                place: Place::Restore {
-                    len: conv.session.len(),
-                    entries: conv.entries.len(),
-                },
-                responding: Responding::new(conv, seq, respond),
-            }));
+            let (len, entries) = (conv.session.len(), conv.entries.len());
+            self.respond(conv, seq, respond)?;
+            conv.entries.truncate(entries);
+            conv.session.truncate_to(len)?;
+            return Ok(());
         };
         let mut apart = self.open(
             conv.setup.clone(),
@@ -739,102 +1108,10 @@ impl Worker {
                     audio_samples: 0,
                     cancelled: false,
                 });
-                return Ok(None);
+                return Ok(());
             }
         }
-        Ok(Some(Active {
-            conv: id,
-            responding: Responding::new(&apart, seq, respond),
-            place: Place::Apart(Box::new(apart)),
-        }))
-    }
-
-    /// One step of a response of `conv` (see [`Worker::respond_step`]); true when it is over.
-    fn step_in(&mut self, conv: &mut Conv, active: &mut Active) -> bool {
-        let done = match &mut active.place {
-            Place::Apart(apart) => self.respond_step(apart, &mut active.responding),
-            _ => self.respond_step(conv, &mut active.responding),
-        };
-        if done {
-            if let Place::Restore { len, entries } = active.place {
-                conv.entries.truncate(entries);
-                if let Err(e) = conv.session.truncate_to(len) {
-                    self.fail(conv, None, e.into());
-                }
-            }
-        }
-        done
-    }
-
-    /// One step of a response in the engine's conversations; true when it is over (or its
-    /// conversation was closed).
-    fn step_active(&mut self, active: &mut Active) -> bool {
-        let Some(mut conv) = self.convs.remove(&active.conv) else {
-            return true;
-        };
-        let done = self.step_in(&mut conv, active);
-        self.convs.insert(active.conv, conv);
-        done
-    }
-
-    /// Drops a response (over, or of a closed conversation), keeping its audio decoder.
-    fn retire(&mut self, active: Active) {
-        if let Some(run) = active.responding.run {
-            self.recycle(run);
-        }
-    }
-
-    /// Starts a response job: the reply's first step is left to [`Worker::step_active`].
-    /// None when there is nothing to generate (the job was answered at once).
-    fn start_response(&mut self, job: Job) -> Option<Active> {
-        let (id, item_id) = match &job {
-            Job::Respond { conv, respond, .. } | Job::RespondApart { conv, respond, .. } => {
-                (*conv, respond.item_id.clone())
-            }
-            _ => return None,
-        };
-        // A job of a closed conversation has nobody to report to.
-        let mut conv = self.convs.remove(&id)?;
-        let active = match job {
-            Job::Respond { seq, respond, .. } => match conv.failed_add.take() {
-                Some(failed) => {
-                    conv.emit(ConvEvent::Error {
-                        item_id: Some(respond.item_id.clone()),
-                        message: format!(
-                            "item {failed:?} could not be added to the conversation (see the error before); no reply is made without it"
-                        ),
-                    });
-                    conv.emit(ConvEvent::ReplyDone {
-                        response_id: respond.response_id,
-                        item_id: respond.item_id,
-                        text: String::new(),
-                        audio_samples: 0,
-                        cancelled: false,
-                    });
-                    None
-                }
-                None => Some(Active {
-                    conv: id,
-                    place: Place::Conversation,
-                    responding: Responding::new(&conv, seq, respond),
-                }),
-            },
-            Job::RespondApart {
-                seq,
-                respond,
-                input,
-                ..
-            } => match self.start_apart(&mut conv, id, seq, respond, input) {
-                Ok(active) => active,
-                Err(e) => {
-                    self.fail(&mut conv, Some(item_id), e);
-                    None
-                }
-            },
-            _ => None,
-        };
-        self.convs.insert(id, conv);
-        active
+        self.respond(&mut apart, seq, respond)
     }
 
     /// Puts an item at `place` and prefills it (and what follows it).
@@ -1077,132 +1354,183 @@ impl Worker {
         Ok(true)
     }
 
-    /// A reply, and with [`ToolPolicy::Run`] the rounds of tool calls that follow it.
+    /// A reply, and with [`ToolPolicy::Run`] the rounds of tool calls that follow it, the tools
+    /// run on the calling thread. The engine thread's replies run them on threads of their own
+    /// (see [`Worker::start_response`]); this is for the tests and for out-of-band replies, whose
+    /// conversation is apart from its history (the Realtime server's, which report their calls
+    /// to the client rather than run them).
+    #[cfg(test)]
     pub(crate) fn respond(
         &mut self,
         conv: &mut Conv,
         seq: u64,
         req: Respond,
     ) -> anyhow::Result<()> {
-        let mut r = Responding::new(conv, seq, req);
-        while !self.respond_step(conv, &mut r) {}
+        let mut next = self.start_response(conv, seq, req);
+        while let Some(run) = next {
+            let (round, results) = run.run();
+            next = self.after_tools(conv, round, results);
+        }
         Ok(())
     }
 
-    /// One step of a [`Responding`]: the start of a reply, one step of it, or its end (with
-    /// the tools it called run, when the engine runs them). True when the whole response is
-    /// over; it always ends with a [`ConvEvent::ReplyDone`].
-    pub(crate) fn respond_step(&mut self, conv: &mut Conv, r: &mut Responding) -> bool {
-        // Every reply ends with ReplyDone, a failed one too, so that clients waiting for the
-        // end of a response are never left hanging.
-        let closing = |w: &Self, conv: &mut Conv, item_id: &str, e: anyhow::Error| {
-            // The error first: it says why the reply is empty.
-            w.fail(conv, Some(item_id.to_owned()), e);
-            conv.emit(ConvEvent::ReplyDone {
-                response_id: r.req.response_id.clone(),
-                item_id: item_id.to_owned(),
-                text: String::new(),
-                audio_samples: 0,
-                cancelled: false,
-            });
+    /// The first round of a response. Returns the tool calls to run before it goes on, if any
+    /// (with [`ToolPolicy::Run`]).
+    #[cfg(test)]
+    pub(crate) fn start_response(
+        &mut self,
+        conv: &mut Conv,
+        seq: u64,
+        req: Respond,
+    ) -> Option<ToolRun> {
+        let round = Round {
+            seq,
+            output: req.output.unwrap_or(conv.setup.output),
+            item_id: req.item_id.clone(),
+            req,
+            started: Instant::now(),
+            number: 0,
         };
-        let Some(run) = r.run.as_mut() else {
-            let begun = self.begin_reply(
-                conv,
-                r.seq,
-                &r.req.response_id,
-                &r.item_id,
-                r.output,
-                r.started,
-            );
-            return match begun {
-                Ok(Some(run)) => {
-                    r.run = Some(run);
-                    false
-                }
-                Ok(None) => true,
-                Err(e) => {
-                    closing(self, conv, &r.item_id, e);
-                    true
-                }
-            };
-        };
-        match self.step_reply(conv, run) {
-            Ok(false) => return false,
-            Ok(true) => {}
-            Err(e) => {
-                if let Some(run) = r.run.take() {
-                    self.recycle(run);
-                }
-                closing(self, conv, &r.item_id, e);
-                return true;
-            }
-        }
-        let Some(run) = r.run.take() else {
-            return true;
-        };
-        let calls = match self.end_reply(conv, run) {
+        self.reply_round(conv, round)
+    }
+
+    /// Every reply ends with ReplyDone, a failed one too, so that clients waiting for the end
+    /// of a response are never left hanging.
+    fn close_round(conv: &Conv, round: &Round) {
+        conv.emit(ConvEvent::ReplyDone {
+            response_id: round.req.response_id.clone(),
+            item_id: round.item_id.clone(),
+            text: String::new(),
+            audio_samples: 0,
+            cancelled: false,
+        })
+    }
+
+    /// One round: a reply, and the tool calls it made if they are to be run.
+    #[cfg(test)]
+    fn reply_round(&mut self, conv: &mut Conv, round: Round) -> Option<ToolRun> {
+        let calls = match self.reply(
+            conv,
+            round.seq,
+            &round.req.response_id,
+            &round.item_id,
+            round.output,
+            round.started,
+        ) {
             Ok(calls) => calls,
             Err(e) => {
-                closing(self, conv, &r.item_id, e);
-                return true;
+                // The error first: it says why the reply is empty.
+                self.fail(conv, Some(round.item_id.clone()), e);
+                Self::close_round(conv, &round);
+                return None;
             }
         };
+        self.round_calls(conv, round, calls)
+    }
+
+    /// What follows a round's reply: the tool calls it made, if they are to be run.
+    fn round_calls(
+        &mut self,
+        conv: &mut Conv,
+        mut round: Round,
+        calls: Vec<(String, Result<ToolCall, String>)>,
+    ) -> Option<ToolRun> {
         if calls.is_empty() {
-            return true;
+            return None;
         }
         let ToolPolicy::Run { max_rounds } = conv.setup.tool_policy else {
-            return true;
+            return None;
         };
-        if r.round >= max_rounds {
+        if round.number >= max_rounds {
             conv.emit(ConvEvent::Error {
-                item_id: Some(r.item_id.clone()),
+                item_id: Some(round.item_id),
                 message: format!("the model called tools again after {max_rounds} rounds; not run"),
             });
-            return true;
+            return None;
         }
-        r.round += 1;
-        for (call_id, call) in calls {
-            let outcome = match call {
-                Ok(call) => self.run_tool(conv, &call),
-                Err(e) => ToolOutcome::Failed(e),
-            };
+        round.number += 1;
+        Some(ToolRun {
+            round,
+            calls,
+            tools: conv.setup.tools.clone(),
+            events: conv.events.clone(),
+        })
+    }
+
+    /// The results of a round's tools go back to the model as `tool` turns, and the next round
+    /// begins (unless the response was cancelled meanwhile).
+    #[cfg(test)]
+    fn after_tools(
+        &mut self,
+        conv: &mut Conv,
+        round: Round,
+        results: Vec<(String, ToolOutcome)>,
+    ) -> Option<ToolRun> {
+        let round = self.add_results(conv, round, results)?;
+        self.reply_round(conv, round)
+    }
+
+    /// The results of a round's tools go back to the model as `tool` turns; returns the next
+    /// round (None when the response is over: cancelled meanwhile, or a result not added).
+    fn add_results(
+        &mut self,
+        conv: &mut Conv,
+        mut round: Round,
+        results: Vec<(String, ToolOutcome)>,
+    ) -> Option<Round> {
+        for (call_id, outcome) in results {
             let ok = matches!(outcome, ToolOutcome::Ok(_));
             let output = outcome.as_result_text();
             conv.emit(ConvEvent::ToolResult {
-                response_id: r.req.response_id.clone(),
+                response_id: round.req.response_id.clone(),
                 call_id: call_id.clone(),
                 output: output.clone(),
                 ok,
             });
             if let Err(e) = self.add(
                 conv,
-                format!("{}-result-{call_id}", r.item_id),
+                format!("{}-result-{call_id}", round.item_id),
                 Content::ToolResult { call_id, output },
             ) {
-                closing(self, conv, &r.item_id, e);
-                return true;
+                self.fail(conv, Some(round.item_id.clone()), e);
+                Self::close_round(conv, &round);
+                return None;
             }
         }
-        if conv.cancel.check(r.seq).is_some() {
-            return true;
+        if conv.cancel.check(round.seq).is_some() {
+            return None;
         }
-        r.item_id = format!("{}-{}", r.req.item_id, r.round);
-        false
+        round.item_id = format!("{}-{}", round.req.item_id, round.number);
+        Some(round)
     }
 
-    fn run_tool(&self, conv: &Conv, call: &ToolCall) -> ToolOutcome {
-        let Some(spec) = conv.setup.tools.iter().find(|t| t.name == call.name) else {
-            return ToolOutcome::Failed(format!("there is no tool named {:?}", call.name));
+    /// Generates one assistant turn, to its end. Returns the tool calls it made (each with its
+    /// call id; a malformed one as the parse error).
+    #[cfg(test)]
+    fn reply(
+        &mut self,
+        conv: &mut Conv,
+        seq: u64,
+        response_id: &str,
+        item_id: &str,
+        output: Output,
+        started: Instant,
+    ) -> anyhow::Result<Vec<(String, Result<ToolCall, String>)>> {
+        let Some(mut run) = self.begin_reply(conv, seq, response_id, item_id, output, started)?
+        else {
+            return Ok(Vec::new());
         };
-        if spec.command.is_empty() {
-            let events = conv.events.clone();
-            tools::run_built_in(call, move |label| {
-                let _ = events.send(ConvEvent::TimerFired { label });
-            })
-        } else {
-            tools::run_command(spec, call)
+        loop {
+            match self.step_reply(conv, &mut run) {
+                Ok(false) => {}
+                Ok(true) => break,
+                Err(e) => {
+                    self.recycle(run);
+                    return Err(e);
+                }
+            }
         }
+        self.end_reply(conv, run)
     }
 
     /// Starts an assistant turn: its header (and any forced text) prefilled, and a stream ready
@@ -1580,51 +1908,6 @@ impl Worker {
             cancelled,
         });
         Ok(out)
-    }
-}
-
-/// Where a response's reply is made.
-pub(crate) enum Place {
-    /// In its conversation, where it stays.
-    Conversation,
-    /// In its conversation, cut off again when it is over (back to this many positions and
-    /// entries): an out-of-band reply to the conversation as it is.
-    Restore { len: usize, entries: usize },
-    /// In a conversation of its own: an out-of-band reply to items of its own.
-    Apart(Box<Conv>),
-}
-
-/// A response in progress in the engine.
-pub(crate) struct Active {
-    conv: u64,
-    place: Place,
-    responding: Responding,
-}
-
-/// A response being made, between two steps: the reply in progress and the tool rounds so far.
-pub(crate) struct Responding {
-    seq: u64,
-    req: Respond,
-    output: Output,
-    started: Instant,
-    /// Tool rounds run so far, and the item id of the reply of this round.
-    round: usize,
-    item_id: String,
-    /// The reply in progress (None before each round's reply begins).
-    run: Option<ReplyRun>,
-}
-
-impl Responding {
-    pub(crate) fn new(conv: &Conv, seq: u64, req: Respond) -> Self {
-        Self {
-            seq,
-            output: req.output.unwrap_or(conv.setup.output),
-            started: Instant::now(),
-            round: 0,
-            item_id: req.item_id.clone(),
-            req,
-            run: None,
-        }
     }
 }
 

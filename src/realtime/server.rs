@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::protocol::{self, Dialect, ProtocolError};
-use super::session::{Effect, EngineCall, Session, SessionDefaults};
+use super::session::{Effect, Session, SessionDefaults};
 use crate::engine::{ConvEvent, Conversation, EngineHandle};
 
 /// The endpoint's path.
@@ -449,26 +449,6 @@ fn bridge(conv: &Conversation) -> mpsc::UnboundedReceiver<ConvEvent> {
     out
 }
 
-fn apply_engine(conv: &Conversation, call: EngineCall) {
-    match call {
-        EngineCall::Configure(setup) => conv.configure(setup),
-        EngineCall::Add {
-            item_id,
-            content,
-            place,
-        } => conv.insert(item_id, content, place),
-        EngineCall::Respond(r) => conv.respond(r),
-        EngineCall::RespondApart { respond, input } => conv.respond_apart(respond, input),
-        EngineCall::Cancel { heard } => conv.cancel(heard),
-        EngineCall::Truncate {
-            item_id,
-            audio_samples,
-        } => conv.truncate(item_id, audio_samples),
-        EngineCall::Delete { item_id } => conv.delete(item_id),
-        EngineCall::Transcribe { item_id, audio } => conv.transcribe(item_id, audio),
-    }
-}
-
 /// Runs one session until the client leaves, goes idle, or the engine stops; says why.
 async fn run_session(
     mut ws: WebSocketStream<TcpStream>,
@@ -495,7 +475,7 @@ async fn run_session(
                         return e;
                     }
                 }
-                Effect::Engine(call) => apply_engine(&conv, call),
+                Effect::Engine(call) => conv.apply(call),
             }
         }
         tokio::select! {

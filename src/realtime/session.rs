@@ -19,7 +19,8 @@ use super::protocol::{
     NewItemContent, PartRef, ProtocolError, ResponseOptions, ResponseStatus, ResponseView,
     ServerEvent, ServerVad, SessionUpdate, SessionView, Usage, SAMPLE_RATE,
 };
-use crate::engine::{Content, ConvEvent, Output, Placement, Respond, Setup, ToolPolicy};
+use crate::engine::Setup;
+use dialog::conversation::{Call, Content, ConvEvent, Output, Placement, Respond, ToolPolicy};
 
 /// The model's input rate.
 const MODEL_RATE: u32 = 16_000;
@@ -67,37 +68,9 @@ pub enum Effect {
     Engine(EngineCall),
 }
 
-/// A call on the session's engine conversation.
-#[derive(Debug)]
-pub enum EngineCall {
-    Configure(Setup),
-    Add {
-        item_id: String,
-        content: Content,
-        place: Placement,
-    },
-    Respond(Respond),
-    /// An out-of-band reply to `input` alone (None: to the conversation, without joining it).
-    RespondApart {
-        respond: Respond,
-        input: Option<Vec<(String, Content)>>,
-    },
-    /// Cancel the reply in progress, keeping what the client was sent (`heard` samples).
-    Cancel {
-        heard: Option<u64>,
-    },
-    Truncate {
-        item_id: String,
-        audio_samples: u64,
-    },
-    Delete {
-        item_id: String,
-    },
-    Transcribe {
-        item_id: String,
-        audio: Vec<f32>,
-    },
-}
+/// A call on the session's engine conversation (the engine's vocabulary, shared with the
+/// dialog manager).
+pub type EngineCall = Call<Setup>;
 
 /// Fixed for the server's life: the model, defaults and limits every session starts from.
 #[derive(Debug, Clone)]

@@ -18,10 +18,9 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::protocol::{self, error_event, Event, Resync};
 use super::session::{Effect, Offer, Session, Work};
-use crate::engine::{
-    Content, ConvEvent, Conversation, EngineHandle, Output, Respond, Setup, ToolPolicy,
-};
+use crate::engine::{Conversation, EngineHandle, Setup};
 use crate::voices::Voice;
+use dialog::conversation::{Content, ConvEvent, Output, Respond, ToolPolicy};
 
 /// What connections may do.
 #[derive(Debug, Clone)]
@@ -547,9 +546,6 @@ fn converse(conv: &Conversation, job: u64, rid: &str, tx: &mpsc::UnboundedSender
 }
 
 fn run_tool(shared: &Shared, name: &str, arguments: &str) -> ToolOutcome {
-    let Some(spec) = shared.tools.iter().find(|t| t.name == name) else {
-        return ToolOutcome::Failed(format!("there is no tool named {name:?}"));
-    };
     let arguments = match serde_json::from_str::<serde_json::Value>(arguments) {
         Ok(serde_json::Value::Object(m)) => m,
         _ => return ToolOutcome::Failed("the arguments are not a JSON object".into()),
@@ -558,12 +554,8 @@ fn run_tool(shared: &Shared, name: &str, arguments: &str) -> ToolOutcome {
         name: name.to_owned(),
         arguments,
     };
-    if spec.command.is_empty() {
-        // Home Assistant keeps its own timers; a timer set here only ends in the log.
-        dialog::tools::run_built_in(&call, |label| {
-            eprintln!("wyoming: timer {label:?} is done");
-        })
-    } else {
-        dialog::tools::run_command(spec, &call)
-    }
+    // Home Assistant keeps its own timers; a timer set here only ends in the log.
+    dialog::tools::run(&shared.tools, &call, |label| {
+        eprintln!("wyoming: timer {label:?} is done");
+    })
 }

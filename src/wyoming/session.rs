@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::audio::{self, Collector, Format};
 use super::protocol::{error_event, Event};
-use crate::engine::ConvEvent;
+use dialog::conversation::ConvEvent;
 
 /// The longest utterance transcribed, in seconds.
 pub const MAX_UTTERANCE_SECONDS: usize = 120;

@@ -1,16 +1,17 @@
-//! `lfm2d serve`: the daemon. It picks its front ends from the flags and the configuration: the
+//! `lfm2d serve`: picks the daemon's front ends from the flags and the configuration: the
 //! Wyoming server and/or the Realtime API server (no sound devices), or the voice assistant on
 //! the microphone and speaker, or one of the other modes (live transcription, translation,
-//! reading text aloud). What they share is set up in [`super::setup`].
+//! reading text aloud). What they share is set up in [`crate::daemon::setup`]; this module sits
+//! above all of them and nothing imports it but `main`.
 
-use super::console::stamp;
-use super::setup::{engine_options, load, resolve, Args, Loaded, Mode};
-use super::{modes, voice};
+use crate::daemon::console::stamp;
+use crate::daemon::setup::{engine_options, load, resolve, Args, Loaded, Mode};
+use crate::daemon::{modes, shutdown, voice};
 use crate::engine;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // From here on SIGINT and SIGTERM stop the daemon cleanly (see `shutdown`).
-    let stop = super::shutdown::install()?;
+    let stop = shutdown::install()?;
     if let Some(address) = crate::wyoming::wanted(&args)? {
         return crate::wyoming::run(&args, &address, args.listen.as_deref(), &stop);
     }
@@ -32,7 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         r.mode
     );
     let (engine, engine_thread) = engine::spawn_with(model, detok, engine_options(cfg))?;
-    super::shutdown::running();
+    shutdown::running();
     let result = match r.mode {
         Mode::Assistant => voice::assistant(&args, &r, &engine, &stop),
         Mode::Transcribe | Mode::Translate => {
@@ -41,6 +42,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Mode::Speak => modes::speak(&args, &r, &engine, &stop),
     };
     engine.shutdown();
-    super::shutdown::join(engine_thread, "the engine");
+    shutdown::join(engine_thread, "the engine");
     result
 }

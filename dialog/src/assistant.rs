@@ -1,0 +1,565 @@
+//! The dialog manager of a spoken conversation: one state machine that owns turn-taking, barge-in
+//! (what was heard, where to cut), tool rounds and the conversation's items, free of I/O.
+//!
+//! Inputs go in ([`Input`]: the voice activity detector's events, the engine's [`ConvEvent`]s,
+//! and ticks as the speaker plays on), each with where the speaker is ([`SpeakerState`]);
+//! [`Effect`]s come out: calls on the engine conversation ([`Call`]), what to do with the
+//! speaker, and what happened, for the log. No threads, no clocks: the caller passes the
+//! speaker's counters in.
+//!
+//! Turn-taking itself is [`TurnManager`]'s (listening, the user speaking, responding; barge-in
+//! and a continued utterance). This machine turns its actions into items and calls:
+//! - a user turn is an item `user-N` and a reply `reply-N`;
+//! - a continued utterance (the user resumed before the reply started) deletes the previous
+//!   user item and adds one of both pieces, and asks for the reply again;
+//! - a barge-in stops the speaker and cuts the reply where the user stopped hearing it: a reply
+//!   still being generated is cancelled with the samples heard; one generated in full and still
+//!   playing is truncated to them;
+//! - a reply that called a tool goes on after the tool's result (the engine runs it and starts
+//!   the next round of the same response): the response is over only when a round ends without
+//!   a call.
+
+use std::time::Duration;
+
+use crate::conversation::{Call, Content, ConvEvent, Placement, Respond};
+use crate::turn::{Action, Event, TurnManager, TurnState};
+
+/// Where the speaker is, in 24 kHz samples since it opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpeakerState {
+    /// Samples played (heard).
+    pub played: u64,
+    /// Where the next sample queued will be in the count of `played`.
+    pub queued: u64,
+    /// Everything queued has been played.
+    pub idle: bool,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Start listening.
+    Start,
+    /// The VAD heard speech start (stream time).
+    SpeechStarted { at: Duration },
+    /// The VAD heard speech end; `audio` is the utterance (16 kHz, with pre-roll).
+    SpeechEnded { at: Duration, audio: Vec<f32> },
+    /// An event of the engine conversation.
+    Engine(ConvEvent),
+    /// Time passed and the speaker played on: a reply generated in full and played out is over.
+    Tick,
+}
+
+/// What to do about it.
+#[derive(Debug, PartialEq)]
+pub enum Effect {
+    /// Make this call on the engine conversation.
+    Engine(Call),
+    /// A reply begins: hold its audio back by the learnt lead; its words start a line.
+    BeginReply { response_id: String },
+    /// Words of the reply in progress.
+    Text(String),
+    /// Speech of the reply in progress (24 kHz), to play.
+    Audio(Vec<f32>),
+    /// Drop everything queued on the speaker and not yet played (barge-in).
+    StopPlayback,
+    /// The user spoke over the reply after hearing `heard` samples of it (0: none).
+    BargeIn { heard: u64 },
+    /// The playback of the reply is over (played out, or `cut`): learn its pacing.
+    ReplyPlayed { cut: bool },
+    /// A reply is over (generated and played out, or cut); `replies` so far.
+    ReplyOver { replies: u64 },
+}
+
+/// The assistant's dialog state.
+#[derive(Debug, Clone)]
+pub struct Assistant {
+    turns: TurnManager,
+    /// Ask the engine for the words of each user turn (for the log).
+    transcribe_user: bool,
+    user_turns: u64,
+    /// The last user item and its audio (a continued utterance replaces it).
+    last_user: Option<(String, Vec<f32>)>,
+    /// The last response asked for, the one that started (and its current item), and the one
+    /// that was interrupted (its late text and audio are dropped).
+    asked: Option<String>,
+    current: Option<String>,
+    current_item: Option<String>,
+    cancelled: Option<String>,
+    /// Where the reply in progress began in the speaker's count, while it plays.
+    reply_base: Option<u64>,
+    /// The reply has been generated in full (it may still be playing).
+    reply_done: bool,
+    /// The round in progress called a tool: its end is not the response's.
+    tool_round: bool,
+    replies: u64,
+    barge_ins: u64,
+}
+
+impl Assistant {
+    /// `half_duplex`: the user never interrupts the assistant. `transcribe_user`: ask for the
+    /// words of each user turn.
+    pub fn new(half_duplex: bool, transcribe_user: bool) -> Self {
+        Self {
+            turns: TurnManager::new(half_duplex),
+            transcribe_user,
+            user_turns: 0,
+            last_user: None,
+            asked: None,
+            current: None,
+            current_item: None,
+            cancelled: None,
+            reply_base: None,
+            reply_done: false,
+            tool_round: false,
+            replies: 0,
+            barge_ins: 0,
+        }
+    }
+
+    pub fn state(&self) -> TurnState {
+        self.turns.state()
+    }
+
+    /// Replies over so far (answered, or cut).
+    pub fn replies(&self) -> u64 {
+        self.replies
+    }
+
+    pub fn user_turns(&self) -> u64 {
+        self.user_turns
+    }
+
+    pub fn barge_ins(&self) -> u64 {
+        self.barge_ins
+    }
+
+    /// Whether the reply in progress has been generated in full (it may still be playing).
+    pub fn reply_done(&self) -> bool {
+        self.reply_done
+    }
+
+    /// Where the reply being played began in the speaker's count.
+    pub fn reply_base(&self) -> Option<u64> {
+        self.reply_base
+    }
+
+    /// Applies an input; returns the effects, in order.
+    pub fn handle(&mut self, input: Input, speaker: SpeakerState) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let actions = match input {
+            Input::Start => self.turns.handle(Event::Start),
+            Input::SpeechStarted { at } => self.turns.handle(Event::SpeechStarted { at }),
+            Input::SpeechEnded { at, audio } => self.turns.handle(Event::SpeechEnded { at, audio }),
+            Input::Engine(ev) => self.engine_event(ev, speaker, &mut out),
+            Input::Tick => self.tick(speaker, &mut out),
+        };
+        for action in actions {
+            self.act(action, speaker, &mut out);
+        }
+        out
+    }
+
+    /// The session ends: nothing more is generated or kept.
+    pub fn stop(&mut self) -> Vec<Effect> {
+        self.turns.handle(Event::Stop);
+        vec![Effect::Engine(Call::Cancel { heard: Some(0) })]
+    }
+
+    fn engine_event(
+        &mut self,
+        ev: ConvEvent,
+        speaker: SpeakerState,
+        out: &mut Vec<Effect>,
+    ) -> Vec<Action> {
+        match ev {
+            ConvEvent::ReplyStarted {
+                response_id,
+                item_id,
+                ..
+            } => {
+                self.current_item = Some(item_id);
+                self.current = Some(response_id.clone());
+                // Where this reply's first sample will be in the speaker's count.
+                self.reply_base = Some(speaker.queued);
+                self.reply_done = false;
+                out.push(Effect::BeginReply { response_id });
+                return self.turns.handle(Event::ReplyStarted);
+            }
+            ConvEvent::Text { response_id, .. } | ConvEvent::Audio { response_id, .. }
+                if Some(&response_id) == self.cancelled.as_ref() => {}
+            ConvEvent::Text { piece, .. } => out.push(Effect::Text(piece)),
+            ConvEvent::Audio { samples, .. } => out.push(Effect::Audio(samples)),
+            // The answer comes in a round of its own, after the result.
+            ConvEvent::ToolCall { .. } => self.tool_round = true,
+            ConvEvent::ReplyDone {
+                response_id,
+                cancelled,
+                ..
+            } => {
+                if std::mem::take(&mut self.tool_round) && !cancelled {
+                    // The tool runs, then the model answers: the response goes on.
+                } else if Some(&response_id) == self.current.as_ref() || self.current.is_none() {
+                    self.replies += 1;
+                    if cancelled {
+                        self.reply_base = None;
+                        self.reply_done = false;
+                    } else {
+                        self.reply_done = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Vec::new()
+    }
+
+    /// The reply is over once it has been generated and played out.
+    fn tick(&mut self, speaker: SpeakerState, out: &mut Vec<Effect>) -> Vec<Action> {
+        if !self.reply_done || (self.reply_base.is_some() && !speaker.idle) {
+            return Vec::new();
+        }
+        self.reply_done = false;
+        if self.reply_base.take().is_some() {
+            out.push(Effect::ReplyPlayed { cut: false });
+        }
+        out.push(Effect::ReplyOver {
+            replies: self.replies,
+        });
+        self.turns.handle(Event::ReplyFinished)
+    }
+
+    fn act(&mut self, action: Action, speaker: SpeakerState, out: &mut Vec<Effect>) {
+        match action {
+            Action::Respond { audio } => self.user_turn(audio, out),
+            Action::ExtendUtterance { audio } => {
+                // The reply was cancelled before it said anything (and so left nothing); the
+                // utterance goes on: one user turn of both pieces.
+                let mut whole = Vec::new();
+                if let Some((id, before)) = self.last_user.take() {
+                    out.push(Effect::Engine(Call::Delete { item_id: id }));
+                    whole = before;
+                }
+                whole.extend_from_slice(&audio);
+                self.user_turn(whole, out);
+            }
+            Action::StopPlayback => out.push(Effect::StopPlayback),
+            Action::CancelAndTruncateReply => {
+                self.cancelled = self.asked.clone();
+                // What was heard: the speaker's count at the barge-in, less where the reply began.
+                let heard = self
+                    .reply_base
+                    .map_or(0, |base| speaker.played.saturating_sub(base));
+                self.barge_ins += 1;
+                out.push(Effect::BargeIn { heard });
+                if self.reply_base.is_some() {
+                    out.push(Effect::ReplyPlayed { cut: true });
+                }
+                match (&self.current_item, self.reply_done) {
+                    // Generated already and still playing: cut the item that is in the
+                    // conversation to what was heard.
+                    (Some(item), true) => out.push(Effect::Engine(Call::Truncate {
+                        item_id: item.clone(),
+                        audio_samples: heard,
+                    })),
+                    _ => out.push(Effect::Engine(Call::Cancel { heard: Some(heard) })),
+                }
+                self.reply_base = None;
+            }
+        }
+    }
+
+    /// A user turn of `audio`: its item, the reply to it, and its words for the log.
+    fn user_turn(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) {
+        self.user_turns += 1;
+        let n = self.user_turns;
+        let id = format!("user-{n}");
+        out.push(Effect::Engine(Call::Add {
+            item_id: id.clone(),
+            content: Content::UserAudio(audio.clone()),
+            place: Placement::End,
+        }));
+        let response_id = format!("reply-{n}");
+        out.push(Effect::Engine(Call::Respond(Respond {
+            response_id: response_id.clone(),
+            item_id: response_id.clone(),
+            output: None,
+        })));
+        self.asked = Some(response_id);
+        if self.transcribe_user {
+            // The engine runs it when nothing else waits: the words are for the log.
+            out.push(Effect::Engine(Call::TranscribeWhenIdle {
+                item_id: id.clone(),
+                audio: audio.clone(),
+            }));
+        }
+        self.last_user = Some((id, audio));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// A speaker that played `played` samples and has `queued - played` still to play.
+    fn speaker(played: u64, queued: u64) -> SpeakerState {
+        SpeakerState {
+            played,
+            queued,
+            idle: played >= queued,
+        }
+    }
+
+    fn started(response_id: &str, item_id: &str) -> Input {
+        Input::Engine(ConvEvent::ReplyStarted {
+            response_id: response_id.into(),
+            item_id: item_id.into(),
+            latency_ms: 0.0,
+        })
+    }
+
+    fn audio(response_id: &str, n: usize) -> Input {
+        Input::Engine(ConvEvent::Audio {
+            response_id: response_id.into(),
+            samples: vec![0.5; n],
+        })
+    }
+
+    fn done(response_id: &str, item_id: &str, cancelled: bool) -> Input {
+        Input::Engine(ConvEvent::ReplyDone {
+            response_id: response_id.into(),
+            item_id: item_id.into(),
+            text: String::new(),
+            audio_samples: 0,
+            cancelled,
+        })
+    }
+
+    fn add(item_id: &str, audio: Vec<f32>) -> Effect {
+        Effect::Engine(Call::Add {
+            item_id: item_id.into(),
+            content: Content::UserAudio(audio),
+            place: Placement::End,
+        })
+    }
+
+    fn respond(n: u64) -> Effect {
+        Effect::Engine(Call::Respond(Respond {
+            response_id: format!("reply-{n}"),
+            item_id: format!("reply-{n}"),
+            output: None,
+        }))
+    }
+
+    /// An assistant that heard one utterance (`user-1`) and asked for `reply-1`.
+    fn asked() -> Assistant {
+        let mut a = Assistant::new(false, false);
+        let s = SpeakerState::default();
+        assert!(a.handle(Input::Start, s).is_empty());
+        assert!(a.handle(Input::SpeechStarted { at: at(1) }, s).is_empty());
+        let out = a.handle(
+            Input::SpeechEnded {
+                at: at(2),
+                audio: vec![0.1; 4],
+            },
+            s,
+        );
+        assert_eq!(out, vec![add("user-1", vec![0.1; 4]), respond(1)]);
+        assert_eq!(a.state(), TurnState::Responding);
+        a
+    }
+
+    #[test]
+    fn a_turn_is_answered_and_over_once_played_out() {
+        let mut a = asked();
+        assert_eq!(
+            a.handle(started("reply-1", "reply-1"), speaker(100, 100)),
+            vec![Effect::BeginReply {
+                response_id: "reply-1".into()
+            }]
+        );
+        assert_eq!(a.reply_base(), Some(100));
+        assert_eq!(
+            a.handle(audio("reply-1", 3), speaker(100, 100)),
+            vec![Effect::Audio(vec![0.5; 3])]
+        );
+        a.handle(done("reply-1", "reply-1", false), speaker(100, 103));
+        assert!(
+            a.handle(Input::Tick, speaker(101, 103)).is_empty(),
+            "still playing"
+        );
+        assert_eq!(
+            a.handle(Input::Tick, speaker(103, 103)),
+            vec![
+                Effect::ReplyPlayed { cut: false },
+                Effect::ReplyOver { replies: 1 }
+            ]
+        );
+        assert_eq!(a.state(), TurnState::Listening);
+    }
+
+    #[test]
+    fn a_barge_in_stops_the_speaker_and_cancels_the_reply_where_it_was_heard() {
+        let mut a = asked();
+        a.handle(started("reply-1", "reply-1"), speaker(1000, 1000));
+        a.handle(audio("reply-1", 24_000), speaker(1000, 1000));
+        // 0.2 s of the reply had been heard when the user spoke over it.
+        let out = a.handle(Input::SpeechStarted { at: at(3) }, speaker(5800, 25_000));
+        assert_eq!(
+            out,
+            vec![
+                Effect::StopPlayback,
+                Effect::BargeIn { heard: 4800 },
+                Effect::ReplyPlayed { cut: true },
+                Effect::Engine(Call::Cancel { heard: Some(4800) }),
+            ]
+        );
+        assert_eq!(a.barge_ins(), 1);
+        assert_eq!(a.state(), TurnState::UserSpeaking);
+        // What the cancelled reply still sends is not played.
+        assert!(a
+            .handle(audio("reply-1", 1920), speaker(5800, 5800))
+            .is_empty());
+        a.handle(done("reply-1", "reply-1", true), speaker(5800, 5800));
+        assert!(a.handle(Input::Tick, speaker(5800, 5800)).is_empty());
+        // The interruption is a new turn.
+        let out = a.handle(
+            Input::SpeechEnded {
+                at: at(4),
+                audio: vec![0.2; 2],
+            },
+            speaker(5800, 5800),
+        );
+        assert_eq!(out, vec![add("user-2", vec![0.2; 2]), respond(2)]);
+    }
+
+    #[test]
+    fn a_reply_generated_in_full_is_cut_to_what_was_heard() {
+        let mut a = asked();
+        a.handle(started("reply-1", "reply-1"), speaker(0, 0));
+        a.handle(audio("reply-1", 48_000), speaker(0, 0));
+        a.handle(done("reply-1", "reply-1", false), speaker(0, 48_000));
+        assert!(a.handle(Input::Tick, speaker(1920, 48_000)).is_empty());
+        let out = a.handle(Input::SpeechStarted { at: at(3) }, speaker(12_000, 48_000));
+        assert_eq!(
+            out,
+            vec![
+                Effect::StopPlayback,
+                Effect::BargeIn { heard: 12_000 },
+                Effect::ReplyPlayed { cut: true },
+                Effect::Engine(Call::Truncate {
+                    item_id: "reply-1".into(),
+                    audio_samples: 12_000
+                }),
+            ]
+        );
+        // The reply is over (it counts), and the user holds the floor.
+        assert_eq!(
+            a.handle(Input::Tick, speaker(12_000, 12_000)),
+            vec![Effect::ReplyOver { replies: 1 }]
+        );
+        assert_eq!(a.state(), TurnState::UserSpeaking);
+    }
+
+    #[test]
+    fn speaking_on_before_the_reply_starts_continues_the_utterance() {
+        let mut a = asked();
+        // Nothing was said yet: no playback to stop, nothing heard.
+        let out = a.handle(Input::SpeechStarted { at: at(3) }, speaker(0, 0));
+        assert_eq!(
+            out,
+            vec![
+                Effect::BargeIn { heard: 0 },
+                Effect::Engine(Call::Cancel { heard: Some(0) })
+            ]
+        );
+        // The reply that was on its way is dropped unheard.
+        assert!(a.handle(audio("reply-1", 1920), speaker(0, 0)).is_empty());
+        let out = a.handle(
+            Input::SpeechEnded {
+                at: at(4),
+                audio: vec![0.3; 2],
+            },
+            speaker(0, 0),
+        );
+        assert_eq!(
+            out,
+            vec![
+                Effect::Engine(Call::Delete {
+                    item_id: "user-1".into()
+                }),
+                add("user-2", vec![0.1, 0.1, 0.1, 0.1, 0.3, 0.3]),
+                respond(2),
+            ]
+        );
+        assert_eq!(a.user_turns(), 2);
+    }
+
+    #[test]
+    fn a_tool_round_keeps_the_response_going_until_the_answer() {
+        let mut a = asked();
+        a.handle(started("reply-1", "reply-1"), speaker(0, 0));
+        a.handle(
+            Input::Engine(ConvEvent::ToolCall {
+                response_id: "reply-1".into(),
+                call_id: "call_1_1".into(),
+                name: "get_time".into(),
+                arguments: "{}".into(),
+            }),
+            speaker(0, 0),
+        );
+        a.handle(done("reply-1", "reply-1", false), speaker(0, 0));
+        assert!(
+            a.handle(Input::Tick, speaker(0, 0)).is_empty(),
+            "the tool's result and the answer are still to come"
+        );
+        assert_eq!(a.state(), TurnState::Responding);
+        assert_eq!(a.replies(), 0);
+        // The answer: a second round of the same response, in an item of its own.
+        a.handle(started("reply-1", "reply-1-1"), speaker(0, 0));
+        a.handle(audio("reply-1", 100), speaker(0, 0));
+        // A barge-in now cuts the answer's item, not the call's.
+        a.handle(done("reply-1", "reply-1-1", false), speaker(0, 100));
+        let out = a.handle(Input::SpeechStarted { at: at(5) }, speaker(40, 100));
+        assert_eq!(
+            out.last(),
+            Some(&Effect::Engine(Call::Truncate {
+                item_id: "reply-1-1".into(),
+                audio_samples: 40
+            }))
+        );
+        assert_eq!(a.replies(), 1);
+    }
+
+    #[test]
+    fn half_duplex_plays_the_reply_through_speech() {
+        let mut a = Assistant::new(true, true);
+        let s = SpeakerState::default();
+        a.handle(Input::Start, s);
+        a.handle(Input::SpeechStarted { at: at(1) }, s);
+        let out = a.handle(
+            Input::SpeechEnded {
+                at: at(2),
+                audio: vec![0.1],
+            },
+            s,
+        );
+        assert_eq!(
+            out.last(),
+            Some(&Effect::Engine(Call::TranscribeWhenIdle {
+                item_id: "user-1".into(),
+                audio: vec![0.1]
+            })),
+            "the user's words are asked for"
+        );
+        a.handle(started("reply-1", "reply-1"), s);
+        assert!(a
+            .handle(Input::SpeechStarted { at: at(3) }, speaker(10, 100))
+            .is_empty());
+        assert_eq!(a.state(), TurnState::Responding);
+    }
+}
