@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use codec::{Detokenizer, DetokenizerChoice, ReplyStream, StreamEvent};
+use lfm2_audio::format::Frame;
 use lfm2_audio::generate::{
     ends_audio, prefill_chat, Generation, GenerationMode, GenerationParams,
 };
@@ -176,7 +177,7 @@ pub fn run_reply(
     let mut stream = ReplyStream::new(generation, Some(detok));
 
     let mut text_ids = Vec::new();
-    let mut frames: Vec<Vec<u32>> = Vec::new();
+    let mut frames: Vec<Frame> = Vec::new();
     let mut printed = String::new();
     let mut skipped = 0usize;
     let stdout = std::io::stdout();

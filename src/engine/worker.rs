@@ -17,7 +17,7 @@ use codec::{ReplyStream, StreamEvent};
 use crossbeam_channel::{Receiver, Sender};
 use dialog::reply::{ReplyItem, ReplyTracker};
 use dialog::tools::{self, ToolCall, ToolOutcome};
-use lfm2_audio::depthformer::Frame;
+use lfm2_audio::format::{Frame, SAMPLES_PER_FRAME};
 use lfm2_audio::generate::{
     asr_chat, generate_text, is_audible, prefill_chat, Generation, GenerationMode, ReplyEnd, Token,
 };
@@ -114,7 +114,7 @@ fn samples_of(tokens: &[Token]) -> u64 {
         .iter()
         .filter(|t| matches!(t, Token::Audio(f) if is_audible(f)))
         .count() as u64
-        * codec::SAMPLES_PER_FRAME as u64
+        * SAMPLES_PER_FRAME as u64
 }
 
 pub(crate) struct Conv {
@@ -1261,7 +1261,7 @@ impl Worker {
         self.rebuild(conv, i)?;
         conv.emit(ConvEvent::Truncated {
             item_id: item_id.to_owned(),
-            audio_samples: cut.frames as u64 * codec::SAMPLES_PER_FRAME as u64,
+            audio_samples: cut.frames as u64 * SAMPLES_PER_FRAME as u64,
             text,
         });
         Ok(())
@@ -1804,7 +1804,7 @@ impl Worker {
             (_, Some(c)) => {
                 tokens.truncate(c.position - reply_start);
                 conv.session.truncate_to(c.position)?;
-                c.frames as u64 * codec::SAMPLES_PER_FRAME as u64
+                c.frames as u64 * SAMPLES_PER_FRAME as u64
             }
             _ => {
                 // Everything generated stays; the positions fed are exactly the tokens.
