@@ -102,8 +102,8 @@ fn token_parts(tokens: &[Token]) -> Vec<Part> {
         match (t, parts.last_mut()) {
             (Token::Text(id), Some(Part::Text(ids))) => ids.push(*id),
             (Token::Text(id), _) => parts.push(Part::Text(vec![*id])),
-            (Token::Audio(f), Some(Part::Frames(fs))) => fs.push(f.clone()),
-            (Token::Audio(f), _) => parts.push(Part::Frames(vec![f.clone()])),
+            (Token::Audio(f), Some(Part::Frames(fs))) => fs.push(*f),
+            (Token::Audio(f), _) => parts.push(Part::Frames(vec![*f])),
         }
     }
     parts
