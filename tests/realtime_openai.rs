@@ -230,6 +230,20 @@ fn the_official_openai_client_talks_to_lfm2d() {
     );
 }
 
+/// Three sessions of the official client at once: two replies are generated together, and the
+/// third waits for one of them only (tests/realtime/concurrent_test.py checks the order).
+#[test]
+fn three_sessions_share_the_engine_two_replies_at_a_time() {
+    let server = Server::start(&[], &[]);
+    run_client(
+        ".venv-rt",
+        "concurrent_test.py",
+        &server,
+        &[],
+        Duration::from_secs(180),
+    );
+}
+
 /// pipecat-ai's OpenAI Realtime LLM service in a pipeline: a turn, and a tool call that pipecat
 /// runs and answers.
 #[test]

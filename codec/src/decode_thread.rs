@@ -167,6 +167,9 @@ mod tests {
         fn reset(&mut self) {
             self.0 = 0;
         }
+        fn fork(&self) -> Result<Box<dyn Detokenizer>> {
+            Ok(Box::new(Counter(0)))
+        }
         fn decode(&self, _: &[Frame]) -> Result<Vec<f32>> {
             Ok(Vec::new())
         }

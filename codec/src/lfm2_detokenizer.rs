@@ -54,7 +54,7 @@ pub struct Lfm2DetokenizerTrace {
 
 /// The LFM2 audio detokenizer with its streaming state.
 pub struct Lfm2Detokenizer {
-    net: Network,
+    net: std::sync::Arc<Network>,
     /// Stream state: the LFM2 caches, the ISTFT overlap and the frames pushed so far.
     state: Lfm2State,
     istft: StreamingIstft,
@@ -119,13 +119,13 @@ impl Lfm2Detokenizer {
         })?;
         let state = stack.new_state()?;
         Ok(Self {
-            net: Network {
+            net: std::sync::Arc::new(Network {
                 embedding,
                 stack,
                 lin,
                 window,
                 hidden,
-            },
+            }),
             state,
             istft,
             pushed: 0,
@@ -236,6 +236,17 @@ impl Network {
 impl Detokenizer for Lfm2Detokenizer {
     fn lookahead(&self) -> usize {
         istft::PAD
+    }
+
+    fn fork(&self) -> Result<Box<dyn Detokenizer>> {
+        let istft = StreamingIstft::new(self.net.window.clone())
+            .map_err(|e| Error::Invalid(format!("the detokenizer's ISTFT window: {e}")))?;
+        Ok(Box::new(Self {
+            net: std::sync::Arc::clone(&self.net),
+            state: self.net.stack.new_state()?,
+            istft,
+            pushed: 0,
+        }))
     }
 
     fn push_into(&mut self, frame: &Frame, out: &mut Vec<f32>) -> Result<usize> {

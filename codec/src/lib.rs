@@ -16,13 +16,17 @@
 //! [`open_detokenizer`] loads the one a model directory has (or the one asked for), and
 //! [`DecodeThread`] runs any of them on a thread of its own, fed through a channel.
 //!
-//! Not for: generating codes (that is `lfm2-audio`, which also holds the weights loader and the
+//! [`ReplyStream`] is a reply from generation to sound: it steps `lfm2-audio`'s generation and
+//! decodes the audible frames as they come, with the one end-of-audio rule of the workspace.
+//!
+//! Not for: sampling codes (that is `lfm2-audio`, which also holds the weights loader and the
 //! layers both decoders are built from) or playing audio (that is `audio-io`).
 
 pub mod decode_thread;
 pub mod istft;
 pub mod lfm2_detokenizer;
 pub mod mimi;
+pub mod stream;
 
 use std::path::Path;
 
@@ -32,6 +36,7 @@ pub use decode_thread::{DecodeThread, Decoded};
 pub use lfm2_audio::error::{Error, Result};
 pub use lfm2_detokenizer::Lfm2Detokenizer;
 pub use mimi::MimiDecoder;
+pub use stream::{ReplyStream, StreamEvent};
 
 /// A streaming decoder from audio frames to 24 kHz mono samples.
 ///
@@ -58,6 +63,10 @@ pub trait Detokenizer: Send {
 
     /// Forgets the stream in progress, discarding what it held back.
     fn reset(&mut self);
+
+    /// A decoder of the same weights (shared, not copied) with a stream of its own, for
+    /// decoding several utterances at once.
+    fn fork(&self) -> Result<Box<dyn Detokenizer>>;
 
     /// Decodes a whole utterance at once, as the reference's batch decode does. It does not
     /// touch the stream in progress; the result equals pushing every frame and flushing, up to

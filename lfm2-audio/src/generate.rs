@@ -1,5 +1,7 @@
 //! Generation loops over a [`Session`].
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use crate::depthformer::AudioHead;
@@ -130,13 +132,25 @@ enum Modality {
     Audio,
 }
 
-/// The reference's generation loops as a pull-based state machine: each [`Generator::next`]
-/// runs one backbone step (feeding back what the previous call yielded) and samples one text token
-/// or one audio frame. Between two calls the caller may stop, which is how a reply is cancelled
-/// within one decode step.
-pub struct Generator<'a> {
-    session: &'a mut Session,
-    head: &'a AudioHead,
+/// Why a reply ended ([`Generation::end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyEnd {
+    /// The model emitted `<|im_end|>` (interleaved: not yielded; sequential: yielded last).
+    StopToken,
+    /// `max_new_tokens` steps were taken.
+    MaxTokens,
+    /// The conversation reached the model's context limit.
+    ContextFull,
+}
+
+/// The reference's generation loops as a pull-based state machine that does not hold the
+/// conversation: each [`Generation::next_item`] runs one backbone step of the session it is given
+/// (feeding back what the previous call yielded) and samples one text token or one audio frame.
+/// Between two calls the caller may stop, which is how a reply is cancelled within one decode
+/// step, or step another reply in another session, which is how replies are interleaved. Every
+/// call must get the session the generation started in.
+pub struct Generation {
+    head: Arc<AudioHead>,
     special: SpecialTokens,
     mode: GenerationMode,
     text_sampler: Sampler,
@@ -154,14 +168,13 @@ pub struct Generator<'a> {
     pending: Option<Token>,
     /// The hidden state the last item was sampled from.
     last_hidden: Option<Tensor>,
-    finished: bool,
+    end: Option<ReplyEnd>,
 }
 
-impl<'a> Generator<'a> {
+impl Generation {
     /// Starts generating after a prefill whose last hidden state is `hidden`.
     pub fn new(
-        session: &'a mut Session,
-        head: &'a AudioHead,
+        head: Arc<AudioHead>,
         special: SpecialTokens,
         mode: GenerationMode,
         params: GenerationParams,
@@ -172,7 +185,6 @@ impl<'a> Generator<'a> {
             GenerationMode::Sequential => 0,
         };
         Self {
-            session,
             head,
             special,
             mode,
@@ -186,7 +198,7 @@ impl<'a> Generator<'a> {
             hidden: Some(hidden),
             pending: None,
             last_hidden: None,
-            finished: false,
+            end: None,
         }
     }
 
@@ -196,14 +208,29 @@ impl<'a> Generator<'a> {
         self.modality = Modality::Audio;
     }
 
+    /// The generation mode.
+    pub fn mode(&self) -> GenerationMode {
+        self.mode
+    }
+
+    /// The special tokens the generation stops and switches on.
+    pub fn special(&self) -> SpecialTokens {
+        self.special
+    }
+
     /// Backbone steps taken so far.
     pub fn steps(&self) -> usize {
         self.steps
     }
 
-    /// Whether the reply has ended (stop token, end-of-audio handling, or the step limit).
+    /// Why the reply ended, once it has.
+    pub fn end(&self) -> Option<ReplyEnd> {
+        self.end
+    }
+
+    /// Whether the reply has ended (stop token, the step limit or the context limit).
     pub fn is_finished(&self) -> bool {
-        self.finished
+        self.end.is_some()
     }
 
     /// The final-normed backbone state the last item was sampled from.
@@ -211,44 +238,49 @@ impl<'a> Generator<'a> {
         self.last_hidden.as_ref()
     }
 
-    /// The session being extended.
-    pub fn session(&self) -> &Session {
-        self.session
+    /// The audio head frames are sampled and embedded with.
+    pub fn head(&self) -> &Arc<AudioHead> {
+        &self.head
     }
 
     /// Runs the backbone on the last yielded item, if it has not run yet, so that the session
     /// holds everything yielded. Call it when the reply is over to keep the history complete.
-    pub fn feed_pending(&mut self) -> Result<Option<Tensor>> {
+    pub fn feed_pending(&mut self, session: &mut Session) -> Result<Option<Tensor>> {
         let Some(token) = self.pending.take() else {
             return Ok(None);
         };
-        if self.session.remaining() == 0 {
+        if session.remaining() == 0 {
             return Err(crate::error::Error::Invalid(
                 "the conversation has reached the model's context limit".into(),
             ));
         }
         let hidden = match &token {
-            Token::Text(id) => self.session.step_text(*id)?,
-            Token::Audio(frame) => self
-                .session
-                .step(&self.head.frame_embedding(frame)?, Item::AudioOut)?,
+            Token::Text(id) => session.step_text(*id)?,
+            Token::Audio(frame) => {
+                session.step(&self.head.frame_embedding(frame)?, Item::AudioOut)?
+            }
         };
         Ok(Some(hidden))
     }
 
-    /// Generates the next item, or `None` when the reply is over.
-    pub fn next_item(&mut self) -> Result<Option<Token>> {
-        if self.finished
-            || self.steps >= self.max_new_tokens
-            || (self.hidden.is_none() && self.session.remaining() == 0)
-        {
-            self.finished = true;
+    /// Generates the next item in `session`, or `None` when the reply is over (then
+    /// [`Generation::end`] says why).
+    pub fn next_item(&mut self, session: &mut Session) -> Result<Option<Token>> {
+        if self.end.is_some() {
+            return Ok(None);
+        }
+        if self.steps >= self.max_new_tokens {
+            self.end = Some(ReplyEnd::MaxTokens);
+            return Ok(None);
+        }
+        if self.hidden.is_none() && session.remaining() == 0 {
+            self.end = Some(ReplyEnd::ContextFull);
             return Ok(None);
         }
         let hidden = match self.hidden.take() {
             Some(h) => h,
             None => self
-                .feed_pending()?
+                .feed_pending(session)?
                 .ok_or_else(|| crate::error::Error::Invalid("nothing to continue from".into()))?,
         };
         self.steps += 1;
@@ -258,9 +290,9 @@ impl<'a> Generator<'a> {
                 self.left -= 1;
                 match self.modality {
                     Modality::Text => {
-                        let id = self.sample_text(&hidden)?;
+                        let id = self.sample_text(session, &hidden)?;
                         if id == self.special.im_end {
-                            self.finished = true;
+                            self.end = Some(ReplyEnd::StopToken);
                             return Ok(None);
                         }
                         if id == self.special.text_end {
@@ -278,7 +310,7 @@ impl<'a> Generator<'a> {
                             self.modality = Modality::Text;
                             self.left = n_text as i64;
                         }
-                        if frame[0] == END_OF_AUDIO {
+                        if ends_audio(&frame) {
                             frame.iter_mut().for_each(|c| *c = END_OF_AUDIO);
                             self.modality = Modality::Text;
                         }
@@ -288,20 +320,20 @@ impl<'a> Generator<'a> {
             }
             GenerationMode::Sequential => match self.modality {
                 Modality::Text => {
-                    let id = self.sample_text(&hidden)?;
+                    let id = self.sample_text(session, &hidden)?;
                     if id == self.special.audio_start {
                         self.modality = Modality::Audio;
                     }
                     if id == self.special.im_end {
                         // Yielded, never fed back.
-                        self.finished = true;
+                        self.end = Some(ReplyEnd::StopToken);
                         return Ok(Some(Token::Text(id)));
                     }
                     Token::Text(id)
                 }
                 Modality::Audio => {
                     let mut frame = self.head.sample_frame(&hidden, &mut self.audio_sampler)?;
-                    if frame[0] == END_OF_AUDIO {
+                    if ends_audio(&frame) {
                         frame.iter_mut().for_each(|c| *c = END_OF_AUDIO);
                         self.modality = Modality::Text;
                     }
@@ -313,13 +345,83 @@ impl<'a> Generator<'a> {
         Ok(Some(token))
     }
 
-    fn sample_text(&mut self, hidden: &Tensor) -> Result<u32> {
-        let logits = self
-            .session
+    fn sample_text(&mut self, session: &Session, hidden: &Tensor) -> Result<u32> {
+        let logits = session
             .model()
             .text_logits(&hidden.unsqueeze(0)?)?
             .squeeze(0)?
             .to_vec1::<f32>()?;
         Ok(self.text_sampler.sample(&logits))
+    }
+}
+
+/// Whether a sampled frame ends the reply's audio: its first code is the end-of-audio code (the
+/// reference checks codebook 0 only and then sets every code to it).
+pub fn ends_audio(frame: &[u32]) -> bool {
+    frame.first() == Some(&END_OF_AUDIO)
+}
+
+/// Whether a frame carries sound: no code is the end-of-audio code. The end-of-audio frame does
+/// not, nor does a frame that sampled the end-of-audio code on a later codebook only (no decoder
+/// takes that code; it is fed back to the model like any frame but stays silent).
+pub fn is_audible(frame: &[u32]) -> bool {
+    !frame.contains(&END_OF_AUDIO)
+}
+
+/// A [`Generation`] bound to one session for its whole life: the simple way to run one reply.
+pub struct Generator<'a> {
+    session: &'a mut Session,
+    generation: Generation,
+}
+
+impl<'a> Generator<'a> {
+    /// Starts generating after a prefill whose last hidden state is `hidden`.
+    pub fn new(
+        session: &'a mut Session,
+        head: &Arc<AudioHead>,
+        special: SpecialTokens,
+        mode: GenerationMode,
+        params: GenerationParams,
+        hidden: Tensor,
+    ) -> Self {
+        Self {
+            session,
+            generation: Generation::new(Arc::clone(head), special, mode, params, hidden),
+        }
+    }
+
+    /// See [`Generation::continue_in_audio`].
+    pub fn continue_in_audio(&mut self) {
+        self.generation.continue_in_audio();
+    }
+
+    /// Backbone steps taken so far.
+    pub fn steps(&self) -> usize {
+        self.generation.steps()
+    }
+
+    /// Whether the reply has ended (stop token, the step limit or the context limit).
+    pub fn is_finished(&self) -> bool {
+        self.generation.is_finished()
+    }
+
+    /// The final-normed backbone state the last item was sampled from.
+    pub fn last_hidden(&self) -> Option<&Tensor> {
+        self.generation.last_hidden()
+    }
+
+    /// The session being extended.
+    pub fn session(&self) -> &Session {
+        self.session
+    }
+
+    /// See [`Generation::feed_pending`].
+    pub fn feed_pending(&mut self) -> Result<Option<Tensor>> {
+        self.generation.feed_pending(self.session)
+    }
+
+    /// Generates the next item, or `None` when the reply is over.
+    pub fn next_item(&mut self) -> Result<Option<Token>> {
+        self.generation.next_item(self.session)
     }
 }

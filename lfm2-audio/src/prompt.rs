@@ -7,6 +7,24 @@ use crate::backbone::Backbone;
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 
+/// The tokens that open a turn of `role`: `<|im_start|>{role}\n`.
+pub fn turn_start(tok: &TextTokenizer, role: &str) -> Result<Vec<u32>> {
+    tok.encode(&format!("<|im_start|>{role}\n"))
+}
+
+/// The tokens that close a turn: `<|im_end|>\n`.
+pub fn turn_end(tok: &TextTokenizer) -> Result<Vec<u32>> {
+    tok.encode("<|im_end|>\n")
+}
+
+/// A whole turn of text: its start, `text` tokenized on its own, its end.
+pub fn text_turn(tok: &TextTokenizer, role: &str, text: &str) -> Result<Vec<u32>> {
+    let mut ids = turn_start(tok, role)?;
+    ids.extend(tok.encode(text)?);
+    ids.extend(turn_end(tok)?);
+    Ok(ids)
+}
+
 /// What occupies one backbone position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Item {
@@ -47,7 +65,9 @@ impl ChatState {
 
     /// Opens a turn: `<|im_start|>{role}\n`.
     pub fn new_turn(&mut self, tok: &TextTokenizer, role: &str) -> Result<()> {
-        self.push_text(tok, &format!("<|im_start|>{role}\n"))
+        let ids = turn_start(tok, role)?;
+        self.items.extend(ids.into_iter().map(Item::Text));
+        Ok(())
     }
 
     /// Appends text to the current turn.
@@ -57,7 +77,9 @@ impl ChatState {
 
     /// Closes the current turn: `<|im_end|>\n`.
     pub fn end_turn(&mut self, tok: &TextTokenizer) -> Result<()> {
-        self.push_text(tok, "<|im_end|>\n")
+        let ids = turn_end(tok)?;
+        self.items.extend(ids.into_iter().map(Item::Text));
+        Ok(())
     }
 
     /// Appends one audio clip's embeddings (`[n, hidden]`, from the audio encoder) as `n`

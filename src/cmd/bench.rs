@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use codec::{ReplyStream, StreamEvent};
 use lfm2_audio::format::{Frame, AUDIO_CODES, CODEBOOKS, END_OF_AUDIO, INPUT_SAMPLE_RATE};
 use lfm2_audio::generate::{
-    audio_chat, prefill_chat, GenerationMode, GenerationParams, Generator, Token,
+    audio_chat, ends_audio, prefill_chat, Generation, GenerationMode, GenerationParams, Generator,
+    Token,
 };
 use lfm2_audio::model::Lfm2AudioModel;
 use lfm2_audio::prompt::{ChatState, Item};
@@ -327,8 +329,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut ttfa = Vec::new();
     let mut stages: Vec<[f64; 4]> = Vec::new();
     let mut rtf = Vec::new();
+    let mut detok = Some(detok);
     for r in 0..args.runs {
-        detok.reset();
         if let Some(t) = &decode_thread {
             t.reset()?;
         }
@@ -360,63 +362,77 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             audio: SamplingParams::new(Some(1.0), Some(4)),
             seed: r as u64,
         };
-        let mut gen = Generator::new(
-            &mut session,
-            &model.audio_head,
+        let generation = Generation::new(
+            model.audio_head.clone(),
             tok.special(),
             mode,
             params,
             hidden,
         );
+        // Inline, the stream decodes; with a decoder thread it yields the frames only.
+        let inline = decode_thread.is_none();
+        let mut stream = ReplyStream::new(generation, if inline { detok.take() } else { None });
         let mut first: Option<(f64, f64)> = None;
         let target_frames = (args.speech_seconds * 12.5).round() as usize;
         let mut frames = 0usize;
         // Frames handed to the decoder thread whose samples have not come back yet.
         let mut in_flight = 0usize;
         let mut gen_start = None;
+        // When the last audible frame was generated, while its samples are awaited (inline).
+        let mut before_detok = None;
         while frames < target_frames {
-            let Some(token) = gen.next_item()? else {
+            match stream.next(&mut session)? {
                 // A random model may end its reply; the measurement continues with another.
-                break;
-            };
-            if let Token::Audio(frame) = token {
-                if frame.contains(&END_OF_AUDIO) {
-                    continue;
-                }
-                let before_detok = t0.elapsed().as_secs_f64();
-                match &decode_thread {
-                    None => {
-                        out.clear();
-                        detok.push_into(&frame, &mut out)?;
-                    }
-                    Some(t) => {
-                        t.push(frame)?;
-                        in_flight += 1;
-                        // The first frame is waited for (time to first audio); later ones
-                        // are collected as they are ready.
+                StreamEvent::End(_) => break,
+                StreamEvent::Text(_) | StreamEvent::Frame { audible: false, .. } => {}
+                StreamEvent::Pcm(_) => {
+                    // The samples of a frame (not the flush at the end of a reply).
+                    if let Some(before) = before_detok.take() {
+                        frames += 1;
                         if first.is_none() {
-                            decoded(t)?;
-                            in_flight -= 1;
-                        }
-                        while in_flight > 0 {
-                            match t.try_recv() {
-                                Some(codec::Decoded::Samples(s)) => {
-                                    t.recycle(s);
-                                    in_flight -= 1;
-                                }
-                                Some(codec::Decoded::Failed(e)) => return Err(e.into()),
-                                Some(other) => anyhow::bail!("unexpected reply: {other:?}"),
-                                None => break,
-                            }
+                            first = Some((before, t0.elapsed().as_secs_f64()));
+                            gen_start = Some(Instant::now());
                         }
                     }
                 }
-                frames += 1;
-                if first.is_none() {
-                    first = Some((before_detok, t0.elapsed().as_secs_f64()));
-                    gen_start = Some(Instant::now());
+                StreamEvent::Frame {
+                    frame,
+                    audible: true,
+                } => {
+                    let before = t0.elapsed().as_secs_f64();
+                    let Some(t) = &decode_thread else {
+                        before_detok = Some(before);
+                        continue;
+                    };
+                    t.push(frame)?;
+                    in_flight += 1;
+                    // The first frame is waited for (time to first audio); later ones are
+                    // collected as they are ready.
+                    if first.is_none() {
+                        decoded(t)?;
+                        in_flight -= 1;
+                    }
+                    while in_flight > 0 {
+                        match t.try_recv() {
+                            Some(codec::Decoded::Samples(s)) => {
+                                t.recycle(s);
+                                in_flight -= 1;
+                            }
+                            Some(codec::Decoded::Failed(e)) => return Err(e.into()),
+                            Some(other) => anyhow::bail!("unexpected reply: {other:?}"),
+                            None => break,
+                        }
+                    }
+                    frames += 1;
+                    if first.is_none() {
+                        first = Some((before, t0.elapsed().as_secs_f64()));
+                        gen_start = Some(Instant::now());
+                    }
                 }
             }
+        }
+        if let Some(d) = stream.into_detokenizer() {
+            detok = Some(d);
         }
         if let Some(t) = &decode_thread {
             // Real time means the audio is decoded too.
@@ -685,7 +701,7 @@ fn agreement(quant: &Lfm2AudioModel, dir: &Path, steps: usize) -> anyhow::Result
             Token::Audio(frame) => {
                 let mine = quant.audio_head.sample_frame(&q_hidden, &mut greedy)?;
                 // The reference turns a frame whose first code is end-of-audio into all 2048.
-                let eoa = mine[0] == END_OF_AUDIO;
+                let eoa = ends_audio(&mine);
                 for (c, (&a, &b)) in mine.iter().zip(frame).enumerate() {
                     let a = if eoa && c > 0 { END_OF_AUDIO } else { a };
                     codes_same += usize::from(a == b);

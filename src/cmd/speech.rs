@@ -5,9 +5,11 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use codec::{Detokenizer, DetokenizerChoice};
-use lfm2_audio::format::{Frame, END_OF_AUDIO, SAMPLES_PER_FRAME};
-use lfm2_audio::generate::{prefill_chat, GenerationMode, GenerationParams, Generator, Token};
+use codec::{Detokenizer, DetokenizerChoice, ReplyStream, StreamEvent};
+use lfm2_audio::format::Frame;
+use lfm2_audio::generate::{
+    ends_audio, prefill_chat, Generation, GenerationMode, GenerationParams,
+};
 use lfm2_audio::model::Lfm2AudioModel;
 use lfm2_audio::prompt::ChatState;
 use lfm2_audio::sampling::SamplingParams;
@@ -155,33 +157,33 @@ pub fn run_reply(
     args: &SpeechArgs,
     params: GenerationParams,
 ) -> anyhow::Result<()> {
-    let mut detok: Box<dyn Detokenizer> =
+    let detok: Box<dyn Detokenizer> =
         codec::open_detokenizer_with(&model.dir.root, args.codec.into(), &model.plan)
             .with_context(|| {
                 format!("loading the audio decoder of {}", model.dir.root.display())
             })?;
-    let mut wav = WavOut::create(&args.out, detok.sample_rate())?;
+    let rate = detok.sample_rate();
+    let mut wav = WavOut::create(&args.out, rate)?;
     let tok = &model.tokenizer;
     let mut session = Session::new(model.backbone.clone())?;
     let hidden = prefill_chat(&mut session, chat)?;
-    let mut generator = Generator::new(
-        &mut session,
-        &model.audio_head,
+    let generation = Generation::new(
+        model.audio_head.clone(),
         tok.special(),
         mode,
         params,
         hidden,
     );
+    let mut stream = ReplyStream::new(generation, Some(detok));
 
     let mut text_ids = Vec::new();
     let mut frames: Vec<Frame> = Vec::new();
     let mut printed = String::new();
-    let mut pcm = Vec::with_capacity(SAMPLES_PER_FRAME);
     let mut skipped = 0usize;
     let stdout = std::io::stdout();
-    while let Some(token) = generator.next_item()? {
-        match token {
-            Token::Text(id) => {
+    loop {
+        match stream.next(&mut session)? {
+            StreamEvent::Text(id) => {
                 text_ids.push(id);
                 if !args.json {
                     // Print the readable text as it grows (special tokens left out).
@@ -198,22 +200,16 @@ pub fn run_reply(
                     }
                 }
             }
-            Token::Audio(frame) => {
-                // End-of-audio frames (and frames holding the end-of-audio code elsewhere) carry no sound.
-                if !frame.contains(&END_OF_AUDIO) {
-                    pcm.clear();
-                    detok.push_into(&frame, &mut pcm)?;
-                    wav.write(&pcm)?;
-                } else if frame[0] != END_OF_AUDIO {
+            StreamEvent::Frame { frame, audible } => {
+                if !audible && !ends_audio(&frame) {
                     skipped += 1;
                 }
                 frames.push(frame);
             }
+            StreamEvent::Pcm(pcm) => wav.write(pcm)?,
+            StreamEvent::End(_) => break,
         }
     }
-    pcm.clear();
-    detok.flush_into(&mut pcm)?;
-    wav.write(&pcm)?;
     let samples = wav.finish()?;
     if skipped > 0 {
         eprintln!("warning: {skipped} frames held the end-of-audio code outside codebook 0 and were not decoded");
@@ -222,14 +218,14 @@ pub fn run_reply(
         let text = tok.decode_readable(&text_ids)?;
         println!(
             "{}",
-            serde_json::json!({"text": text, "text_ids": text_ids, "frames": frames, "sample_rate": detok.sample_rate(), "samples": samples})
+            serde_json::json!({"text": text, "text_ids": text_ids, "frames": frames, "sample_rate": rate, "samples": samples})
         );
     } else {
         let _ = writeln!(stdout.lock());
         eprintln!(
             "wrote {} ({:.2} s of audio)",
             args.out.display(),
-            samples as f64 / detok.sample_rate() as f64
+            samples as f64 / rate as f64
         );
     }
     Ok(())

@@ -1102,3 +1102,140 @@ fn a_slow_tool_never_stalls_another_conversation() {
     engine.shutdown();
     thread.join().unwrap();
 }
+
+/// Three conversations ask for a reply at once. Two replies are generated at a time, a step of
+/// each in turn, so the second starts before the first is over and the third waits for one
+/// reply only (the shorter of the two in progress), not for both. Each reply, its speech
+/// included, is the one its conversation makes alone with the same seed, and each
+/// conversation's state is the one it has alone.
+#[test]
+fn replies_of_three_conversations_interleave_and_each_is_as_alone() {
+    let model = model();
+    let setups: Vec<Setup> = [(8, 1), (40, 2), (12, 3)]
+        .into_iter()
+        .map(|(max, seed)| {
+            let mut s = setup(max);
+            s.params.audio = SamplingParams::new(Some(1.0), Some(4));
+            s.params.seed = seed;
+            s
+        })
+        .collect();
+    let question = |i: usize| Content::UserText(format!("Hello, this is caller {i}."));
+
+    // What one reply's events say: (text, samples, samples kept).
+    let reply_of = |events: &[ConvEvent], id: &str| {
+        let mut samples = Vec::new();
+        let mut done = None;
+        for e in events {
+            match e {
+                ConvEvent::Audio {
+                    response_id,
+                    samples: s,
+                } if response_id == id => samples.extend_from_slice(s),
+                ConvEvent::ReplyDone {
+                    response_id,
+                    text,
+                    audio_samples,
+                    cancelled,
+                    ..
+                } if response_id == id => {
+                    assert!(!cancelled);
+                    done = Some((text.clone(), *audio_samples));
+                }
+                ConvEvent::Error { message, .. } => panic!("{message}"),
+                _ => {}
+            }
+        }
+        let (text, kept) = done.expect("the reply ends");
+        (text, samples, kept)
+    };
+
+    // Each alone.
+    let mut alone = Vec::new();
+    for (i, s) in setups.iter().enumerate() {
+        let mut w = worker(&model, EngineOptions::default());
+        let (mut conv, rx) = open(&w, s.clone());
+        w.add(&mut conv, "u1".into(), question(i)).unwrap();
+        respond(&mut w, &mut conv, &format!("r{i}"));
+        let events = drain(&rx);
+        let steps = events
+            .iter()
+            .filter(|e| matches!(e, ConvEvent::Text { .. } | ConvEvent::Audio { .. }))
+            .count();
+        alone.push((reply_of(&events, &format!("r{i}")), conv, steps));
+    }
+    // The premise of the order below: the first reply is the shortest.
+    assert!(
+        alone[0].0 .1.len() < alone[1].0 .1.len() && alone[0].2 < alone[1].2,
+        "reply 0 is shorter than reply 1"
+    );
+
+    // Together, all asked for before the engine runs.
+    let mut w = worker(&model, EngineOptions::default());
+    let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    for (i, s) in setups.iter().enumerate() {
+        let (done, _) = crossbeam_channel::bounded(1);
+        let conv = i as u64 + 1;
+        jobs_tx
+            .send(Job::Open {
+                conv,
+                setup: s.clone(),
+                events: events_tx.clone(),
+                cancel: Arc::new(Cancel::default()),
+                done,
+            })
+            .unwrap();
+        jobs_tx
+            .send(Job::Add {
+                conv,
+                item_id: "u1".into(),
+                content: question(i),
+                place: Placement::End,
+            })
+            .unwrap();
+    }
+    for i in 0..3 {
+        jobs_tx
+            .send(Job::Respond {
+                conv: i as u64 + 1,
+                seq: 1,
+                respond: Respond {
+                    response_id: format!("r{i}"),
+                    item_id: format!("r{i}"),
+                    output: None,
+                },
+            })
+            .unwrap();
+    }
+    drop((jobs_tx, events_tx));
+    w.run(jobs_rx);
+    let events: Vec<ConvEvent> = events_rx.try_iter().collect();
+
+    let at = |kind: &str, id: &str| {
+        events
+            .iter()
+            .position(|e| match e {
+                ConvEvent::ReplyStarted { response_id, .. } => kind == "start" && response_id == id,
+                ConvEvent::ReplyDone { response_id, .. } => kind == "done" && response_id == id,
+                _ => false,
+            })
+            .unwrap_or_else(|| panic!("no {kind} of {id}"))
+    };
+    assert!(at("start", "r1") < at("done", "r0"), "r1 runs beside r0");
+    assert!(
+        at("done", "r0") < at("start", "r2"),
+        "two replies at a time"
+    );
+    assert!(
+        at("start", "r2") < at("done", "r1"),
+        "r2 waits for one reply only"
+    );
+    for (i, ((text, samples, kept), conv, _)) in alone.iter().enumerate() {
+        let (t, s, k) = reply_of(&events, &format!("r{i}"));
+        assert_eq!((&t, k), (text, *kept), "reply {i}");
+        assert!(s == *samples, "reply {i}: the speech differs from alone");
+        let together = w.conversation(i as u64 + 1).unwrap();
+        assert_same_state(&together.session, &conv.session);
+    }
+}

@@ -13,15 +13,16 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Tensor;
 use codec::Detokenizer;
+use codec::{ReplyStream, StreamEvent};
 use crossbeam_channel::{Receiver, Sender};
 use dialog::reply::{ReplyItem, ReplyTracker};
 use dialog::tools::{self, ToolCall, ToolOutcome};
-use lfm2_audio::format::{Frame, END_OF_AUDIO, SAMPLES_PER_FRAME};
+use lfm2_audio::format::{Frame, SAMPLES_PER_FRAME};
 use lfm2_audio::generate::{
-    asr_chat, generate_text, prefill_chat, GenerationMode, Generator, Token,
+    asr_chat, generate_text, is_audible, prefill_chat, Generation, GenerationMode, ReplyEnd, Token,
 };
 use lfm2_audio::model::Lfm2AudioModel;
-use lfm2_audio::prompt::{ChatState, Item};
+use lfm2_audio::prompt::{self, ChatState, Item};
 use lfm2_audio::sampling::{Sampler, SamplingParams};
 use lfm2_audio::session::Session;
 use lfm2_audio::tokenizer::TextStream;
@@ -111,7 +112,7 @@ fn token_parts(tokens: &[Token]) -> Vec<Part> {
 fn samples_of(tokens: &[Token]) -> u64 {
     tokens
         .iter()
-        .filter(|t| matches!(t, Token::Audio(f) if !f.contains(&END_OF_AUDIO)))
+        .filter(|t| matches!(t, Token::Audio(f) if is_audible(f)))
         .count() as u64
         * SAMPLES_PER_FRAME as u64
 }
@@ -197,18 +198,25 @@ impl FairQueue {
         self.pop_unless(&HashSet::new())
     }
 
-    /// Whether a job of a conversation not in `held` is waiting.
-    pub(crate) fn has_runnable(&self, held: &HashSet<u64>) -> bool {
-        !self.urgent.is_empty() || self.turns.iter().any(|c| !held.contains(c))
-    }
-
     /// The next job, passing over the conversations in `held` (their jobs keep their order and
     /// wait until they are not held any more).
+    #[cfg(test)]
     pub(crate) fn pop_unless(&mut self, held: &HashSet<u64>) -> Option<Job> {
+        self.pop_where(|conv, _| !held.contains(&conv))
+    }
+
+    /// The next job, from the first conversation in turn whose next job `runnable` accepts
+    /// (given the conversation and the job); conversations passed over keep their turn.
+    pub(crate) fn pop_where(&mut self, runnable: impl Fn(u64, &Job) -> bool) -> Option<Job> {
         if let Some(job) = self.urgent.pop_front() {
             return Some(job);
         }
-        let at = self.turns.iter().position(|c| !held.contains(c))?;
+        let at = self.turns.iter().position(|c| {
+            self.by_conv
+                .get(c)
+                .and_then(|q| q.front())
+                .is_some_and(|job| runnable(*c, job))
+        })?;
         let conv = self.turns.remove(at)?;
         let q = self.by_conv.get_mut(&conv)?;
         let job = q.pop_front();
@@ -225,15 +233,18 @@ impl FairQueue {
 enum Ending {
     /// The model finished (or reached the step or context limit).
     Done,
-    /// Cancelled; `Some(samples)` heard, or `None` to keep everything generated.
-    Cancelled(Option<u64>),
+    /// Cancelled (what was heard, if the client said, is in the reply's cut).
+    Cancelled,
     /// Text output and the model wanted to speak: stopped before the audio.
     TextOnly,
 }
 
 pub(crate) struct Worker {
     model: Arc<Lfm2AudioModel>,
-    detok: Box<dyn Detokenizer>,
+    /// Audio decoders not in use by a reply, and the one they are forked from (each reply in
+    /// progress decodes with a stream of its own).
+    detoks: Vec<Box<dyn Detokenizer>>,
+    template: Box<dyn Detokenizer>,
     options: EngineOptions,
     convs: HashMap<u64, Conv>,
     forced: Option<String>,
@@ -246,9 +257,48 @@ pub(crate) struct Worker {
     /// held: its later jobs wait, in order, until the response has gone on.
     tools_done: (Sender<ToolsDone>, Receiver<ToolsDone>),
     held: HashSet<u64>,
+    /// The responses whose replies are in progress (at most `IN_FLIGHT` at once, but for one
+    /// going on after its tools), stepped in turn.
+    active: Vec<Active>,
+}
+
+/// Replies generated at once (one step of each in turn).
+pub(crate) const IN_FLIGHT: usize = 2;
+
+fn is_response(job: &Job) -> bool {
+    matches!(job, Job::Respond { .. } | Job::RespondApart { .. })
+}
+
+/// Where a response's reply is made.
+pub(crate) enum Place {
+    /// In its conversation, where it stays.
+    Conversation,
+    /// In its conversation, cut off again when it is over (back to this many positions and
+    /// entries): an out-of-band reply to the conversation as it is.
+    Restore { len: usize, entries: usize },
+    /// In a conversation of its own: an out-of-band reply to items of its own.
+    Apart(Box<Conv>),
+}
+
+/// A response in progress on the engine thread.
+pub(crate) struct Active {
+    conv: u64,
+    place: Place,
+    round: Round,
+    /// The round's reply (None before it begins).
+    run: Option<ReplyRun>,
+}
+
+/// What a step of a response led to.
+enum Step {
+    Going,
+    Done,
+    /// Tools to run before the response goes on.
+    Tools(ToolRun),
 }
 
 /// A response between its rounds: what the next round needs.
+#[derive(Clone)]
 pub(crate) struct Round {
     seq: u64,
     req: Respond,
@@ -320,7 +370,8 @@ impl Worker {
             .unwrap_or(MAX_TRANSCRIPT_TOKENS);
         Self {
             model,
-            detok,
+            detoks: Vec::new(),
+            template: detok,
             options,
             convs: HashMap::new(),
             forced,
@@ -329,15 +380,19 @@ impl Worker {
             force_without_tools: false,
             tools_done: crossbeam_channel::unbounded(),
             held: HashSet::new(),
+            active: Vec::new(),
         }
     }
 
     pub(crate) fn run(&mut self, jobs: Receiver<Job>) {
-        // Conversations are served in turn (`FairQueue`). Background transcriptions wait until
-        // nothing else is queued, and give way within one token to any job that arrives
-        // meanwhile (then start again later): the words of a turn that are only for the record
-        // must never hold up a reply. A conversation whose tools are running is passed over
-        // until their results are back.
+        // Conversations are served in turn (`FairQueue`), and up to `IN_FLIGHT` replies are
+        // generated at once, one step of each in turn: a reply asked for while others are in
+        // progress starts as soon as one of them is over. Between two rounds of steps, one job
+        // of another conversation runs (an item to prefill, a transcription). A conversation
+        // with a reply in progress or tools running is passed over (its jobs keep their order).
+        // Background transcriptions wait until nothing else is queued or in progress, and give
+        // way within one token to any job that arrives meanwhile (then start again later): the
+        // words of a turn that are only for the record must never hold up a reply.
         let mut queue = FairQueue::default();
         let mut deferred: std::collections::VecDeque<Job> = Default::default();
         let tools_done = self.tools_done.1.clone();
@@ -350,64 +405,107 @@ impl Worker {
                     Err(crossbeam_channel::TryRecvError::Disconnected) => open = false,
                 }
             }
-            if !open && queue.is_empty() {
-                // Every handle is gone (and with them every conversation).
-                return;
-            }
             while let Ok(done) = tools_done.try_recv() {
                 self.tools_finished(done);
             }
-            if !queue.has_runnable(&self.held) {
-                if let Some(job) = deferred.pop_front() {
-                    if let Some(job) = self.transcribe_unless(job, &jobs) {
-                        deferred.push_front(job);
-                    }
-                    continue;
-                }
-                let incoming = if open {
-                    jobs.clone()
-                } else {
-                    crossbeam_channel::never()
-                };
-                crossbeam_channel::select! {
-                    recv(incoming) -> job => match job {
-                        Ok(job) => queue.push(job),
-                        Err(_) => open = false,
-                    },
-                    recv(tools_done) -> done => {
-                        if let Ok(done) = done {
-                            self.tools_finished(done);
-                        }
-                    }
-                }
-                continue;
+            if !open && queue.is_empty() && self.active.is_empty() {
+                // Every handle is gone (and with them every conversation).
+                break;
             }
-            let Some(job) = queue.pop_unless(&self.held) else {
-                continue;
-            };
+            let room = self.active.len() < IN_FLIGHT;
+            let busy: HashSet<u64> = self
+                .held
+                .iter()
+                .copied()
+                .chain(self.active.iter().map(|a| a.conv))
+                .collect();
+            let job =
+                queue.pop_where(|conv, job| !busy.contains(&conv) && (room || !is_response(job)));
             match job {
-                Job::Shutdown => break,
-                job @ Job::Transcribe {
-                    background: true, ..
-                } => deferred.push_back(job),
-                Job::Open {
+                Some(Job::Shutdown) => break,
+                Some(
+                    job @ Job::Transcribe {
+                        background: true, ..
+                    },
+                ) => deferred.push_back(job),
+                Some(Job::Open {
                     conv,
                     setup,
                     events,
                     cancel,
                     done,
-                } => {
+                }) => {
                     let r = self.open(setup, events, cancel).map(|c| {
                         self.convs.insert(conv, c);
                     });
                     let _ = done.send(r);
                 }
-                Job::Close { conv } => {
+                Some(Job::Close { conv }) => {
                     self.convs.remove(&conv);
                     self.held.remove(&conv);
+                    let (gone, kept) = std::mem::take(&mut self.active)
+                        .into_iter()
+                        .partition(|a| a.conv == conv);
+                    self.active = kept;
+                    for a in gone {
+                        self.retire(a);
+                    }
                 }
-                job => self.conversation_job(job),
+                Some(job @ (Job::Respond { .. } | Job::RespondApart { .. })) => {
+                    self.start_active(job)
+                }
+                Some(job) => self.conversation_job(job),
+                None if self.active.is_empty() => {
+                    // Nothing to run and no reply in progress.
+                    if let Some(job) = deferred.pop_front() {
+                        if let Some(job) = self.transcribe_unless(job, &jobs) {
+                            deferred.push_front(job);
+                        }
+                        continue;
+                    }
+                    let incoming = if open {
+                        jobs.clone()
+                    } else {
+                        crossbeam_channel::never()
+                    };
+                    crossbeam_channel::select! {
+                        recv(incoming) -> job => match job {
+                            Ok(job) => queue.push(job),
+                            Err(_) => open = false,
+                        },
+                        recv(tools_done) -> done => {
+                            if let Ok(done) = done {
+                                self.tools_finished(done);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                None => {}
             }
+            // One step of each reply in progress, in turn.
+            let mut i = 0;
+            while i < self.active.len() {
+                let mut a = self.active.swap_remove(i);
+                match self.step_active(&mut a) {
+                    Step::Going => {
+                        // Back in its place: the order of turns is kept.
+                        self.active.push(a);
+                        let last = self.active.len() - 1;
+                        self.active.swap(i, last);
+                        i += 1;
+                    }
+                    Step::Done => self.retire(a),
+                    Step::Tools(run) => {
+                        let conv = a.conv;
+                        self.retire(a);
+                        self.start_tools(conv, run);
+                    }
+                }
+            }
+        }
+        for a in std::mem::take(&mut self.active) {
+            self.retire(a);
         }
     }
 
@@ -441,18 +539,228 @@ impl Worker {
         }
     }
 
-    /// A conversation's tool results are back: its response goes on (and its jobs with it).
+    /// A conversation's tool results are back: its response goes on (and its jobs with it), its
+    /// next reply stepped among the others.
     fn tools_finished(&mut self, done: ToolsDone) {
         self.held.remove(&done.conv);
         // A closed conversation has nobody to report to.
         let Some(mut conv) = self.convs.remove(&done.conv) else {
             return;
         };
-        if let Some(run) = self.after_tools(&mut conv, done.round, done.results) {
-            self.convs.insert(done.conv, conv);
-            self.start_tools(done.conv, run);
-        } else {
-            self.convs.insert(done.conv, conv);
+        let next = self.add_results(&mut conv, done.round, done.results);
+        self.convs.insert(done.conv, conv);
+        if let Some(round) = next {
+            self.active.push(Active {
+                conv: done.conv,
+                place: Place::Conversation,
+                round,
+                run: None,
+            });
+        }
+    }
+
+    /// Starts a response job on the engine thread: its reply is stepped among the others by
+    /// [`Worker::step_active`]. Nothing to step when the job is answered at once.
+    fn start_active(&mut self, job: Job) {
+        let (id, item_id) = match &job {
+            Job::Respond { conv, respond, .. } | Job::RespondApart { conv, respond, .. } => {
+                (*conv, respond.item_id.clone())
+            }
+            _ => return,
+        };
+        // A job of a closed conversation has nobody to report to.
+        let Some(mut conv) = self.convs.remove(&id) else {
+            return;
+        };
+        let (seq, respond, place) = match job {
+            Job::Respond { seq, respond, .. } => match conv.failed_add.take() {
+                Some(failed) => {
+                    conv.emit(ConvEvent::Error {
+                        item_id: Some(respond.item_id.clone()),
+                        message: format!(
+                            "item {failed:?} could not be added to the conversation (see the error before); no reply is made without it"
+                        ),
+                    });
+                    conv.emit(ConvEvent::ReplyDone {
+                        response_id: respond.response_id,
+                        item_id: respond.item_id,
+                        text: String::new(),
+                        audio_samples: 0,
+                        cancelled: false,
+                    });
+                    self.convs.insert(id, conv);
+                    return;
+                }
+                None => (seq, respond, Place::Conversation),
+            },
+            Job::RespondApart {
+                seq,
+                respond,
+                input,
+                ..
+            } => match self.place_apart(&mut conv, &respond, input) {
+                Ok(Some(place)) => (seq, respond, place),
+                Ok(None) => {
+                    self.convs.insert(id, conv);
+                    return;
+                }
+                Err(e) => {
+                    self.fail(&mut conv, Some(item_id), e);
+                    self.convs.insert(id, conv);
+                    return;
+                }
+            },
+            _ => return,
+        };
+        let round = Round {
+            seq,
+            output: respond.output.unwrap_or(conv.setup.output),
+            item_id: respond.item_id.clone(),
+            req: respond,
+            started: Instant::now(),
+            number: 0,
+        };
+        self.convs.insert(id, conv);
+        self.active.push(Active {
+            conv: id,
+            place,
+            round,
+            run: None,
+        });
+    }
+
+    /// Where an out-of-band reply of `conv` is made: in it (cut off again afterwards), or in a
+    /// conversation of its own holding `input`. None when its input could not be added
+    /// (reported, and the response closed).
+    fn place_apart(
+        &mut self,
+        conv: &mut Conv,
+        respond: &Respond,
+        input: Option<Vec<(String, Content)>>,
+    ) -> anyhow::Result<Option<Place>> {
+        let Some(input) = input else {
+            return Ok(Some(Place::Restore {
+                len: conv.session.len(),
+                entries: conv.entries.len(),
+            }));
+        };
+        let mut apart = self.open(
+            conv.setup.clone(),
+            conv.events.clone(),
+            Arc::clone(&conv.cancel),
+        )?;
+        // The test seam's count and the call ids go on from the conversation's.
+        apart.replies = conv.replies;
+        apart.calls = conv.calls + 1_000_000;
+        for (id, content) in input {
+            if let Err(e) = self.insert(&mut apart, id, content, Placement::End) {
+                conv.emit(ConvEvent::Error {
+                    item_id: Some(respond.item_id.clone()),
+                    message: format!("{e:#}"),
+                });
+                conv.emit(ConvEvent::ReplyDone {
+                    response_id: respond.response_id.clone(),
+                    item_id: respond.item_id.clone(),
+                    text: String::new(),
+                    audio_samples: 0,
+                    cancelled: false,
+                });
+                return Ok(None);
+            }
+        }
+        Ok(Some(Place::Apart(Box::new(apart))))
+    }
+
+    /// One step of a response in progress: its reply's start, one step of it, or its end (and
+    /// what follows: the next round, or tools to run).
+    fn step_active(&mut self, active: &mut Active) -> Step {
+        // A closed conversation has nobody to report to.
+        let Some(mut conv) = self.convs.remove(&active.conv) else {
+            return Step::Done;
+        };
+        let step = self.step_in(&mut conv, active);
+        if !matches!(step, Step::Going) {
+            if let Place::Restore { len, entries } = active.place {
+                conv.entries.truncate(entries);
+                if let Err(e) = conv.session.truncate_to(len) {
+                    self.fail(&mut conv, None, e.into());
+                }
+            }
+        }
+        self.convs.insert(active.conv, conv);
+        step
+    }
+
+    fn step_in(&mut self, conv: &mut Conv, active: &mut Active) -> Step {
+        let in_conversation = matches!(active.place, Place::Conversation);
+        let conv = match &mut active.place {
+            Place::Apart(apart) => apart.as_mut(),
+            _ => conv,
+        };
+        let round = &active.round;
+        let Some(run) = active.run.as_mut() else {
+            let begun = self.begin_reply(
+                conv,
+                round.seq,
+                &round.req.response_id,
+                &round.item_id,
+                round.output,
+                round.started,
+            );
+            return match begun {
+                Ok(Some(run)) => {
+                    active.run = Some(run);
+                    Step::Going
+                }
+                Ok(None) => Step::Done,
+                Err(e) => {
+                    // The error first: it says why the reply is empty.
+                    self.fail(conv, Some(round.item_id.clone()), e);
+                    Self::close_round(conv, round);
+                    Step::Done
+                }
+            };
+        };
+        let ended = match self.step_reply(conv, run) {
+            Ok(false) => return Step::Going,
+            Ok(true) => active.run.take().map(|run| self.end_reply(conv, run)),
+            Err(e) => {
+                if let Some(run) = active.run.take() {
+                    self.recycle(run);
+                }
+                Some(Err(e))
+            }
+        };
+        let calls = match ended {
+            Some(Ok(calls)) => calls,
+            Some(Err(e)) => {
+                self.fail(conv, Some(round.item_id.clone()), e);
+                Self::close_round(conv, round);
+                return Step::Done;
+            }
+            None => return Step::Done,
+        };
+        let Some(tools) = self.round_calls(conv, round.clone(), calls) else {
+            return Step::Done;
+        };
+        if in_conversation {
+            return Step::Tools(tools);
+        }
+        // Out of band: the tools run here, and the reply goes on.
+        let (round, results) = tools.run();
+        match self.add_results(conv, round, results) {
+            Some(next) => {
+                active.round = next;
+                Step::Going
+            }
+            None => Step::Done,
+        }
+    }
+
+    /// Drops a response (over, or of a closed conversation), keeping its audio decoder.
+    fn retire(&mut self, active: Active) {
+        if let Some(run) = active.run {
+            self.recycle(run);
         }
     }
 
@@ -494,6 +802,12 @@ impl Worker {
                 None
             }
         }
+    }
+
+    /// A conversation of the engine, by id.
+    #[cfg(test)]
+    pub(crate) fn conversation(&self, id: u64) -> Option<&Conv> {
+        self.convs.get(&id)
     }
 
     /// Teacher-forces `text` at the start of the first reply of conversations with tools (the
@@ -556,38 +870,6 @@ impl Worker {
                 }
                 r
             }
-            Job::Respond { seq, respond, .. } => match conv.failed_add.take() {
-                Some(failed) => {
-                    conv.emit(ConvEvent::Error {
-                        item_id: Some(respond.item_id.clone()),
-                        message: format!(
-                            "item {failed:?} could not be added to the conversation (see the error before); no reply is made without it"
-                        ),
-                    });
-                    conv.emit(ConvEvent::ReplyDone {
-                        response_id: respond.response_id,
-                        item_id: respond.item_id,
-                        text: String::new(),
-                        audio_samples: 0,
-                        cancelled: false,
-                    });
-                    Ok(())
-                }
-                None => {
-                    if let Some(run) = self.start_response(&mut conv, seq, respond) {
-                        self.convs.insert(id, conv);
-                        self.start_tools(id, run);
-                        return;
-                    }
-                    Ok(())
-                }
-            },
-            Job::RespondApart {
-                seq,
-                respond,
-                input,
-                ..
-            } => self.respond_apart(&mut conv, seq, respond, input),
             Job::Truncate {
                 item_id,
                 audio_samples,
@@ -600,7 +882,12 @@ impl Worker {
                 stream,
                 ..
             } => self.transcribe(&conv, item_id, &audio, stream),
-            Job::Open { .. } | Job::Close { .. } | Job::Shutdown => Ok(()),
+            // Responses are started by `start_active` and stepped by the run loop.
+            Job::Respond { .. }
+            | Job::RespondApart { .. }
+            | Job::Open { .. }
+            | Job::Close { .. }
+            | Job::Shutdown => Ok(()),
         };
         if let Err(e) = result {
             self.fail(&mut conv, item_id, e);
@@ -783,6 +1070,7 @@ impl Worker {
 
     /// A reply to `input` alone: a conversation of its own (the instructions, then `input`) in a
     /// session of its own, so that the conversation's caches are not touched.
+    #[cfg(test)]
     pub(crate) fn respond_apart(
         &mut self,
         conv: &mut Conv,
@@ -840,10 +1128,7 @@ impl Worker {
         );
         let tok = &self.model.tokenizer;
         let text_turn = |role: &str, text: &str| -> anyhow::Result<Vec<u32>> {
-            let mut ids = tok.encode(&format!("<|im_start|>{role}\n"))?;
-            ids.extend(tok.encode(text)?);
-            ids.extend(tok.encode("<|im_end|>\n")?);
-            Ok(ids)
+            Ok(prompt::text_turn(tok, role, text)?)
         };
         let parts = match content {
             Content::UserAudio(audio) => {
@@ -853,9 +1138,9 @@ impl Worker {
                     .embed(&audio)
                     .context("encoding the user's speech")?;
                 vec![
-                    Part::Text(tok.encode("<|im_start|>user\n")?),
+                    Part::Text(prompt::turn_start(tok, "user")?),
                     Part::AudioIn(emb),
-                    Part::Text(tok.encode("<|im_end|>\n")?),
+                    Part::Text(prompt::turn_end(tok)?),
                 ]
             }
             Content::UserText(text) => vec![Part::Text(text_turn("user", &text)?)],
@@ -1074,6 +1359,7 @@ impl Worker {
     /// (see [`Worker::start_response`]); this is for the tests and for out-of-band replies, whose
     /// conversation is apart from its history (the Realtime server's, which report their calls
     /// to the client rather than run them).
+    #[cfg(test)]
     pub(crate) fn respond(
         &mut self,
         conv: &mut Conv,
@@ -1090,6 +1376,7 @@ impl Worker {
 
     /// The first round of a response. Returns the tool calls to run before it goes on, if any
     /// (with [`ToolPolicy::Run`]).
+    #[cfg(test)]
     pub(crate) fn start_response(
         &mut self,
         conv: &mut Conv,
@@ -1120,7 +1407,8 @@ impl Worker {
     }
 
     /// One round: a reply, and the tool calls it made if they are to be run.
-    fn reply_round(&mut self, conv: &mut Conv, mut round: Round) -> Option<ToolRun> {
+    #[cfg(test)]
+    fn reply_round(&mut self, conv: &mut Conv, round: Round) -> Option<ToolRun> {
         let calls = match self.reply(
             conv,
             round.seq,
@@ -1137,6 +1425,16 @@ impl Worker {
                 return None;
             }
         };
+        self.round_calls(conv, round, calls)
+    }
+
+    /// What follows a round's reply: the tool calls it made, if they are to be run.
+    fn round_calls(
+        &mut self,
+        conv: &mut Conv,
+        mut round: Round,
+        calls: Vec<(String, Result<ToolCall, String>)>,
+    ) -> Option<ToolRun> {
         if calls.is_empty() {
             return None;
         }
@@ -1161,12 +1459,25 @@ impl Worker {
 
     /// The results of a round's tools go back to the model as `tool` turns, and the next round
     /// begins (unless the response was cancelled meanwhile).
+    #[cfg(test)]
     fn after_tools(
+        &mut self,
+        conv: &mut Conv,
+        round: Round,
+        results: Vec<(String, ToolOutcome)>,
+    ) -> Option<ToolRun> {
+        let round = self.add_results(conv, round, results)?;
+        self.reply_round(conv, round)
+    }
+
+    /// The results of a round's tools go back to the model as `tool` turns; returns the next
+    /// round (None when the response is over: cancelled meanwhile, or a result not added).
+    fn add_results(
         &mut self,
         conv: &mut Conv,
         mut round: Round,
         results: Vec<(String, ToolOutcome)>,
-    ) -> Option<ToolRun> {
+    ) -> Option<Round> {
         for (call_id, outcome) in results {
             let ok = matches!(outcome, ToolOutcome::Ok(_));
             let output = outcome.as_result_text();
@@ -1190,11 +1501,12 @@ impl Worker {
             return None;
         }
         round.item_id = format!("{}-{}", round.req.item_id, round.number);
-        self.reply_round(conv, round)
+        Some(round)
     }
 
-    /// Generates one assistant turn. Returns the tool calls it made (each with its call id; a
-    /// malformed one as the parse error).
+    /// Generates one assistant turn, to its end. Returns the tool calls it made (each with its
+    /// call id; a malformed one as the parse error).
+    #[cfg(test)]
     fn reply(
         &mut self,
         conv: &mut Conv,
@@ -1204,12 +1516,40 @@ impl Worker {
         output: Output,
         started: Instant,
     ) -> anyhow::Result<Vec<(String, Result<ToolCall, String>)>> {
+        let Some(mut run) = self.begin_reply(conv, seq, response_id, item_id, output, started)?
+        else {
+            return Ok(Vec::new());
+        };
+        loop {
+            match self.step_reply(conv, &mut run) {
+                Ok(false) => {}
+                Ok(true) => break,
+                Err(e) => {
+                    self.recycle(run);
+                    return Err(e);
+                }
+            }
+        }
+        self.end_reply(conv, run)
+    }
+
+    /// Starts an assistant turn: its header (and any forced text) prefilled, and a stream ready
+    /// to step with [`Worker::step_reply`]. None when it was cancelled before it began (its
+    /// [`ConvEvent::ReplyDone`] is sent).
+    fn begin_reply(
+        &mut self,
+        conv: &mut Conv,
+        seq: u64,
+        response_id: &str,
+        item_id: &str,
+        output: Output,
+        started: Instant,
+    ) -> anyhow::Result<Option<ReplyRun>> {
         let model = Arc::clone(&self.model);
         let tok = &model.tokenizer;
         let special = tok.special();
-        if let Some(heard) = conv.cancel.check(seq) {
+        if conv.cancel.check(seq).is_some() {
             // Cancelled before it began: nothing was said.
-            let _ = heard;
             conv.emit(ConvEvent::ReplyDone {
                 response_id: response_id.to_owned(),
                 item_id: item_id.to_owned(),
@@ -1217,14 +1557,14 @@ impl Worker {
                 audio_samples: 0,
                 cancelled: true,
             });
-            return Ok(Vec::new());
+            return Ok(None);
         }
         anyhow::ensure!(
             conv.position_of(item_id).is_none(),
             "an item with id {item_id:?} is already in the conversation"
         );
-        let header = tok.encode("<|im_start|>assistant\n")?;
-        let footer = tok.encode("<|im_end|>\n")?;
+        let header = prompt::turn_start(tok, "assistant")?;
+        let footer = prompt::turn_end(tok)?;
         let reserve = (conv.setup.params.max_new_tokens + header.len() + footer.len())
             .min(self.context_limit() / 4);
         self.make_room(conv, reserve)?;
@@ -1248,67 +1588,20 @@ impl Worker {
         let call_start = (with_tools && call_start.len() == 1).then(|| call_start[0]);
 
         let start = conv.session.len();
+        let input = conv.session.items()[..start]
+            .iter()
+            .fold(Usage::default(), |mut u, item| {
+                match item {
+                    Item::Text(_) => u.input_text += 1,
+                    _ => u.input_audio += 1,
+                }
+                u
+            });
         let mut prompt = header.clone();
         prompt.extend(&forced);
         let hidden = conv.session.prefill_text(&prompt)?;
         let hidden = hidden.get(hidden.dim(0)? - 1)?;
         let reply_start = start + header.len();
-
-        let mut tokens: Vec<Token> = Vec::new();
-        let mut tracker = ReplyTracker::new(reply_start);
-        let mut stream = TextStream::new();
-        let mut pcm = Vec::with_capacity(SAMPLES_PER_FRAME);
-        let mut samples: u64 = 0;
-        let mut in_call = false;
-        let mut call_done = false;
-        let mut first = true;
-        self.detok.reset();
-
-        let events = conv.events.clone();
-        let emit = |ev: ConvEvent| {
-            let _ = events.send(ev);
-        };
-        let mut on_text = |id: u32,
-                           tokens: &mut Vec<Token>,
-                           tracker: &mut ReplyTracker,
-                           first: &mut bool,
-                           in_call: &mut bool|
-         -> anyhow::Result<bool> {
-            if *first {
-                *first = false;
-                emit(ConvEvent::ReplyStarted {
-                    response_id: response_id.to_owned(),
-                    item_id: item_id.to_owned(),
-                    latency_ms: started.elapsed().as_secs_f64() * 1e3,
-                });
-            }
-            tokens.push(Token::Text(id));
-            tracker.push(ReplyItem::Text(id));
-            if Some(id) == call_start {
-                *in_call = true;
-            }
-            let ended = Some(id) == call_end;
-            if ended {
-                *in_call = false;
-            }
-            let shown = !*in_call && !ended;
-            if let Some(piece) = stream.push(tok, id)? {
-                let piece = strip_specials(&piece);
-                // A tool call's text is for the engine, not for the listener.
-                if shown && !piece.is_empty() {
-                    emit(ConvEvent::Text {
-                        response_id: response_id.to_owned(),
-                        piece,
-                    });
-                }
-            }
-            Ok(ended)
-        };
-        for &id in &forced {
-            if on_text(id, &mut tokens, &mut tracker, &mut first, &mut in_call)? {
-                call_done = true;
-            }
-        }
 
         let mode = match output {
             Output::Speech => GenerationMode::Interleaved {
@@ -1321,127 +1614,212 @@ impl Worker {
             seed: conv.setup.params.seed.wrapping_add(conv.replies),
             ..conv.setup.params
         };
-        let head = Arc::clone(&model.audio_head);
-        let mut ending = Ending::Done;
-        let mut cut = None;
-        let mut hit_limit = false;
-        let input = conv.session.items()[..start]
-            .iter()
-            .fold(Usage::default(), |mut u, item| {
-                match item {
-                    Item::Text(_) => u.input_text += 1,
-                    _ => u.input_audio += 1,
-                }
-                u
-            });
-        {
-            let mut gen = Generator::new(&mut conv.session, &head, special, mode, params, hidden);
-            if mode == GenerationMode::Sequential && forced.last() == Some(&special.audio_start) {
-                gen.continue_in_audio();
-            }
-            while !call_done {
-                if let Some(heard) = conv.cancel.check(seq) {
-                    ending = Ending::Cancelled(heard);
-                    if let Some(h) = heard {
-                        let c = tracker.cut(h);
-                        // The last item may not have run through the model yet; the cut may
-                        // need it.
-                        if c.position > gen.session().len() {
-                            gen.feed_pending()?;
-                        }
-                        cut = Some(c);
-                    } else {
-                        gen.feed_pending()?;
-                    }
-                    break;
-                }
-                let at_limit =
-                    gen.steps() >= params.max_new_tokens || gen.session().remaining() <= 1;
-                let Some(token) = gen.next_item()? else {
-                    hit_limit = at_limit;
-                    gen.feed_pending()?;
-                    break;
-                };
-                match token {
-                    Token::Text(id)
-                        if mode == GenerationMode::Sequential && id == special.im_end =>
-                    {
-                        // Sequential generation yields its stop token; the footer closes the turn.
-                        break;
-                    }
-                    Token::Text(id) if output == Output::Text && id == special.audio_start => {
-                        ending = Ending::TextOnly;
-                        break;
-                    }
-                    Token::Text(id) => {
-                        if on_text(id, &mut tokens, &mut tracker, &mut first, &mut in_call)? {
-                            gen.feed_pending()?;
-                            call_done = true;
-                        }
-                    }
-                    Token::Audio(frame) => {
-                        if first {
-                            first = false;
-                            emit(ConvEvent::ReplyStarted {
-                                response_id: response_id.to_owned(),
-                                item_id: item_id.to_owned(),
-                                latency_ms: started.elapsed().as_secs_f64() * 1e3,
-                            });
-                        }
-                        let audible = !frame.contains(&END_OF_AUDIO);
-                        tracker.push(ReplyItem::Frame { audible });
-                        // Speech of a tool call is not played.
-                        if audible && !in_call {
-                            pcm.clear();
-                            self.detok.push_into(&frame, &mut pcm)?;
-                            samples += pcm.len() as u64;
-                            emit(ConvEvent::Audio {
-                                response_id: response_id.to_owned(),
-                                samples: pcm.clone(),
-                            });
-                        }
-                        tokens.push(Token::Audio(frame));
-                    }
-                }
+        let mut generation =
+            Generation::new(Arc::clone(&model.audio_head), special, mode, params, hidden);
+        if mode == GenerationMode::Sequential && forced.last() == Some(&special.audio_start) {
+            generation.continue_in_audio();
+        }
+        let detok = match self.detoks.pop() {
+            Some(d) => d,
+            None => self.template.fork()?,
+        };
+        let mut run = ReplyRun {
+            seq,
+            response_id: response_id.to_owned(),
+            item_id: item_id.to_owned(),
+            output,
+            started,
+            header,
+            footer,
+            start,
+            reply_start,
+            with_tools,
+            call_start,
+            call_end,
+            input,
+            tokens: Vec::new(),
+            tracker: ReplyTracker::new(reply_start),
+            text: TextStream::new(),
+            samples: 0,
+            in_call: false,
+            call_done: false,
+            first: true,
+            ending: Ending::Done,
+            cut: None,
+            hit_limit: false,
+            stream: ReplyStream::new(generation, Some(detok)),
+        };
+        for &id in &forced {
+            if let Err(e) = self.on_text(conv, &mut run, id) {
+                self.recycle(run);
+                return Err(e);
             }
         }
+        Ok(Some(run))
+    }
+
+    /// Sends the reply's start event, once, before its first item.
+    fn started(conv: &Conv, run: &mut ReplyRun) {
+        if run.first {
+            run.first = false;
+            conv.emit(ConvEvent::ReplyStarted {
+                response_id: run.response_id.clone(),
+                item_id: run.item_id.clone(),
+                latency_ms: run.started.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+    }
+
+    /// A text token of the reply: recorded, and shown unless it belongs to a tool call.
+    fn on_text(&self, conv: &Conv, run: &mut ReplyRun, id: u32) -> anyhow::Result<()> {
+        Self::started(conv, run);
+        run.tokens.push(Token::Text(id));
+        run.tracker.push(ReplyItem::Text(id));
+        if Some(id) == run.call_start {
+            run.in_call = true;
+        }
+        let ended = Some(id) == run.call_end;
+        if ended {
+            run.in_call = false;
+            run.call_done = true;
+        }
+        // Speech of a tool call is not played.
+        run.stream.set_muted(run.in_call);
+        let shown = !run.in_call && !ended;
+        if let Some(piece) = run.text.push(&self.model.tokenizer, id)? {
+            let piece = strip_specials(&piece);
+            // A tool call's text is for the engine, not for the listener.
+            if shown && !piece.is_empty() {
+                conv.emit(ConvEvent::Text {
+                    response_id: run.response_id.clone(),
+                    piece,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of a reply: a cancellation handled, or one event of its stream (a token, a
+    /// frame, a frame's samples). True when the reply is over ([`Worker::end_reply`] next).
+    fn step_reply(&self, conv: &mut Conv, run: &mut ReplyRun) -> anyhow::Result<bool> {
+        if run.call_done {
+            // A tool call is complete: the reply ends after it, with what the decoder held.
+            run.stream.feed_pending(&mut conv.session)?;
+            let tail = run.stream.finish()?;
+            if !tail.is_empty() {
+                run.samples += tail.len() as u64;
+                conv.emit(ConvEvent::Audio {
+                    response_id: run.response_id.clone(),
+                    samples: tail.to_vec(),
+                });
+            }
+            return Ok(true);
+        }
+        if let Some(heard) = conv.cancel.check(run.seq) {
+            run.ending = Ending::Cancelled;
+            if let Some(h) = heard {
+                let c = run.tracker.cut(h);
+                // The last item may not have run through the model yet; the cut may need it.
+                if c.position > conv.session.len() {
+                    run.stream.feed_pending(&mut conv.session)?;
+                }
+                run.cut = Some(c);
+            } else {
+                run.stream.feed_pending(&mut conv.session)?;
+            }
+            return Ok(true);
+        }
+        let special = self.model.tokenizer.special();
+        match run.stream.next(&mut conv.session)? {
+            StreamEvent::End(end) => {
+                run.hit_limit = end != ReplyEnd::StopToken;
+                run.stream.feed_pending(&mut conv.session)?;
+                Ok(true)
+            }
+            // A sequential reply yields its stop token; the footer closes the turn.
+            StreamEvent::Text(id) if id == special.im_end => Ok(false),
+            StreamEvent::Text(id) if run.output == Output::Text && id == special.audio_start => {
+                // Text output and the model wants to speak: stop before the audio.
+                run.ending = Ending::TextOnly;
+                Ok(true)
+            }
+            StreamEvent::Text(id) => {
+                self.on_text(conv, run, id)?;
+                Ok(false)
+            }
+            StreamEvent::Frame { frame, audible } => {
+                Self::started(conv, run);
+                run.tracker.push(ReplyItem::Frame { audible });
+                run.tokens.push(Token::Audio(frame));
+                Ok(false)
+            }
+            StreamEvent::Pcm(pcm) => {
+                run.samples += pcm.len() as u64;
+                conv.emit(ConvEvent::Audio {
+                    response_id: run.response_id.clone(),
+                    samples: pcm.to_vec(),
+                });
+                Ok(false)
+            }
+        }
+    }
+
+    /// Gives the decoder of a reply that is over back to the pool.
+    fn recycle(&mut self, run: ReplyRun) {
+        if let Some(detok) = run.stream.into_detokenizer() {
+            self.detoks.push(detok);
+        }
+    }
+
+    /// Ends a reply: what stays in the conversation, its footer, the tool calls it made (each
+    /// with its call id; a malformed one as the parse error) and its closing events.
+    fn end_reply(
+        &mut self,
+        conv: &mut Conv,
+        run: ReplyRun,
+    ) -> anyhow::Result<Vec<(String, Result<ToolCall, String>)>> {
+        let ReplyRun {
+            seq,
+            response_id,
+            item_id,
+            header,
+            footer,
+            start,
+            reply_start,
+            with_tools,
+            input,
+            mut tokens,
+            samples,
+            ending,
+            cut,
+            hit_limit,
+            stream,
+            ..
+        } = run;
+        if let Some(detok) = stream.into_detokenizer() {
+            self.detoks.push(detok);
+        }
+        let tok = &self.model.tokenizer;
         let kept_samples = match (&ending, &cut) {
             (_, Some(c)) => {
                 tokens.truncate(c.position - reply_start);
                 conv.session.truncate_to(c.position)?;
                 c.frames as u64 * SAMPLES_PER_FRAME as u64
             }
-            (Ending::Cancelled(None), None) => {
+            _ => {
                 // Everything generated stays; the positions fed are exactly the tokens.
                 let fed = conv.session.len() - reply_start;
                 tokens.truncate(fed);
                 samples
             }
-            _ => {
-                if matches!(ending, Ending::Done) {
-                    pcm.clear();
-                    self.detok.flush_into(&mut pcm)?;
-                    if !pcm.is_empty() {
-                        samples += pcm.len() as u64;
-                        conv.emit(ConvEvent::Audio {
-                            response_id: response_id.to_owned(),
-                            samples: pcm.clone(),
-                        });
-                    }
-                }
-                let fed = conv.session.len() - reply_start;
-                tokens.truncate(fed);
-                samples
-            }
         };
-        self.detok.reset();
-        let cancelled = matches!(ending, Ending::Cancelled(_));
+        let cancelled = matches!(ending, Ending::Cancelled);
         if cancelled && tokens.is_empty() {
             // Cancelled before anything was heard: the turn leaves no trace.
             conv.session.truncate_to(start)?;
             conv.emit(ConvEvent::ReplyDone {
-                response_id: response_id.to_owned(),
-                item_id: item_id.to_owned(),
+                response_id,
+                item_id,
                 text: String::new(),
                 audio_samples: 0,
                 cancelled,
@@ -1466,7 +1844,7 @@ impl Worker {
         };
         let text = text.trim().to_owned();
         conv.entries.push(Entry {
-            id: item_id.to_owned(),
+            id: item_id.clone(),
             start,
             len: conv.session.len() - start,
             body: Body::Reply {
@@ -1494,13 +1872,13 @@ impl Worker {
             let call_id = format!("call_{}_{}", seq, conv.calls);
             match &call {
                 Ok(c) => conv.emit(ConvEvent::ToolCall {
-                    response_id: response_id.to_owned(),
+                    response_id: response_id.clone(),
                     call_id: call_id.clone(),
                     name: c.name.clone(),
                     arguments: serde_json::Value::Object(c.arguments.clone()).to_string(),
                 }),
                 Err(e) => conv.emit(ConvEvent::Error {
-                    item_id: Some(item_id.to_owned()),
+                    item_id: Some(item_id.clone()),
                     message: format!("the model made a malformed tool call: {e}"),
                 }),
             }
@@ -1513,7 +1891,7 @@ impl Worker {
                 .filter(|t| matches!(t, Token::Audio(_)))
                 .count() as u64;
             conv.emit(ConvEvent::ReplyUsage {
-                response_id: response_id.to_owned(),
+                response_id: response_id.clone(),
                 usage: Usage {
                     output_text: tokens.len() as u64 - audio,
                     output_audio: audio,
@@ -1523,14 +1901,50 @@ impl Worker {
             });
         }
         conv.emit(ConvEvent::ReplyDone {
-            response_id: response_id.to_owned(),
-            item_id: item_id.to_owned(),
+            response_id,
+            item_id,
             text,
             audio_samples: kept_samples,
             cancelled,
         });
         Ok(out)
     }
+}
+
+/// A reply between two steps: what [`Worker::begin_reply`] set up and the steps so far.
+pub(crate) struct ReplyRun {
+    seq: u64,
+    response_id: String,
+    item_id: String,
+    output: Output,
+    started: Instant,
+    /// The turn's markers, `<|im_start|>assistant\n` and `<|im_end|>\n`.
+    header: Vec<u32>,
+    footer: Vec<u32>,
+    /// Where the turn starts in the session, and where its generated part starts.
+    start: usize,
+    reply_start: usize,
+    with_tools: bool,
+    call_start: Option<u32>,
+    call_end: Option<u32>,
+    /// What the context held when the reply began.
+    input: Usage,
+    /// What was generated (forced text included).
+    tokens: Vec<Token>,
+    tracker: ReplyTracker,
+    text: TextStream,
+    /// 24 kHz samples sent.
+    samples: u64,
+    /// Inside a tool call (its text is not shown, its speech not played).
+    in_call: bool,
+    /// A tool call is complete: the reply ends.
+    call_done: bool,
+    /// Nothing sent yet.
+    first: bool,
+    ending: Ending,
+    cut: Option<dialog::reply::Cut>,
+    hit_limit: bool,
+    stream: ReplyStream,
 }
 
 fn parts_len(parts: &[Part]) -> anyhow::Result<usize> {
@@ -1549,7 +1963,7 @@ fn reply_item(t: &Token) -> ReplyItem {
     match t {
         Token::Text(id) => ReplyItem::Text(*id),
         Token::Audio(f) => ReplyItem::Frame {
-            audible: !f.contains(&END_OF_AUDIO),
+            audible: is_audible(f),
         },
     }
 }

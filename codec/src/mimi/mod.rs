@@ -78,7 +78,7 @@ struct Network {
 
 /// The Mimi decoder with its streaming state.
 pub struct MimiDecoder {
-    net: Network,
+    net: std::sync::Arc<Network>,
     state: MimiState,
     pushed: usize,
 }
@@ -141,7 +141,7 @@ impl MimiDecoder {
         };
         let state = net.new_state()?;
         Ok(Self {
-            net,
+            net: std::sync::Arc::new(net),
             state,
             pushed: 0,
         })
@@ -228,6 +228,14 @@ impl Network {
 impl Detokenizer for MimiDecoder {
     fn lookahead(&self) -> usize {
         0
+    }
+
+    fn fork(&self) -> Result<Box<dyn Detokenizer>> {
+        Ok(Box::new(Self {
+            net: std::sync::Arc::clone(&self.net),
+            state: self.net.new_state()?,
+            pushed: 0,
+        }))
     }
 
     fn push_into(&mut self, frame: &Frame, out: &mut Vec<f32>) -> Result<usize> {
