@@ -1441,8 +1441,10 @@ impl Worker {
         self.detok.reset();
         let cancelled = matches!(ending, Ending::Cancelled(_));
         if cancelled && tokens.is_empty() {
-            // Cancelled before anything was heard: the turn leaves no trace.
+            // Cancelled before anything was heard: the turn leaves no trace, not even in the
+            // seed of the next reply (a speculative reply the user spoke over is undone exactly).
             conv.session.truncate_to(start)?;
+            conv.replies -= 1;
             conv.emit(ConvEvent::ReplyDone {
                 response_id: response_id.to_owned(),
                 item_id: item_id.to_owned(),
