@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fuzz target of fuzz/ (cargo-fuzz, libFuzzer) in turn for SECONDS each (default 60).
-#   tools/fuzz.sh [SECONDS] [TARGET...]
+#   tools/fuzz.sh [--dev] [SECONDS] [TARGET...]
+# --dev builds the targets unoptimised: less than half the build's CPU time and slower fuzzing,
+# for a short smoke run (tools/test.sh); long runs want the default optimised build.
 # A crash, a timeout (an input taking over 10 s) or an out-of-memory (over 2 GB) stops that
 # target; its input is kept in fuzz/artifacts/TARGET/ and the script exits with status 1 after the
 # other targets ran. The corpus grows in fuzz/corpus/TARGET/ (seeded from the test fixtures).
@@ -10,6 +12,11 @@
 # looked for) and with debug assertions, so arithmetic overflow is a crash too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+flags=(--sanitizer none --debug-assertions)
+if [ "${1:-}" = "--dev" ]; then
+    flags+=(--dev)
+    shift
+fi
 seconds="${1:-60}"
 shift || true
 export RUSTC_BOOTSTRAP=1
@@ -18,7 +25,6 @@ if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
     echo "fuzz: installing cargo-fuzz $CARGO_FUZZ_VERSION"
     cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
-flags=(--sanitizer none --debug-assertions)
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo fuzz list)

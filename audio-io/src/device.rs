@@ -852,7 +852,7 @@ pub struct DevicePlayback {
 
 impl DevicePlayback {
     /// Opens the selected output device with its default format, for mono input at
-    /// `source_rate` (use [`crate::PLAYBACK_SOURCE_RATE`] for the model's voice).
+    /// `source_rate` (use [`lfm2_audio::format::OUTPUT_SAMPLE_RATE`] for the model's voice).
     pub fn open(selector: &DeviceSelector, source_rate: u32) -> Result<Self, AudioError> {
         let open = open_playback(selector)?;
         let resampler = StreamResampler::new(source_rate, open.format.sample_rate)?;

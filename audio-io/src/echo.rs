@@ -53,7 +53,7 @@ pub use filter::{AdaptiveFilter, BlockReport};
 pub use gate::{EchoGate, GateConfig, GateWindow};
 pub use reference::EchoReference;
 
-use crate::MODEL_SAMPLE_RATE;
+use lfm2_audio::format::INPUT_SAMPLE_RATE;
 
 /// Samples per adaptive-filter block at 16 kHz (8 ms). Feed the canceller multiples of this
 /// (the VAD window, 512, is one) and it adds no latency.
@@ -71,26 +71,26 @@ pub const PRE_DELAY: usize = 64;
 /// re-measurements (a reply that stutters must not keep the user from interrupting it), and
 /// starts again after [`DEAF_RESET`] of silence from the speaker (another reply may play
 /// through another device).
-const NO_ECHO_AFTER: u64 = MODEL_SAMPLE_RATE as u64 * 3 / 2;
-const DEAF_RESET: u64 = MODEL_SAMPLE_RATE as u64;
+const NO_ECHO_AFTER: u64 = INPUT_SAMPLE_RATE as u64 * 3 / 2;
+const DEAF_RESET: u64 = INPUT_SAMPLE_RATE as u64;
 
 /// Microphone history kept for the delay measurement (2 s).
-const HISTORY: usize = 2 * MODEL_SAMPLE_RATE as usize;
+const HISTORY: usize = 2 * INPUT_SAMPLE_RATE as usize;
 /// Longest correlation window (1 s) and shortest (0.25 s).
-const MEASURE_MAX: usize = MODEL_SAMPLE_RATE as usize;
-const MEASURE_MIN: usize = MODEL_SAMPLE_RATE as usize / 4;
+const MEASURE_MAX: usize = INPUT_SAMPLE_RATE as usize;
+const MEASURE_MIN: usize = INPUT_SAMPLE_RATE as usize / 4;
 /// Playing time between two tries at a fresh measurement (0.25 s), and between two tracking
 /// measurements once aligned (1 s).
-const RETRY_AFTER: u64 = MODEL_SAMPLE_RATE as u64 / 4;
-const TRACK_AFTER: u64 = MODEL_SAMPLE_RATE as u64;
+const RETRY_AFTER: u64 = INPUT_SAMPLE_RATE as u64 / 4;
+const TRACK_AFTER: u64 = INPUT_SAMPLE_RATE as u64;
 /// Longest stretch of microphone after a collapse used to confirm the alignment (0.5 s), and
 /// how long a collapse found to be the user is not looked into again (1 s).
-const CONFIRM_WINDOW: usize = MODEL_SAMPLE_RATE as usize / 2;
-const CONFIRM_HOLD: u64 = MODEL_SAMPLE_RATE as u64;
+const CONFIRM_WINDOW: usize = INPUT_SAMPLE_RATE as usize / 2;
+const CONFIRM_HOLD: u64 = INPUT_SAMPLE_RATE as u64;
 /// After the alignment moved, the gate judges nothing for this long (0.5 s), and then not
 /// before the canceller has again reached [`GateConfig::min_erle_db`]: the filter is right
 /// again at once only when the move was measured to the sample.
-const SETTLE: u64 = MODEL_SAMPLE_RATE as u64 / 2;
+const SETTLE: u64 = INPUT_SAMPLE_RATE as u64 / 2;
 /// A converged canceller that attenuates windows in a row by less than this (dB) while the
 /// assistant is audible, or whose gate says "user" then, has "collapsed": the user started
 /// talking, or the echo moved in time under the filter (an underrun). Its adaptation pauses
@@ -102,9 +102,9 @@ const SETTLE: u64 = MODEL_SAMPLE_RATE as u64 / 2;
 /// changed: learn it.
 const SUSPECT_ATTENUATION: f32 = 6.0;
 const SUSPECT_WINDOWS: u32 = 2;
-const SUSPECT_LIMIT: u64 = 2 * MODEL_SAMPLE_RATE as u64;
+const SUSPECT_LIMIT: u64 = 2 * INPUT_SAMPLE_RATE as u64;
 /// The echo may arrive up to this long before the anchoring says it should (50 ms).
-const EARLY_LIMIT: i64 = MODEL_SAMPLE_RATE as i64 / 20;
+const EARLY_LIMIT: i64 = INPUT_SAMPLE_RATE as i64 / 20;
 /// A correlation peak this far above the background is believed...
 const MIN_CONFIDENCE: f32 = 8.0;
 /// ... and may move the alignment at once when it is this clear; otherwise only by up to
@@ -325,7 +325,7 @@ pub struct EchoCanceller {
 impl EchoCanceller {
     /// A canceller reading the speaker's audio from `reference`.
     pub fn new(config: EchoConfig, reference: EchoReference) -> Self {
-        let taps = (config.filter_ms.clamp(8, 1000) as usize * MODEL_SAMPLE_RATE as usize / 1000)
+        let taps = (config.filter_ms.clamp(8, 1000) as usize * INPUT_SAMPLE_RATE as usize / 1000)
             .div_ceil(BLOCK);
         let filter = AdaptiveFilter::new(BLOCK, taps.max(1), config.step);
         let status = EchoStatus::default();
@@ -659,7 +659,7 @@ impl EchoCanceller {
 
     /// Half duplex: the reference within the tail before `s0..s0 + n`.
     fn audible_tail(&self, s0: u64, n: usize) -> bool {
-        let tail = i64::from(self.config.half_duplex_tail_ms) * MODEL_SAMPLE_RATE as i64 / 1000;
+        let tail = i64::from(self.config.half_duplex_tail_ms) * INPUT_SAMPLE_RATE as i64 / 1000;
         let (s0, s1) = (s0 as i64, (s0 + n as u64) as i64);
         let (lo, hi) = match self.confirmed_offset() {
             Some(offset) => (
@@ -675,7 +675,7 @@ impl EchoCanceller {
     }
 
     fn max_delay(&self) -> i64 {
-        i64::from(self.config.max_delay_ms.clamp(10, 5000)) * MODEL_SAMPLE_RATE as i64 / 1000
+        i64::from(self.config.max_delay_ms.clamp(10, 5000)) * INPUT_SAMPLE_RATE as i64 / 1000
     }
 
     fn cancel(&mut self, s0: u64, n: usize, audible: bool, out: &mut Vec<f32>) {
@@ -868,7 +868,7 @@ impl EchoCanceller {
             self.offset = Some(offset);
             self.candidate = None;
             self.aligned_generation = Some(generation);
-            let delay = (self.epoch() - offset) as f32 * 1000.0 / MODEL_SAMPLE_RATE as f32;
+            let delay = (self.epoch() - offset) as f32 * 1000.0 / INPUT_SAMPLE_RATE as f32;
             self.status.update(|s| {
                 s.delay_accepted += 1;
                 s.delay_ms = Some(delay);

@@ -14,7 +14,7 @@
 //!   ([`StreamResampler`]), runs the [`vad::SileroVad`] and the [`vad::Endpointer`], and sends
 //!   [`ListenEvent`]s (levels, speech started/ended with the utterance audio, device events) over a
 //!   crossbeam channel.
-//! - [`Playback`]: a sink for 24 kHz mono audio (the codec's rate, [`PLAYBACK_SOURCE_RATE`]) that
+//! - [`Playback`]: a sink for 24 kHz mono audio (the codec's rate, [`lfm2_audio::format::OUTPUT_SAMPLE_RATE`]) that
 //!   counts what was really played: [`DevicePlayback`] (resampled to the device rate and channel
 //!   count), [`WavPlayback`] and [`MemoryPlayback`].
 //! - [`Player`]: the assistant's speaker: a queue in front of a playback, each reply held back
@@ -59,12 +59,6 @@ pub use playback::Playback;
 pub use player::{Player, Speaker};
 pub use resample::StreamResampler;
 pub use rt::StreamStats;
-
-/// Sample rate of everything downstream of capture: the VAD and the model's audio encoder.
-pub const MODEL_SAMPLE_RATE: u32 = 16_000;
-
-/// Sample rate of the audio handed to [`Playback`]: the LFM2-Audio detokenizer's output rate.
-pub const PLAYBACK_SOURCE_RATE: u32 = 24_000;
 
 /// Rate and channel count of an interleaved stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,12 +7,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use lfm2_audio::format::INPUT_SAMPLE_RATE;
 
 use crate::echo::{EchoCanceller, EchoMode};
 use crate::vad::{Endpointer, SileroVad, VadConfig, VadEvent, WINDOW};
 use crate::{
     downmix_into, frames_to_duration, AudioError, Capture, DeviceEvent, ReadOutcome, StreamFormat,
-    StreamResampler, StreamStats, MODEL_SAMPLE_RATE,
+    StreamResampler, StreamStats,
 };
 
 /// What the listener reports.
@@ -200,7 +201,7 @@ impl Pump {
     ) -> Result<Self, AudioError> {
         let format = capture.format().validate()?;
         Ok(Self {
-            resampler: StreamResampler::new(format.sample_rate, MODEL_SAMPLE_RATE)?,
+            resampler: StreamResampler::new(format.sample_rate, INPUT_SAMPLE_RATE)?,
             endpointer: Endpointer::new(config.vad.clone()),
             capture,
             vad,
@@ -282,9 +283,9 @@ impl Pump {
     fn restart_stream(&mut self) -> Result<(), AudioError> {
         self.resampler.flush(&mut self.pending);
         self.format = self.capture.format().validate()?;
-        self.resampler = StreamResampler::new(self.format.sample_rate, MODEL_SAMPLE_RATE)?;
+        self.resampler = StreamResampler::new(self.format.sample_rate, INPUT_SAMPLE_RATE)?;
         self.audio_base = self.endpointer.now()
-            + frames_to_duration(self.pending.len() as u64, MODEL_SAMPLE_RATE);
+            + frames_to_duration(self.pending.len() as u64, INPUT_SAMPLE_RATE);
         self.frames_read = 0;
         self.epoch = None;
         if let Some(echo) = self.echo.as_mut() {
@@ -405,7 +406,7 @@ impl Pump {
                 .unwrap_or(0);
             let user_start = decided.saturating_sub(crate::frames_to_duration(
                 ((onset + 2) * WINDOW) as u64,
-                MODEL_SAMPLE_RATE,
+                INPUT_SAMPLE_RATE,
             ));
             let event = match event {
                 VadEvent::SpeechStarted { at } if at < user_start => VadEvent::SpeechStarted {

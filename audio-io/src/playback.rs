@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use crate::{AudioError, StreamStats};
 
-/// A sink for the assistant's voice: mono `f32` at [`crate::PLAYBACK_SOURCE_RATE`] (24 kHz)
+/// A sink for the assistant's voice: mono `f32` at [`lfm2_audio::format::OUTPUT_SAMPLE_RATE`] (24 kHz)
 /// unless the implementation was opened with another source rate.
 ///
 /// Implementations: [`crate::DevicePlayback`] (a sound card through cpal, resampled to the

@@ -19,13 +19,12 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::{
-    DevicePlayback, DeviceSelector, EchoReference, MemoryPlayback, Playback, StreamStats,
-    PLAYBACK_SOURCE_RATE,
-};
+use lfm2_audio::format::{OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME};
+
+use crate::{DevicePlayback, DeviceSelector, EchoReference, MemoryPlayback, Playback, StreamStats};
 
 /// Samples per second of the audio a [`Player`] takes (the codec's 24 kHz).
-const RATE: f64 = PLAYBACK_SOURCE_RATE as f64;
+const RATE: f64 = OUTPUT_SAMPLE_RATE as f64;
 
 /// A [`Playback`] the player can also pause when idle and whose device rate it can read.
 pub trait Speaker: Playback {
@@ -116,7 +115,7 @@ impl ReplyPacing {
     pub const MARGIN: f64 = 0.06;
     pub const MAX_LEAD: f64 = 3.0;
     /// Speech buffered before a reply that ran dry goes on.
-    pub const REBUFFER: u64 = 24_000;
+    pub const REBUFFER: u64 = OUTPUT_SAMPLE_RATE as u64;
 
     pub fn new() -> Self {
         Self {
@@ -277,7 +276,7 @@ impl Player<DevicePlayback> {
         reference: Option<EchoReference>,
     ) -> Result<Self, crate::AudioError> {
         Ok(Self::new(
-            DevicePlayback::open(sel, PLAYBACK_SOURCE_RATE)?,
+            DevicePlayback::open(sel, OUTPUT_SAMPLE_RATE)?,
             reference,
         ))
     }
@@ -285,7 +284,7 @@ impl Player<DevicePlayback> {
 
 impl<P: Speaker> Player<P> {
     /// 0.4 s at 24 kHz.
-    pub const LEAD: u64 = 24_000 * 2 / 5;
+    pub const LEAD: u64 = OUTPUT_SAMPLE_RATE as u64 * 2 / 5;
     /// Idle time after which the device is paused.
     const SUSPEND_AFTER: Duration = Duration::from_millis(500);
     /// What the device's resampler may hold back (20 ms): a backlog this small is none.
@@ -380,7 +379,7 @@ impl<P: Speaker> Player<P> {
             return notices;
         }
         while !self.pending.is_empty() && self.written.saturating_sub(self.played()) < Self::LEAD {
-            let n = self.pending.len().min(1920);
+            let n = self.pending.len().min(SAMPLES_PER_FRAME);
             let chunk: Vec<f32> = self.pending.drain(..n).collect();
             if let Err(e) = self.playback.write(&chunk) {
                 notices.push(Notice::Failed(e.to_string()));
@@ -536,7 +535,7 @@ mod tests {
 
     #[test]
     fn what_is_written_is_played_and_pushed_to_the_echo_reference() {
-        let reference = EchoReference::new(PLAYBACK_SOURCE_RATE).unwrap();
+        let reference = EchoReference::new(OUTPUT_SAMPLE_RATE).unwrap();
         let mut player = memory_player(Some(reference.clone()));
         let generation = reference.generation();
         player.queue(&vec![0.1; 5000]);

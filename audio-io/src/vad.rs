@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::{frames_to_duration, MODEL_SAMPLE_RATE};
+use lfm2_audio::format::INPUT_SAMPLE_RATE;
+
+use crate::frames_to_duration;
 
 /// Samples the model takes per step: 32 ms at 16 kHz.
 pub const WINDOW: usize = 512;
@@ -216,7 +218,7 @@ impl SileroVad {
         let input = Tensor::from_array(([1usize, CONTEXT + WINDOW], input)).map_err(err)?;
         let state = Tensor::from_array(([2usize, 1, 128], self.state.clone())).map_err(err)?;
         let sr =
-            Tensor::from_array(([0usize; 0], vec![i64::from(MODEL_SAMPLE_RATE)])).map_err(err)?;
+            Tensor::from_array(([0usize; 0], vec![i64::from(INPUT_SAMPLE_RATE)])).map_err(err)?;
         let outputs = self
             .session
             .run(ort::inputs!["input" => input, "state" => state, "sr" => sr])
@@ -377,7 +379,7 @@ pub struct Endpointer {
 }
 
 fn windows_in(d: Duration) -> u64 {
-    (d.as_secs_f64() * f64::from(MODEL_SAMPLE_RATE) / WINDOW as f64).ceil() as u64
+    (d.as_secs_f64() * f64::from(INPUT_SAMPLE_RATE) / WINDOW as f64).ceil() as u64
 }
 
 impl Endpointer {
@@ -386,7 +388,7 @@ impl Endpointer {
             min_speech_windows: windows_in(config.min_speech).max(1),
             min_silence_windows: windows_in(config.min_silence).max(1),
             max_windows: windows_in(config.max_utterance).max(2),
-            prefix_samples: (config.prefix_padding.as_secs_f64() * f64::from(MODEL_SAMPLE_RATE))
+            prefix_samples: (config.prefix_padding.as_secs_f64() * f64::from(INPUT_SAMPLE_RATE))
                 as u64,
             config,
             phase: Phase::Silence,
@@ -455,7 +457,7 @@ impl Endpointer {
                     confirmed = true;
                     start_sample = self.refine_start(start_sample);
                     event = Some(VadEvent::SpeechStarted {
-                        at: frames_to_duration(start_sample, MODEL_SAMPLE_RATE),
+                        at: frames_to_duration(start_sample, INPUT_SAMPLE_RATE),
                     });
                 }
                 match silent_since {
@@ -482,8 +484,8 @@ impl Endpointer {
                             let end = self.refine_end(start_sample, last_speech * WINDOW as u64);
                             let (audio_start, audio) = self.utterance(start_sample, end);
                             event = Some(VadEvent::SpeechPaused {
-                                started: frames_to_duration(start_sample, MODEL_SAMPLE_RATE),
-                                at: frames_to_duration(end, MODEL_SAMPLE_RATE),
+                                started: frames_to_duration(start_sample, INPUT_SAMPLE_RATE),
+                                at: frames_to_duration(end, INPUT_SAMPLE_RATE),
                                 audio_start,
                                 audio,
                             });
@@ -522,7 +524,7 @@ impl Endpointer {
         else {
             return None;
         };
-        let window = (at.as_secs_f64() * f64::from(MODEL_SAMPLE_RATE)) as u64 / WINDOW as u64;
+        let window = (at.as_secs_f64() * f64::from(INPUT_SAMPLE_RATE)) as u64 / WINDOW as u64;
         let window = window.clamp(start, self.windows.saturating_sub(1).max(start));
         let sample = (window * WINDOW as u64).max(start_sample);
         self.phase = Phase::Speech {
@@ -536,7 +538,7 @@ impl Endpointer {
         let drop = (keep_from.saturating_sub(self.audio_start) as usize).min(self.audio.len());
         self.audio.drain(..drop);
         self.audio_start += drop as u64;
-        Some(frames_to_duration(sample, MODEL_SAMPLE_RATE))
+        Some(frames_to_duration(sample, INPUT_SAMPLE_RATE))
     }
 
     /// Ends the stream: an announced utterance still open ends here.
@@ -638,8 +640,8 @@ impl Endpointer {
         self.previous_end = end_sample;
         let (audio_start, audio) = self.utterance(start_sample, end_sample);
         VadEvent::SpeechEnded {
-            started: frames_to_duration(start_sample, MODEL_SAMPLE_RATE),
-            at: frames_to_duration(end_sample, MODEL_SAMPLE_RATE),
+            started: frames_to_duration(start_sample, INPUT_SAMPLE_RATE),
+            at: frames_to_duration(end_sample, INPUT_SAMPLE_RATE),
             audio_start,
             audio,
         }
@@ -657,7 +659,7 @@ impl Endpointer {
             .range((from - self.audio_start) as usize..(to.max(from) - self.audio_start) as usize)
             .copied()
             .collect();
-        (frames_to_duration(from, MODEL_SAMPLE_RATE), audio)
+        (frames_to_duration(from, INPUT_SAMPLE_RATE), audio)
     }
 
     fn trim_to_prefix(&mut self) {
@@ -672,7 +674,7 @@ impl Endpointer {
 }
 
 fn window_time(windows: u64) -> Duration {
-    frames_to_duration(windows * WINDOW as u64, MODEL_SAMPLE_RATE)
+    frames_to_duration(windows * WINDOW as u64, INPUT_SAMPLE_RATE)
 }
 
 #[cfg(test)]
@@ -805,7 +807,7 @@ mod tests {
         let end = *at;
         assert_eq!(
             start,
-            frames_to_duration(10 * WINDOW as u64 + 160, MODEL_SAMPLE_RATE)
+            frames_to_duration(10 * WINDOW as u64 + 160, INPUT_SAMPLE_RATE)
         );
         assert!(
             end >= frames_to_duration(40 * 512 + 100, 16_000)

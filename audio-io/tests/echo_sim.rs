@@ -25,9 +25,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use audio_io::echo::{EchoCanceller, EchoConfig, EchoMode, EchoReference};
+use audio_io::read_wav;
 use audio_io::resample::resample_clip;
 use audio_io::vad::WINDOW;
-use audio_io::{read_wav, PLAYBACK_SOURCE_RATE};
+use lfm2_audio::format::OUTPUT_SAMPLE_RATE;
 
 const FS: usize = 16_000;
 /// Device output + input buffers + the air, in 16 kHz samples (70 ms).
@@ -193,7 +194,7 @@ fn cancels_speech_echo_in_a_simulated_room_and_keeps_the_user() {
         "user2",
     );
 
-    let to24 = |v: &[f32]| resample_clip(v, FS as u32, PLAYBACK_SOURCE_RATE).unwrap();
+    let to24 = |v: &[f32]| resample_clip(v, FS as u32, OUTPUT_SAMPLE_RATE).unwrap();
     let stall = (5 * FS, 640);
     let turn1 = Turn {
         start: FS,
@@ -389,7 +390,7 @@ struct Run {
 /// Runs the canceller (and the VAD on what it hands on) over `mic`, with the daemon's pushes
 /// and the playback counter simulated on the same clock.
 fn simulate(mode: EchoMode, mic: &[f32], turns: &[&Turn], total: usize) -> Run {
-    let reference = EchoReference::new(PLAYBACK_SOURCE_RATE).unwrap();
+    let reference = EchoReference::new(OUTPUT_SAMPLE_RATE).unwrap();
     let base = Instant::now() + Duration::from_secs(1);
     let at = |wall: f64| base + Duration::from_secs_f64(wall / FS as f64);
     let config = EchoConfig {

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use audio_io::vad::VadEvent;
 use audio_io::{
     write_wav, DeviceCapture, DevicePlayback, DeviceSelector, ListenEvent, Listener,
-    ListenerConfig, Playback, PLAYBACK_SOURCE_RATE,
+    ListenerConfig, Playback,
 };
+use lfm2_audio::format::OUTPUT_SAMPLE_RATE;
 
 /// The two tests share one sound server; run them one at a time.
 static SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -167,7 +168,7 @@ fn playback_arrives_intact_through_pulseaudio() {
     let _server = SERVER.lock().unwrap_or_else(|p| p.into_inner());
     let dir = common::scratch_dir("pulse-playback");
     let (speech, rate) = common::espeak("The quick brown fox jumps over the lazy dog", &dir, "fox");
-    let source = audio_io::resample::resample_clip(&speech, rate, PLAYBACK_SOURCE_RATE).unwrap();
+    let source = audio_io::resample::resample_clip(&speech, rate, OUTPUT_SAMPLE_RATE).unwrap();
 
     // Record the speaker's monitor as raw f32 at the source rate.
     let mut recorder = Command::new("parec")
@@ -179,7 +180,7 @@ fn playback_arrives_intact_through_pulseaudio() {
             "--channels=1",
             "--raw",
         ])
-        .arg(format!("--rate={PLAYBACK_SOURCE_RATE}"))
+        .arg(format!("--rate={OUTPUT_SAMPLE_RATE}"))
         .stdout(Stdio::piped())
         .spawn()
         .expect("parec (pulseaudio-utils) is needed; `.ci/pulse.sh` installs it");
@@ -189,7 +190,7 @@ fn playback_arrives_intact_through_pulseaudio() {
         let _ = out.read_to_end(&mut bytes);
         bytes
     });
-    let mut playback = DevicePlayback::open(&DeviceSelector::Default, PLAYBACK_SOURCE_RATE)
+    let mut playback = DevicePlayback::open(&DeviceSelector::Default, OUTPUT_SAMPLE_RATE)
         .unwrap_or_else(|e| panic!("{e}"));
     println!("playback device format: {:?}", playback.device_format());
     // The speaker's monitor only delivers once the sink runs: let the stream play silence first.
@@ -236,11 +237,11 @@ fn playback_arrives_intact_through_pulseaudio() {
     write_wav(
         &dump,
         &recorded,
-        audio_io::StreamFormat::new(PLAYBACK_SOURCE_RATE, 1),
+        audio_io::StreamFormat::new(OUTPUT_SAMPLE_RATE, 1),
     )
     .unwrap();
     println!("recorded audio: {}", dump.display());
-    let (offset, correlation) = common::align(&source, &recorded, PLAYBACK_SOURCE_RATE);
+    let (offset, correlation) = common::align(&source, &recorded, OUTPUT_SAMPLE_RATE);
     println!(
         "recorded {} samples; speech found at {offset}, correlation {correlation:.4}",
         recorded.len()
@@ -252,7 +253,7 @@ fn playback_arrives_intact_through_pulseaudio() {
     // No dropout: every 50 ms block that has sound in the source (within 20 dB of its loudest
     // block; quieter ones are too sensitive to the sound server's resampling) has it in the
     // recording too.
-    let block = (PLAYBACK_SOURCE_RATE / 20) as usize;
+    let block = (OUTPUT_SAMPLE_RATE / 20) as usize;
     let block_energy = |c: &[f32]| c.iter().map(|s| s * s).sum::<f32>();
     let loudest = source
         .chunks(block)

@@ -41,8 +41,9 @@ use audio_io::resample::resample_clip;
 use audio_io::vad::{Endpointer, VadConfig, VadEvent, WINDOW};
 use audio_io::{
     write_wav, DeviceCapture, DevicePlayback, DeviceSelector, ListenEvent, Listener,
-    ListenerConfig, Playback, StreamFormat, PLAYBACK_SOURCE_RATE,
+    ListenerConfig, Playback, StreamFormat,
 };
+use lfm2_audio::format::OUTPUT_SAMPLE_RATE;
 
 /// `module-loopback` from the speaker's monitor into the microphone, unloaded on drop.
 struct Loopback(String);
@@ -197,7 +198,7 @@ struct Outcome {
 }
 
 fn run_once(clips: &Clips, attempt: u32) -> Outcome {
-    let reference = EchoReference::new(PLAYBACK_SOURCE_RATE).unwrap();
+    let reference = EchoReference::new(OUTPUT_SAMPLE_RATE).unwrap();
     let canceller = EchoCanceller::new(
         EchoConfig {
             mode: EchoMode::Cancel,
@@ -226,7 +227,7 @@ fn run_once(clips: &Clips, attempt: u32) -> Outcome {
         }
     }
     let recorder = RawRecorder::start();
-    let mut playback = DevicePlayback::open(&DeviceSelector::Default, PLAYBACK_SOURCE_RATE)
+    let mut playback = DevicePlayback::open(&DeviceSelector::Default, OUTPUT_SAMPLE_RATE)
         .unwrap_or_else(|e| panic!("{e}"));
     // Let the loopback and the streams settle (the monitor only runs once the sink does).
     std::thread::sleep(Duration::from_millis(800));
@@ -401,7 +402,7 @@ fn the_assistant_does_not_interrupt_itself_but_the_user_does() {
         &dir,
         "reply2",
     );
-    let to24 = |v: &[f32]| resample_clip(v, rate, PLAYBACK_SOURCE_RATE).unwrap();
+    let to24 = |v: &[f32]| resample_clip(v, rate, OUTPUT_SAMPLE_RATE).unwrap();
     let user_wav = espeak_voice(
         "Stop, stop. Tell me about dinner instead",
         "en-gb-scotland+f3",

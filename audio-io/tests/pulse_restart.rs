@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use audio_io::{
     DeviceCapture, DevicePlayback, DeviceSelector, ListenEvent, Listener, ListenerConfig, Playback,
-    PLAYBACK_SOURCE_RATE,
 };
+use lfm2_audio::format::OUTPUT_SAMPLE_RATE;
 
 /// Kills the private PulseAudio server and starts it again with `.ci/pulse.sh`: to cpal, the
 /// default devices vanish and come back.
@@ -45,10 +45,10 @@ fn devices_are_reopened_after_the_sound_server_restarts() {
         ..ListenerConfig::default()
     };
     let listener = Listener::start(Box::new(capture), common::load_vad(), config).unwrap();
-    let mut playback = DevicePlayback::open(&DeviceSelector::Default, PLAYBACK_SOURCE_RATE)
+    let mut playback = DevicePlayback::open(&DeviceSelector::Default, OUTPUT_SAMPLE_RATE)
         .unwrap_or_else(|e| panic!("{e}"));
     let device_events = playback.device_events();
-    let tone: Vec<f32> = (0..PLAYBACK_SOURCE_RATE as usize / 2)
+    let tone: Vec<f32> = (0..OUTPUT_SAMPLE_RATE as usize / 2)
         .map(|i| (i as f32 * 0.05).sin() * 0.3)
         .collect();
     playback.write(&tone).unwrap();

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use codec::{open_detokenizer, Detokenizer, DetokenizerChoice, Frame};
+use codec::{open_detokenizer, Detokenizer, DetokenizerChoice};
+use lfm2_audio::format::{Frame, SAMPLES_PER_FRAME};
 
 fn main() {
     if let Err(e) = run() {
@@ -87,7 +88,7 @@ fn measure(
         d.push(f)?;
     }
     d.flush()?;
-    let mut out = Vec::with_capacity(frames.len() * codec::SAMPLES_PER_FRAME);
+    let mut out = Vec::with_capacity(frames.len() * SAMPLES_PER_FRAME);
     let mut times = Vec::with_capacity(frames.len());
     for f in frames {
         let t = Instant::now();

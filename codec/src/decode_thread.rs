@@ -9,7 +9,9 @@
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
-use crate::{Detokenizer, Error, Frame, Result};
+use lfm2_audio::format::{Frame, SAMPLES_PER_FRAME};
+
+use crate::{Detokenizer, Error, Result};
 
 enum Command {
     Frame(Frame),
@@ -49,7 +51,7 @@ impl DecodeThread {
                     // Reuse a buffer the consumer gave back, if any.
                     let mut out = spare_rx
                         .try_recv()
-                        .unwrap_or_else(|_| Vec::with_capacity(crate::SAMPLES_PER_FRAME));
+                        .unwrap_or_else(|_| Vec::with_capacity(SAMPLES_PER_FRAME));
                     out.clear();
                     let reply = match command {
                         Command::Frame(frame) => match detokenizer.push_into(&frame, &mut out) {

@@ -14,13 +14,16 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use lfm2_audio::config::Lfm2Config;
-use lfm2_audio::lfm2::{Lfm2, Lfm2State, Linear};
+use lfm2_audio::lfm2::{Lfm2, Lfm2State};
+use lfm2_audio::nn::Linear;
 use lfm2_audio::weights::QuantPlan;
 use lfm2_audio::weights::Weights;
 use serde_json::Value;
 
 use crate::istft::{self, StreamingIstft, BINS, N_FFT};
-use crate::{check_frames, Detokenizer, Error, Frame, Result, CODEBOOKS, CODEBOOK_SIZE};
+use lfm2_audio::format::{Frame, AUDIO_CODES, CODEBOOKS, SAMPLES_PER_FRAME};
+
+use crate::{check_frames, Detokenizer, Error, Result};
 
 /// Directory of the detokenizer inside a model directory.
 pub const DIR: &str = "audio_detokenizer";
@@ -99,7 +102,7 @@ impl Lfm2Detokenizer {
         let hidden = cfg.hidden_size;
         let embedding = w.get(
             "emb.emb.weight",
-            &[CODEBOOKS * CODEBOOK_SIZE as usize, hidden],
+            &[CODEBOOKS * AUDIO_CODES as usize, hidden],
         )?;
         let stack = Lfm2::load(w, "lfm", &cfg)?;
         let lin = Linear::load(w, "lin", OUTPUT_SIZE, hidden, true)?;
@@ -163,7 +166,7 @@ impl Network {
             .flat_map(|f| {
                 f.iter()
                     .enumerate()
-                    .map(|(c, &code)| c as u32 * CODEBOOK_SIZE + code)
+                    .map(|(c, &code)| c as u32 * AUDIO_CODES + code)
             })
             .collect();
         let ids = Tensor::from_vec(ids, frames.len() * CODEBOOKS, &Device::Cpu)?;
@@ -216,7 +219,7 @@ impl Network {
         }
         let spec = Tensor::cat(&specs, 0)?;
         let mut istft = StreamingIstft::new(self.window.clone())?;
-        let mut waveform = Vec::with_capacity(frames.len() * crate::SAMPLES_PER_FRAME);
+        let mut waveform = Vec::with_capacity(frames.len() * SAMPLES_PER_FRAME);
         Self::synthesize(&spec, &mut istft)?;
         istft.emit(&mut waveform);
         istft.finish(&mut waveform);

@@ -23,22 +23,12 @@ pub mod mimi;
 
 use std::path::Path;
 
+use lfm2_audio::format::{Frame, AUDIO_CODES, END_OF_AUDIO, OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME};
+
 pub use decode_thread::{DecodeThread, Decoded};
 pub use lfm2_audio::error::{Error, Result};
 pub use lfm2_detokenizer::Lfm2Detokenizer;
 pub use mimi::MimiDecoder;
-
-/// Codebooks per audio frame.
-pub const CODEBOOKS: usize = 8;
-/// Codes per codebook; code 2048 is the end-of-audio marker and is not decodable.
-pub const CODEBOOK_SIZE: u32 = 2048;
-/// Output sample rate of both decoders.
-pub const SAMPLE_RATE: u32 = 24_000;
-/// Samples per code frame: 80 ms at 24 kHz (12.5 frames per second).
-pub const SAMPLES_PER_FRAME: usize = 1920;
-
-/// One audio frame: the codes of the 8 codebooks, in codebook order.
-pub type Frame = [u32; CODEBOOKS];
 
 /// A streaming decoder from audio frames to 24 kHz mono samples.
 ///
@@ -49,7 +39,7 @@ pub type Frame = [u32; CODEBOOKS];
 pub trait Detokenizer: Send {
     /// Output sample rate (24 000).
     fn sample_rate(&self) -> u32 {
-        SAMPLE_RATE
+        OUTPUT_SAMPLE_RATE
     }
 
     /// Samples a pushed frame holds back until the next frame or `flush` (0 for Mimi, 480 for
@@ -93,9 +83,9 @@ pub fn check_frames(frames: &[Frame], first_index: usize) -> Result<()> {
         if let Some((c, &code)) = frame
             .iter()
             .enumerate()
-            .find(|(_, &code)| code >= CODEBOOK_SIZE)
+            .find(|(_, &code)| code >= AUDIO_CODES)
         {
-            let what = if code == CODEBOOK_SIZE {
+            let what = if code == END_OF_AUDIO {
                 " (2048 marks the end of audio; end-of-audio frames must not be decoded)"
             } else {
                 ""
@@ -103,7 +93,7 @@ pub fn check_frames(frames: &[Frame], first_index: usize) -> Result<()> {
             return Err(Error::Invalid(format!(
                 "audio frame {}: code {code} in codebook {c} is not an audio code, expected 0..{}{what}",
                 first_index + i,
-                CODEBOOK_SIZE - 1
+                AUDIO_CODES - 1
             )));
         }
     }

@@ -4,8 +4,9 @@ mod common;
 
 use std::path::Path;
 
-use codec::{open_detokenizer, DetokenizerChoice, Frame};
+use codec::{open_detokenizer, DetokenizerChoice};
 use common::*;
+use lfm2_audio::format::Frame;
 
 const MIMI: &str = "tokenizer-e351c8d8-checkpoint125.safetensors";
 

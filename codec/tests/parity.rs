@@ -3,8 +3,9 @@
 
 mod common;
 
-use codec::{Detokenizer, Frame, Lfm2Detokenizer, MimiDecoder};
+use codec::{Detokenizer, Lfm2Detokenizer, MimiDecoder};
 use common::*;
+use lfm2_audio::format::Frame;
 
 /// Pushes every frame, then flushes; returns the samples and each call's count.
 fn stream(d: &mut dyn Detokenizer, frames: &[Frame]) -> (Vec<f32>, Vec<usize>) {

@@ -6,8 +6,9 @@ use candle_core::Tensor;
 use crate::config::Lfm2AudioConfig;
 use crate::conformer::{AudioAdapter, Conformer, EncoderConfig};
 use crate::error::{Error, Result};
+use crate::format::INPUT_SAMPLE_RATE;
 use crate::mel::{MelFrontend, PreprocessorConfig};
-use crate::resample::{Resampler, MODEL_RATE};
+use crate::resample::Resampler;
 use crate::weights::Weights;
 
 /// The shortest clip accepted, in 16 kHz samples (20 ms): two valid mel frames. Below that the
@@ -21,7 +22,7 @@ pub const MIN_SAMPLES: usize = 320;
 pub const MAX_SECONDS: usize = 120;
 
 /// [`MAX_SECONDS`] in 16 kHz samples.
-pub const MAX_SAMPLES: usize = MAX_SECONDS * 16_000;
+pub const MAX_SAMPLES: usize = MAX_SECONDS * INPUT_SAMPLE_RATE as usize;
 
 /// The mel front-end, encoder and adapter.
 #[derive(Debug)]
@@ -71,7 +72,7 @@ impl AudioEncoder {
         if wave.len() > MAX_SAMPLES {
             return Err(Error::Invalid(format!(
                 "the clip is {:.1} s long; at most {MAX_SECONDS} s of audio is encoded at once",
-                wave.len() as f64 / 16_000.0
+                wave.len() as f64 / f64::from(INPUT_SAMPLE_RATE)
             )));
         }
         let mel = self.mel.compute(wave)?;
@@ -80,7 +81,7 @@ impl AudioEncoder {
 
     /// As [`AudioEncoder::embed`] for audio at any rate, resampled to 16 kHz as the reference does.
     pub fn embed_at(&self, wave: &[f32], sample_rate: u32) -> Result<Tensor> {
-        if sample_rate == MODEL_RATE {
+        if sample_rate == INPUT_SAMPLE_RATE {
             return self.embed(wave);
         }
         // Refused before resampling (which would allocate for all of it).
@@ -90,8 +91,8 @@ impl AudioEncoder {
                 wave.len() as f64 / f64::from(sample_rate.max(1))
             )));
         }
-        let wave =
-            Resampler::resample_all(sample_rate, MODEL_RATE, wave).map_err(Error::Invalid)?;
+        let wave = Resampler::resample_all(sample_rate, INPUT_SAMPLE_RATE, wave)
+            .map_err(Error::Invalid)?;
         self.embed(&wave)
     }
 }

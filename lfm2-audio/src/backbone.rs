@@ -4,7 +4,8 @@ use candle_core::Tensor;
 
 use crate::config::Lfm2Config;
 use crate::error::{Error, Result};
-use crate::lfm2::{Lfm2, Lfm2State, Linear, Table};
+use crate::lfm2::{Lfm2, Lfm2State};
+use crate::nn::{Linear, Table};
 use crate::weights::{WeightClass, Weights};
 
 /// Tensor-name prefix of the backbone in an LFM2-Audio checkpoint.

@@ -12,7 +12,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::lfm2::with_f32_slice;
+use crate::ops::with_f32_slice;
 
 /// A buffer of per-position rows (shape `shape`, positions along `axis`) with room to grow.
 #[derive(Debug, Clone)]

@@ -361,7 +361,11 @@ impl Lfm2AudioConfig {
             "must be a positive multiple of 32 (32 heads)",
         )?;
         let codebooks = r.usize_or("codebooks", 8)?;
-        r.check(codebooks > 0, "codebooks", "must be positive")?;
+        r.check(
+            codebooks == crate::format::CODEBOOKS,
+            "codebooks",
+            "must be 8 (the codecs decode frames of 8 codes)",
+        )?;
         let interleaved_n_text = r.usize_or("interleaved_n_text", 6)?;
         let interleaved_n_audio = r.usize_or("interleaved_n_audio", 12)?;
         r.check(

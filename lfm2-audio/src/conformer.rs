@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::config::Reader;
 use crate::error::{Error, Result};
-use crate::lfm2::{LayerNorm, Linear};
+use crate::nn::{LayerNorm, Linear};
 use crate::weights::{WeightClass, Weights};
 
 /// Epsilon of every LayerNorm and BatchNorm of the encoder and adapter.

@@ -18,26 +18,20 @@ use candle_core::{Device, Tensor};
 
 use crate::config::{DepthformerConfig, Lfm2Config};
 use crate::error::{Error, Result};
-use crate::lfm2::{with_f32_slice, FeedForward, Linear, RmsNorm, Table};
-use crate::ops;
+use crate::format::{Frame, CODEBOOKS, CODEBOOK_CLASSES, END_OF_AUDIO};
+use crate::nn::{FeedForward, Linear, RmsNorm, Rotary, Table};
+use crate::ops::{self, with_f32_slice};
 use crate::sampling::Sampler;
 use crate::weights::{WeightClass, Weights};
 
-/// Codes per codebook: the 2048 Mimi codes and the end-of-audio code.
-pub const CODEBOOK_SIZE: usize = 2049;
-/// The end-of-audio code; on codebook 0 it ends the audio of a reply.
-pub const END_OF_AUDIO: u32 = 2048;
 /// Query heads of the depthformer's attention (the reference's `MHA` default).
 const HEADS: usize = 32;
 /// Key/value heads (`gqa_dim` default).
 const KV_HEADS: usize = 8;
 /// Rotary base of the depthformer (`MHA` default theta).
-const ROPE_THETA: f32 = 1e6;
+const ROPE_THETA: f64 = 1e6;
 /// RMSNorm epsilon throughout the audio head.
 const NORM_EPS: f64 = 1e-5;
-
-/// One audio frame: a code per codebook.
-pub type Frame = Vec<u32>;
 
 #[derive(Debug, Clone)]
 struct DepthLayer {
@@ -92,6 +86,13 @@ impl AudioHead {
         cfg: &DepthformerConfig,
         n_codebooks: usize,
     ) -> Result<Self> {
+        if n_codebooks != CODEBOOKS {
+            return Err(Error::Config {
+                path: w.path().to_owned(),
+                key: "codebooks".into(),
+                message: format!("must be {CODEBOOKS} (the codecs decode frames of {CODEBOOKS} codes), got {n_codebooks}"),
+            });
+        }
         let hidden = lfm.hidden_size;
         let dim = cfg.dim;
         let head_dim = dim / HEADS;
@@ -108,7 +109,7 @@ impl AudioHead {
         let audio_embedding = Table::load(
             w,
             "audio_embedding.embedding.weight",
-            n_codebooks * CODEBOOK_SIZE,
+            n_codebooks * CODEBOOK_CLASSES,
             hidden,
             WeightClass::Auxiliary,
         )?;
@@ -146,14 +147,15 @@ impl AudioHead {
         for c in 0..n_codebooks {
             let p = format!("depth_embeddings.{c}");
             let emb_name = format!("{p}.embedding.weight");
-            let embedding = Table::load(w, &emb_name, CODEBOOK_SIZE, dim, WeightClass::Auxiliary)?;
+            let embedding =
+                Table::load(w, &emb_name, CODEBOOK_CLASSES, dim, WeightClass::Auxiliary)?;
             // A tied head stores no `to_logits`; the embedding table serves as the projection.
             let logits_name = format!("{p}.to_logits.weight");
             let to_logits = if w.contains(&logits_name) {
                 Linear::load_class(
                     w,
                     &format!("{p}.to_logits"),
-                    CODEBOOK_SIZE,
+                    CODEBOOK_CLASSES,
                     dim,
                     false,
                     WeightClass::Decode,
@@ -162,11 +164,11 @@ impl AudioHead {
                 Linear::from_matrix(
                     w,
                     &emb_name,
-                    CODEBOOK_SIZE,
+                    CODEBOOK_CLASSES,
                     dim,
                     None,
                     WeightClass::Decode,
-                    || w.get(&emb_name, &[CODEBOOK_SIZE, dim]),
+                    || w.get(&emb_name, &[CODEBOOK_CLASSES, dim]),
                 )?
             } else {
                 return Err(Error::MissingTensor {
@@ -181,19 +183,7 @@ impl AudioHead {
             });
         }
         // precompute_freqs_cis(head_dim, ·, 1e6): angle = pos · 1/θ^(2i/d), in f32.
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / ROPE_THETA.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
-        let mut cos = Vec::with_capacity(n_codebooks * half);
-        let mut sin = Vec::with_capacity(n_codebooks * half);
-        for pos in 0..n_codebooks {
-            for &f in &inv {
-                let a = pos as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let (cos, sin) = Rotary::new(head_dim, ROPE_THETA).values(0, n_codebooks);
         Ok(Self {
             audio_embedding,
             depth_linear,
@@ -223,12 +213,12 @@ impl AudioHead {
         }
         let mut rows = Vec::with_capacity(frame.len());
         for (c, &code) in frame.iter().enumerate() {
-            if code as usize >= CODEBOOK_SIZE {
+            if code as usize >= CODEBOOK_CLASSES {
                 return Err(Error::Invalid(format!(
                     "audio code {code} on codebook {c} is over {END_OF_AUDIO}"
                 )));
             }
-            rows.push(code + (c * CODEBOOK_SIZE) as u32);
+            rows.push(code + (c * CODEBOOK_CLASSES) as u32);
         }
         Ok(self.audio_embedding.lookup(&rows)?.sum(0)?)
     }
@@ -265,7 +255,7 @@ impl AudioHead {
         let kv_dim = KV_HEADS * hd;
         let half = hd / 2;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut frame = Vec::with_capacity(n);
+        let mut frame = [0u32; CODEBOOKS];
         let mut outputs = Vec::new();
         let mut all_logits = Vec::new();
         for (c, head) in self.codebooks.iter().enumerate() {
@@ -325,7 +315,7 @@ impl AudioHead {
             head.norm.forward_vec(&b.x, &mut b.normed);
             head.to_logits.forward_vec(&b.normed, &mut b.logits)?;
             let code = sampler.sample(&b.logits);
-            frame.push(code);
+            frame[c] = code;
             head.embedding.row_into(code, &mut b.prev)?;
             if trace {
                 outputs.extend_from_slice(&b.x);
@@ -336,7 +326,7 @@ impl AudioHead {
             Some(FrameTrace {
                 depth_in: Tensor::from_slice(&b.depth_in, (n, dim), &Device::Cpu)?,
                 outputs: Tensor::from_vec(outputs, (n, dim), &Device::Cpu)?,
-                logits: Tensor::from_vec(all_logits, (n, CODEBOOK_SIZE), &Device::Cpu)?,
+                logits: Tensor::from_vec(all_logits, (n, CODEBOOK_CLASSES), &Device::Cpu)?,
             })
         } else {
             None
@@ -390,7 +380,7 @@ impl FrameBuffers {
             keys: vec![0.0; cache],
             values: vec![0.0; cache],
             scores: vec![0.0; n * HEADS / KV_HEADS],
-            logits: vec![0.0; CODEBOOK_SIZE],
+            logits: vec![0.0; CODEBOOK_CLASSES],
         }
     }
 }

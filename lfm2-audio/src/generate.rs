@@ -2,8 +2,9 @@
 
 use candle_core::Tensor;
 
-use crate::depthformer::{AudioHead, Frame, END_OF_AUDIO};
+use crate::depthformer::AudioHead;
 use crate::error::Result;
+use crate::format::{Frame, END_OF_AUDIO};
 use crate::prompt::{ChatState, Item};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::session::Session;

@@ -14,9 +14,6 @@
 //! not clamped (`2·width + 2` taps at most); the taps left out are the clamped tails, each below
 //! 1e-20, so the output differs from the table's only in the last bits.
 
-/// Sample rate of the model's audio input.
-pub const MODEL_RATE: u32 = 16_000;
-
 /// Lowest rate the resampler accepts.
 pub const MIN_RATE: u32 = 1_000;
 /// Highest rate the resampler accepts.
@@ -248,6 +245,7 @@ fn banded_output(window: &[f32], orig: usize, new: usize, width: usize, p: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::INPUT_SAMPLE_RATE;
 
     #[test]
     fn widths_match_torchaudio() {
@@ -305,25 +303,25 @@ mod tests {
     #[test]
     fn rates_outside_the_range_are_refused() {
         for rate in [0, 1, 999, 384_001, 999_983, u32::MAX] {
-            let err = Resampler::new(rate, MODEL_RATE).unwrap_err();
+            let err = Resampler::new(rate, INPUT_SAMPLE_RATE).unwrap_err();
             assert!(
                 err.contains(&format!("{rate} Hz is not supported")),
                 "{err}"
             );
         }
-        assert!(Resampler::new(MIN_RATE, MODEL_RATE).is_ok());
-        assert!(Resampler::new(MAX_RATE, MODEL_RATE).is_ok());
+        assert!(Resampler::new(MIN_RATE, INPUT_SAMPLE_RATE).is_ok());
+        assert!(Resampler::new(MAX_RATE, INPUT_SAMPLE_RATE).is_ok());
     }
 
     #[test]
     fn rates_without_a_common_factor_use_a_small_memory_and_match_the_table() {
         // 44,101 Hz: the table would be 16000 x 44135 taps (2.8 GB).
-        let r = Resampler::new(44_101, MODEL_RATE).unwrap();
+        let r = Resampler::new(44_101, INPUT_SAMPLE_RATE).unwrap();
         assert!(r.kernels.is_empty());
         let input: Vec<f32> = (0..44_101 / 3)
             .map(|i| (2.0 * std::f32::consts::PI * 440.0 * i as f32 / 44_101.0).sin())
             .collect();
-        let out = Resampler::resample_all(44_101, MODEL_RATE, &input).unwrap();
+        let out = Resampler::resample_all(44_101, INPUT_SAMPLE_RATE, &input).unwrap();
         assert_eq!(out.len(), (16_000 * input.len()).div_ceil(44_101));
         let peak = out[500..4800].iter().fold(0f32, |m, x| m.max(x.abs()));
         assert!((peak - 1.0).abs() < 0.01, "{peak}");
@@ -331,8 +329,8 @@ mod tests {
         let input: Vec<f32> = (0..5000)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
             .collect();
-        let table = Resampler::resample_all(11_025, MODEL_RATE, &input).unwrap();
-        let mut banded = Resampler::new(11_025, MODEL_RATE).unwrap();
+        let table = Resampler::resample_all(11_025, INPUT_SAMPLE_RATE, &input).unwrap();
+        let mut banded = Resampler::new(11_025, INPUT_SAMPLE_RATE).unwrap();
         banded.kernels.clear();
         let mut out = Vec::new();
         banded.push(&input, &mut out);

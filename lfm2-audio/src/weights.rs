@@ -163,8 +163,7 @@ impl Weights {
             }
         }
         let t = load()?.contiguous()?;
-        let q =
-            crate::lfm2::with_f32_slice(&t, |data| QMatrix::quantize(data, rows, cols, format))?;
+        let q = crate::ops::with_f32_slice(&t, |data| QMatrix::quantize(data, rows, cols, format))?;
         drop(t);
         let mut writer = self.writer.borrow_mut();
         if let Some(w) = writer.as_mut() {

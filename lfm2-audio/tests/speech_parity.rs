@@ -63,7 +63,9 @@ fn reference_items(meta: &serde_json::Value) -> Vec<Token> {
                     .unwrap()
                     .iter()
                     .map(|c| c.as_u64().unwrap() as u32)
-                    .collect(),
+                    .collect::<Vec<_>>()
+                    .try_into()
+                    .unwrap(),
             ),
             _ => panic!("bad item {i}"),
         })

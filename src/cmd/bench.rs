@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use lfm2_audio::depthformer::END_OF_AUDIO;
+use lfm2_audio::format::{Frame, AUDIO_CODES, CODEBOOKS, END_OF_AUDIO, INPUT_SAMPLE_RATE};
 use lfm2_audio::generate::{
     audio_chat, prefill_chat, GenerationMode, GenerationParams, Generator, Token,
 };
@@ -89,11 +89,11 @@ fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
 
 /// A 4-second-like test utterance: a gliding tone with harmonics and a little noise, 16 kHz.
 fn utterance(seconds: f64) -> Vec<f32> {
-    let n = (seconds * 16_000.0) as usize;
+    let n = (seconds * f64::from(INPUT_SAMPLE_RATE)) as usize;
     let mut seed = 12345u32;
     (0..n)
         .map(|i| {
-            let t = i as f32 / 16_000.0;
+            let t = i as f32 / INPUT_SAMPLE_RATE as f32;
             let f = 140.0 + 60.0 * (t * 1.3).sin();
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             let noise = (seed >> 9) as f32 / (1u32 << 23) as f32 - 0.5;
@@ -280,10 +280,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         detok.reset();
         let mut times = Vec::new();
         for _ in 0..25 {
-            let mut frame = [0u32; codec::CODEBOOKS];
+            let mut frame: Frame = [0u32; CODEBOOKS];
             for c in frame.iter_mut() {
                 seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                *c = (seed >> 8) % 2048;
+                *c = (seed >> 8) % AUDIO_CODES;
             }
             out.clear();
             let t = Instant::now();
@@ -384,17 +384,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     continue;
                 }
                 let before_detok = t0.elapsed().as_secs_f64();
-                let f: codec::Frame = frame
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| anyhow::anyhow!("frame of {} codes", frame.len()))?;
                 match &decode_thread {
                     None => {
                         out.clear();
-                        detok.push_into(&f, &mut out)?;
+                        detok.push_into(&frame, &mut out)?;
                     }
                     Some(t) => {
-                        t.push(f)?;
+                        t.push(frame)?;
                         in_flight += 1;
                         // The first frame is waited for (time to first audio); later ones
                         // are collected as they are ready.

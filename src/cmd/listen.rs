@@ -9,8 +9,9 @@ use anyhow::Context;
 use audio_io::vad::{SileroVad, VadAssets, VadConfig, VadEvent};
 use audio_io::{
     write_wav, Capture, DeviceCapture, DeviceSelector, ListenEvent, Listener, ListenerConfig,
-    Pacing, StreamFormat, WavCapture, MODEL_SAMPLE_RATE,
+    Pacing, StreamFormat, WavCapture,
 };
+use lfm2_audio::format::INPUT_SAMPLE_RATE;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -190,7 +191,7 @@ impl View {
                 );
                 if let Some(dir) = &self.record {
                     let path = dir.join(format!("utterance-{:04}.wav", self.utterances));
-                    write_wav(&path, &audio, StreamFormat::new(MODEL_SAMPLE_RATE, 1))?;
+                    write_wav(&path, &audio, StreamFormat::new(INPUT_SAMPLE_RATE, 1))?;
                     text.push_str(&format!(", saved {}", path.display()));
                 }
                 self.line(&text);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use codec::{Detokenizer, DetokenizerChoice};
-use lfm2_audio::depthformer::END_OF_AUDIO;
+use lfm2_audio::format::{Frame, END_OF_AUDIO, SAMPLES_PER_FRAME};
 use lfm2_audio::generate::{prefill_chat, GenerationMode, GenerationParams, Generator, Token};
 use lfm2_audio::model::Lfm2AudioModel;
 use lfm2_audio::prompt::ChatState;
@@ -174,9 +174,9 @@ pub fn run_reply(
     );
 
     let mut text_ids = Vec::new();
-    let mut frames: Vec<Vec<u32>> = Vec::new();
+    let mut frames: Vec<Frame> = Vec::new();
     let mut printed = String::new();
-    let mut pcm = Vec::with_capacity(codec::SAMPLES_PER_FRAME);
+    let mut pcm = Vec::with_capacity(SAMPLES_PER_FRAME);
     let mut skipped = 0usize;
     let stdout = std::io::stdout();
     while let Some(token) = generator.next_item()? {
@@ -199,16 +199,13 @@ pub fn run_reply(
                 }
             }
             Token::Audio(frame) => {
-                let decodable: Result<codec::Frame, _> = frame.as_slice().try_into();
-                match decodable {
-                    // End-of-audio frames (and frames holding the end-of-audio code elsewhere) carry no sound.
-                    Ok(f) if !frame.contains(&END_OF_AUDIO) => {
-                        pcm.clear();
-                        detok.push_into(&f, &mut pcm)?;
-                        wav.write(&pcm)?;
-                    }
-                    _ if frame[0] == END_OF_AUDIO => {}
-                    _ => skipped += 1,
+                // End-of-audio frames (and frames holding the end-of-audio code elsewhere) carry no sound.
+                if !frame.contains(&END_OF_AUDIO) {
+                    pcm.clear();
+                    detok.push_into(&frame, &mut pcm)?;
+                    wav.write(&pcm)?;
+                } else if frame[0] != END_OF_AUDIO {
+                    skipped += 1;
                 }
                 frames.push(frame);
             }

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use audio_io::decode::AudioFileReader;
 use audio_io::segment::{Segment, Segmenter};
 use lfm2_audio::audio::MIN_SAMPLES;
+use lfm2_audio::format::INPUT_SAMPLE_RATE;
 use lfm2_audio::generate::{asr_chat, generate_text, prefill_chat, StopReason};
 use lfm2_audio::model::Lfm2AudioModel;
-use lfm2_audio::resample::{Resampler, MODEL_RATE};
+use lfm2_audio::resample::Resampler;
 use lfm2_audio::sampling::{Sampler, SamplingParams};
 use lfm2_audio::session::Session;
 use lfm2_audio::tokenizer::TextStream;
@@ -119,9 +120,13 @@ fn transcribe_file(
 ) -> anyhow::Result<Vec<ClipText>> {
     let mut reader = AudioFileReader::open(path)?;
     let mut resampler =
-        Resampler::new(reader.sample_rate(), MODEL_RATE).map_err(anyhow::Error::msg)?;
-    let max_len = (args.max_segment_seconds * MODEL_RATE as f32) as usize;
-    let mut segmenter = Segmenter::new(max_len, (max_len / 3).min(10 * MODEL_RATE as usize), 1600);
+        Resampler::new(reader.sample_rate(), INPUT_SAMPLE_RATE).map_err(anyhow::Error::msg)?;
+    let max_len = (args.max_segment_seconds * INPUT_SAMPLE_RATE as f32) as usize;
+    let mut segmenter = Segmenter::new(
+        max_len,
+        (max_len / 3).min(10 * INPUT_SAMPLE_RATE as usize),
+        1600,
+    );
     let mut clips = Vec::new();
     let mut resampled = Vec::new();
     let mut total = 0u64;
@@ -167,8 +172,8 @@ fn transcribe_clip(
     first: bool,
 ) -> anyhow::Result<ClipText> {
     let tok = &model.tokenizer;
-    let start = seg.start as f64 / MODEL_RATE as f64;
-    let end = start + seg.samples.len() as f64 / MODEL_RATE as f64;
+    let start = seg.start as f64 / INPUT_SAMPLE_RATE as f64;
+    let end = start + seg.samples.len() as f64 / INPUT_SAMPLE_RATE as f64;
     let audio = model.audio.embed(&seg.samples)?;
     let chat = asr_chat(tok, audio)?;
     let mut session = Session::new(model.backbone.clone())?;

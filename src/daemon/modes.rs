@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use audio_io::echo::{EchoMode, EchoReference};
 use audio_io::vad::VadEvent;
-use audio_io::{ListenEvent, Player, PLAYBACK_SOURCE_RATE};
+use audio_io::{ListenEvent, Player};
 use crossbeam_channel::{select, Receiver};
+use lfm2_audio::format::OUTPUT_SAMPLE_RATE;
 use lfm2_audio::sampling::SamplingParams;
 use std::time::Instant;
 
@@ -95,7 +96,7 @@ pub(crate) fn transcribe_or_translate(
     // interrupted (half duplex keeps the microphone from hearing them).
     let reference = player
         .as_ref()
-        .map(|_| EchoReference::new(PLAYBACK_SOURCE_RATE))
+        .map(|_| EchoReference::new(OUTPUT_SAMPLE_RATE))
         .transpose()?;
     if let (Some(p), Some(rf)) = (player.as_mut(), reference.as_ref()) {
         p.set_reference(rf.clone());

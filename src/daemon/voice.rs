@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use audio_io::echo::{EchoMode, EchoReference};
 use audio_io::vad::VadEvent;
-use audio_io::{ListenEvent, Player, PLAYBACK_SOURCE_RATE};
+use audio_io::{ListenEvent, Player};
 use crossbeam_channel::{select, Receiver};
 use dialog::assistant::{Assistant, Effect, Input, SpeakerState};
 use dialog::turn::TurnState;
+use lfm2_audio::format::OUTPUT_SAMPLE_RATE;
 
 use super::console::{log, pump, say, signal_name, stamp, uptime_of, OPEN_LINE};
 use super::setup::{device, listen, sampling, tools, Args, Resolved};
@@ -52,7 +53,7 @@ pub(crate) fn assistant(
     })?;
     let reference = match r.echo {
         EchoMode::Off => None,
-        _ => Some(EchoReference::new(PLAYBACK_SOURCE_RATE)?),
+        _ => Some(EchoReference::new(OUTPUT_SAMPLE_RATE)?),
     };
     let listener = listen(args, r, reference.clone())?;
     let mut player = Player::open(

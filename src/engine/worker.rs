@@ -16,7 +16,7 @@ use codec::Detokenizer;
 use crossbeam_channel::{Receiver, Sender};
 use dialog::reply::{ReplyItem, ReplyTracker};
 use dialog::tools::{self, ToolCall, ToolOutcome};
-use lfm2_audio::depthformer::{Frame, END_OF_AUDIO};
+use lfm2_audio::format::{Frame, END_OF_AUDIO, SAMPLES_PER_FRAME};
 use lfm2_audio::generate::{
     asr_chat, generate_text, prefill_chat, GenerationMode, Generator, Token,
 };
@@ -113,7 +113,7 @@ fn samples_of(tokens: &[Token]) -> u64 {
         .iter()
         .filter(|t| matches!(t, Token::Audio(f) if !f.contains(&END_OF_AUDIO)))
         .count() as u64
-        * codec::SAMPLES_PER_FRAME as u64
+        * SAMPLES_PER_FRAME as u64
 }
 
 pub(crate) struct Conv {
@@ -976,7 +976,7 @@ impl Worker {
         self.rebuild(conv, i)?;
         conv.emit(ConvEvent::Truncated {
             item_id: item_id.to_owned(),
-            audio_samples: cut.frames as u64 * codec::SAMPLES_PER_FRAME as u64,
+            audio_samples: cut.frames as u64 * SAMPLES_PER_FRAME as u64,
             text,
         });
         Ok(())
@@ -1257,7 +1257,7 @@ impl Worker {
         let mut tokens: Vec<Token> = Vec::new();
         let mut tracker = ReplyTracker::new(reply_start);
         let mut stream = TextStream::new();
-        let mut pcm = Vec::with_capacity(codec::SAMPLES_PER_FRAME);
+        let mut pcm = Vec::with_capacity(SAMPLES_PER_FRAME);
         let mut samples: u64 = 0;
         let mut in_call = false;
         let mut call_done = false;
@@ -1392,12 +1392,8 @@ impl Worker {
                         tracker.push(ReplyItem::Frame { audible });
                         // Speech of a tool call is not played.
                         if audible && !in_call {
-                            let f: &codec::Frame = frame
-                                .as_slice()
-                                .try_into()
-                                .map_err(|_| anyhow::anyhow!("a frame of {} codes", frame.len()))?;
                             pcm.clear();
-                            self.detok.push_into(f, &mut pcm)?;
+                            self.detok.push_into(&frame, &mut pcm)?;
                             samples += pcm.len() as u64;
                             emit(ConvEvent::Audio {
                                 response_id: response_id.to_owned(),
@@ -1413,7 +1409,7 @@ impl Worker {
             (_, Some(c)) => {
                 tokens.truncate(c.position - reply_start);
                 conv.session.truncate_to(c.position)?;
-                c.frames as u64 * codec::SAMPLES_PER_FRAME as u64
+                c.frames as u64 * SAMPLES_PER_FRAME as u64
             }
             (Ending::Cancelled(None), None) => {
                 // Everything generated stays; the positions fed are exactly the tokens.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use audio_io::vad::{Endpointer, SileroVad, VadAssets, VadConfig, VadEvent, WINDOW};
 use dialog::tools::ToolSpec;
+use lfm2_audio::format::INPUT_SAMPLE_RATE;
 use lfm2_audio::generate::GenerationParams;
 use lfm2_audio::resample::Resampler;
 
@@ -22,8 +23,6 @@ use super::protocol::{
 use crate::engine::Setup;
 use dialog::conversation::{Call, Content, ConvEvent, Output, Placement, Respond, ToolPolicy};
 
-/// The model's input rate.
-const MODEL_RATE: u32 = 16_000;
 /// Samples of 24 kHz audio per millisecond.
 const SAMPLES_PER_MS: u64 = SAMPLE_RATE as u64 / 1000;
 /// The shortest audio a commit takes (the OpenAI server's rule).
@@ -481,7 +480,7 @@ impl Session {
         self.vad = Some(Vad {
             silero,
             endpointer: Endpointer::new(config),
-            resampler: Resampler::new(SAMPLE_RATE, MODEL_RATE)?,
+            resampler: Resampler::new(SAMPLE_RATE, INPUT_SAMPLE_RATE)?,
             pending: Vec::new(),
             item_id: None,
             base_ms: self.appended / SAMPLES_PER_MS,
@@ -708,7 +707,7 @@ impl Session {
             None => None,
         }
         .unwrap_or_else(|| self.new_id("item"));
-        match Resampler::resample_all(SAMPLE_RATE, MODEL_RATE, &audio) {
+        match Resampler::resample_all(SAMPLE_RATE, INPUT_SAMPLE_RATE, &audio) {
             Ok(audio16) => {
                 if self.audio_fits(&eid, "the committed audio", audio16.len()) {
                     self.commit_audio(item_id, audio16)
@@ -747,7 +746,7 @@ impl Session {
         if self.settings.transcription.is_some() {
             self.transcribing.insert(
                 item_id.clone(),
-                audio16.len() as f64 / f64::from(MODEL_RATE),
+                audio16.len() as f64 / f64::from(INPUT_SAMPLE_RATE),
             );
             self.deferred.push(EngineCall::Transcribe {
                 item_id: item_id.clone(),
@@ -813,7 +812,7 @@ impl Session {
                     );
                     return None;
                 }
-                let a16 = match Resampler::resample_all(SAMPLE_RATE, MODEL_RATE, &a) {
+                let a16 = match Resampler::resample_all(SAMPLE_RATE, INPUT_SAMPLE_RATE, &a) {
                     Ok(a16) => a16,
                     Err(e) => {
                         self.error(eid.clone(), "invalid_audio", e);
@@ -939,8 +938,10 @@ impl Session {
             item: view,
         });
         if let (Content::UserAudio(a16), Some(_)) = (&content, &self.settings.transcription) {
-            self.transcribing
-                .insert(item_id.clone(), a16.len() as f64 / f64::from(MODEL_RATE));
+            self.transcribing.insert(
+                item_id.clone(),
+                a16.len() as f64 / f64::from(INPUT_SAMPLE_RATE),
+            );
             self.deferred.push(EngineCall::Transcribe {
                 item_id: item_id.clone(),
                 audio: a16.clone(),

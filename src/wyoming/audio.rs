@@ -2,7 +2,8 @@
 //! out (with the same resampler as `lfm2d transcribe`); the model's 24 kHz speech out as 16-bit
 //! PCM.
 
-use lfm2_audio::resample::{Resampler, MODEL_RATE};
+use lfm2_audio::format::INPUT_SAMPLE_RATE;
+use lfm2_audio::resample::Resampler;
 
 /// Rates accepted in chunks.
 pub const MIN_RATE: u32 = 1_000;
@@ -46,8 +47,8 @@ impl Format {
                 "channels {channels} is not supported (expected 1 to 32)"
             ));
         }
-        let g = gcd(rate, MODEL_RATE as u64);
-        if (rate / g) * (MODEL_RATE as u64 / g) > MAX_RATIO_PRODUCT {
+        let g = gcd(rate, INPUT_SAMPLE_RATE as u64);
+        if (rate / g) * (INPUT_SAMPLE_RATE as u64 / g) > MAX_RATIO_PRODUCT {
             return Err(format!(
                 "rate {rate} Hz is not supported: its ratio to 16000 Hz is too awkward to resample (use a common rate such as 16000, 22050, 44100 or 48000)"
             ));
@@ -122,16 +123,16 @@ impl Collector {
         Self {
             resampler: None,
             samples: Vec::new(),
-            max_samples: max_seconds * MODEL_RATE as usize,
+            max_samples: max_seconds * INPUT_SAMPLE_RATE as usize,
         }
     }
 
     /// Adds a chunk; an error says why it was not used.
     pub fn push(&mut self, bytes: &[u8], format: Format) -> Result<(), String> {
         let mono = decode(bytes, format)?;
-        if self.resampler.as_ref().map(Resampler::rates) != Some((format.rate, MODEL_RATE)) {
+        if self.resampler.as_ref().map(Resampler::rates) != Some((format.rate, INPUT_SAMPLE_RATE)) {
             self.finish_resampler();
-            self.resampler = Some(Resampler::new(format.rate, MODEL_RATE)?);
+            self.resampler = Some(Resampler::new(format.rate, INPUT_SAMPLE_RATE)?);
         }
         if let Some(r) = self.resampler.as_mut() {
             r.push(&mono, &mut self.samples);
@@ -140,7 +141,7 @@ impl Collector {
             self.samples.truncate(self.max_samples);
             return Err(format!(
                 "the utterance is longer than {} s; the rest is dropped",
-                self.max_samples / MODEL_RATE as usize
+                self.max_samples / INPUT_SAMPLE_RATE as usize
             ));
         }
         Ok(())

@@ -23,7 +23,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::{AudioError, StreamResampler, MODEL_SAMPLE_RATE};
+use lfm2_audio::format::INPUT_SAMPLE_RATE;
+
+use crate::{AudioError, StreamResampler};
 
 /// The playback stalled when one reading of its counter is this many 16 kHz samples (60 ms)
 /// behind where continuous playing would have brought it: what plays from there on is placed
@@ -42,9 +44,9 @@ const SHIFT_RUN: usize = 12;
 /// segment's timing puts it is a continuation, not a new segment.
 const CONTINUOUS: f64 = 80.0;
 /// History kept behind the newest push (4 s).
-const KEEP_BEHIND: i64 = 4 * MODEL_SAMPLE_RATE as i64;
+const KEEP_BEHIND: i64 = 4 * INPUT_SAMPLE_RATE as i64;
 /// At most this much reference is kept (60 s), whatever the playback side does.
-const MAX_KEPT: usize = 60 * MODEL_SAMPLE_RATE as usize;
+const MAX_KEPT: usize = 60 * INPUT_SAMPLE_RATE as usize;
 
 /// A stretch of reference samples that play back to back: position `q0` (16 kHz samples since
 /// the reference began) plays at wall index `wall0`.
@@ -116,7 +118,7 @@ impl Timeline {
 
     /// 16 kHz samples in `source` source samples.
     fn to_q(&self, source: u64) -> f64 {
-        source as f64 * f64::from(MODEL_SAMPLE_RATE) / f64::from(self.source_rate)
+        source as f64 * f64::from(INPUT_SAMPLE_RATE) / f64::from(self.source_rate)
     }
 
     fn append_resampled(&mut self) {
@@ -348,9 +350,9 @@ impl std::fmt::Debug for EchoReference {
 
 impl EchoReference {
     /// A reference for playback audio at `source_rate` Hz (mono; use
-    /// [`crate::PLAYBACK_SOURCE_RATE`] for the model's voice).
+    /// [`lfm2_audio::format::OUTPUT_SAMPLE_RATE`] for the model's voice).
     pub fn new(source_rate: u32) -> Result<Self, AudioError> {
-        let resampler = StreamResampler::new(source_rate, MODEL_SAMPLE_RATE)?;
+        let resampler = StreamResampler::new(source_rate, INPUT_SAMPLE_RATE)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 origin: Instant::now(),
@@ -359,7 +361,7 @@ impl EchoReference {
                     resampler,
                     resampled: Vec::new(),
                     written: None,
-                    samples: VecDeque::with_capacity(8 * MODEL_SAMPLE_RATE as usize),
+                    samples: VecDeque::with_capacity(8 * INPUT_SAMPLE_RATE as usize),
                     first_q: 0,
                     pieces: VecDeque::new(),
                     segment: None,
@@ -383,8 +385,8 @@ impl EchoReference {
     /// Wall index (16 kHz samples since this reference was created) of `t`.
     pub fn wall_index(&self, t: Instant) -> f64 {
         match t.checked_duration_since(self.shared.origin) {
-            Some(d) => d.as_secs_f64() * f64::from(MODEL_SAMPLE_RATE),
-            None => -(self.shared.origin - t).as_secs_f64() * f64::from(MODEL_SAMPLE_RATE),
+            Some(d) => d.as_secs_f64() * f64::from(INPUT_SAMPLE_RATE),
+            None => -(self.shared.origin - t).as_secs_f64() * f64::from(INPUT_SAMPLE_RATE),
         }
     }
 
@@ -424,7 +426,7 @@ impl EchoReference {
     /// queued and not played is dropped, except 30 ms the device may already have taken.
     pub fn clear(&self, played: u64) {
         self.lock()
-            .clear(played, u64::from(MODEL_SAMPLE_RATE) * 30 / 1000);
+            .clear(played, u64::from(INPUT_SAMPLE_RATE) * 30 / 1000);
     }
 
     /// Counts the re-anchorings of the timeline (new playing stretches, stalls); the canceller

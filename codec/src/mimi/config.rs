@@ -8,10 +8,11 @@
 
 use std::path::Path;
 
+use lfm2_audio::format::{AUDIO_CODES, CODEBOOKS, OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{Error, Result, CODEBOOKS, SAMPLES_PER_FRAME, SAMPLE_RATE};
+use crate::{Error, Result};
 
 /// File name of the optional configuration, in the directory of the Mimi weights.
 pub const CONFIG_FILE: &str = "mimi_config.json";
@@ -348,9 +349,9 @@ impl MimiConfig {
             format!("must exceed {CODEBOOKS} (1 semantic + acoustic codebooks)"),
         )?;
         check(
-            q.bins == crate::CODEBOOK_SIZE as usize,
+            q.bins == AUDIO_CODES as usize,
             "quantizer_kwargs.bins",
-            format!("expected {}, got {}", crate::CODEBOOK_SIZE, q.bins),
+            format!("expected {}, got {}", AUDIO_CODES, q.bins),
         )?;
         check(
             q.dimension > 0,
@@ -421,9 +422,9 @@ impl MimiConfig {
             format!("expected \"conv\", got {:?}", m.resample_method),
         )?;
         check(
-            m.sample_rate == SAMPLE_RATE as f64,
+            m.sample_rate == OUTPUT_SAMPLE_RATE as f64,
             "mimi_model_kwargs.sample_rate",
-            format!("expected {SAMPLE_RATE}"),
+            format!("expected {OUTPUT_SAMPLE_RATE}"),
         )?;
         check(
             m.frame_rate > 0.0 && m.encoder_frame_rate > m.frame_rate,

@@ -19,7 +19,9 @@ use std::path::Path;
 use candle_core::Tensor;
 use lfm2_audio::weights::Weights;
 
-use crate::{check_frames, Detokenizer, Error, Frame, Result, SAMPLES_PER_FRAME};
+use lfm2_audio::format::{Frame, SAMPLES_PER_FRAME};
+
+use crate::{check_frames, Detokenizer, Error, Result};
 use config::MimiConfig;
 use conv::{CausalConvTranspose1d, DepthwiseConvTranspose1d};
 use quantizer::Quantizer;

@@ -8,7 +8,9 @@ use candle_core::{Device, Tensor};
 use lfm2_audio::weights::Weights;
 
 use super::config::QuantizerConfig;
-use crate::{Frame, Result, CODEBOOKS};
+use lfm2_audio::format::{Frame, CODEBOOKS};
+
+use crate::Result;
 
 /// `epsilon` of the reference's `EuclideanCodebook`.
 const USAGE_EPSILON: f64 = 1e-5;

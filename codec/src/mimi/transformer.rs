@@ -10,7 +10,7 @@
 //! `context − 1` steps before the call, so streaming equals batch decoding.
 
 use candle_core::{DType, Device, Tensor};
-use lfm2_audio::lfm2::{LayerNorm, Linear};
+use lfm2_audio::nn::{LayerNorm, Linear, Rotary};
 use lfm2_audio::weights::Weights;
 
 use super::config::TransformerConfig;
@@ -46,39 +46,6 @@ struct Layer {
     linear2: Linear,
     scale1: Option<Tensor>,
     scale2: Option<Tensor>,
-}
-
-/// Interleaved rotary embedding: pairs `(x[2i], x[2i+1])` turn by `p · f_i` with
-/// `f_i = exp(−2i·ln(max_period)/D)`, in f32 as the reference computes it.
-#[derive(Debug, Clone)]
-struct Rope {
-    freqs: Vec<f32>,
-}
-
-impl Rope {
-    fn new(head_dim: usize, max_period: f64) -> Self {
-        let step = (-(max_period.ln()) * 2.0 / head_dim as f64) as f32;
-        let freqs = (0..head_dim / 2).map(|i| (i as f32 * step).exp()).collect();
-        Self { freqs }
-    }
-
-    /// `(cos, sin)`, each `[n, D/2]`, for steps `start..start + n`.
-    fn tables(&self, start: usize, n: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.freqs.len();
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for p in start..start + n {
-            for &f in &self.freqs {
-                let angle = f * p as f32;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
-            Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
-        ))
-    }
 }
 
 /// Keys and values of the last steps, `[heads, steps, head_dim]`, in a buffer that grows
@@ -181,7 +148,9 @@ impl KvWindow {
 #[derive(Debug, Clone)]
 pub struct DecoderTransformer {
     layers: Vec<Layer>,
-    rope: Rope,
+    /// Interleaved rotary embedding: pairs `(x[2i], x[2i+1])` turn by `p · f_i` with
+    /// `f_i = exp(−2i·ln(max_period)/D)`.
+    rope: Rotary,
     heads: usize,
     head_dim: usize,
     d_model: usize,
@@ -223,7 +192,7 @@ impl DecoderTransformer {
         let head_dim = d / cfg.num_heads;
         Ok(Self {
             layers,
-            rope: Rope::new(head_dim, cfg.max_period),
+            rope: Rotary::with_max_period(head_dim, cfg.max_period),
             heads: cfg.num_heads,
             head_dim,
             d_model: d,
@@ -387,7 +356,7 @@ mod tests {
     fn mask_is_the_batch_window() {
         let tr = DecoderTransformer {
             layers: vec![],
-            rope: Rope::new(2, 10000.0),
+            rope: Rotary::with_max_period(2, 10000.0),
             heads: 1,
             head_dim: 2,
             d_model: 2,

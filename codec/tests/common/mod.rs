@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use codec::Frame;
+use lfm2_audio::format::Frame;
 
 /// `tests/fixtures` at the workspace root.
 pub fn fixtures() -> PathBuf {

@@ -1,5 +1,6 @@
 //! The operations of one decode position on plain f32 slices: RMSNorm, SwiGLU gating, softmax,
-//! rotary embeddings and single-query attention over a cache.
+//! rotary embeddings and single-query attention over a cache; and [`with_f32_slice`], which
+//! lends a tensor's data to them without a copy.
 //!
 //! The decode loops (the depthformer's eight steps per frame, the backbone's step) work on
 //! vectors of a few thousand values. Through tensors every operation there allocates its result
@@ -10,6 +11,21 @@
 
 #[cfg(target_arch = "x86_64")]
 mod attend_x86;
+
+use candle_core::{CpuStorage, Storage, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Runs `f` on the f32 data of a contiguous CPU tensor, without copying it.
+pub fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = x.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => f(&data[start..end]),
+        _ => Err(Error::Invalid(
+            "expected a contiguous f32 CPU tensor".into(),
+        )),
+    }
+}
 
 /// `out = w ⊙ x / √(mean(x²) + eps)` (candle's `rms_norm`: the f32 sum of squares in order, then
 /// `x / m · w`).
