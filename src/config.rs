@@ -63,6 +63,9 @@ pub struct AssistantSection {
     pub builtin_tools: bool,
     pub max_tool_rounds: usize,
     pub transcribe_user: bool,
+    /// Start the reply when the user pauses, before the end of the silence confirms the turn
+    /// (played only once it does; dropped exactly if the user goes on).
+    pub speculative_start: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -137,6 +140,7 @@ impl Default for AssistantSection {
             builtin_tools: true,
             max_tool_rounds: 3,
             transcribe_user: true,
+            speculative_start: true,
         }
     }
 }

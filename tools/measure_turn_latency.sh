@@ -9,7 +9,8 @@
 #
 # Usage: tools/measure_turn_latency.sh [MODEL_DIR [QUANT [EXTRA SERVE ARGS...]]]
 #   defaults: tests/fixtures/tiny-c/model f32. Environment: TURNS (default 5),
-#   MAX_REPLY_TOKENS (default 100), LFM2D (default target/release/lfm2d, built if missing).
+#   MAX_REPLY_TOKENS (default 100), LFM2D (default target/release/lfm2d, built if missing),
+#   SPECULATIVE_START (default true; false: the reply starts only at the end of the silence).
 # Needs `. .ci/pulse.sh` (run here if needed) and tools/fetch_vad.sh's assets.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,7 +51,8 @@ done
 
 # One stream to both sinks: the microphone hears the question, the speaker's recording has it.
 combine=$(pactl load-module module-combine-sink sink_name=lfm2d_both slaves=mic,spk)
-printf '[assistant]\nmax_reply_tokens = %s\nbuiltin_tools = false\n' "${MAX_REPLY_TOKENS:-100}" >"$work/c.toml"
+printf '[assistant]\nmax_reply_tokens = %s\nbuiltin_tools = false\nspeculative_start = %s\n' \
+    "${MAX_REPLY_TOKENS:-100}" "${SPECULATIVE_START:-true}" >"$work/c.toml"
 "$lfm2d" serve --config "$work/c.toml" --model "$model" --quant "$quant" "$@" >"$work/out.log" 2>&1 &
 daemon=$!
 for _ in $(seq 600); do

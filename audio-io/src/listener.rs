@@ -366,6 +366,12 @@ impl Pump {
                     self.held = Some(event);
                     return;
                 }
+                // Pauses of an utterance held back as echo are not news.
+                VadEvent::SpeechPaused { .. } | VadEvent::SpeechResumed { .. }
+                    if self.held.is_some() =>
+                {
+                    return;
+                }
                 VadEvent::SpeechEnded { .. } if self.held.is_some() => {
                     // It ended without the gate ever taking it for the user: echo.
                     self.held = None;

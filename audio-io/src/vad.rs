@@ -326,6 +326,19 @@ pub enum VadEvent {
         audio_start: Duration,
         audio: Vec<f32>,
     },
+    /// The speech of an announced utterance paused: the first window of silence after it (sent
+    /// only when `min_silence` is longer than a window). The fields are those the
+    /// `SpeechEnded` that follows if the silence holds will have, exactly: the utterance so far,
+    /// to start work on it before the end is certain.
+    SpeechPaused {
+        started: Duration,
+        at: Duration,
+        audio_start: Duration,
+        audio: Vec<f32>,
+    },
+    /// Speech went on after a `SpeechPaused`, before the silence ended the utterance (at `at`,
+    /// the start of the window that was speech again).
+    SpeechResumed { at: Duration },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -361,6 +374,8 @@ pub struct Endpointer {
     min_silence_windows: u64,
     max_windows: u64,
     prefix_samples: u64,
+    /// A `SpeechPaused` was sent for the current run of silence.
+    paused: bool,
 }
 
 fn windows_in(d: Duration) -> u64 {
@@ -381,6 +396,7 @@ impl Endpointer {
             audio: VecDeque::new(),
             audio_start: 0,
             previous_end: 0,
+            paused: false,
         }
     }
 
@@ -429,7 +445,9 @@ impl Endpointer {
                 mut last_speech,
             } => {
                 if speech {
-                    silent_since = None;
+                    if silent_since.take().is_some() && std::mem::take(&mut self.paused) {
+                        event = Some(VadEvent::SpeechResumed { at: window_time(n) });
+                    }
                     last_speech = n + 1;
                 } else if silence && silent_since.is_none() {
                     silent_since = Some(n);
@@ -458,17 +476,33 @@ impl Endpointer {
                         event = Some(self.ended(start_sample, (n + 1) * WINDOW as u64));
                         Phase::Silence
                     }
-                    _ => Phase::Speech {
-                        start,
-                        start_sample,
-                        confirmed,
-                        silent_since,
-                        last_speech,
-                    },
+                    _ => {
+                        if confirmed && silent_since == Some(n) && self.min_silence_windows > 1 {
+                            // The same end and audio as the `SpeechEnded` if the silence holds
+                            // (`last_speech` no longer moves, and the buffer holds all of it).
+                            self.paused = true;
+                            let end = self.refine_end(start_sample, last_speech * WINDOW as u64);
+                            let (audio_start, audio) = self.utterance(start_sample, end);
+                            event = Some(VadEvent::SpeechPaused {
+                                started: frames_to_duration(start_sample, INPUT_SAMPLE_RATE),
+                                at: frames_to_duration(end, INPUT_SAMPLE_RATE),
+                                audio_start,
+                                audio,
+                            });
+                        }
+                        Phase::Speech {
+                            start,
+                            start_sample,
+                            confirmed,
+                            silent_since,
+                            last_speech,
+                        }
+                    }
                 }
             }
         };
         if self.phase == Phase::Silence {
+            self.paused = false;
             self.trim_to_prefix();
         }
         event
@@ -527,6 +561,7 @@ impl Endpointer {
             _ => None,
         };
         self.phase = Phase::Silence;
+        self.paused = false;
         self.trim_to_prefix();
         event
     }
@@ -603,6 +638,18 @@ impl Endpointer {
 
     fn ended(&mut self, start_sample: u64, end_sample: u64) -> VadEvent {
         self.previous_end = end_sample;
+        let (audio_start, audio) = self.utterance(start_sample, end_sample);
+        VadEvent::SpeechEnded {
+            started: frames_to_duration(start_sample, INPUT_SAMPLE_RATE),
+            at: frames_to_duration(end_sample, INPUT_SAMPLE_RATE),
+            audio_start,
+            audio,
+        }
+    }
+
+    /// The audio of an utterance from `start_sample` (less the prefix padding) to `end_sample`,
+    /// and where it begins.
+    fn utterance(&self, start_sample: u64, end_sample: u64) -> (Duration, Vec<f32>) {
         let from = start_sample
             .saturating_sub(self.prefix_samples)
             .max(self.audio_start);
@@ -612,12 +659,7 @@ impl Endpointer {
             .range((from - self.audio_start) as usize..(to.max(from) - self.audio_start) as usize)
             .copied()
             .collect();
-        VadEvent::SpeechEnded {
-            started: frames_to_duration(start_sample, INPUT_SAMPLE_RATE),
-            at: frames_to_duration(end_sample, INPUT_SAMPLE_RATE),
-            audio_start: frames_to_duration(from, INPUT_SAMPLE_RATE),
-            audio,
-        }
+        (frames_to_duration(from, INPUT_SAMPLE_RATE), audio)
     }
 
     fn trim_to_prefix(&mut self) {
@@ -643,6 +685,19 @@ mod tests {
     /// where the probability says speech, with zeros where it says silence, so the boundary
     /// refinement agrees with the probabilities.
     fn run(config: VadConfig, probs: &[f32]) -> Vec<VadEvent> {
+        run_all(config, probs)
+            .into_iter()
+            .filter(|e| {
+                !matches!(
+                    e,
+                    VadEvent::SpeechPaused { .. } | VadEvent::SpeechResumed { .. }
+                )
+            })
+            .collect()
+    }
+
+    /// As `run`, with the pauses.
+    fn run_all(config: VadConfig, probs: &[f32]) -> Vec<VadEvent> {
         let mut endpointer = Endpointer::new(config);
         let mut events = Vec::new();
         for (i, &p) in probs.iter().enumerate() {
@@ -737,9 +792,14 @@ mod tests {
             let p = if (10..43).contains(&w) { 0.9 } else { 0.0 };
             events.extend(endpointer.push(&window, p));
         }
-        let VadEvent::SpeechEnded { started, at, .. } = &events[1] else {
-            panic!("{events:?}")
+        let VadEvent::SpeechEnded { started, at, .. } = &events[2] else {
+            panic!("{} events", events.len())
         };
+        // The pause announced the same boundaries.
+        assert!(
+            matches!(&events[1], VadEvent::SpeechPaused { started: s, at: a, .. } if s == started && a == at),
+            "the pause's boundaries"
+        );
         // Refined on a 10 ms grid anchored at the window boundaries: the start moves to the
         // first frame holding speech (the second frame of window 10), the end to the end of the
         // last frame holding speech.
@@ -851,5 +911,51 @@ mod tests {
             err.contains("LFM2D_ORT_LIB=/nonexistent/libonnxruntime.so does not exist"),
             "{err}"
         );
+    }
+
+    /// A pause announces the utterance so far, exactly as the end that follows if the silence
+    /// holds; speech within the silence resumes it, and the next pause announces the longer one.
+    #[test]
+    fn a_pause_announces_the_end_the_silence_will_confirm() {
+        // Speech, a 6-window pause (shorter than the 500 ms silence), speech, then silence.
+        let probs = pattern(&[(10, 0.05), (20, 0.9), (6, 0.05), (10, 0.9), (25, 0.05)]);
+        let events = run_all(VadConfig::default(), &probs);
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| match e {
+                VadEvent::SpeechStarted { .. } => "started",
+                VadEvent::SpeechPaused { .. } => "paused",
+                VadEvent::SpeechResumed { .. } => "resumed",
+                VadEvent::SpeechEnded { .. } => "ended",
+            })
+            .collect();
+        assert_eq!(kinds, ["started", "paused", "resumed", "paused", "ended"]);
+        assert_eq!(events[2], VadEvent::SpeechResumed { at: ms(36 * 32) });
+        let (
+            VadEvent::SpeechPaused {
+                started: ps,
+                at: pa,
+                audio_start: pst,
+                audio: paudio,
+            },
+            VadEvent::SpeechEnded {
+                started,
+                at,
+                audio_start,
+                audio,
+            },
+        ) = (&events[3], &events[4])
+        else {
+            panic!("{events:?}");
+        };
+        assert_eq!((ps, pa, pst), (started, at, audio_start));
+        assert_eq!(paudio, audio, "the same utterance");
+        assert_eq!(*at, ms(46 * 32));
+        // The first pause held the utterance up to its own end.
+        let VadEvent::SpeechPaused { at, audio, .. } = &events[1] else {
+            panic!("{events:?}");
+        };
+        assert_eq!(*at, ms(30 * 32));
+        assert!(audio.len() < paudio.len());
     }
 }

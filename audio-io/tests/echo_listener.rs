@@ -129,6 +129,8 @@ fn only_the_users_speech_comes_out_of_the_listener() {
                     at.as_secs_f64(),
                     started.as_secs_f64()
                 ),
+                VadEvent::SpeechPaused { at, .. } => format!("pause {:.3}", at.as_secs_f64()),
+                VadEvent::SpeechResumed { at } => format!("resume {:.3}", at.as_secs_f64()),
             })
             .collect::<Vec<_>>()
     );

@@ -154,6 +154,7 @@ fn capture_finds_utterance_boundaries_through_pulseaudio() {
                         total * 1e3
                     );
                 }
+                VadEvent::SpeechPaused { .. } | VadEvent::SpeechResumed { .. } => {}
             }
         }
     }

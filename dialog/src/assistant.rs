@@ -15,6 +15,11 @@
 //! - a barge-in stops the speaker and cuts the reply where the user stopped hearing it: a reply
 //!   still being generated is cancelled with the samples heard; one generated in full and still
 //!   playing is truncated to them;
+//! - speculation (when enabled): when the user pauses, the utterance so far gets its item and
+//!   its reply at once; the reply's events are held back until the end of the silence confirms
+//!   the turn (the same audio), and then given out as if they came now. If the user speaks on,
+//!   the reply is cancelled with nothing heard and the item deleted, which the engine undoes
+//!   exactly, and the next pause starts over on the longer utterance;
 //! - a reply that called a tool goes on after the tool's result (the engine runs it and starts
 //!   the next round of the same response): the response is over only when a round ends without
 //!   a call.
@@ -44,6 +49,11 @@ pub enum Input {
     SpeechStarted { at: Duration },
     /// The VAD heard speech end; `audio` is the utterance (16 kHz, with pre-roll).
     SpeechEnded { at: Duration, audio: Vec<f32> },
+    /// The user paused: `audio` is the utterance so far, as `SpeechEnded` will give it if the
+    /// silence holds.
+    SpeechPaused { audio: Vec<f32> },
+    /// The user spoke on after a pause, before the silence ended the utterance.
+    SpeechResumed,
     /// An event of the engine conversation.
     Engine(ConvEvent),
     /// Time passed and the speaker played on: a reply generated in full and played out is over.
@@ -71,10 +81,28 @@ pub enum Effect {
     ReplyOver { replies: u64 },
 }
 
+/// A reply started on a pause, not yet confirmed by the end of the silence.
+#[derive(Debug, Clone)]
+struct Speculation {
+    /// The utterance it answers.
+    audio: Vec<f32>,
+    user_item: String,
+    response_id: String,
+    /// The reply's events so far, held back.
+    held: Vec<ConvEvent>,
+}
+
 /// The assistant's dialog state.
 #[derive(Debug, Clone)]
 pub struct Assistant {
     turns: TurnManager,
+    /// Start replies on pauses.
+    speculate: bool,
+    speculation: Option<Speculation>,
+    /// Replies of dropped speculations (their late events are ignored).
+    dropped: Vec<String>,
+    /// Pairs of user item and reply asked for so far (they number the ids).
+    asks: u64,
     /// Ask the engine for the words of each user turn (for the log).
     transcribe_user: bool,
     user_turns: u64,
@@ -102,6 +130,10 @@ impl Assistant {
     pub fn new(half_duplex: bool, transcribe_user: bool) -> Self {
         Self {
             turns: TurnManager::new(half_duplex),
+            speculate: false,
+            speculation: None,
+            dropped: Vec::new(),
+            asks: 0,
             transcribe_user,
             user_turns: 0,
             last_user: None,
@@ -117,8 +149,19 @@ impl Assistant {
         }
     }
 
+    /// Start each reply when the user pauses (see the module's notes).
+    pub fn speculative(mut self, on: bool) -> Self {
+        self.speculate = on;
+        self
+    }
+
     pub fn state(&self) -> TurnState {
         self.turns.state()
+    }
+
+    /// A reply started on a pause is waiting for the end of the silence.
+    pub fn speculating(&self) -> bool {
+        self.speculation.is_some()
     }
 
     /// Replies over so far (answered, or cut).
@@ -150,8 +193,43 @@ impl Assistant {
         let actions = match input {
             Input::Start => self.turns.handle(Event::Start),
             Input::SpeechStarted { at } => self.turns.handle(Event::SpeechStarted { at }),
-            Input::SpeechEnded { at, audio } => self.turns.handle(Event::SpeechEnded { at, audio }),
-            Input::Engine(ev) => self.engine_event(ev, speaker, &mut out),
+            Input::SpeechEnded { at, audio } => {
+                let confirmed = match &self.speculation {
+                    Some(s) if s.audio == audio => true,
+                    Some(_) => {
+                        // Not the utterance it was started on (the start moved): start over.
+                        self.abandon(&mut out);
+                        false
+                    }
+                    None => false,
+                };
+                let actions = self.turns.handle(Event::SpeechEnded { at, audio });
+                if confirmed {
+                    return self.confirm(actions, speaker, out);
+                }
+                actions
+            }
+            Input::SpeechPaused { audio } => {
+                self.speculate_on(audio, &mut out);
+                Vec::new()
+            }
+            Input::SpeechResumed => {
+                self.abandon(&mut out);
+                Vec::new()
+            }
+            Input::Engine(ev) => {
+                let id = response_of(&ev);
+                if id.is_some_and(|id| self.dropped.iter().any(|d| d == id)) {
+                    return out;
+                }
+                if let Some(s) = &mut self.speculation {
+                    if id == Some(&s.response_id) {
+                        s.held.push(ev);
+                        return out;
+                    }
+                }
+                self.engine_event(ev, speaker, &mut out)
+            }
             Input::Tick => self.tick(speaker, &mut out),
         };
         for action in actions {
@@ -164,6 +242,87 @@ impl Assistant {
     pub fn stop(&mut self) -> Vec<Effect> {
         self.turns.handle(Event::Stop);
         vec![Effect::Engine(Call::Cancel { heard: Some(0) })]
+    }
+
+    /// The user paused: the utterance so far gets its item and reply now, held back.
+    fn speculate_on(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) {
+        if !self.speculate
+            || self.speculation.is_some()
+            || self.turns.state() != TurnState::UserSpeaking
+            || self.turns.extending()
+        {
+            return;
+        }
+        let (user_item, response_id) = self.ask(audio.clone(), out);
+        self.speculation = Some(Speculation {
+            audio,
+            user_item,
+            response_id,
+            held: Vec::new(),
+        });
+    }
+
+    /// The user went on: the speculative reply and its item go, leaving no trace.
+    fn abandon(&mut self, out: &mut Vec<Effect>) {
+        let Some(s) = self.speculation.take() else {
+            return;
+        };
+        let finished = s
+            .held
+            .iter()
+            .any(|e| matches!(e, ConvEvent::ReplyDone { .. }));
+        if finished {
+            // Generated in full already: only its item can go.
+            out.push(Effect::Engine(Call::Delete {
+                item_id: s.response_id.clone(),
+            }));
+        } else {
+            out.push(Effect::Engine(Call::Cancel { heard: Some(0) }));
+        }
+        out.push(Effect::Engine(Call::Delete {
+            item_id: s.user_item,
+        }));
+        // A few are enough: the engine's late events of a dropped reply come soon.
+        if self.dropped.len() >= 8 {
+            self.dropped.remove(0);
+        }
+        self.dropped.push(s.response_id);
+    }
+
+    /// The end of the silence confirmed the speculative turn: it is the user's turn, and its
+    /// reply's events so far come out now.
+    fn confirm(
+        &mut self,
+        actions: Vec<Action>,
+        speaker: SpeakerState,
+        mut out: Vec<Effect>,
+    ) -> Vec<Effect> {
+        let Some(s) = self.speculation.take() else {
+            return out;
+        };
+        for action in actions {
+            match action {
+                Action::Respond { audio } => {
+                    self.user_turns += 1;
+                    self.asked = Some(s.response_id.clone());
+                    if self.transcribe_user {
+                        out.push(Effect::Engine(Call::TranscribeWhenIdle {
+                            item_id: s.user_item.clone(),
+                            audio: audio.clone(),
+                        }));
+                    }
+                    self.last_user = Some((s.user_item.clone(), audio));
+                }
+                other => self.act(other, speaker, &mut out),
+            }
+        }
+        for ev in s.held {
+            let actions = self.engine_event(ev, speaker, &mut out);
+            for action in actions {
+                self.act(action, speaker, &mut out);
+            }
+        }
+        out
     }
 
     fn engine_event(
@@ -269,14 +428,14 @@ impl Assistant {
         }
     }
 
-    /// A user turn of `audio`: its item, the reply to it, and its words for the log.
-    fn user_turn(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) {
-        self.user_turns += 1;
-        let n = self.user_turns;
+    /// An item of `audio` and a reply to it; their ids.
+    fn ask(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) -> (String, String) {
+        self.asks += 1;
+        let n = self.asks;
         let id = format!("user-{n}");
         out.push(Effect::Engine(Call::Add {
             item_id: id.clone(),
-            content: Content::UserAudio(audio.clone()),
+            content: Content::UserAudio(audio),
             place: Placement::End,
         }));
         let response_id = format!("reply-{n}");
@@ -285,6 +444,13 @@ impl Assistant {
             item_id: response_id.clone(),
             output: None,
         })));
+        (id, response_id)
+    }
+
+    /// A user turn of `audio`: its item, the reply to it, and its words for the log.
+    fn user_turn(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) {
+        self.user_turns += 1;
+        let (id, response_id) = self.ask(audio.clone(), out);
         self.asked = Some(response_id);
         if self.transcribe_user {
             // The engine runs it when nothing else waits: the words are for the log.
@@ -294,6 +460,20 @@ impl Assistant {
             }));
         }
         self.last_user = Some((id, audio));
+    }
+}
+
+/// The reply an event belongs to.
+fn response_of(ev: &ConvEvent) -> Option<&String> {
+    match ev {
+        ConvEvent::ReplyStarted { response_id, .. }
+        | ConvEvent::Text { response_id, .. }
+        | ConvEvent::Audio { response_id, .. }
+        | ConvEvent::ToolCall { response_id, .. }
+        | ConvEvent::ToolResult { response_id, .. }
+        | ConvEvent::ReplyUsage { response_id, .. }
+        | ConvEvent::ReplyDone { response_id, .. } => Some(response_id),
+        _ => None,
     }
 }
 
@@ -561,5 +741,220 @@ mod tests {
             .handle(Input::SpeechStarted { at: at(3) }, speaker(10, 100))
             .is_empty());
         assert_eq!(a.state(), TurnState::Responding);
+    }
+
+    fn text(response_id: &str, piece: &str) -> Input {
+        Input::Engine(ConvEvent::Text {
+            response_id: response_id.into(),
+            piece: piece.into(),
+        })
+    }
+
+    /// A speculative assistant that heard speech start.
+    fn speaking() -> Assistant {
+        let mut a = Assistant::new(false, false).speculative(true);
+        let s = SpeakerState::default();
+        a.handle(Input::Start, s);
+        a.handle(Input::SpeechStarted { at: at(1) }, s);
+        a
+    }
+
+    #[test]
+    fn a_pause_starts_the_reply_and_the_end_of_the_silence_plays_it() {
+        let mut a = speaking();
+        let s = SpeakerState::default();
+        let out = a.handle(
+            Input::SpeechPaused {
+                audio: vec![0.1; 4],
+            },
+            s,
+        );
+        assert_eq!(out, vec![add("user-1", vec![0.1; 4]), respond(1)]);
+        assert!(a.speculating());
+        assert_eq!(a.state(), TurnState::UserSpeaking, "the user may go on");
+        // The reply's first events are held back, nothing is played.
+        for ev in [
+            started("reply-1", "reply-1"),
+            text("reply-1", "Hi"),
+            audio("reply-1", 3),
+        ] {
+            assert!(a.handle(ev, s).is_empty());
+        }
+        assert_eq!(a.reply_base(), None);
+        // The silence holds: the same utterance ends, and the reply comes out at once.
+        let out = a.handle(
+            Input::SpeechEnded {
+                at: at(2),
+                audio: vec![0.1; 4],
+            },
+            speaker(50, 50),
+        );
+        assert_eq!(
+            out,
+            vec![
+                Effect::BeginReply {
+                    response_id: "reply-1".into()
+                },
+                Effect::Text("Hi".into()),
+                Effect::Audio(vec![0.5; 3]),
+            ]
+        );
+        assert!(!a.speculating());
+        assert_eq!(a.state(), TurnState::Responding);
+        assert_eq!(
+            a.reply_base(),
+            Some(50),
+            "the reply begins where the speaker is now"
+        );
+        assert_eq!(a.user_turns(), 1);
+        // From here it is a reply like any other.
+        assert_eq!(
+            a.handle(audio("reply-1", 2), speaker(50, 53)),
+            vec![Effect::Audio(vec![0.5; 2])]
+        );
+        a.handle(done("reply-1", "reply-1", false), speaker(50, 55));
+        assert_eq!(
+            a.handle(Input::Tick, speaker(55, 55)),
+            vec![
+                Effect::ReplyPlayed { cut: false },
+                Effect::ReplyOver { replies: 1 }
+            ]
+        );
+        assert_eq!(a.state(), TurnState::Listening);
+    }
+
+    #[test]
+    fn speech_after_a_pause_drops_the_speculative_reply_and_answers_the_whole() {
+        let mut a = speaking();
+        let s = SpeakerState::default();
+        a.handle(
+            Input::SpeechPaused {
+                audio: vec![0.1; 4],
+            },
+            s,
+        );
+        a.handle(started("reply-1", "reply-1"), s);
+        a.handle(audio("reply-1", 3), s);
+        // The user goes on: the reply is cancelled with nothing heard, its turn deleted.
+        assert_eq!(
+            a.handle(Input::SpeechResumed, s),
+            vec![
+                Effect::Engine(Call::Cancel { heard: Some(0) }),
+                Effect::Engine(Call::Delete {
+                    item_id: "user-1".into()
+                }),
+            ]
+        );
+        assert!(!a.speculating());
+        // Its late events are not news.
+        assert!(a.handle(audio("reply-1", 3), s).is_empty());
+        assert!(a.handle(done("reply-1", "reply-1", true), s).is_empty());
+        assert_eq!(a.replies(), 0);
+        // The next pause starts over on the whole utterance, and the silence confirms it.
+        let whole = vec![0.1; 9];
+        assert_eq!(
+            a.handle(
+                Input::SpeechPaused {
+                    audio: whole.clone()
+                },
+                s
+            ),
+            vec![add("user-2", whole.clone()), respond(2)]
+        );
+        a.handle(started("reply-2", "reply-2"), s);
+        let out = a.handle(
+            Input::SpeechEnded {
+                at: at(3),
+                audio: whole,
+            },
+            s,
+        );
+        assert_eq!(
+            out,
+            vec![Effect::BeginReply {
+                response_id: "reply-2".into()
+            }]
+        );
+        assert_eq!(a.user_turns(), 1, "one user turn, of the whole utterance");
+        a.handle(done("reply-2", "reply-2", false), s);
+        assert_eq!(
+            a.handle(Input::Tick, speaker(0, 0)),
+            vec![
+                Effect::ReplyPlayed { cut: false },
+                Effect::ReplyOver { replies: 1 }
+            ]
+        );
+    }
+
+    #[test]
+    fn an_end_on_other_audio_than_the_pause_starts_over() {
+        let mut a = speaking();
+        let s = SpeakerState::default();
+        a.handle(
+            Input::SpeechPaused {
+                audio: vec![0.1; 4],
+            },
+            s,
+        );
+        let out = a.handle(
+            Input::SpeechEnded {
+                at: at(2),
+                audio: vec![0.2; 5],
+            },
+            s,
+        );
+        assert_eq!(
+            out,
+            vec![
+                Effect::Engine(Call::Cancel { heard: Some(0) }),
+                Effect::Engine(Call::Delete {
+                    item_id: "user-1".into()
+                }),
+                add("user-2", vec![0.2; 5]),
+                respond(2),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_speculative_reply_already_finished_is_deleted_when_the_user_goes_on() {
+        let mut a = speaking();
+        let s = SpeakerState::default();
+        a.handle(
+            Input::SpeechPaused {
+                audio: vec![0.1; 4],
+            },
+            s,
+        );
+        a.handle(started("reply-1", "reply-1"), s);
+        a.handle(done("reply-1", "reply-1", false), s);
+        assert_eq!(
+            a.handle(Input::SpeechResumed, s),
+            vec![
+                Effect::Engine(Call::Delete {
+                    item_id: "reply-1".into()
+                }),
+                Effect::Engine(Call::Delete {
+                    item_id: "user-1".into()
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn without_speculation_a_pause_changes_nothing() {
+        let mut a = Assistant::new(false, false);
+        let s = SpeakerState::default();
+        a.handle(Input::Start, s);
+        a.handle(Input::SpeechStarted { at: at(1) }, s);
+        assert!(a
+            .handle(
+                Input::SpeechPaused {
+                    audio: vec![0.1; 4]
+                },
+                s
+            )
+            .is_empty());
+        assert!(a.handle(Input::SpeechResumed, s).is_empty());
     }
 }

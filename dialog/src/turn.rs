@@ -89,6 +89,11 @@ impl TurnManager {
         self.state
     }
 
+    /// The utterance in progress continues the previous one (its reply was dropped).
+    pub fn extending(&self) -> bool {
+        self.extending
+    }
+
     /// Applies an event; returns the actions to take, in order.
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
         use TurnState::*;

@@ -196,6 +196,14 @@ impl View {
                 }
                 self.line(&text);
             }
+            ListenEvent::Vad {
+                event: VadEvent::SpeechPaused { at, .. },
+                ..
+            } => self.line(&format!("{:>8.2}s speech paused", at.as_secs_f64())),
+            ListenEvent::Vad {
+                event: VadEvent::SpeechResumed { at },
+                ..
+            } => self.line(&format!("{:>8.2}s speech resumed", at.as_secs_f64())),
             ListenEvent::Device(event) => self.line(&format!("device: {event}")),
             ListenEvent::Audio { .. } | ListenEvent::Stopped { .. } => {}
         }

@@ -15,6 +15,7 @@ use audio_io::vad::VadEvent;
 use audio_io::{ListenEvent, Player};
 use crossbeam_channel::{select, Receiver};
 use dialog::assistant::{Assistant, Effect, Input, SpeakerState};
+use dialog::turn::TurnState;
 use lfm2_audio::format::{INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME};
 
 use super::console::{log, pump, say, signal_name, stamp, uptime_of, OPEN_LINE};
@@ -63,7 +64,8 @@ pub(crate) fn assistant(
     let mut dialog = Assistant::new(
         r.echo == EchoMode::HalfDuplex,
         cfg.assistant.transcribe_user,
-    );
+    )
+    .speculative(cfg.assistant.speculative_start);
     let mut run = Run {
         start,
         conv: &conv,
@@ -90,6 +92,7 @@ pub(crate) fn assistant(
         .map(|s| start + Duration::from_secs_f64(s.max(0.0)));
     loop {
         let mut input = None;
+        let mut utterance_ended = false;
         select! {
             recv(stop) -> sig => {
                 signal = Some(sig.unwrap_or(0));
@@ -114,6 +117,19 @@ pub(crate) fn assistant(
                     run.spoke_at = Some(Instant::now());
                     run.pending_end = Some(ended);
                     input = Some(Input::SpeechEnded { at, audio });
+                    utterance_ended = true;
+                }
+                Ok(ListenEvent::Vad { event: VadEvent::SpeechPaused { audio, .. }, .. }) => {
+                    input = Some(Input::SpeechPaused { audio });
+                }
+                Ok(ListenEvent::Vad { event: VadEvent::SpeechResumed { .. }, .. }) => {
+                    if dialog.speculating() {
+                        log(format!(
+                            "{} user: went on after a pause; the reply started on it is dropped",
+                            stamp(start)
+                        ));
+                    }
+                    input = Some(Input::SpeechResumed);
                 }
                 Ok(ListenEvent::Stopped { error, .. }) => {
                     if let Some(e) = error {
@@ -136,6 +152,10 @@ pub(crate) fn assistant(
         }
         if let Some(input) = input {
             run.apply(dialog.handle(input, speaker(&mut player)), &mut player);
+        }
+        if utterance_ended && dialog.state() == TurnState::Responding {
+            // The utterance is being answered (started now, or on its last pause).
+            run.question_end = run.pending_end.take();
         }
         pump(&mut player, dialog.reply_done(), start);
         run.measure(dialog.reply_base(), &player);
@@ -233,10 +253,8 @@ impl Run<'_> {
         for effect in effects {
             match effect {
                 Effect::Engine(call) => {
-                    match &call {
-                        Call::Respond(_) => self.question_end = self.pending_end.take(),
-                        Call::TranscribeWhenIdle { .. } => self.transcripts += 1,
-                        _ => {}
+                    if let Call::TranscribeWhenIdle { .. } = &call {
+                        self.transcripts += 1;
                     }
                     self.conv.apply(call.widen());
                 }

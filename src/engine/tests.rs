@@ -1238,4 +1238,100 @@ fn replies_of_three_conversations_interleave_and_each_is_as_alone() {
         let together = w.conversation(i as u64 + 1).unwrap();
         assert_same_state(&together.session, &conv.session);
     }
+
+/// The text and speech of a reply, from its events.
+fn said(events: &[ConvEvent]) -> (String, Vec<f32>) {
+    let mut text = String::new();
+    let mut audio = Vec::new();
+    for e in events {
+        match e {
+            ConvEvent::Text { piece, .. } => text.push_str(piece),
+            ConvEvent::Audio { samples, .. } => audio.extend_from_slice(samples),
+            _ => {}
+        }
+    }
+    (text, audio)
+}
+
+/// A speculative reply (started on the utterance so far, when the user paused) that is
+/// abandoned because the user spoke on leaves no trace: the whole utterance is then answered
+/// exactly as if it had been answered directly (same words, same speech, same state), with a
+/// sampled (not greedy) reply, so the seed must not have moved either.
+#[test]
+fn an_abandoned_speculative_reply_leaves_no_trace() {
+    let model = model();
+    let mut w = worker(&model, EngineOptions::default());
+    let mut sampled = setup(40);
+    sampled.params.text = SamplingParams::new(Some(1.0), Some(40));
+    sampled.params.audio = SamplingParams::new(Some(1.0), Some(40));
+    sampled.params.seed = 7;
+    let wave = clip();
+    let partial = wave[..wave.len() * 2 / 3].to_vec();
+
+    // Directly: the whole utterance, answered.
+    let (mut direct, drx) = open(&w, sampled.clone());
+    w.add(
+        &mut direct,
+        "user-1".into(),
+        Content::UserAudio(wave.clone()),
+    )
+    .unwrap();
+    respond(&mut w, &mut direct, "reply-1");
+    let want = said(&drain(&drx));
+    assert!(!want.1.is_empty(), "the reply speaks");
+
+    // Speculatively: the part before the pause is answered until its first speech, then the
+    // user speaks on: the reply is cancelled with nothing heard and the partial turn deleted.
+    let (mut spec, rx) = open(&w, sampled);
+    w.add(&mut spec, "user-1".into(), Content::UserAudio(partial))
+        .unwrap();
+    let before = spec.session.len();
+    let cancel = Arc::clone(&spec.cancel);
+    let watcher = std::thread::spawn(move || {
+        let mut events = Vec::new();
+        for ev in rx.iter() {
+            if let ConvEvent::Audio { .. } = ev {
+                cancel.cancel(Some(0));
+            }
+            let done = matches!(ev, ConvEvent::ReplyDone { .. });
+            events.push(ev);
+            if done {
+                return (events, rx);
+            }
+        }
+        panic!("no ReplyDone");
+    });
+    respond(&mut w, &mut spec, "reply-1");
+    let (events, rx) = watcher.join().unwrap();
+    assert!(
+        events.iter().any(|e| matches!(e, ConvEvent::Audio { .. })),
+        "the speculative reply got as far as its first speech"
+    );
+    assert!(matches!(
+        events.last(),
+        Some(ConvEvent::ReplyDone {
+            cancelled: true,
+            audio_samples: 0,
+            ..
+        })
+    ));
+    assert_eq!(
+        spec.session.len(),
+        before,
+        "the cancelled reply left nothing"
+    );
+    w.delete(&mut spec, "user-1").unwrap();
+    w.add(&mut spec, "user-2".into(), Content::UserAudio(wave.clone()))
+        .unwrap();
+    respond(&mut w, &mut spec, "reply-2");
+    let got = said(&drain(&rx));
+    assert_eq!(got.0, want.0, "the same words");
+    assert_eq!(got.1, want.1, "the same speech");
+    assert_eq!(spec.entries.len(), direct.entries.len());
+    for (g, d) in spec.entries.iter().zip(&direct.entries) {
+        if let (Body::Reply { tokens: g, .. }, Body::Reply { tokens: d, .. }) = (&g.body, &d.body) {
+            assert_eq!(g, d, "the same reply tokens");
+        }
+    }
+    assert_same_state(&spec.session, &direct.session);
 }

@@ -1815,8 +1815,10 @@ impl Worker {
         };
         let cancelled = matches!(ending, Ending::Cancelled);
         if cancelled && tokens.is_empty() {
-            // Cancelled before anything was heard: the turn leaves no trace.
+            // Cancelled before anything was heard: the turn leaves no trace, not even in the
+            // seed of the next reply (a speculative reply the user spoke over is undone exactly).
             conv.session.truncate_to(start)?;
+            conv.replies -= 1;
             conv.emit(ConvEvent::ReplyDone {
                 response_id,
                 item_id,

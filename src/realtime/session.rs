@@ -677,6 +677,8 @@ impl Session {
                     }
                 }
             }
+            // The protocol commits only at the end of the silence.
+            VadEvent::SpeechPaused { .. } | VadEvent::SpeechResumed { .. } => {}
         }
     }
 
