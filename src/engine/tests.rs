@@ -1238,6 +1238,7 @@ fn replies_of_three_conversations_interleave_and_each_is_as_alone() {
         let together = w.conversation(i as u64 + 1).unwrap();
         assert_same_state(&together.session, &conv.session);
     }
+}
 
 /// The text and speech of a reply, from its events.
 fn said(events: &[ConvEvent]) -> (String, Vec<f32>) {
