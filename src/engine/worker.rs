@@ -1068,8 +1068,8 @@ impl Worker {
         self.insert(conv, item_id, content, Placement::End)
     }
 
-    /// A reply to `input` alone: a conversation of its own (the instructions, then `input`) in a
-    /// session of its own, so that the conversation's caches are not touched.
+    /// An out-of-band reply, made where the engine thread makes it ([`Worker::place_apart`]):
+    /// in the conversation and cut off again, or in a conversation of its own holding `input`.
     #[cfg(test)]
     pub(crate) fn respond_apart(
         &mut self,
@@ -1078,40 +1078,17 @@ impl Worker {
         respond: Respond,
         input: Option<Vec<(String, Content)>>,
     ) -> anyhow::Result<()> {
-        let Some(input) = input else {
-            // To the conversation as it is: the reply is made in it, then cut off again (the
-            // positions before it are untouched).
-            let (len, entries) = (conv.session.len(), conv.entries.len());
-            self.respond(conv, seq, respond)?;
-            conv.entries.truncate(entries);
-            conv.session.truncate_to(len)?;
-            return Ok(());
-        };
-        let mut apart = self.open(
-            conv.setup.clone(),
-            conv.events.clone(),
-            Arc::clone(&conv.cancel),
-        )?;
-        // The test seam's count and the call ids go on from the conversation's.
-        apart.replies = conv.replies;
-        apart.calls = conv.calls + 1_000_000;
-        for (id, content) in input {
-            if let Err(e) = self.insert(&mut apart, id, content, Placement::End) {
-                conv.emit(ConvEvent::Error {
-                    item_id: Some(respond.item_id.clone()),
-                    message: format!("{e:#}"),
-                });
-                conv.emit(ConvEvent::ReplyDone {
-                    response_id: respond.response_id,
-                    item_id: respond.item_id,
-                    text: String::new(),
-                    audio_samples: 0,
-                    cancelled: false,
-                });
-                return Ok(());
+        match self.place_apart(conv, &respond, input)? {
+            None => Ok(()),
+            Some(Place::Restore { len, entries }) => {
+                self.respond(conv, seq, respond)?;
+                conv.entries.truncate(entries);
+                conv.session.truncate_to(len)?;
+                Ok(())
             }
+            Some(Place::Apart(mut apart)) => self.respond(&mut apart, seq, respond),
+            Some(Place::Conversation) => self.respond(conv, seq, respond),
         }
-        self.respond(&mut apart, seq, respond)
     }
 
     /// Puts an item at `place` and prefills it (and what follows it).
