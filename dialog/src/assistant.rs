@@ -164,6 +164,12 @@ impl Assistant {
         self.speculation.is_some()
     }
 
+    /// Whether an engine event belongs to a reply dropped on the way (a speculative reply the
+    /// user spoke over): nothing of it is played, and it is no news for a log either.
+    pub fn is_dropped(&self, ev: &ConvEvent) -> bool {
+        response_of(ev).is_some_and(|id| self.dropped.iter().any(|d| d == id))
+    }
+
     /// Replies over so far (answered, or cut).
     pub fn replies(&self) -> u64 {
         self.replies
@@ -218,10 +224,10 @@ impl Assistant {
                 Vec::new()
             }
             Input::Engine(ev) => {
-                let id = response_of(&ev);
-                if id.is_some_and(|id| self.dropped.iter().any(|d| d == id)) {
+                if self.is_dropped(&ev) {
                     return out;
                 }
+                let id = response_of(&ev);
                 if let Some(s) = &mut self.speculation {
                     if id == Some(&s.response_id) {
                         s.held.push(ev);
@@ -846,7 +852,13 @@ mod tests {
             ]
         );
         assert!(!a.speculating());
-        // Its late events are not news.
+        // Its late events are not news, for the dialog nor for a log.
+        let event = |input: Input| match input {
+            Input::Engine(ev) => ev,
+            _ => unreachable!("an engine event"),
+        };
+        assert!(a.is_dropped(&event(done("reply-1", "reply-1", true))));
+        assert!(!a.is_dropped(&event(done("reply-2", "reply-2", true))));
         assert!(a.handle(audio("reply-1", 3), s).is_empty());
         assert!(a.handle(done("reply-1", "reply-1", true), s).is_empty());
         assert_eq!(a.replies(), 0);

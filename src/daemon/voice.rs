@@ -143,7 +143,11 @@ pub(crate) fn assistant(
             },
             recv(conv.events()) -> ev => match ev {
                 Ok(ev) => {
-                    run.show(&ev, &mut player);
+                    // A speculative reply the user spoke over ends cancelled with nothing
+                    // kept: not a barge-in, and not worth a line.
+                    if !dialog.is_dropped(&ev) {
+                        run.show(&ev, &mut player);
+                    }
                     input = Some(Input::Engine(ev));
                 }
                 Err(_) => break,
