@@ -167,7 +167,8 @@ impl Assistant {
     /// Whether an engine event belongs to a reply dropped on the way (a speculative reply the
     /// user spoke over): nothing of it is played, and it is no news for a log either.
     pub fn is_dropped(&self, ev: &ConvEvent) -> bool {
-        response_of(ev).is_some_and(|id| self.dropped.iter().any(|d| d == id))
+        ev.response_id()
+            .is_some_and(|id| self.dropped.iter().any(|d| d == id))
     }
 
     /// Replies over so far (answered, or cut).
@@ -227,9 +228,8 @@ impl Assistant {
                 if self.is_dropped(&ev) {
                     return out;
                 }
-                let id = response_of(&ev);
                 if let Some(s) = &mut self.speculation {
-                    if id == Some(&s.response_id) {
+                    if ev.response_id() == Some(s.response_id.as_str()) {
                         s.held.push(ev);
                         return out;
                     }
@@ -466,20 +466,6 @@ impl Assistant {
             }));
         }
         self.last_user = Some((id, audio));
-    }
-}
-
-/// The reply an event belongs to.
-fn response_of(ev: &ConvEvent) -> Option<&String> {
-    match ev {
-        ConvEvent::ReplyStarted { response_id, .. }
-        | ConvEvent::Text { response_id, .. }
-        | ConvEvent::Audio { response_id, .. }
-        | ConvEvent::ToolCall { response_id, .. }
-        | ConvEvent::ToolResult { response_id, .. }
-        | ConvEvent::ReplyUsage { response_id, .. }
-        | ConvEvent::ReplyDone { response_id, .. } => Some(response_id),
-        _ => None,
     }
 }
 

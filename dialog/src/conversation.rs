@@ -157,6 +157,23 @@ pub enum ConvEvent {
     },
 }
 
+impl ConvEvent {
+    /// The response an event belongs to (None for the conversation's own news: transcripts,
+    /// timers, trimming, errors).
+    pub fn response_id(&self) -> Option<&str> {
+        match self {
+            ConvEvent::ReplyStarted { response_id, .. }
+            | ConvEvent::Text { response_id, .. }
+            | ConvEvent::Audio { response_id, .. }
+            | ConvEvent::ToolCall { response_id, .. }
+            | ConvEvent::ToolResult { response_id, .. }
+            | ConvEvent::ReplyUsage { response_id, .. }
+            | ConvEvent::ReplyDone { response_id, .. } => Some(response_id),
+            _ => None,
+        }
+    }
+}
+
 /// Positions of a reply: the input is what the context held when it began, the output what it
 /// generated; audio counts one position per input-audio embedding or generated frame.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -391,18 +391,6 @@ fn forward(
     }
 }
 
-fn reply_of(ev: &ConvEvent) -> Option<&str> {
-    match ev {
-        ConvEvent::ReplyStarted { response_id, .. }
-        | ConvEvent::Text { response_id, .. }
-        | ConvEvent::Audio { response_id, .. }
-        | ConvEvent::ToolCall { response_id, .. }
-        | ConvEvent::ToolResult { response_id, .. }
-        | ConvEvent::ReplyDone { response_id, .. } => Some(response_id),
-        _ => None,
-    }
-}
-
 /// Runs one piece of work (on a blocking thread).
 fn run_work(shared: &Shared, number: u64, work: Work, tx: &mpsc::UnboundedSender<(u64, Msg)>) {
     let fail = |job: u64, e: anyhow::Error| {
@@ -464,7 +452,7 @@ fn run_work(shared: &Shared, number: u64, work: Work, tx: &mpsc::UnboundedSender
                 &conv,
                 job,
                 tx,
-                |ev| reply_of(ev).is_some() || matches!(ev, ConvEvent::Error { .. }),
+                |ev| ev.response_id().is_some() || matches!(ev, ConvEvent::Error { .. }),
                 |ev| matches!(ev, ConvEvent::ReplyDone { .. }),
             );
         }
@@ -539,7 +527,7 @@ fn converse(conv: &Conversation, job: u64, rid: &str, tx: &mpsc::UnboundedSender
             ConvEvent::Error { item_id, .. } => {
                 item_id.as_deref().is_none_or(|i| i.starts_with(&prefix))
             }
-            _ => reply_of(ev) == Some(rid),
+            _ => ev.response_id() == Some(rid),
         },
         |ev| matches!(ev, ConvEvent::ReplyDone { .. }),
     );
