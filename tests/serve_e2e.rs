@@ -541,13 +541,10 @@ fn gaps(blocks: &[bool]) -> (Vec<usize>, usize) {
     (gaps, last + 1 - first)
 }
 
-/// "(N frames, X s of speech)" of the `n`-th line containing `needle`.
-fn speech_seconds(d: &Daemon, needle: &str, n: usize) -> Option<f64> {
-    d.seen
-        .iter()
-        .filter(|l| l.contains(needle))
-        .nth(n)
-        .and_then(|l| l.rsplit(", ").next())
+/// "(N frames, X s of speech)" of a reply's line: the seconds.
+fn speech_seconds(line: &str) -> Option<f64> {
+    line.rsplit(", ")
+        .next()
         .and_then(|s| s.split(' ').next())
         .and_then(|s| s.parse::<f64>().ok())
 }
@@ -604,19 +601,33 @@ fn replies_are_heard_whole_after_barge_ins() {
         }
     }
     assert!(cuts >= 3, "three replies cut:\n{}", d.seen.join("\n"));
-    // The reply to the last question, played out.
-    let done = d.count("assistant (done)");
-    let played_before = d.count("reply played:");
+    // The reply to the last question, played out: the first reply to end after the end of the
+    // last utterance (every utterance that started has ended by then).
     let deadline = Instant::now() + Duration::from_secs(60);
-    while d.count("assistant (done)") == done && Instant::now() < deadline {
+    let after_last_turn = |d: &Daemon, needle: &str| {
+        let ends = d.count("user: (speaking since");
+        if d.count(" s of speech, ended at ") < ends {
+            return None;
+        }
+        let last = d
+            .seen
+            .iter()
+            .rposition(|l| l.contains(" s of speech, ended at "))?;
+        d.seen[last..]
+            .iter()
+            .position(|l| l.contains(needle))
+            .map(|i| last + i)
+    };
+    while after_last_turn(&d, "assistant (done)").is_none() && Instant::now() < deadline {
         if let Ok(line) = d.lines.recv_timeout(Duration::from_millis(100)) {
             d.seen.push(line);
         }
     }
-    let spoken = speech_seconds(&d, "assistant (done)", done)
+    let spoken = after_last_turn(&d, "assistant (done)")
+        .and_then(|i| speech_seconds(&d.seen[i]))
         .unwrap_or_else(|| panic!("the last reply ended:\n{}", d.seen.join("\n")));
     let deadline = Instant::now() + Duration::from_secs_f64(spoken + 10.0);
-    while d.count("reply played:") == played_before && Instant::now() < deadline {
+    while after_last_turn(&d, "reply played:").is_none() && Instant::now() < deadline {
         if let Ok(line) = d.lines.recv_timeout(Duration::from_millis(100)) {
             d.seen.push(line);
         }

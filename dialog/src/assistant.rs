@@ -79,6 +79,10 @@ pub enum Effect {
     ReplyPlayed { cut: bool },
     /// A reply is over (generated and played out, or cut); `replies` so far.
     ReplyOver { replies: u64 },
+    /// An engine event other than words and speech, as the conversation sees it: when it
+    /// happens, or for a speculative reply when the turn is confirmed; never for a dropped
+    /// reply. It is news for a log; it asks for nothing.
+    Report(ConvEvent),
 }
 
 /// A reply started on a pause, not yet confirmed by the end of the silence.
@@ -165,8 +169,8 @@ impl Assistant {
     }
 
     /// Whether an engine event belongs to a reply dropped on the way (a speculative reply the
-    /// user spoke over): nothing of it is played, and it is no news for a log either.
-    pub fn is_dropped(&self, ev: &ConvEvent) -> bool {
+    /// user spoke over): nothing of it is played or reported.
+    fn is_dropped(&self, ev: &ConvEvent) -> bool {
         ev.response_id()
             .is_some_and(|id| self.dropped.iter().any(|d| d == id))
     }
@@ -337,6 +341,9 @@ impl Assistant {
         speaker: SpeakerState,
         out: &mut Vec<Effect>,
     ) -> Vec<Action> {
+        if !matches!(ev, ConvEvent::Text { .. } | ConvEvent::Audio { .. }) {
+            out.push(Effect::Report(ev.clone()));
+        }
         match ev {
             ConvEvent::ReplyStarted {
                 response_id,
@@ -511,6 +518,14 @@ mod tests {
         })
     }
 
+    /// The report of an engine event.
+    fn report(input: &Input) -> Effect {
+        match input {
+            Input::Engine(ev) => Effect::Report(ev.clone()),
+            _ => unreachable!("an engine event"),
+        }
+    }
+
     fn add(item_id: &str, audio: Vec<f32>) -> Effect {
         Effect::Engine(Call::Add {
             item_id: item_id.into(),
@@ -548,18 +563,25 @@ mod tests {
     #[test]
     fn a_turn_is_answered_and_over_once_played_out() {
         let mut a = asked();
+        let begin = started("reply-1", "reply-1");
         assert_eq!(
-            a.handle(started("reply-1", "reply-1"), speaker(100, 100)),
-            vec![Effect::BeginReply {
-                response_id: "reply-1".into()
-            }]
+            a.handle(begin, speaker(100, 100)),
+            vec![
+                report(&started("reply-1", "reply-1")),
+                Effect::BeginReply {
+                    response_id: "reply-1".into()
+                }
+            ]
         );
         assert_eq!(a.reply_base(), Some(100));
         assert_eq!(
             a.handle(audio("reply-1", 3), speaker(100, 100)),
             vec![Effect::Audio(vec![0.5; 3])]
         );
-        a.handle(done("reply-1", "reply-1", false), speaker(100, 103));
+        assert_eq!(
+            a.handle(done("reply-1", "reply-1", false), speaker(100, 103)),
+            vec![report(&done("reply-1", "reply-1", false))]
+        );
         assert!(
             a.handle(Input::Tick, speaker(101, 103)).is_empty(),
             "still playing"
@@ -784,6 +806,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                report(&started("reply-1", "reply-1")),
                 Effect::BeginReply {
                     response_id: "reply-1".into()
                 },
@@ -869,9 +892,12 @@ mod tests {
         );
         assert_eq!(
             out,
-            vec![Effect::BeginReply {
-                response_id: "reply-2".into()
-            }]
+            vec![
+                report(&started("reply-2", "reply-2")),
+                Effect::BeginReply {
+                    response_id: "reply-2".into()
+                }
+            ]
         );
         assert_eq!(a.user_turns(), 1, "one user turn, of the whole utterance");
         a.handle(done("reply-2", "reply-2", false), s);
@@ -882,6 +908,48 @@ mod tests {
                 Effect::ReplyOver { replies: 1 }
             ]
         );
+    }
+
+    /// A speculative reply generated in full before the end of the silence is news only once
+    /// the turn is confirmed: its end is reported after the user's turn, not before.
+    #[test]
+    fn a_speculative_reply_finished_early_is_reported_at_the_end_of_the_silence() {
+        let mut a = speaking();
+        let s = SpeakerState::default();
+        a.handle(
+            Input::SpeechPaused {
+                audio: vec![0.1; 4],
+            },
+            s,
+        );
+        for ev in [
+            started("reply-1", "reply-1"),
+            audio("reply-1", 3),
+            done("reply-1", "reply-1", false),
+        ] {
+            assert!(a.handle(ev, s).is_empty(), "held back");
+        }
+        assert_eq!(a.replies(), 0);
+        let out = a.handle(
+            Input::SpeechEnded {
+                at: at(2),
+                audio: vec![0.1; 4],
+            },
+            s,
+        );
+        assert_eq!(
+            out,
+            vec![
+                report(&started("reply-1", "reply-1")),
+                Effect::BeginReply {
+                    response_id: "reply-1".into()
+                },
+                Effect::Audio(vec![0.5; 3]),
+                report(&done("reply-1", "reply-1", false)),
+            ]
+        );
+        assert!(a.reply_done());
+        assert_eq!(a.replies(), 1);
     }
 
     #[test]

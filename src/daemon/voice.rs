@@ -142,14 +142,7 @@ pub(crate) fn assistant(
                 Err(_) => break,
             },
             recv(conv.events()) -> ev => match ev {
-                Ok(ev) => {
-                    // A speculative reply the user spoke over ends cancelled with nothing
-                    // kept: not a barge-in, and not worth a line.
-                    if !dialog.is_dropped(&ev) {
-                        run.show(&ev, &mut player);
-                    }
-                    input = Some(Input::Engine(ev));
-                }
+                Ok(ev) => input = Some(Input::Engine(ev)),
                 Err(_) => break,
             },
             default(Duration::from_millis(20)) => {}
@@ -323,11 +316,12 @@ impl Run<'_> {
                         self.finished = true;
                     }
                 }
+                Effect::Report(ev) => self.show(&ev, player),
             }
         }
     }
 
-    /// Logs an engine event that is news by itself (the dialog sees every event too).
+    /// Logs an engine event that is news by itself (the dialog reports them as they count).
     fn show(&mut self, ev: &ConvEvent, player: &mut Player) {
         let start = self.start;
         match ev {
