@@ -24,23 +24,10 @@ fn root() -> PathBuf {
 const FORCED_TOOL_CALL: &str = r#"<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>"#;
 
 /// A configuration whose `get_weather` tool writes the arguments it gets to `seen` (the side
-/// effect the test checks) and answers a forecast.
+/// effect the test checks).
 fn tool_config(dir: &std::path::Path, seen: &std::path::Path) -> PathBuf {
     let config = dir.join("tools.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[[tools]]
-name = "get_weather"
-description = "Get the weather forecast for a city."
-parameters = {{ type = "object", properties = {{ city = {{ type = "string" }} }}, required = ["city"] }}
-command = ["sh", "-c", "cat > '{}'; echo '{{\"forecast\": \"sunny\"}}'"]
-timeout_secs = 5
-"#,
-            seen.display()
-        ),
-    )
-    .expect("the configuration is written");
+    std::fs::write(&config, common::weather_tool(seen)).expect("the configuration is written");
     config
 }
 

@@ -1025,6 +1025,26 @@ fn tool_call_tokens_without_tools_are_text() {
     assert!(streamed.contains("get_current_time("), "{streamed:?}");
 }
 
+/// A text conversation whose one tool, `nap`, sleeps `seconds` and answers "rested"; the engine
+/// runs it, up to `max_rounds` rounds.
+fn napping(seconds: u32, max_rounds: usize) -> Setup {
+    let mut s = setup(12);
+    s.output = Output::Text;
+    s.tools = vec![dialog::tools::ToolSpec {
+        name: "nap".into(),
+        description: "Sleeps a while.".into(),
+        parameters: serde_json::json!({"type": "object", "properties": {}}),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("sleep {seconds}; echo rested"),
+        ],
+        timeout_secs: 30.0,
+    }];
+    s.tool_policy = ToolPolicy::Run { max_rounds };
+    s
+}
+
 /// Tool commands run off the engine thread: while one conversation's tool sleeps, another
 /// conversation's reply is generated and completes; the first goes on once its tool is back.
 #[test]
@@ -1033,17 +1053,7 @@ fn a_slow_tool_never_stalls_another_conversation() {
     let mut w = worker(&model, EngineOptions::default());
     w.force_reply("<|tool_call_start|>[nap()]<|tool_call_end|>");
     let (engine, thread) = super::spawn(w).unwrap();
-    let mut slow = setup(12);
-    slow.output = Output::Text;
-    slow.tools = vec![dialog::tools::ToolSpec {
-        name: "nap".into(),
-        description: "Sleeps a while.".into(),
-        parameters: serde_json::json!({"type": "object", "properties": {}}),
-        command: vec!["sh".into(), "-c".into(), "sleep 2; echo rested".into()],
-        timeout_secs: 30.0,
-    }];
-    slow.tool_policy = ToolPolicy::Run { max_rounds: 1 };
-    let a = engine.open(slow).unwrap();
+    let a = engine.open(napping(2, 1)).unwrap();
     let mut quick = setup(4);
     quick.output = Output::Text;
     let b = engine.open(quick).unwrap();
@@ -1163,17 +1173,7 @@ fn a_response_cancelled_while_its_tool_runs_says_it_ended() {
     let mut w = worker(&model, EngineOptions::default());
     w.force_reply("<|tool_call_start|>[nap()]<|tool_call_end|>");
     let (engine, thread) = super::spawn(w).unwrap();
-    let mut s = setup(12);
-    s.output = Output::Text;
-    s.tools = vec![dialog::tools::ToolSpec {
-        name: "nap".into(),
-        description: "Sleeps a while.".into(),
-        parameters: serde_json::json!({"type": "object", "properties": {}}),
-        command: vec!["sh".into(), "-c".into(), "sleep 1; echo rested".into()],
-        timeout_secs: 30.0,
-    }];
-    s.tool_policy = ToolPolicy::Run { max_rounds: 2 };
-    let a = engine.open(s).unwrap();
+    let a = engine.open(napping(1, 2)).unwrap();
     a.add("u".to_owned(), Content::UserText("Hello.".into()));
     a.respond(Respond {
         response_id: "a".into(),
