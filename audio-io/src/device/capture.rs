@@ -1,17 +1,15 @@
 //! Capture from a sound card: the cpal callback fills a lock-free ring, [`DeviceCapture::read`]
 //! drains it and reopens the stream when the device goes away.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cpal::SampleFormat;
-use ringbuf::traits::{Observer, Split};
-use ringbuf::{HeapCons, HeapProd, HeapRb};
+use ringbuf::traits::Observer;
+use ringbuf::HeapCons;
 
 use super::reopen::Reopener;
 use super::selection::{DeviceSelector, Direction};
-use super::stream::{build_input, retire, start_stream, with_sample_type, Failure};
+use super::stream::{retire, start_stream, Callback, Started};
 use crate::callbacks::{CaptureCallback, StreamCounters};
 use crate::{AudioError, Capture, DeviceEvent, ReadOutcome, StreamFormat, StreamStats};
 
@@ -19,48 +17,28 @@ use crate::{AudioError, Capture, DeviceEvent, ReadOutcome, StreamFormat, StreamS
 const CAPTURE_RING_SECONDS: usize = 2;
 
 struct OpenCapture {
-    stream: cpal::Stream,
-    ring: HeapCons<f32>,
+    dev: Started<HeapCons<f32>>,
     counters: Arc<StreamCounters>,
-    failure: Arc<Failure>,
-    format: StreamFormat,
-    name: String,
 }
 
 impl OpenCapture {
     fn snapshot(&self) -> StreamStats {
-        StreamStats {
-            device_xruns: self.failure.device_xruns.load(Relaxed),
-            device_errors: self.failure.device_errors.load(Relaxed),
-            ..self.counters.snapshot()
-        }
+        self.dev.stats(&self.counters)
     }
 }
 
 fn open_capture(selector: &DeviceSelector) -> Result<OpenCapture, AudioError> {
     let counters = Arc::new(StreamCounters::default());
-    let started = start_stream(
+    let dev = start_stream(
         Direction::Input,
         selector,
         CAPTURE_RING_SECONDS,
-        |device, config, sample_format, channels, capacity, failure| {
-            let (prod, cons): (HeapProd<f32>, HeapCons<f32>) = HeapRb::new(capacity).split();
+        |prod, cons, channels| {
             let callback = CaptureCallback::new(prod, channels, Arc::clone(&counters));
-            let stream = with_sample_type!(
-                sample_format,
-                build_input(device, config, callback, Arc::clone(failure))
-            )?;
-            Ok((stream, cons))
+            (Callback::Capture(callback), cons)
         },
     )?;
-    Ok(OpenCapture {
-        stream: started.stream,
-        ring: started.ring,
-        counters,
-        failure: started.failure,
-        format: started.format,
-        name: started.name,
-    })
+    Ok(OpenCapture { dev, counters })
 }
 
 /// Capture from a sound card. The cpal callback copies into a lock-free ring; `read` takes from
@@ -80,12 +58,12 @@ impl DeviceCapture {
         let open = open_capture(selector)?;
         let reopener = Reopener {
             selector: selector.clone(),
-            device: open.name.clone(),
-            failure: Arc::clone(&open.failure),
+            device: open.dev.name.clone(),
+            failure: Arc::clone(&open.dev.failure),
             down: None,
         };
         Ok(Self {
-            format: open.format,
+            format: open.dev.format,
             open: Some(open),
             reopener,
             previous: StreamStats::default(),
@@ -105,7 +83,7 @@ impl DeviceCapture {
     fn close(&mut self) {
         if let Some(open) = self.open.take() {
             self.previous.merge(&open.snapshot());
-            retire(open.stream);
+            retire(open.dev.stream);
         }
     }
 }
@@ -128,13 +106,13 @@ impl Capture for DeviceCapture {
                 if let Some((mut event, opened)) = self.reopener.retry(open_capture) {
                     if let Some(open) = opened {
                         if let DeviceEvent::Reopened { format, device, .. } = &mut event {
-                            *format = open.format;
-                            *device = open.name.clone();
+                            *format = open.dev.format;
+                            *device = open.dev.name.clone();
                         }
                         // A different rate or channel count is handled by the reader, which
                         // sees the new `format()` after this event.
-                        self.format = open.format;
-                        self.reopener.attach(&open.failure);
+                        self.format = open.dev.format;
+                        self.reopener.attach(&open.dev.failure);
                         self.open = Some(open);
                     }
                     return Ok(ReadOutcome::Device(event));
@@ -144,9 +122,9 @@ impl Capture for DeviceCapture {
             if let Some(open) = &mut self.open {
                 use ringbuf::traits::Consumer;
                 let whole =
-                    (open.ring.occupied_len() / channels).min(buf.len() / channels) * channels;
+                    (open.dev.ring.occupied_len() / channels).min(buf.len() / channels) * channels;
                 if whole > 0 {
-                    let n = open.ring.pop_slice(&mut buf[..whole]);
+                    let n = open.dev.ring.pop_slice(&mut buf[..whole]);
                     return Ok(ReadOutcome::Samples(n));
                 }
             }

@@ -2,19 +2,17 @@
 //! channel count into a lock-free ring that the cpal callback drains, counting what was played,
 //! and reopens the stream when the device goes away.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cpal::traits::StreamTrait;
-use cpal::SampleFormat;
 use crossbeam_channel::{Receiver, Sender};
-use ringbuf::traits::{Observer, Producer, Split};
-use ringbuf::{HeapCons, HeapProd, HeapRb};
+use ringbuf::traits::{Observer, Producer};
+use ringbuf::HeapProd;
 
 use super::reopen::Reopener;
 use super::selection::{DeviceSelector, Direction};
-use super::stream::{build_output, retire, start_stream, with_sample_type, Failure};
+use super::stream::{retire, start_stream, Callback, Started};
 use crate::callbacks::{PlaybackCallback, PlaybackShared, PlaybackState};
 use crate::{AudioError, DeviceEvent, Playback, StreamFormat, StreamResampler, StreamStats};
 
@@ -26,49 +24,29 @@ const GIVE_UP: Duration = Duration::from_secs(10);
 const PLAYBACK_RING_SECONDS: usize = 2;
 
 struct OpenPlayback {
-    /// Kept alive: dropping it stops the stream.
-    _stream: cpal::Stream,
-    ring: HeapProd<f32>,
+    /// Its stream is kept alive: dropping it stops the stream.
+    dev: Started<HeapProd<f32>>,
     shared: Arc<PlaybackShared>,
-    failure: Arc<Failure>,
-    format: StreamFormat,
-    name: String,
 }
 
 impl OpenPlayback {
     fn snapshot(&self) -> StreamStats {
-        StreamStats {
-            device_xruns: self.failure.device_xruns.load(Relaxed),
-            device_errors: self.failure.device_errors.load(Relaxed),
-            ..self.shared.counters.snapshot()
-        }
+        self.dev.stats(&self.shared.counters)
     }
 }
 
 fn open_playback(selector: &DeviceSelector) -> Result<OpenPlayback, AudioError> {
     let shared = Arc::new(PlaybackShared::default());
-    let started = start_stream(
+    let dev = start_stream(
         Direction::Output,
         selector,
         PLAYBACK_RING_SECONDS,
-        |device, config, sample_format, channels, capacity, failure| {
-            let (prod, cons): (HeapProd<f32>, HeapCons<f32>) = HeapRb::new(capacity).split();
+        |prod, cons, channels| {
             let callback = PlaybackCallback::new(cons, channels, Arc::clone(&shared));
-            let stream = with_sample_type!(
-                sample_format,
-                build_output(device, config, callback, Arc::clone(failure))
-            )?;
-            Ok((stream, prod))
+            (Callback::Playback(callback), prod)
         },
     )?;
-    Ok(OpenPlayback {
-        _stream: started.stream,
-        ring: started.ring,
-        shared,
-        failure: started.failure,
-        format: started.format,
-        name: started.name,
-    })
+    Ok(OpenPlayback { dev, shared })
 }
 
 /// Playback to a sound card. `write` resamples the source audio (24 kHz mono by default) to the
@@ -97,12 +75,12 @@ impl DevicePlayback {
     /// `source_rate` (use [`lfm2_audio::format::OUTPUT_SAMPLE_RATE`] for the model's voice).
     pub fn open(selector: &DeviceSelector, source_rate: u32) -> Result<Self, AudioError> {
         let open = open_playback(selector)?;
-        let resampler = StreamResampler::new(source_rate, open.format.sample_rate)?;
+        let resampler = StreamResampler::new(source_rate, open.dev.format.sample_rate)?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let reopener = Reopener {
             selector: selector.clone(),
-            device: open.name.clone(),
-            failure: Arc::clone(&open.failure),
+            device: open.dev.name.clone(),
+            failure: Arc::clone(&open.dev.failure),
             down: None,
         };
         Ok(Self {
@@ -131,11 +109,11 @@ impl DevicePlayback {
         let Some(open) = &self.open else { return false };
         if self.streaming
             || open.shared.state() != PlaybackState::Idle
-            || open.ring.occupied_len() > 0
+            || open.dev.ring.occupied_len() > 0
         {
             return false;
         }
-        self.paused = open._stream.pause().is_ok();
+        self.paused = open.dev.stream.pause().is_ok();
         self.paused
     }
 
@@ -148,13 +126,13 @@ impl DevicePlayback {
             open.shared.counters.touch();
             // A stream that does not come back stops calling back: the stall check finds it
             // and reopens the device.
-            let _ = open._stream.play();
+            let _ = open.dev.stream.play();
         }
     }
 
     /// The device's format (what the callback writes).
     pub fn device_format(&self) -> Option<StreamFormat> {
-        self.open.as_ref().map(|o| o.format)
+        self.open.as_ref().map(|o| o.dev.format)
     }
 
     /// Device events (lost, reopened) as they happen.
@@ -164,7 +142,8 @@ impl DevicePlayback {
 
     fn played_in(open: &OpenPlayback, source_rate: u32) -> u64 {
         let frames = open.shared.counters.snapshot().frames;
-        (u128::from(frames) * u128::from(source_rate) / u128::from(open.format.sample_rate)) as u64
+        (u128::from(frames) * u128::from(source_rate) / u128::from(open.dev.format.sample_rate))
+            as u64
     }
 
     /// Drops the current stream (keeping its counts) after a failure.
@@ -172,7 +151,7 @@ impl DevicePlayback {
         if let Some(open) = self.open.take() {
             self.played_before += Self::played_in(&open, self.source_rate);
             self.previous.merge(&open.snapshot());
-            retire(open._stream);
+            retire(open.dev.stream);
         }
     }
 
@@ -191,12 +170,12 @@ impl DevicePlayback {
             match self.reopener.retry(open_playback) {
                 Some((mut event, Some(open))) => {
                     if let DeviceEvent::Reopened { format, device, .. } = &mut event {
-                        *format = open.format;
-                        *device = open.name.clone();
+                        *format = open.dev.format;
+                        *device = open.dev.name.clone();
                     }
                     self.resampler =
-                        StreamResampler::new(self.source_rate, open.format.sample_rate)?;
-                    self.reopener.attach(&open.failure);
+                        StreamResampler::new(self.source_rate, open.dev.format.sample_rate)?;
+                    self.reopener.attach(&open.dev.failure);
                     if self.streaming {
                         open.shared.set_state(PlaybackState::Playing);
                     }
@@ -231,8 +210,8 @@ impl DevicePlayback {
             let Some(open) = self.open.as_mut() else {
                 continue;
             };
-            let channels = usize::from(open.format.channels);
-            let frames = (open.ring.vacant_len() / channels).min(self.resampled.len() - pos);
+            let channels = usize::from(open.dev.format.channels);
+            let frames = (open.dev.ring.vacant_len() / channels).min(self.resampled.len() - pos);
             if frames == 0 {
                 // Full: the callback drains a period at a time. `ensure_open` above notices a
                 // stream that stopped calling back, so a dead device cannot hang the writer.
@@ -245,7 +224,7 @@ impl DevicePlayback {
                     .iter()
                     .flat_map(|&s| std::iter::repeat_n(s, channels)),
             );
-            let pushed = open.ring.push_slice(&self.interleaved);
+            let pushed = open.dev.ring.push_slice(&self.interleaved);
             debug_assert_eq!(pushed, self.interleaved.len());
             pos += frames;
         }

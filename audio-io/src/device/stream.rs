@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use cpal::traits::{DeviceTrait, StreamTrait};
 use cpal::{FromSample, SampleFormat, SizedSample, StreamConfig, SupportedBufferSize};
+use ringbuf::traits::Split;
+use ringbuf::{HeapCons, HeapProd, HeapRb};
 
 use super::selection::{default_config, find_device, DeviceSelector, Direction};
-use crate::callbacks::{CaptureCallback, PlaybackCallback};
-use crate::{AudioError, StreamFormat};
+use crate::callbacks::{CaptureCallback, PlaybackCallback, StreamCounters};
+use crate::{AudioError, StreamFormat, StreamStats};
 
 /// The error kinds after which a stream delivers no more audio (cpal's ALSA worker exits on
 /// them), in a fixed order so the callback can store one as a number. Other errors are counted:
@@ -103,9 +105,32 @@ macro_rules! with_sample_type {
         }
     };
 }
-pub(super) use with_sample_type;
 
-pub(super) fn build_input<T>(
+/// The data callback of a stream: capture fills a ring, playback drains one.
+pub(super) enum Callback {
+    Capture(CaptureCallback),
+    Playback(PlaybackCallback),
+}
+
+/// Builds the stream of `callback`'s direction in `sample_format`.
+fn build(
+    device: &cpal::Device,
+    config: &StreamConfig,
+    sample_format: SampleFormat,
+    callback: Callback,
+    failure: Arc<Failure>,
+) -> Result<cpal::Stream, cpal::Error> {
+    match callback {
+        Callback::Capture(c) => {
+            with_sample_type!(sample_format, build_input(device, config, c, failure))
+        }
+        Callback::Playback(p) => {
+            with_sample_type!(sample_format, build_output(device, config, p, failure))
+        }
+    }
+}
+
+fn build_input<T>(
     device: &cpal::Device,
     config: &StreamConfig,
     mut callback: CaptureCallback,
@@ -123,7 +148,7 @@ where
     )
 }
 
-pub(super) fn build_output<T>(
+fn build_output<T>(
     device: &cpal::Device,
     config: &StreamConfig,
     mut callback: PlaybackCallback,
@@ -160,22 +185,27 @@ pub(super) struct Started<R> {
     pub(super) name: String,
 }
 
+impl<R> Started<R> {
+    /// The stream's counters (its data callback's `counters`) with what its error callback saw.
+    pub(super) fn stats(&self, counters: &StreamCounters) -> StreamStats {
+        StreamStats {
+            device_xruns: self.failure.device_xruns.load(Relaxed),
+            device_errors: self.failure.device_errors.load(Relaxed),
+            ..counters.snapshot()
+        }
+    }
+}
+
 /// Opens and starts a stream: finds the device, takes its default format, makes a ring of
-/// `ring_seconds` and builds the stream with `build` (given the device, config, sample format,
-/// channel count, ring capacity and failure flags), asking for a [`DEVICE_PERIOD`] period first
-/// and the device's default buffer if that is refused.
+/// `ring_seconds` and hands both its ends and the channel count to `split`, which makes the
+/// data callback of one end and returns it with the end the program keeps; asks for a
+/// [`DEVICE_PERIOD`] period first and the device's default buffer if that is refused (a fresh
+/// ring and callback for each try).
 pub(super) fn start_stream<R>(
     direction: Direction,
     selector: &DeviceSelector,
     ring_seconds: usize,
-    build: impl Fn(
-        &cpal::Device,
-        &StreamConfig,
-        SampleFormat,
-        u16,
-        usize,
-        &Arc<Failure>,
-    ) -> Result<(cpal::Stream, R), cpal::Error>,
+    split: impl Fn(HeapProd<f32>, HeapCons<f32>, u16) -> (Callback, R),
 ) -> Result<Started<R>, AudioError> {
     let (device, name) = find_device(direction, selector)?;
     let err = |e: cpal::Error| AudioError::Device {
@@ -188,14 +218,16 @@ pub(super) fn start_stream<R>(
     let failure = Arc::new(Failure::default());
     let sample_format = supported.sample_format();
     let attempt = |config: &StreamConfig| {
+        let (prod, cons) = HeapRb::<f32>::new(capacity).split();
+        let (callback, ring) = split(prod, cons, format.channels);
         build(
             &device,
             config,
             sample_format,
-            format.channels,
-            capacity,
-            &failure,
+            callback,
+            Arc::clone(&failure),
         )
+        .map(|stream| (stream, ring))
     };
     let (stream, ring) = attempt(&low_latency_config(&supported))
         .or_else(|_| attempt(&supported.config()))
