@@ -7,6 +7,8 @@
 //!   heard, where to cut), tool rounds and the items of the conversation;
 //! - [`turn`]: turn-taking as a state machine (listening, the user speaking, responding);
 //! - [`reply`]: a reply position by position, to keep exactly what was heard when it is cut;
+//! - [`speculation`]: a reply started when the user pauses, held until the turn is confirmed or
+//!   undone exactly (shared by the dialog manager and the Realtime server's sessions);
 //! - [`tools`]: the tools the model may call: their specs, the call format, running them.
 //!
 //! Not for: running the model, threads or the sound card; the engine (in the `lfm2d` binary) and
@@ -15,5 +17,6 @@
 pub mod assistant;
 pub mod conversation;
 pub mod reply;
+pub mod speculation;
 pub mod tools;
 pub mod turn;
