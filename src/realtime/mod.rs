@@ -134,6 +134,7 @@ pub(crate) fn shared(
         min_speech: Duration::from_millis(cfg.vad.min_speech_ms),
         max_buffer_samples: MAX_BUFFER_SECONDS * protocol::SAMPLE_RATE as usize,
         budget: Some(budget),
+        speculative_start: cfg.assistant.speculative_start,
     };
     let limits = server::Limits::from_env();
     server::raise_descriptor_limit();
