@@ -243,7 +243,7 @@ impl Assistant {
         {
             return;
         }
-        let (user_item, response_id) = self.ask(audio.clone(), out);
+        let (user_item, response_id) = self.ask(audio.clone(), true, out);
         self.speculation
             .start(audio, user_item, response_id.clone(), response_id);
     }
@@ -265,6 +265,8 @@ impl Assistant {
         let Some(s) = self.speculation.confirm() else {
             return out;
         };
+        // The engine may run the reply's tool calls now.
+        out.push(Effect::Engine(s.call));
         for action in actions {
             match action {
                 Action::Respond { audio } => {
@@ -396,8 +398,13 @@ impl Assistant {
         }
     }
 
-    /// An item of `audio` and a reply to it; their ids.
-    fn ask(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) -> (String, String) {
+    /// An item of `audio` and a reply to it (`speculative`: on a turn not yet certain); their ids.
+    fn ask(
+        &mut self,
+        audio: Vec<f32>,
+        speculative: bool,
+        out: &mut Vec<Effect>,
+    ) -> (String, String) {
         self.asks += 1;
         let n = self.asks;
         let id = format!("user-{n}");
@@ -407,18 +414,23 @@ impl Assistant {
             place: Placement::End,
         }));
         let response_id = format!("reply-{n}");
-        out.push(Effect::Engine(Call::Respond(Respond {
+        let respond = Respond {
             response_id: response_id.clone(),
             item_id: response_id.clone(),
             output: None,
-        })));
+        };
+        out.push(Effect::Engine(if speculative {
+            Call::Speculate(respond)
+        } else {
+            Call::Respond(respond)
+        }));
         (id, response_id)
     }
 
     /// A user turn of `audio`: its item, the reply to it, and its words for the log.
     fn user_turn(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) {
         self.user_turns += 1;
-        let (id, response_id) = self.ask(audio.clone(), out);
+        let (id, response_id) = self.ask(audio.clone(), false, out);
         self.asked = Some(response_id);
         if self.transcribe_user {
             // The engine runs it when nothing else waits: the words are for the log.
@@ -495,6 +507,21 @@ mod tests {
             item_id: format!("reply-{n}"),
             output: None,
         }))
+    }
+
+    /// A reply asked for on a pause.
+    fn speculate(n: u64) -> Effect {
+        Effect::Engine(Call::Speculate(Respond {
+            response_id: format!("reply-{n}"),
+            item_id: format!("reply-{n}"),
+            output: None,
+        }))
+    }
+
+    fn confirm(n: u64) -> Effect {
+        Effect::Engine(Call::Confirm {
+            response_id: format!("reply-{n}"),
+        })
     }
 
     /// An assistant that heard one utterance (`user-1`) and asked for `reply-1`.
@@ -738,7 +765,7 @@ mod tests {
             },
             s,
         );
-        assert_eq!(out, vec![add("user-1", vec![0.1; 4]), respond(1)]);
+        assert_eq!(out, vec![add("user-1", vec![0.1; 4]), speculate(1)]);
         assert!(a.speculating());
         assert_eq!(a.state(), TurnState::UserSpeaking, "the user may go on");
         // The reply's first events are held back, nothing is played.
@@ -761,6 +788,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                confirm(1),
                 report(&started("reply-1", "reply-1")),
                 Effect::BeginReply {
                     response_id: "reply-1".into()
@@ -835,7 +863,7 @@ mod tests {
                 },
                 s
             ),
-            vec![add("user-2", whole.clone()), respond(2)]
+            vec![add("user-2", whole.clone()), speculate(2)]
         );
         a.handle(started("reply-2", "reply-2"), s);
         let out = a.handle(
@@ -848,6 +876,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                confirm(2),
                 report(&started("reply-2", "reply-2")),
                 Effect::BeginReply {
                     response_id: "reply-2".into()
@@ -895,6 +924,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                confirm(1),
                 report(&started("reply-1", "reply-1")),
                 Effect::BeginReply {
                     response_id: "reply-1".into()

@@ -84,6 +84,8 @@ pub enum Seen {
 /// they came now.
 #[derive(Debug, PartialEq)]
 pub struct Confirmed {
+    /// Tells the engine: the reply's tool calls may run.
+    pub call: Call,
     pub audio: Vec<f32>,
     pub user_item: String,
     pub response_id: String,
@@ -188,6 +190,9 @@ impl Speculation {
     pub fn confirm(&mut self) -> Option<Confirmed> {
         let p = self.pending.take()?;
         Some(Confirmed {
+            call: Call::Confirm {
+                response_id: p.response_id.clone(),
+            },
             audio: p.audio,
             user_item: p.user_item,
             response_id: p.response_id,
@@ -278,6 +283,12 @@ mod tests {
         assert!(s.answers(&[0.1; 4]));
         assert!(!s.answers(&[0.1; 5]));
         let c = s.confirm().expect("confirmed");
+        assert_eq!(
+            c.call,
+            Call::Confirm {
+                response_id: "reply-1".into()
+            }
+        );
         assert_eq!(c.user_item, "user-1");
         assert_eq!(c.held, vec![started("reply-1")]);
         assert!(!s.active());

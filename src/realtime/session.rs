@@ -751,7 +751,7 @@ impl Session {
             content: Content::UserAudio(audio.clone()),
             place: Placement::End,
         });
-        self.engine(EngineCall::Respond(Respond {
+        self.engine(EngineCall::Speculate(Respond {
             response_id: response_id.clone(),
             item_id: reply_item.clone(),
             output: Some(output_of(self.settings.modality)),
@@ -776,6 +776,7 @@ impl Session {
             return;
         };
         self.confirmed += 1;
+        self.engine(c.call.widen());
         let previous = self.items.last().map(|i| i.id.clone());
         self.send(ServerEvent::Committed {
             item_id: c.user_item.clone(),
@@ -2270,7 +2271,7 @@ mod tests {
         fn answer(&mut self, c: EngineCall) -> Vec<ConvEvent> {
             match c {
                 EngineCall::Add { item_id, .. } => vec![ConvEvent::Added { item_id }],
-                EngineCall::Respond(r) => {
+                EngineCall::Respond(r) | EngineCall::Speculate(r) => {
                     let mut evs = vec![
                         ConvEvent::ReplyStarted {
                             response_id: r.response_id.clone(),
@@ -2334,7 +2335,10 @@ mod tests {
             let calls = script.calls.len();
             let out = append_chunk(&mut s, chunk);
             script.take(&mut s, out);
-            if speculate && script.calls[calls..].iter().any(|c| c == "engine:Respond") {
+            if script.calls[calls..]
+                .iter()
+                .any(|c| c == "engine:Speculate")
+            {
                 // A pause: the reply is started without a word to the client (unless the
                 // same chunk ended the utterance).
                 let stopped = script.sent[sent..]
