@@ -83,6 +83,8 @@ pub struct SessionDefaults {
     /// manual turn-taking, and asking for server_vad is an error that says why).
     pub vad_assets: Result<VadAssets, String>,
     pub min_speech: Duration,
+    /// The silence after speech that counts as a pause (a speculative reply starts on it).
+    pub pause: Duration,
     /// The most audio the input buffer holds, in 24 kHz samples.
     pub max_buffer_samples: usize,
     /// Sizes items and instructions before they go to the engine (None: not checked here; the
@@ -491,6 +493,7 @@ impl Session {
             prefix_padding: Duration::from_millis(v.prefix_padding_ms),
             min_silence: Duration::from_millis(v.silence_duration_ms),
             min_speech: self.defaults.min_speech,
+            pause: self.defaults.pause,
             ..VadConfig::with_threshold(v.threshold as f32)
         };
         config.validate()?;
@@ -1679,6 +1682,7 @@ mod tests {
                 Err("off in this test".into())
             },
             min_speech: Duration::from_millis(250),
+            pause: Duration::from_millis(160),
             max_buffer_samples: 10 * SAMPLE_RATE as usize,
             budget: None,
             speculative_start: false,
@@ -2358,12 +2362,12 @@ mod tests {
         script
     }
 
-    /// The question, a pause of 200 ms (shorter than the silence that ends a turn), and the
-    /// question again.
+    /// The question, a pause of 300 ms (longer than a pause, shorter than the silence that ends
+    /// a turn), and the question again.
     fn question_twice() -> Vec<f32> {
         let mut audio = vec![0.0f32; 24_000 / 2];
         audio.extend(question_24k());
-        audio.extend(vec![0.0f32; 24_000 / 5]);
+        audio.extend(vec![0.0f32; 24_000 * 3 / 10]);
         audio.extend(question_24k());
         audio.extend(vec![0.0f32; 24_000]);
         audio

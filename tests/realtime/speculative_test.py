@@ -45,7 +45,7 @@ async def one_turn(client, question):
             }
         )
         await ev.until("session.updated")
-        audio = silence(500) + question + silence(200) + question + silence(1500)
+        audio = silence(500) + question + silence(300) + question + silence(1500)
         step = 24 * 2 * 100  # 100 ms of pcm16
         for i in range(0, len(audio), step):
             await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i : i + step]).decode())
