@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use crate::conversation::{Call, Content, ConvEvent, Placement, Respond, ToolPolicy};
 use crate::rounds::{RoundEnd, Rounds};
+use crate::speculation::{Seen, Speculation};
 use crate::turn::{Action, Event, TurnManager, TurnState};
 
 /// Where the speaker is, in 24 kHz samples since it opened.
@@ -86,26 +87,14 @@ pub enum Effect {
     Report(ConvEvent),
 }
 
-/// A reply started on a pause, not yet confirmed by the end of the silence.
-#[derive(Debug, Clone)]
-struct Speculation {
-    /// The utterance it answers.
-    audio: Vec<f32>,
-    user_item: String,
-    response_id: String,
-    /// The reply's events so far, held back.
-    held: Vec<ConvEvent>,
-}
-
 /// The assistant's dialog state.
 #[derive(Debug, Clone)]
 pub struct Assistant {
     turns: TurnManager,
     /// Start replies on pauses.
     speculate: bool,
-    speculation: Option<Speculation>,
-    /// Replies of dropped speculations (their late events are ignored).
-    dropped: Vec<String>,
+    /// The reply started on a pause, and those dropped.
+    speculation: Speculation,
     /// Pairs of user item and reply asked for so far (they number the ids).
     asks: u64,
     /// Ask the engine for the words of each user turn (for the log).
@@ -136,8 +125,7 @@ impl Assistant {
         Self {
             turns: TurnManager::new(half_duplex),
             speculate: false,
-            speculation: None,
-            dropped: Vec::new(),
+            speculation: Speculation::new(),
             asks: 0,
             transcribe_user,
             user_turns: 0,
@@ -175,14 +163,14 @@ impl Assistant {
 
     /// A reply started on a pause is waiting for the end of the silence.
     pub fn speculating(&self) -> bool {
-        self.speculation.is_some()
+        self.speculation.active()
     }
 
     /// Whether an engine event belongs to a reply dropped on the way (a speculative reply the
     /// user spoke over): nothing of it is played or reported.
+    #[cfg(test)]
     fn is_dropped(&self, ev: &ConvEvent) -> bool {
-        ev.response_id()
-            .is_some_and(|id| self.dropped.iter().any(|d| d == id))
+        self.speculation.is_dropped(ev)
     }
 
     /// Replies over so far (answered, or cut).
@@ -215,15 +203,11 @@ impl Assistant {
             Input::Start => self.turns.handle(Event::Start),
             Input::SpeechStarted { at } => self.turns.handle(Event::SpeechStarted { at }),
             Input::SpeechEnded { at, audio } => {
-                let confirmed = match &self.speculation {
-                    Some(s) if s.audio == audio => true,
-                    Some(_) => {
-                        // Not the utterance it was started on (the start moved): start over.
-                        self.abandon(&mut out);
-                        false
-                    }
-                    None => false,
-                };
+                let confirmed = self.speculation.answers(&audio);
+                if !confirmed {
+                    // Not the utterance it was started on (the start moved): start over.
+                    self.abandon(&mut out);
+                }
                 let actions = self.turns.handle(Event::SpeechEnded { at, audio });
                 if confirmed {
                     return self.confirm(actions, speaker, out);
@@ -238,18 +222,14 @@ impl Assistant {
                 self.abandon(&mut out);
                 Vec::new()
             }
-            Input::Engine(ev) => {
-                if self.is_dropped(&ev) {
+            Input::Engine(ev) => match self.speculation.event(ev) {
+                Seen::Pass(ev) => self.engine_event(ev, speaker, &mut out),
+                Seen::Held => return out,
+                Seen::Dropped(calls) => {
+                    out.extend(calls.into_iter().map(Effect::Engine));
                     return out;
                 }
-                if let Some(s) = &mut self.speculation {
-                    if ev.response_id() == Some(s.response_id.as_str()) {
-                        s.held.push(ev);
-                        return out;
-                    }
-                }
-                self.engine_event(ev, speaker, &mut out)
-            }
+            },
             Input::Tick => self.tick(speaker, &mut out),
         };
         for action in actions {
@@ -267,46 +247,21 @@ impl Assistant {
     /// The user paused: the utterance so far gets its item and reply now, held back.
     fn speculate_on(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) {
         if !self.speculate
-            || self.speculation.is_some()
+            || self.speculation.active()
             || self.turns.state() != TurnState::UserSpeaking
             || self.turns.extending()
         {
             return;
         }
-        let (user_item, response_id) = self.ask(audio.clone(), out);
-        self.speculation = Some(Speculation {
-            audio,
-            user_item,
-            response_id,
-            held: Vec::new(),
-        });
+        let (user_item, response_id) = self.ask(audio.clone(), true, out);
+        self.speculation
+            .start(audio, user_item, response_id.clone(), response_id);
     }
 
     /// The user went on: the speculative reply and its item go, leaving no trace.
     fn abandon(&mut self, out: &mut Vec<Effect>) {
-        let Some(s) = self.speculation.take() else {
-            return;
-        };
-        let finished = s
-            .held
-            .iter()
-            .any(|e| matches!(e, ConvEvent::ReplyDone { .. }));
-        if finished {
-            // Generated in full already: only its item can go.
-            out.push(Effect::Engine(Call::Delete {
-                item_id: s.response_id.clone(),
-            }));
-        } else {
-            out.push(Effect::Engine(Call::Cancel { heard: Some(0) }));
-        }
-        out.push(Effect::Engine(Call::Delete {
-            item_id: s.user_item,
-        }));
-        // A few are enough: the engine's late events of a dropped reply come soon.
-        if self.dropped.len() >= 8 {
-            self.dropped.remove(0);
-        }
-        self.dropped.push(s.response_id);
+        let undo = self.speculation.abandon();
+        out.extend(undo.into_iter().map(Effect::Engine));
     }
 
     /// The end of the silence confirmed the speculative turn: it is the user's turn, and its
@@ -317,9 +272,11 @@ impl Assistant {
         speaker: SpeakerState,
         mut out: Vec<Effect>,
     ) -> Vec<Effect> {
-        let Some(s) = self.speculation.take() else {
+        let Some(s) = self.speculation.confirm() else {
             return out;
         };
+        // The engine may run the reply's tool calls now.
+        out.push(Effect::Engine(s.call));
         for action in actions {
             match action {
                 Action::Respond { audio } => {
@@ -451,8 +408,13 @@ impl Assistant {
         }
     }
 
-    /// An item of `audio` and a reply to it; their ids.
-    fn ask(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) -> (String, String) {
+    /// An item of `audio` and a reply to it (`speculative`: on a turn not yet certain); their ids.
+    fn ask(
+        &mut self,
+        audio: Vec<f32>,
+        speculative: bool,
+        out: &mut Vec<Effect>,
+    ) -> (String, String) {
         self.asks += 1;
         let n = self.asks;
         let id = format!("user-{n}");
@@ -462,18 +424,23 @@ impl Assistant {
             place: Placement::End,
         }));
         let response_id = format!("reply-{n}");
-        out.push(Effect::Engine(Call::Respond(Respond {
+        let respond = Respond {
             response_id: response_id.clone(),
             item_id: response_id.clone(),
             output: None,
-        })));
+        };
+        out.push(Effect::Engine(if speculative {
+            Call::Speculate(respond)
+        } else {
+            Call::Respond(respond)
+        }));
         (id, response_id)
     }
 
     /// A user turn of `audio`: its item, the reply to it, and its words for the log.
     fn user_turn(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) {
         self.user_turns += 1;
-        let (id, response_id) = self.ask(audio.clone(), out);
+        let (id, response_id) = self.ask(audio.clone(), false, out);
         self.asked = Some(response_id);
         if self.transcribe_user {
             // The engine runs it when nothing else waits: the words are for the log.
@@ -550,6 +517,21 @@ mod tests {
             item_id: format!("reply-{n}"),
             output: None,
         }))
+    }
+
+    /// A reply asked for on a pause.
+    fn speculate(n: u64) -> Effect {
+        Effect::Engine(Call::Speculate(Respond {
+            response_id: format!("reply-{n}"),
+            item_id: format!("reply-{n}"),
+            output: None,
+        }))
+    }
+
+    fn confirm(n: u64) -> Effect {
+        Effect::Engine(Call::Confirm {
+            response_id: format!("reply-{n}"),
+        })
     }
 
     /// An assistant that heard one utterance (`user-1`) and asked for `reply-1`.
@@ -826,7 +808,7 @@ mod tests {
             },
             s,
         );
-        assert_eq!(out, vec![add("user-1", vec![0.1; 4]), respond(1)]);
+        assert_eq!(out, vec![add("user-1", vec![0.1; 4]), speculate(1)]);
         assert!(a.speculating());
         assert_eq!(a.state(), TurnState::UserSpeaking, "the user may go on");
         // The reply's first events are held back, nothing is played.
@@ -849,6 +831,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                confirm(1),
                 report(&started("reply-1", "reply-1")),
                 Effect::BeginReply {
                     response_id: "reply-1".into()
@@ -923,7 +906,7 @@ mod tests {
                 },
                 s
             ),
-            vec![add("user-2", whole.clone()), respond(2)]
+            vec![add("user-2", whole.clone()), speculate(2)]
         );
         a.handle(started("reply-2", "reply-2"), s);
         let out = a.handle(
@@ -936,6 +919,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                confirm(2),
                 report(&started("reply-2", "reply-2")),
                 Effect::BeginReply {
                     response_id: "reply-2".into()
@@ -983,6 +967,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                confirm(1),
                 report(&started("reply-1", "reply-1")),
                 Effect::BeginReply {
                     response_id: "reply-1".into()

@@ -757,6 +757,7 @@ fn the_queue_takes_conversations_in_turn() {
             item_id: id.into(),
             output: None,
         },
+        speculative: false,
     };
     let add = |conv: u64, id: &str| Job::Add {
         conv,
@@ -1314,6 +1315,7 @@ fn replies_of_three_conversations_interleave_and_each_is_as_alone() {
                     item_id: format!("r{i}"),
                     output: None,
                 },
+                speculative: false,
             })
             .unwrap();
     }
@@ -1444,4 +1446,117 @@ fn an_abandoned_speculative_reply_leaves_no_trace() {
         }
     }
     assert_same_state(&spec.session, &direct.session);
+}
+
+/// The tool calls of a reply asked for speculatively (on a pause, before the turn is certain)
+/// wait for the turn: reported, not run; the confirmation runs them and the response goes on to
+/// its answer; a reply undone (deleted once over, or cancelled) never runs them, not even on a
+/// late confirmation.
+#[test]
+fn tools_of_a_speculative_reply_wait_for_the_turn() {
+    let model = model();
+    let mut w = worker(&model, EngineOptions::default());
+    w.force_reply("<|tool_call_start|>[mark()]<|tool_call_end|>");
+    let (engine, thread) = super::spawn(w).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open_marking = |name: &str| {
+        let path = dir.path().join(name);
+        let mut s = setup(12);
+        s.output = Output::Text;
+        s.tools = vec![dialog::tools::ToolSpec {
+            name: "mark".into(),
+            description: "Leaves a mark.".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {}}),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("echo marked > '{}'", path.display()),
+            ],
+            timeout_secs: 30.0,
+        }];
+        s.tool_policy = ToolPolicy::Run { max_rounds: 1 };
+        (engine.open(s).unwrap(), path)
+    };
+    let ask = |c: &Conversation, id: &str| {
+        c.add(format!("{id}-u"), Content::UserText("Hello.".into()));
+        c.respond_speculatively(Respond {
+            response_id: id.into(),
+            item_id: id.into(),
+            output: None,
+        });
+    };
+    // The events up to the end of the reply item `item`.
+    let until_done = |c: &Conversation, item: &str| {
+        let mut events = Vec::new();
+        loop {
+            let ev = c.events().recv_timeout(Duration::from_secs(60)).unwrap();
+            if let ConvEvent::Error { message, .. } = &ev {
+                panic!("{message}");
+            }
+            let done = matches!(&ev, ConvEvent::ReplyDone { item_id, .. } if item_id == item);
+            events.push(ev);
+            if done {
+                return events;
+            }
+        }
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(700));
+
+    // Confirmed: the call waits, then runs, and the response goes on.
+    let (a, a_mark) = open_marking("a");
+    ask(&a, "a");
+    let events = until_done(&a, "a");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ConvEvent::ToolCall { name, .. } if name == "mark")),
+        "the call is reported: {events:?}"
+    );
+    settle();
+    assert!(
+        !a_mark.exists(),
+        "the tool ran before the turn was confirmed"
+    );
+    a.confirm("a");
+    let events = until_done(&a, "a-1");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ConvEvent::ToolResult { ok: true, .. })),
+        "{events:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&a_mark).unwrap().trim(), "marked");
+
+    // Undone once over: the reply and its turn are deleted.
+    let (b, b_mark) = open_marking("b");
+    ask(&b, "b");
+    until_done(&b, "b");
+    b.delete("b");
+    b.delete("b-u");
+    b.confirm("b");
+    // Undone by a cancel that came after the end.
+    let (c, c_mark) = open_marking("c");
+    ask(&c, "c");
+    until_done(&c, "c");
+    c.cancel(Some(0));
+    c.delete("c-u");
+    c.confirm("c");
+    // Each conversation has done all of that once a later item is in.
+    for conv in [&b, &c] {
+        conv.add("later", Content::UserText("And then?".into()));
+        loop {
+            match conv.events().recv_timeout(Duration::from_secs(60)).unwrap() {
+                ConvEvent::Added { item_id } if item_id == "later" => break,
+                ConvEvent::ToolResult { .. } => panic!("an undone reply's tool ran"),
+                ConvEvent::Error { message, .. } => panic!("{message}"),
+                _ => {}
+            }
+        }
+    }
+    settle();
+    assert!(!b_mark.exists(), "the deleted reply's tool never runs");
+    assert!(!c_mark.exists(), "the cancelled reply's tool never runs");
+    drop((a, b, c));
+    engine.shutdown();
+    thread.join().unwrap();
 }
