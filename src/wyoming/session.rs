@@ -1187,6 +1187,26 @@ mod tests {
             event(&out, "not-handled").data["text"],
             "the model gave an empty answer"
         );
+        // Cancelled while its tool ran (the client left): the engine ends the response.
+        let (job, _) = ask(&mut s, None);
+        s.handle_engine(job, call("call_9"));
+        s.handle_engine(job, done("i"));
+        assert!(s.busy());
+        let out = s.handle_engine(
+            job,
+            ConvEvent::ReplyDone {
+                response_id: "r".into(),
+                item_id: "i-1".into(),
+                text: String::new(),
+                audio_samples: 0,
+                cancelled: true,
+            },
+        );
+        assert_eq!(
+            event(&out, "not-handled").data["text"],
+            "the answer was cancelled"
+        );
+        assert!(!s.busy());
     }
 
     #[test]
