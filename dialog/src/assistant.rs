@@ -23,11 +23,12 @@
 //!   starts over on the longer utterance;
 //! - a reply that called a tool goes on after the tool's result (the engine runs it and starts
 //!   the next round of the same response): the response is over only when a round ends without
-//!   a call.
+//!   a call, or when the rounds run out ([`Rounds`] says which, by the engine's count).
 
 use std::time::Duration;
 
-use crate::conversation::{Call, Content, ConvEvent, Placement, Respond};
+use crate::conversation::{Call, Content, ConvEvent, Placement, Respond, ToolPolicy};
+use crate::rounds::{RoundEnd, Rounds};
 use crate::speculation::{Seen, Speculation};
 use crate::turn::{Action, Event, TurnManager, TurnState};
 
@@ -112,8 +113,8 @@ pub struct Assistant {
     reply_base: Option<u64>,
     /// The reply has been generated in full (it may still be playing).
     reply_done: bool,
-    /// The round in progress called a tool: its end is not the response's.
-    tool_round: bool,
+    /// The tool rounds of the response in progress: which reply ends it.
+    rounds: Rounds,
     replies: u64,
     barge_ins: u64,
 }
@@ -136,10 +137,19 @@ impl Assistant {
             cancelled: None,
             reply_base: None,
             reply_done: false,
-            tool_round: false,
+            rounds: Rounds::new(ToolPolicy::Run {
+                max_rounds: usize::MAX,
+            }),
             replies: 0,
             barge_ins: 0,
         }
+    }
+
+    /// Who runs the conversation's tools, and how many rounds a response may take: the policy
+    /// the conversation was opened with (by default the engine runs them, without a limit).
+    pub fn tool_policy(mut self, policy: ToolPolicy) -> Self {
+        self.rounds = Rounds::new(policy);
+        self
     }
 
     /// Start each reply when the user pauses (see the module's notes).
@@ -302,6 +312,7 @@ impl Assistant {
         if !matches!(ev, ConvEvent::Text { .. } | ConvEvent::Audio { .. }) {
             out.push(Effect::Report(ev.clone()));
         }
+        let round_end = self.rounds.event(&ev);
         match ev {
             ConvEvent::ReplyStarted {
                 response_id,
@@ -320,15 +331,14 @@ impl Assistant {
                 if Some(&response_id) == self.cancelled.as_ref() => {}
             ConvEvent::Text { piece, .. } => out.push(Effect::Text(piece)),
             ConvEvent::Audio { samples, .. } => out.push(Effect::Audio(samples)),
-            // The answer comes in a round of its own, after the result.
-            ConvEvent::ToolCall { .. } => self.tool_round = true,
             ConvEvent::ReplyDone {
                 response_id,
                 cancelled,
                 ..
             } => {
-                if std::mem::take(&mut self.tool_round) && !cancelled {
-                    // The tool runs, then the model answers: the response goes on.
+                if let Some(RoundEnd::ToolsRun { .. }) = round_end {
+                    // The tool runs, then the model answers in a round of its own: the
+                    // response goes on.
                 } else if Some(&response_id) == self.current.as_ref() || self.current.is_none() {
                     self.replies += 1;
                     if cancelled {
@@ -710,6 +720,39 @@ mod tests {
             }))
         );
         assert_eq!(a.replies(), 1);
+    }
+
+    #[test]
+    fn a_response_whose_tool_rounds_run_out_is_over() {
+        let mut a = Assistant::new(false, false).tool_policy(ToolPolicy::Run { max_rounds: 1 });
+        a.handle(Input::Start, speaker(0, 0));
+        a.handle(Input::SpeechStarted { at: at(1) }, speaker(0, 0));
+        a.handle(
+            Input::SpeechEnded {
+                at: at(2),
+                audio: vec![0.1],
+            },
+            speaker(0, 0),
+        );
+        let call = |item: &str| {
+            Input::Engine(ConvEvent::ToolCall {
+                response_id: "reply-1".into(),
+                call_id: format!("call-{item}"),
+                name: "get_time".into(),
+                arguments: "{}".into(),
+            })
+        };
+        a.handle(started("reply-1", "reply-1"), speaker(0, 0));
+        a.handle(call("reply-1"), speaker(0, 0));
+        a.handle(done("reply-1", "reply-1", false), speaker(0, 0));
+        assert!(a.handle(Input::Tick, speaker(0, 0)).is_empty());
+        // The answer round calls again: the engine runs no more rounds, and the response ends.
+        a.handle(started("reply-1", "reply-1-1"), speaker(0, 0));
+        a.handle(call("reply-1-1"), speaker(0, 0));
+        a.handle(done("reply-1", "reply-1-1", false), speaker(0, 0));
+        let out = a.handle(Input::Tick, speaker(0, 0));
+        assert!(out.contains(&Effect::ReplyOver { replies: 1 }), "{out:?}");
+        assert_eq!(a.state(), TurnState::Listening);
     }
 
     #[test]

@@ -1026,6 +1026,26 @@ fn tool_call_tokens_without_tools_are_text() {
     assert!(streamed.contains("get_current_time("), "{streamed:?}");
 }
 
+/// A text conversation whose one tool, `nap`, sleeps `seconds` and answers "rested"; the engine
+/// runs it, up to `max_rounds` rounds.
+fn napping(seconds: u32, max_rounds: usize) -> Setup {
+    let mut s = setup(12);
+    s.output = Output::Text;
+    s.tools = vec![dialog::tools::ToolSpec {
+        name: "nap".into(),
+        description: "Sleeps a while.".into(),
+        parameters: serde_json::json!({"type": "object", "properties": {}}),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("sleep {seconds}; echo rested"),
+        ],
+        timeout_secs: 30.0,
+    }];
+    s.tool_policy = ToolPolicy::Run { max_rounds };
+    s
+}
+
 /// Tool commands run off the engine thread: while one conversation's tool sleeps, another
 /// conversation's reply is generated and completes; the first goes on once its tool is back.
 #[test]
@@ -1034,17 +1054,7 @@ fn a_slow_tool_never_stalls_another_conversation() {
     let mut w = worker(&model, EngineOptions::default());
     w.force_reply("<|tool_call_start|>[nap()]<|tool_call_end|>");
     let (engine, thread) = super::spawn(w).unwrap();
-    let mut slow = setup(12);
-    slow.output = Output::Text;
-    slow.tools = vec![dialog::tools::ToolSpec {
-        name: "nap".into(),
-        description: "Sleeps a while.".into(),
-        parameters: serde_json::json!({"type": "object", "properties": {}}),
-        command: vec!["sh".into(), "-c".into(), "sleep 2; echo rested".into()],
-        timeout_secs: 30.0,
-    }];
-    slow.tool_policy = ToolPolicy::Run { max_rounds: 1 };
-    let a = engine.open(slow).unwrap();
+    let a = engine.open(napping(2, 1)).unwrap();
     let mut quick = setup(4);
     quick.output = Output::Text;
     let b = engine.open(quick).unwrap();
@@ -1100,6 +1110,105 @@ fn a_slow_tool_never_stalls_another_conversation() {
     assert_eq!(result, Some(("rested".to_string(), true)));
     drop(a);
     drop(b);
+    engine.shutdown();
+    thread.join().unwrap();
+}
+
+/// The dialog manager's rule for the end of a response (`dialog::rounds`) counts the engine's
+/// rounds: a reply whose call the engine runs ends a round; one whose call it does not run (the
+/// rounds ran out) ends the response, with no result and an error saying why.
+#[test]
+fn the_dialog_counts_the_rounds_the_engine_runs() {
+    use dialog::rounds::{Ending, RoundEnd, Rounds};
+    let model = model();
+    for max_rounds in [0, 1] {
+        let mut w = worker(&model, EngineOptions::default());
+        w.force_reply("<|tool_call_start|>[get_current_time()]<|tool_call_end|>");
+        let mut s = setup(20);
+        s.output = Output::Text;
+        s.tools = dialog::tools::built_in();
+        s.tool_policy = ToolPolicy::Run { max_rounds };
+        let policy = s.tool_policy;
+        let (mut conv, rx) = open(&w, s);
+        w.add(&mut conv, "u1".into(), Content::UserText("Time?".into()))
+            .unwrap();
+        respond(&mut w, &mut conv, "r1");
+        let events = drain(&rx);
+        let mut rounds = Rounds::new(policy);
+        let ends: Vec<(usize, RoundEnd)> = events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| rounds.event(e).map(|end| (i, end)))
+            .collect();
+        let said = format!("{events:?}");
+        let results = events
+            .iter()
+            .filter(|e| matches!(e, ConvEvent::ToolResult { .. }))
+            .count();
+        let (last, end) = *ends.last().expect("the response ends");
+        if max_rounds == 0 {
+            assert_eq!(
+                end,
+                RoundEnd::Over(Ending::OutOfRounds { max_rounds: 0 }),
+                "{said}"
+            );
+            assert_eq!((ends.len(), results), (1, 0), "{said}");
+            assert!(said.contains("again after 0 rounds"), "{said}");
+        } else {
+            assert_eq!(ends[0].1, RoundEnd::ToolsRun { round: 1 }, "{said}");
+            assert!(matches!(end, RoundEnd::Over(_)), "{said}");
+            assert_eq!(results, 1, "{said}");
+        }
+        assert!(
+            !events[last + 1..].iter().any(|e| e.response_id().is_some()),
+            "nothing of the response after its end: {said}"
+        );
+    }
+}
+
+/// A response cancelled while its tool runs ends with a cancelled ReplyDone: whoever waits for
+/// its end is not left waiting.
+#[test]
+fn a_response_cancelled_while_its_tool_runs_says_it_ended() {
+    let model = model();
+    let mut w = worker(&model, EngineOptions::default());
+    w.force_reply("<|tool_call_start|>[nap()]<|tool_call_end|>");
+    let (engine, thread) = super::spawn(w).unwrap();
+    let a = engine.open(napping(1, 2)).unwrap();
+    a.add("u".to_owned(), Content::UserText("Hello.".into()));
+    a.respond(Respond {
+        response_id: "a".into(),
+        item_id: "a".into(),
+        output: None,
+    });
+    let recv = || a.events().recv_timeout(Duration::from_secs(60)).unwrap();
+    // The call's round is over; the tool runs now.
+    loop {
+        if let ConvEvent::ReplyDone { item_id, .. } = recv() {
+            assert_eq!(item_id, "a");
+            break;
+        }
+    }
+    a.cancel(None);
+    loop {
+        match recv() {
+            ConvEvent::ReplyDone {
+                item_id,
+                cancelled,
+                text,
+                ..
+            } => {
+                assert_eq!((item_id.as_str(), cancelled), ("a-1", true));
+                assert!(text.is_empty());
+                break;
+            }
+            ConvEvent::Text { .. } | ConvEvent::ReplyStarted { .. } => {
+                panic!("the answer round began after the cancel")
+            }
+            _ => {}
+        }
+    }
+    drop(a);
     engine.shutdown();
     thread.join().unwrap();
 }

@@ -561,6 +561,11 @@ impl Worker {
     /// [`Worker::tools_finished`] takes the results.
     fn start_tools(&mut self, conv: u64, run: ToolRun) {
         let done = self.tools_done.0.clone();
+        let round = &run.round;
+        let (response_id, item_id) = (
+            round.req.response_id.clone(),
+            format!("{}-{}", round.req.item_id, round.number),
+        );
         let spawned = std::thread::Builder::new()
             .name("tool".into())
             .spawn(move || {
@@ -579,8 +584,15 @@ impl Worker {
                 // No thread: the response ends with the reason rather than stalling the engine.
                 if let Some(c) = self.convs.get(&conv) {
                     c.emit(ConvEvent::Error {
-                        item_id: None,
+                        item_id: Some(item_id.clone()),
                         message: format!("could not start a thread for the tool calls: {e}"),
+                    });
+                    c.emit(ConvEvent::ReplyDone {
+                        response_id,
+                        item_id,
+                        text: String::new(),
+                        audio_samples: 0,
+                        cancelled: false,
                     });
                 }
             }
@@ -1482,7 +1494,8 @@ impl Worker {
         let ToolPolicy::Run { max_rounds } = conv.setup.tool_policy else {
             return None;
         };
-        if round.number >= max_rounds {
+        // The dialog manager counts the rounds by the same rule (dialog::rounds).
+        if !conv.setup.tool_policy.runs_round(round.number) {
             conv.emit(ConvEvent::Error {
                 item_id: Some(round.item_id),
                 message: format!("the model called tools again after {max_rounds} rounds; not run"),
@@ -1538,10 +1551,19 @@ impl Worker {
                 return None;
             }
         }
+        round.item_id = format!("{}-{}", round.req.item_id, round.number);
         if conv.cancel.check(round.seq).is_some() {
+            // Cancelled while its tools ran: the response ends here, and says so (its next
+            // round is over before it began).
+            conv.emit(ConvEvent::ReplyDone {
+                response_id: round.req.response_id.clone(),
+                item_id: round.item_id.clone(),
+                text: String::new(),
+                audio_samples: 0,
+                cancelled: true,
+            });
             return None;
         }
-        round.item_id = format!("{}-{}", round.req.item_id, round.number);
         Some(round)
     }
 
