@@ -15,11 +15,12 @@
 //! - a barge-in stops the speaker and cuts the reply where the user stopped hearing it: a reply
 //!   still being generated is cancelled with the samples heard; one generated in full and still
 //!   playing is truncated to them;
-//! - speculation (when enabled): when the user pauses, the utterance so far gets its item and
-//!   its reply at once; the reply's events are held back until the end of the silence confirms
-//!   the turn (the same audio), and then given out as if they came now. If the user speaks on,
-//!   the reply is cancelled with nothing heard and the item deleted, which the engine undoes
-//!   exactly, and the next pause starts over on the longer utterance;
+//! - speculation (when enabled, kept by [`Speculation`]): when the user pauses, the utterance so
+//!   far gets its item and its reply at once (its tool calls wait for the turn); the reply's
+//!   events are held back until the end of the silence confirms the turn (the same audio), and
+//!   then given out as if they came now. If the user speaks on, the reply is cancelled with
+//!   nothing heard and the item deleted, which the engine undoes exactly, and the next pause
+//!   starts over on the longer utterance;
 //! - a reply that called a tool goes on after the tool's result (the engine runs it and starts
 //!   the next round of the same response): the response is over only when a round ends without
 //!   a call, or when the rounds run out ([`Rounds`] says which, by the engine's count).
