@@ -260,6 +260,7 @@ fn prefetch_blocks<const R: usize>(wq: *const u8, row_bytes: usize, off: usize, 
 /// The CPU must support AVX2, FMA and F16C; the rows must hold `nb` super-blocks and the tokens
 /// at least `nb` super-blocks each.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // indices address the 2-D tiles of sums
 unsafe fn tile_q4k<const R: usize, const T: usize>(
     wq: *const u8,
     row_bytes: usize,
@@ -341,6 +342,7 @@ unsafe fn tile_q4k<const R: usize, const T: usize>(
 /// # Safety
 /// As for [`tile_q4k`].
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // indices address the 2-D tiles of sums
 unsafe fn tile_q6k<const R: usize, const T: usize>(
     wq: *const u8,
     row_bytes: usize,
