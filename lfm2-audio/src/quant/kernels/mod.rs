@@ -322,6 +322,12 @@ mod tests {
         nan[0] = f32::NAN;
         nan[131] = f32::NAN;
         blocks.push(nan);
+        // A NaN right after the maximum in the same vector lane, and one in the last lane.
+        let mut nan2 = (0..QK_K).map(|_| rng.next()).collect::<Vec<_>>();
+        nan2[7] = 5.0;
+        nan2[15] = f32::NAN;
+        nan2[255] = f32::NAN;
+        blocks.push(nan2);
         // Levels that land on halves: the scale is 1 (max -127), so x / d is x + 0.5.
         let mut halves: Vec<f32> = (0..QK_K).map(|i| (i % 200) as f32 - 99.5).collect();
         halves[0] = -127.0;
