@@ -41,6 +41,7 @@ pub struct VadSection {
     pub prefix_padding_ms: u64,
     pub silence_duration_ms: u64,
     pub min_speech_ms: u64,
+    pub pause_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -114,6 +115,7 @@ impl Default for VadSection {
             prefix_padding_ms: 300,
             silence_duration_ms: 500,
             min_speech_ms: 250,
+            pause_ms: 160,
         }
     }
 }

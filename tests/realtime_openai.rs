@@ -163,8 +163,15 @@ fn the_endpoint_checks_its_path_and_the_api_key() {
 }
 
 /// Runs `script PORT [args]` with the Python of `venv` against `server`; returns its output
-/// once it has passed. Without the venv the test is skipped loudly, except in CI.
-fn run_client(venv: &str, script: &str, server: &Server, args: &[PathBuf], limit: Duration) {
+/// once it has passed (None when skipped). Without the venv the test is skipped loudly, except
+/// in CI.
+fn run_client(
+    venv: &str,
+    script: &str,
+    server: &Server,
+    args: &[PathBuf],
+    limit: Duration,
+) -> Option<String> {
     let python = root().join(venv).join("bin/python");
     if !python.is_file() {
         assert!(
@@ -176,7 +183,7 @@ fn run_client(venv: &str, script: &str, server: &Server, args: &[PathBuf], limit
             "\n*** SKIPPED {script}: no {} (run tools/setup.sh)\n",
             python.display()
         );
-        return;
+        return None;
     }
     let mut client = Command::new(&python)
         .arg(root().join("tests/realtime").join(script))
@@ -216,6 +223,7 @@ fn run_client(venv: &str, script: &str, server: &Server, args: &[PathBuf], limit
     let status = status.unwrap_or_else(|| panic!("{script} did not finish within {limit:?}"));
     assert!(status.success(), "{script} failed: {err}");
     assert!(out.contains("all parts passed"), "{out}");
+    Some(out)
 }
 
 #[test]
@@ -228,6 +236,63 @@ fn the_official_openai_client_talks_to_lfm2d() {
         &[root().join("tests/fixtures/audio/what_time_16k.wav")],
         Duration::from_secs(120),
     );
+}
+
+/// A server-VAD turn gives the official client the same events, ids, words and speech whether
+/// the server starts the reply when the user pauses (`assistant.speculative_start`) or at the
+/// end of the silence. The question comes twice with a short pause between: a reply started on
+/// that pause is dropped unseen, and the one started on the last pause is confirmed. Speech is
+/// sampled greedily in both, so that the comparison is exact.
+#[test]
+fn a_reply_started_on_the_pause_is_the_reply_started_at_the_end() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let turn = |speculate: bool| -> Option<(serde_json::Value, String)> {
+        let config = dir.path().join(format!("speculate-{speculate}.toml"));
+        std::fs::write(
+            &config,
+            format!("[assistant]\nspeculative_start = {speculate}\n\n[sampling]\naudio_temperature = 0.0\n"),
+        )
+        .expect("the configuration is written");
+        let server = Server::start(&["--config", config.to_str().expect("a UTF-8 path")], &[]);
+        let out = run_client(
+            ".venv-rt",
+            "speculative_test.py",
+            &server,
+            &[root().join("tests/fixtures/audio/what_time_16k.wav")],
+            Duration::from_secs(120),
+        )?;
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix("TURN "))
+            .unwrap_or_else(|| panic!("no TURN line in {out}"));
+        let seen = serde_json::from_str(line).expect("the client's JSON");
+        let closed = server
+            .wait_log("closed:", Duration::from_secs(20))
+            .expect("the session is closed");
+        Some((seen, closed))
+    };
+    let Some((plain, plain_log)) = turn(false) else {
+        return;
+    };
+    let Some((spec, spec_log)) = turn(true) else {
+        return;
+    };
+    assert!(!plain_log.contains("on a pause"), "{plain_log}");
+    assert!(
+        spec_log.contains(", 1 confirmed)"),
+        "the reply was started on the last pause: {spec_log}"
+    );
+    let started: u32 = spec_log
+        .split("on a pause: ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        started >= 2,
+        "a reply was started on the pause between the questions and dropped: {spec_log}"
+    );
+    assert_eq!(spec, plain, "the client sees the same turn");
 }
 
 /// Three sessions of the official client at once: two replies are generated together, and the

@@ -4,6 +4,8 @@
 //!
 //! Needs `LFM2D_PULSE_TESTS=1` (set by `.ci/run`); skipped loudly otherwise.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -309,18 +311,8 @@ fn a_tool_call_runs_the_configured_tool_and_the_answer_is_spoken() {
     std::fs::write(
         &config,
         format!(
-            r#"[assistant]
-max_reply_tokens = 40
-[sampling]
-audio_temperature = 0.0
-[[tools]]
-name = "get_weather"
-description = "Get the weather forecast for a city."
-parameters = {{ type = "object", properties = {{ city = {{ type = "string" }} }}, required = ["city"] }}
-command = ["sh", "-c", "cat > {}; echo '{{\"forecast\": \"sunny\"}}'"]
-timeout_secs = 5
-"#,
-            seen_args.display()
+            "[assistant]\nmax_reply_tokens = 40\n[sampling]\naudio_temperature = 0.0\n{}",
+            common::weather_tool(&seen_args)
         ),
     )
     .unwrap();

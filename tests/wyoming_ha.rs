@@ -21,7 +21,15 @@ fn root() -> PathBuf {
 }
 
 /// The seam that makes the first reply of a conversation with tools this tool call.
-const FORCED_TOOL_CALL: &str = r#"<|tool_call_start|>[get_current_time()]<|tool_call_end|>"#;
+const FORCED_TOOL_CALL: &str = r#"<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>"#;
+
+/// A configuration whose `get_weather` tool writes the arguments it gets to `seen` (the side
+/// effect the test checks).
+fn tool_config(dir: &std::path::Path, seen: &std::path::Path) -> PathBuf {
+    let config = dir.join("tools.toml");
+    std::fs::write(&config, common::weather_tool(seen)).expect("the configuration is written");
+    config
+}
 
 /// A running `lfm2d serve --wyoming tcp://127.0.0.1:0`, killed when dropped.
 struct Server {
@@ -261,7 +269,13 @@ fn the_official_wyoming_client_talks_to_lfm2d() {
             serde_json::Value::String(cli_transcript(clip)),
         );
     }
-    let mut server = Server::start(&[], &[("LFM2D_FORCE_REPLY", FORCED_TOOL_CALL)]);
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let seen = tmp.path().join("args.json");
+    let config = tool_config(tmp.path(), &seen);
+    let mut server = Server::start(
+        &["--config", config.to_str().expect("a UTF-8 path")],
+        &[("LFM2D_FORCE_REPLY", FORCED_TOOL_CALL)],
+    );
     let mut client = Command::new(&python)
         .arg(root().join("tests/wyoming/client_test.py"))
         .arg(server.port.to_string())
@@ -294,8 +308,15 @@ fn the_official_wyoming_client_talks_to_lfm2d() {
     assert!(status.success(), "the client test failed: {err}");
     assert!(out.contains("all parts passed"), "{out}");
     let log = server.logged();
-    // The forced tool call ran, and the second turn went on in the same conversation.
-    assert!(log.contains("tool get_current_time: ok"), "{log}");
+    // The engine ran the forced call's command with its arguments, and the second turn went on
+    // in the same conversation.
+    let args = std::fs::read_to_string(&seen).unwrap_or_default();
+    assert_eq!(args.trim(), r#"{"city":"Paris"}"#, "{log}");
+    assert!(log.contains("tool get_weather: ok"), "{log}");
+    assert!(
+        log.contains("conversation \"01HTEST-CONVERSATION\": tool round 1"),
+        "{log}"
+    );
     assert!(
         log.contains("conversation \"01HTEST-CONVERSATION\": turn 2"),
         "{log}"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every fuzz target of fuzz/ (cargo-fuzz, libFuzzer) in turn for SECONDS each (default 60).
-#   tools/fuzz.sh [--dev] [SECONDS] [TARGET...]
+#   tools/fuzz.sh [--dev] [--build-only] [SECONDS] [TARGET...]
 # --dev builds the targets unoptimised: less than half the build's CPU time and slower fuzzing,
 # for a short smoke run (tools/test.sh); long runs want the default optimised build.
+# --build-only builds the targets and stops (a later run with the same flags starts at once).
 # A crash, a timeout (an input taking over 10 s) or an out-of-memory (over 2 GB) stops that
 # target; its input is kept in fuzz/artifacts/TARGET/ and the script exits with status 1 after the
 # other targets ran. The corpus grows in fuzz/corpus/TARGET/ (seeded from the test fixtures).
@@ -13,10 +14,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 flags=(--sanitizer none --debug-assertions)
-if [ "${1:-}" = "--dev" ]; then
-    flags+=(--dev)
+build_only=false
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --dev) flags+=(--dev) ;;
+    --build-only) build_only=true ;;
+    *) break ;;
+    esac
     shift
-fi
+done
 seconds="${1:-60}"
 shift || true
 export RUSTC_BOOTSTRAP=1
@@ -30,6 +36,9 @@ if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo fuzz list)
 fi
 cargo fuzz build "${flags[@]}"
+if $build_only; then
+    exit 0
+fi
 
 # Seeds: small valid inputs of each kind, so the fuzzer starts past the first checks.
 seed() {

@@ -24,7 +24,20 @@ if ! wait "$build"; then
 fi
 tail -n 3 "$build_log"
 rm -f "$build_log"
-cargo test --workspace
+# The fuzz targets (their own workspace and target dir) build beside the tests, at the lowest
+# priority: much of the suite waits on real-time audio and leaves the cores idle.
+fuzz_log=$(mktemp)
+nice -n 19 bash tools/fuzz.sh --dev --build-only >"$fuzz_log" 2>&1 &
+fuzz_build=$!
+if ! cargo test --workspace; then
+    kill "$fuzz_build" 2>/dev/null || true
+    exit 1
+fi
+if ! wait "$fuzz_build"; then
+    cat "$fuzz_log"
+    exit 1
+fi
+rm -f "$fuzz_log"
 # Each fuzz target for a short smoke run, built unoptimised (the optimised build alone took
 # about a third of the suite's time on two cores); tools/fuzz.sh SECONDS runs them longer.
 bash tools/fuzz.sh --dev 10

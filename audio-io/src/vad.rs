@@ -266,6 +266,10 @@ pub struct VadConfig {
     pub min_speech: Duration,
     /// An utterance this long is ended even without a pause.
     pub max_utterance: Duration,
+    /// Silence after speech that announces a pause ([`VadEvent::SpeechPaused`]: work on the
+    /// utterance may start). Shorter gaps, such as those between words, announce nothing; a
+    /// pause as long as `min_silence` is an end, not a pause.
+    pub pause: Duration,
 }
 
 impl Default for VadConfig {
@@ -284,6 +288,7 @@ impl VadConfig {
             min_silence: Duration::from_millis(500),
             min_speech: Duration::from_millis(250),
             max_utterance: Duration::from_secs(30),
+            pause: Duration::from_millis(160),
         }
     }
 
@@ -326,8 +331,8 @@ pub enum VadEvent {
         audio_start: Duration,
         audio: Vec<f32>,
     },
-    /// The speech of an announced utterance paused: the first window of silence after it (sent
-    /// only when `min_silence` is longer than a window). The fields are those the
+    /// The speech of an announced utterance paused: `pause` of silence followed it (sent only
+    /// when `min_silence` is longer than `pause`). The fields are those the
     /// `SpeechEnded` that follows if the silence holds will have, exactly: the utterance so far,
     /// to start work on it before the end is certain.
     SpeechPaused {
@@ -373,6 +378,7 @@ pub struct Endpointer {
     min_speech_windows: u64,
     min_silence_windows: u64,
     max_windows: u64,
+    pause_windows: u64,
     prefix_samples: u64,
     /// A `SpeechPaused` was sent for the current run of silence.
     paused: bool,
@@ -388,6 +394,7 @@ impl Endpointer {
             min_speech_windows: windows_in(config.min_speech).max(1),
             min_silence_windows: windows_in(config.min_silence).max(1),
             max_windows: windows_in(config.max_utterance).max(2),
+            pause_windows: windows_in(config.pause).max(1),
             prefix_samples: (config.prefix_padding.as_secs_f64() * f64::from(INPUT_SAMPLE_RATE))
                 as u64,
             config,
@@ -477,7 +484,11 @@ impl Endpointer {
                         Phase::Silence
                     }
                     _ => {
-                        if confirmed && silent_since == Some(n) && self.min_silence_windows > 1 {
+                        let silent_for = silent_since.map_or(0, |s| n + 1 - s);
+                        if confirmed
+                            && silent_for == self.pause_windows
+                            && self.pause_windows < self.min_silence_windows
+                        {
                             // The same end and audio as the `SpeechEnded` if the silence holds
                             // (`last_speech` no longer moves, and the buffer holds all of it).
                             self.paused = true;
@@ -957,5 +968,35 @@ mod tests {
         };
         assert_eq!(*at, ms(30 * 32));
         assert!(audio.len() < paudio.len());
+    }
+
+    /// Gaps shorter than `pause` (between words) announce nothing; the pause is announced once
+    /// the silence has lasted `pause`.
+    #[test]
+    fn short_gaps_announce_no_pause() {
+        // Speech, a 4-window gap (128 ms < the 160 ms pause), speech, then silence.
+        let probs = pattern(&[(10, 0.05), (20, 0.9), (4, 0.05), (10, 0.9), (25, 0.05)]);
+        let mut endpointer = Endpointer::new(VadConfig::default());
+        let mut seen = Vec::new();
+        for (i, &p) in probs.iter().enumerate() {
+            let window = vec![if p >= 0.35 { 1.0 } else { 0.0 }; WINDOW];
+            if let Some(e) = endpointer.push(&window, p) {
+                seen.push((i, e));
+            }
+        }
+        let kinds: Vec<(usize, &str)> = seen
+            .iter()
+            .map(|(i, e)| {
+                let kind = match e {
+                    VadEvent::SpeechStarted { .. } => "started",
+                    VadEvent::SpeechPaused { .. } => "paused",
+                    VadEvent::SpeechResumed { .. } => "resumed",
+                    VadEvent::SpeechEnded { .. } => "ended",
+                };
+                (*i, kind)
+            })
+            .collect();
+        // The speech ends at window 44; the pause is announced after its fifth silent window.
+        assert_eq!(kinds[1..], [(48, "paused"), (59, "ended")], "{kinds:?}");
     }
 }

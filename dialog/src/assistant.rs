@@ -15,18 +15,21 @@
 //! - a barge-in stops the speaker and cuts the reply where the user stopped hearing it: a reply
 //!   still being generated is cancelled with the samples heard; one generated in full and still
 //!   playing is truncated to them;
-//! - speculation (when enabled): when the user pauses, the utterance so far gets its item and
-//!   its reply at once; the reply's events are held back until the end of the silence confirms
-//!   the turn (the same audio), and then given out as if they came now. If the user speaks on,
-//!   the reply is cancelled with nothing heard and the item deleted, which the engine undoes
-//!   exactly, and the next pause starts over on the longer utterance;
+//! - speculation (when enabled, kept by [`Speculation`]): when the user pauses, the utterance so
+//!   far gets its item and its reply at once (its tool calls wait for the turn); the reply's
+//!   events are held back until the end of the silence confirms the turn (the same audio), and
+//!   then given out as if they came now. If the user speaks on, the reply is cancelled with
+//!   nothing heard and the item deleted, which the engine undoes exactly, and the next pause
+//!   starts over on the longer utterance;
 //! - a reply that called a tool goes on after the tool's result (the engine runs it and starts
 //!   the next round of the same response): the response is over only when a round ends without
-//!   a call.
+//!   a call, or when the rounds run out ([`Rounds`] says which, by the engine's count).
 
 use std::time::Duration;
 
-use crate::conversation::{Call, Content, ConvEvent, Placement, Respond};
+use crate::conversation::{Call, Content, ConvEvent, Placement, Respond, ToolPolicy};
+use crate::rounds::{RoundEnd, Rounds};
+use crate::speculation::{Seen, Speculation};
 use crate::turn::{Action, Event, TurnManager, TurnState};
 
 /// Where the speaker is, in 24 kHz samples since it opened.
@@ -85,26 +88,14 @@ pub enum Effect {
     Report(ConvEvent),
 }
 
-/// A reply started on a pause, not yet confirmed by the end of the silence.
-#[derive(Debug, Clone)]
-struct Speculation {
-    /// The utterance it answers.
-    audio: Vec<f32>,
-    user_item: String,
-    response_id: String,
-    /// The reply's events so far, held back.
-    held: Vec<ConvEvent>,
-}
-
 /// The assistant's dialog state.
 #[derive(Debug, Clone)]
 pub struct Assistant {
     turns: TurnManager,
     /// Start replies on pauses.
     speculate: bool,
-    speculation: Option<Speculation>,
-    /// Replies of dropped speculations (their late events are ignored).
-    dropped: Vec<String>,
+    /// The reply started on a pause, and those dropped.
+    speculation: Speculation,
     /// Pairs of user item and reply asked for so far (they number the ids).
     asks: u64,
     /// Ask the engine for the words of each user turn (for the log).
@@ -122,8 +113,8 @@ pub struct Assistant {
     reply_base: Option<u64>,
     /// The reply has been generated in full (it may still be playing).
     reply_done: bool,
-    /// The round in progress called a tool: its end is not the response's.
-    tool_round: bool,
+    /// The tool rounds of the response in progress: which reply ends it.
+    rounds: Rounds,
     replies: u64,
     barge_ins: u64,
 }
@@ -135,8 +126,7 @@ impl Assistant {
         Self {
             turns: TurnManager::new(half_duplex),
             speculate: false,
-            speculation: None,
-            dropped: Vec::new(),
+            speculation: Speculation::new(),
             asks: 0,
             transcribe_user,
             user_turns: 0,
@@ -147,10 +137,19 @@ impl Assistant {
             cancelled: None,
             reply_base: None,
             reply_done: false,
-            tool_round: false,
+            rounds: Rounds::new(ToolPolicy::Run {
+                max_rounds: usize::MAX,
+            }),
             replies: 0,
             barge_ins: 0,
         }
+    }
+
+    /// Who runs the conversation's tools, and how many rounds a response may take: the policy
+    /// the conversation was opened with (by default the engine runs them, without a limit).
+    pub fn tool_policy(mut self, policy: ToolPolicy) -> Self {
+        self.rounds = Rounds::new(policy);
+        self
     }
 
     /// Start each reply when the user pauses (see the module's notes).
@@ -165,14 +164,14 @@ impl Assistant {
 
     /// A reply started on a pause is waiting for the end of the silence.
     pub fn speculating(&self) -> bool {
-        self.speculation.is_some()
+        self.speculation.active()
     }
 
     /// Whether an engine event belongs to a reply dropped on the way (a speculative reply the
     /// user spoke over): nothing of it is played or reported.
+    #[cfg(test)]
     fn is_dropped(&self, ev: &ConvEvent) -> bool {
-        ev.response_id()
-            .is_some_and(|id| self.dropped.iter().any(|d| d == id))
+        self.speculation.is_dropped(ev)
     }
 
     /// Replies over so far (answered, or cut).
@@ -205,15 +204,11 @@ impl Assistant {
             Input::Start => self.turns.handle(Event::Start),
             Input::SpeechStarted { at } => self.turns.handle(Event::SpeechStarted { at }),
             Input::SpeechEnded { at, audio } => {
-                let confirmed = match &self.speculation {
-                    Some(s) if s.audio == audio => true,
-                    Some(_) => {
-                        // Not the utterance it was started on (the start moved): start over.
-                        self.abandon(&mut out);
-                        false
-                    }
-                    None => false,
-                };
+                let confirmed = self.speculation.answers(&audio);
+                if !confirmed {
+                    // Not the utterance it was started on (the start moved): start over.
+                    self.abandon(&mut out);
+                }
                 let actions = self.turns.handle(Event::SpeechEnded { at, audio });
                 if confirmed {
                     return self.confirm(actions, speaker, out);
@@ -228,18 +223,14 @@ impl Assistant {
                 self.abandon(&mut out);
                 Vec::new()
             }
-            Input::Engine(ev) => {
-                if self.is_dropped(&ev) {
+            Input::Engine(ev) => match self.speculation.event(ev) {
+                Seen::Pass(ev) => self.engine_event(ev, speaker, &mut out),
+                Seen::Held => return out,
+                Seen::Dropped(calls) => {
+                    out.extend(calls.into_iter().map(Effect::Engine));
                     return out;
                 }
-                if let Some(s) = &mut self.speculation {
-                    if ev.response_id() == Some(s.response_id.as_str()) {
-                        s.held.push(ev);
-                        return out;
-                    }
-                }
-                self.engine_event(ev, speaker, &mut out)
-            }
+            },
             Input::Tick => self.tick(speaker, &mut out),
         };
         for action in actions {
@@ -257,46 +248,21 @@ impl Assistant {
     /// The user paused: the utterance so far gets its item and reply now, held back.
     fn speculate_on(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) {
         if !self.speculate
-            || self.speculation.is_some()
+            || self.speculation.active()
             || self.turns.state() != TurnState::UserSpeaking
             || self.turns.extending()
         {
             return;
         }
-        let (user_item, response_id) = self.ask(audio.clone(), out);
-        self.speculation = Some(Speculation {
-            audio,
-            user_item,
-            response_id,
-            held: Vec::new(),
-        });
+        let (user_item, response_id) = self.ask(audio.clone(), true, out);
+        self.speculation
+            .start(audio, user_item, response_id.clone(), response_id);
     }
 
     /// The user went on: the speculative reply and its item go, leaving no trace.
     fn abandon(&mut self, out: &mut Vec<Effect>) {
-        let Some(s) = self.speculation.take() else {
-            return;
-        };
-        let finished = s
-            .held
-            .iter()
-            .any(|e| matches!(e, ConvEvent::ReplyDone { .. }));
-        if finished {
-            // Generated in full already: only its item can go.
-            out.push(Effect::Engine(Call::Delete {
-                item_id: s.response_id.clone(),
-            }));
-        } else {
-            out.push(Effect::Engine(Call::Cancel { heard: Some(0) }));
-        }
-        out.push(Effect::Engine(Call::Delete {
-            item_id: s.user_item,
-        }));
-        // A few are enough: the engine's late events of a dropped reply come soon.
-        if self.dropped.len() >= 8 {
-            self.dropped.remove(0);
-        }
-        self.dropped.push(s.response_id);
+        let undo = self.speculation.abandon();
+        out.extend(undo.into_iter().map(Effect::Engine));
     }
 
     /// The end of the silence confirmed the speculative turn: it is the user's turn, and its
@@ -307,9 +273,11 @@ impl Assistant {
         speaker: SpeakerState,
         mut out: Vec<Effect>,
     ) -> Vec<Effect> {
-        let Some(s) = self.speculation.take() else {
+        let Some(s) = self.speculation.confirm() else {
             return out;
         };
+        // The engine may run the reply's tool calls now.
+        out.push(Effect::Engine(s.call));
         for action in actions {
             match action {
                 Action::Respond { audio } => {
@@ -344,6 +312,7 @@ impl Assistant {
         if !matches!(ev, ConvEvent::Text { .. } | ConvEvent::Audio { .. }) {
             out.push(Effect::Report(ev.clone()));
         }
+        let round_end = self.rounds.event(&ev);
         match ev {
             ConvEvent::ReplyStarted {
                 response_id,
@@ -362,15 +331,14 @@ impl Assistant {
                 if Some(&response_id) == self.cancelled.as_ref() => {}
             ConvEvent::Text { piece, .. } => out.push(Effect::Text(piece)),
             ConvEvent::Audio { samples, .. } => out.push(Effect::Audio(samples)),
-            // The answer comes in a round of its own, after the result.
-            ConvEvent::ToolCall { .. } => self.tool_round = true,
             ConvEvent::ReplyDone {
                 response_id,
                 cancelled,
                 ..
             } => {
-                if std::mem::take(&mut self.tool_round) && !cancelled {
-                    // The tool runs, then the model answers: the response goes on.
+                if let Some(RoundEnd::ToolsRun { .. }) = round_end {
+                    // The tool runs, then the model answers in a round of its own: the
+                    // response goes on.
                 } else if Some(&response_id) == self.current.as_ref() || self.current.is_none() {
                     self.replies += 1;
                     if cancelled {
@@ -441,8 +409,13 @@ impl Assistant {
         }
     }
 
-    /// An item of `audio` and a reply to it; their ids.
-    fn ask(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) -> (String, String) {
+    /// An item of `audio` and a reply to it (`speculative`: on a turn not yet certain); their ids.
+    fn ask(
+        &mut self,
+        audio: Vec<f32>,
+        speculative: bool,
+        out: &mut Vec<Effect>,
+    ) -> (String, String) {
         self.asks += 1;
         let n = self.asks;
         let id = format!("user-{n}");
@@ -452,18 +425,23 @@ impl Assistant {
             place: Placement::End,
         }));
         let response_id = format!("reply-{n}");
-        out.push(Effect::Engine(Call::Respond(Respond {
+        let respond = Respond {
             response_id: response_id.clone(),
             item_id: response_id.clone(),
             output: None,
-        })));
+        };
+        out.push(Effect::Engine(if speculative {
+            Call::Speculate(respond)
+        } else {
+            Call::Respond(respond)
+        }));
         (id, response_id)
     }
 
     /// A user turn of `audio`: its item, the reply to it, and its words for the log.
     fn user_turn(&mut self, audio: Vec<f32>, out: &mut Vec<Effect>) {
         self.user_turns += 1;
-        let (id, response_id) = self.ask(audio.clone(), out);
+        let (id, response_id) = self.ask(audio.clone(), false, out);
         self.asked = Some(response_id);
         if self.transcribe_user {
             // The engine runs it when nothing else waits: the words are for the log.
@@ -540,6 +518,21 @@ mod tests {
             item_id: format!("reply-{n}"),
             output: None,
         }))
+    }
+
+    /// A reply asked for on a pause.
+    fn speculate(n: u64) -> Effect {
+        Effect::Engine(Call::Speculate(Respond {
+            response_id: format!("reply-{n}"),
+            item_id: format!("reply-{n}"),
+            output: None,
+        }))
+    }
+
+    fn confirm(n: u64) -> Effect {
+        Effect::Engine(Call::Confirm {
+            response_id: format!("reply-{n}"),
+        })
     }
 
     /// An assistant that heard one utterance (`user-1`) and asked for `reply-1`.
@@ -730,6 +723,39 @@ mod tests {
     }
 
     #[test]
+    fn a_response_whose_tool_rounds_run_out_is_over() {
+        let mut a = Assistant::new(false, false).tool_policy(ToolPolicy::Run { max_rounds: 1 });
+        a.handle(Input::Start, speaker(0, 0));
+        a.handle(Input::SpeechStarted { at: at(1) }, speaker(0, 0));
+        a.handle(
+            Input::SpeechEnded {
+                at: at(2),
+                audio: vec![0.1],
+            },
+            speaker(0, 0),
+        );
+        let call = |item: &str| {
+            Input::Engine(ConvEvent::ToolCall {
+                response_id: "reply-1".into(),
+                call_id: format!("call-{item}"),
+                name: "get_time".into(),
+                arguments: "{}".into(),
+            })
+        };
+        a.handle(started("reply-1", "reply-1"), speaker(0, 0));
+        a.handle(call("reply-1"), speaker(0, 0));
+        a.handle(done("reply-1", "reply-1", false), speaker(0, 0));
+        assert!(a.handle(Input::Tick, speaker(0, 0)).is_empty());
+        // The answer round calls again: the engine runs no more rounds, and the response ends.
+        a.handle(started("reply-1", "reply-1-1"), speaker(0, 0));
+        a.handle(call("reply-1-1"), speaker(0, 0));
+        a.handle(done("reply-1", "reply-1-1", false), speaker(0, 0));
+        let out = a.handle(Input::Tick, speaker(0, 0));
+        assert!(out.contains(&Effect::ReplyOver { replies: 1 }), "{out:?}");
+        assert_eq!(a.state(), TurnState::Listening);
+    }
+
+    #[test]
     fn half_duplex_plays_the_reply_through_speech() {
         let mut a = Assistant::new(true, true);
         let s = SpeakerState::default();
@@ -783,7 +809,7 @@ mod tests {
             },
             s,
         );
-        assert_eq!(out, vec![add("user-1", vec![0.1; 4]), respond(1)]);
+        assert_eq!(out, vec![add("user-1", vec![0.1; 4]), speculate(1)]);
         assert!(a.speculating());
         assert_eq!(a.state(), TurnState::UserSpeaking, "the user may go on");
         // The reply's first events are held back, nothing is played.
@@ -806,6 +832,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                confirm(1),
                 report(&started("reply-1", "reply-1")),
                 Effect::BeginReply {
                     response_id: "reply-1".into()
@@ -880,7 +907,7 @@ mod tests {
                 },
                 s
             ),
-            vec![add("user-2", whole.clone()), respond(2)]
+            vec![add("user-2", whole.clone()), speculate(2)]
         );
         a.handle(started("reply-2", "reply-2"), s);
         let out = a.handle(
@@ -893,6 +920,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                confirm(2),
                 report(&started("reply-2", "reply-2")),
                 Effect::BeginReply {
                     response_id: "reply-2".into()
@@ -940,6 +968,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                confirm(1),
                 report(&started("reply-1", "reply-1")),
                 Effect::BeginReply {
                     response_id: "reply-1".into()

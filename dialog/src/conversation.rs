@@ -199,6 +199,13 @@ pub enum Call<S = std::convert::Infallible> {
     },
     /// Asks for a reply to the conversation so far.
     Respond(Respond),
+    /// As `Respond`, on a turn that is not yet certain (started when the user paused): tool
+    /// calls the reply makes are reported but not run (with [`ToolPolicy::Run`]) until
+    /// `Confirm`; a cancel, or deleting the reply, drops them unrun.
+    Speculate(Respond),
+    /// The turn of a speculative reply is confirmed: its tool calls run, and the response goes
+    /// on as any other.
+    Confirm { response_id: String },
     /// An out-of-band reply to `input` alone (None: to the conversation, without joining it).
     RespondApart {
         respond: Respond,
@@ -232,6 +239,8 @@ impl Call {
                 place,
             },
             Call::Respond(r) => Call::Respond(r),
+            Call::Speculate(r) => Call::Speculate(r),
+            Call::Confirm { response_id } => Call::Confirm { response_id },
             Call::RespondApart { respond, input } => Call::RespondApart { respond, input },
             Call::Cancel { heard } => Call::Cancel { heard },
             Call::Truncate {

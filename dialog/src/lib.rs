@@ -7,6 +7,9 @@
 //!   heard, where to cut), tool rounds and the items of the conversation;
 //! - [`turn`]: turn-taking as a state machine (listening, the user speaking, responding);
 //! - [`reply`]: a reply position by position, to keep exactly what was heard when it is cut;
+//! - [`speculation`]: a reply started when the user pauses, held until the turn is confirmed or
+//!   undone exactly (shared by the dialog manager and the Realtime server's sessions);
+//! - [`rounds`]: the rounds of tool calls of a response: which reply ends it, which a round;
 //! - [`tools`]: the tools the model may call: their specs, the call format, running them.
 //!
 //! Not for: running the model, threads or the sound card; the engine (in the `lfm2d` binary) and
@@ -15,5 +18,7 @@
 pub mod assistant;
 pub mod conversation;
 pub mod reply;
+pub mod rounds;
+pub mod speculation;
 pub mod tools;
 pub mod turn;

@@ -249,6 +249,7 @@ pub(crate) fn listen(
         prefix_padding: Duration::from_millis(cfg.vad.prefix_padding_ms),
         min_silence: Duration::from_millis(cfg.vad.silence_duration_ms),
         min_speech: Duration::from_millis(cfg.vad.min_speech_ms),
+        pause: Duration::from_millis(cfg.vad.pause_ms),
         ..VadConfig::with_threshold(cfg.vad.threshold)
     };
     vad_cfg.validate().map_err(anyhow::Error::msg)?;

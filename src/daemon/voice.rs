@@ -42,12 +42,13 @@ pub(crate) fn assistant(
     stop: &Receiver<i32>,
 ) -> anyhow::Result<()> {
     let (cfg, start) = (&r.cfg, r.start);
+    let tool_policy = ToolPolicy::Run {
+        max_rounds: cfg.assistant.max_tool_rounds,
+    };
     let conv = engine.open(Setup {
         instructions: cfg.assistant.system_prompt.clone(),
         tools: tools(cfg),
-        tool_policy: ToolPolicy::Run {
-            max_rounds: cfg.assistant.max_tool_rounds,
-        },
+        tool_policy,
         params: sampling(cfg),
         output: Output::Speech,
     })?;
@@ -65,7 +66,8 @@ pub(crate) fn assistant(
         r.echo == EchoMode::HalfDuplex,
         cfg.assistant.transcribe_user,
     )
-    .speculative(cfg.assistant.speculative_start);
+    .speculative(cfg.assistant.speculative_start)
+    .tool_policy(tool_policy);
     let mut run = Run {
         start,
         conv: &conv,

@@ -104,6 +104,13 @@ pub(crate) enum Job {
         conv: u64,
         seq: u64,
         respond: Respond,
+        /// On a turn not yet confirmed: its tool calls wait for `Confirm`.
+        speculative: bool,
+    },
+    /// The turn of a speculative reply is confirmed: its tool calls run.
+    Confirm {
+        conv: u64,
+        response_id: String,
     },
     Truncate {
         conv: u64,
@@ -197,6 +204,8 @@ impl Conversation {
                 place,
             } => self.insert(item_id, content, place),
             Call::Respond(r) => self.respond(r),
+            Call::Speculate(r) => self.respond_speculatively(r),
+            Call::Confirm { response_id } => self.confirm(response_id),
             Call::RespondApart { respond, input } => self.respond_apart(respond, input),
             Call::Cancel { heard } => self.cancel(heard),
             Call::Truncate {
@@ -255,6 +264,29 @@ impl Conversation {
             conv: self.id,
             seq,
             respond,
+            speculative: false,
+        });
+    }
+
+    /// As [`respond`](Self::respond), on a turn that is not yet certain (started when the user
+    /// paused): the tool calls the reply makes are reported but not run until
+    /// [`confirm`](Self::confirm); a cancel, or deleting the reply, drops them unrun.
+    pub fn respond_speculatively(&self, respond: Respond) {
+        let seq = self.cancel.ask();
+        self.send(Job::Respond {
+            conv: self.id,
+            seq,
+            respond,
+            speculative: true,
+        });
+    }
+
+    /// The turn of the speculative reply `response_id` is confirmed: its tool calls run (once it
+    /// has made them), and the response goes on as any other.
+    pub fn confirm(&self, response_id: impl Into<String>) {
+        self.send(Job::Confirm {
+            conv: self.id,
+            response_id: response_id.into(),
         });
     }
 

@@ -757,6 +757,7 @@ fn the_queue_takes_conversations_in_turn() {
             item_id: id.into(),
             output: None,
         },
+        speculative: false,
     };
     let add = |conv: u64, id: &str| Job::Add {
         conv,
@@ -1025,6 +1026,26 @@ fn tool_call_tokens_without_tools_are_text() {
     assert!(streamed.contains("get_current_time("), "{streamed:?}");
 }
 
+/// A text conversation whose one tool, `nap`, sleeps `seconds` and answers "rested"; the engine
+/// runs it, up to `max_rounds` rounds.
+fn napping(seconds: u32, max_rounds: usize) -> Setup {
+    let mut s = setup(12);
+    s.output = Output::Text;
+    s.tools = vec![dialog::tools::ToolSpec {
+        name: "nap".into(),
+        description: "Sleeps a while.".into(),
+        parameters: serde_json::json!({"type": "object", "properties": {}}),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("sleep {seconds}; echo rested"),
+        ],
+        timeout_secs: 30.0,
+    }];
+    s.tool_policy = ToolPolicy::Run { max_rounds };
+    s
+}
+
 /// Tool commands run off the engine thread: while one conversation's tool sleeps, another
 /// conversation's reply is generated and completes; the first goes on once its tool is back.
 #[test]
@@ -1033,17 +1054,7 @@ fn a_slow_tool_never_stalls_another_conversation() {
     let mut w = worker(&model, EngineOptions::default());
     w.force_reply("<|tool_call_start|>[nap()]<|tool_call_end|>");
     let (engine, thread) = super::spawn(w).unwrap();
-    let mut slow = setup(12);
-    slow.output = Output::Text;
-    slow.tools = vec![dialog::tools::ToolSpec {
-        name: "nap".into(),
-        description: "Sleeps a while.".into(),
-        parameters: serde_json::json!({"type": "object", "properties": {}}),
-        command: vec!["sh".into(), "-c".into(), "sleep 2; echo rested".into()],
-        timeout_secs: 30.0,
-    }];
-    slow.tool_policy = ToolPolicy::Run { max_rounds: 1 };
-    let a = engine.open(slow).unwrap();
+    let a = engine.open(napping(2, 1)).unwrap();
     let mut quick = setup(4);
     quick.output = Output::Text;
     let b = engine.open(quick).unwrap();
@@ -1099,6 +1110,105 @@ fn a_slow_tool_never_stalls_another_conversation() {
     assert_eq!(result, Some(("rested".to_string(), true)));
     drop(a);
     drop(b);
+    engine.shutdown();
+    thread.join().unwrap();
+}
+
+/// The dialog manager's rule for the end of a response (`dialog::rounds`) counts the engine's
+/// rounds: a reply whose call the engine runs ends a round; one whose call it does not run (the
+/// rounds ran out) ends the response, with no result and an error saying why.
+#[test]
+fn the_dialog_counts_the_rounds_the_engine_runs() {
+    use dialog::rounds::{Ending, RoundEnd, Rounds};
+    let model = model();
+    for max_rounds in [0, 1] {
+        let mut w = worker(&model, EngineOptions::default());
+        w.force_reply("<|tool_call_start|>[get_current_time()]<|tool_call_end|>");
+        let mut s = setup(20);
+        s.output = Output::Text;
+        s.tools = dialog::tools::built_in();
+        s.tool_policy = ToolPolicy::Run { max_rounds };
+        let policy = s.tool_policy;
+        let (mut conv, rx) = open(&w, s);
+        w.add(&mut conv, "u1".into(), Content::UserText("Time?".into()))
+            .unwrap();
+        respond(&mut w, &mut conv, "r1");
+        let events = drain(&rx);
+        let mut rounds = Rounds::new(policy);
+        let ends: Vec<(usize, RoundEnd)> = events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| rounds.event(e).map(|end| (i, end)))
+            .collect();
+        let said = format!("{events:?}");
+        let results = events
+            .iter()
+            .filter(|e| matches!(e, ConvEvent::ToolResult { .. }))
+            .count();
+        let (last, end) = *ends.last().expect("the response ends");
+        if max_rounds == 0 {
+            assert_eq!(
+                end,
+                RoundEnd::Over(Ending::OutOfRounds { max_rounds: 0 }),
+                "{said}"
+            );
+            assert_eq!((ends.len(), results), (1, 0), "{said}");
+            assert!(said.contains("again after 0 rounds"), "{said}");
+        } else {
+            assert_eq!(ends[0].1, RoundEnd::ToolsRun { round: 1 }, "{said}");
+            assert!(matches!(end, RoundEnd::Over(_)), "{said}");
+            assert_eq!(results, 1, "{said}");
+        }
+        assert!(
+            !events[last + 1..].iter().any(|e| e.response_id().is_some()),
+            "nothing of the response after its end: {said}"
+        );
+    }
+}
+
+/// A response cancelled while its tool runs ends with a cancelled ReplyDone: whoever waits for
+/// its end is not left waiting.
+#[test]
+fn a_response_cancelled_while_its_tool_runs_says_it_ended() {
+    let model = model();
+    let mut w = worker(&model, EngineOptions::default());
+    w.force_reply("<|tool_call_start|>[nap()]<|tool_call_end|>");
+    let (engine, thread) = super::spawn(w).unwrap();
+    let a = engine.open(napping(1, 2)).unwrap();
+    a.add("u".to_owned(), Content::UserText("Hello.".into()));
+    a.respond(Respond {
+        response_id: "a".into(),
+        item_id: "a".into(),
+        output: None,
+    });
+    let recv = || a.events().recv_timeout(Duration::from_secs(60)).unwrap();
+    // The call's round is over; the tool runs now.
+    loop {
+        if let ConvEvent::ReplyDone { item_id, .. } = recv() {
+            assert_eq!(item_id, "a");
+            break;
+        }
+    }
+    a.cancel(None);
+    loop {
+        match recv() {
+            ConvEvent::ReplyDone {
+                item_id,
+                cancelled,
+                text,
+                ..
+            } => {
+                assert_eq!((item_id.as_str(), cancelled), ("a-1", true));
+                assert!(text.is_empty());
+                break;
+            }
+            ConvEvent::Text { .. } | ConvEvent::ReplyStarted { .. } => {
+                panic!("the answer round began after the cancel")
+            }
+            _ => {}
+        }
+    }
+    drop(a);
     engine.shutdown();
     thread.join().unwrap();
 }
@@ -1205,6 +1315,7 @@ fn replies_of_three_conversations_interleave_and_each_is_as_alone() {
                     item_id: format!("r{i}"),
                     output: None,
                 },
+                speculative: false,
             })
             .unwrap();
     }
@@ -1335,4 +1446,117 @@ fn an_abandoned_speculative_reply_leaves_no_trace() {
         }
     }
     assert_same_state(&spec.session, &direct.session);
+}
+
+/// The tool calls of a reply asked for speculatively (on a pause, before the turn is certain)
+/// wait for the turn: reported, not run; the confirmation runs them and the response goes on to
+/// its answer; a reply undone (deleted once over, or cancelled) never runs them, not even on a
+/// late confirmation.
+#[test]
+fn tools_of_a_speculative_reply_wait_for_the_turn() {
+    let model = model();
+    let mut w = worker(&model, EngineOptions::default());
+    w.force_reply("<|tool_call_start|>[mark()]<|tool_call_end|>");
+    let (engine, thread) = super::spawn(w).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open_marking = |name: &str| {
+        let path = dir.path().join(name);
+        let mut s = setup(12);
+        s.output = Output::Text;
+        s.tools = vec![dialog::tools::ToolSpec {
+            name: "mark".into(),
+            description: "Leaves a mark.".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {}}),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("echo marked > '{}'", path.display()),
+            ],
+            timeout_secs: 30.0,
+        }];
+        s.tool_policy = ToolPolicy::Run { max_rounds: 1 };
+        (engine.open(s).unwrap(), path)
+    };
+    let ask = |c: &Conversation, id: &str| {
+        c.add(format!("{id}-u"), Content::UserText("Hello.".into()));
+        c.respond_speculatively(Respond {
+            response_id: id.into(),
+            item_id: id.into(),
+            output: None,
+        });
+    };
+    // The events up to the end of the reply item `item`.
+    let until_done = |c: &Conversation, item: &str| {
+        let mut events = Vec::new();
+        loop {
+            let ev = c.events().recv_timeout(Duration::from_secs(60)).unwrap();
+            if let ConvEvent::Error { message, .. } = &ev {
+                panic!("{message}");
+            }
+            let done = matches!(&ev, ConvEvent::ReplyDone { item_id, .. } if item_id == item);
+            events.push(ev);
+            if done {
+                return events;
+            }
+        }
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(700));
+
+    // Confirmed: the call waits, then runs, and the response goes on.
+    let (a, a_mark) = open_marking("a");
+    ask(&a, "a");
+    let events = until_done(&a, "a");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ConvEvent::ToolCall { name, .. } if name == "mark")),
+        "the call is reported: {events:?}"
+    );
+    settle();
+    assert!(
+        !a_mark.exists(),
+        "the tool ran before the turn was confirmed"
+    );
+    a.confirm("a");
+    let events = until_done(&a, "a-1");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ConvEvent::ToolResult { ok: true, .. })),
+        "{events:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&a_mark).unwrap().trim(), "marked");
+
+    // Undone once over: the reply and its turn are deleted.
+    let (b, b_mark) = open_marking("b");
+    ask(&b, "b");
+    until_done(&b, "b");
+    b.delete("b");
+    b.delete("b-u");
+    b.confirm("b");
+    // Undone by a cancel that came after the end.
+    let (c, c_mark) = open_marking("c");
+    ask(&c, "c");
+    until_done(&c, "c");
+    c.cancel(Some(0));
+    c.delete("c-u");
+    c.confirm("c");
+    // Each conversation has done all of that once a later item is in.
+    for conv in [&b, &c] {
+        conv.add("later", Content::UserText("And then?".into()));
+        loop {
+            match conv.events().recv_timeout(Duration::from_secs(60)).unwrap() {
+                ConvEvent::Added { item_id } if item_id == "later" => break,
+                ConvEvent::ToolResult { .. } => panic!("an undone reply's tool ran"),
+                ConvEvent::Error { message, .. } => panic!("{message}"),
+                _ => {}
+            }
+        }
+    }
+    settle();
+    assert!(!b_mark.exists(), "the deleted reply's tool never runs");
+    assert!(!c_mark.exists(), "the cancelled reply's tool never runs");
+    drop((a, b, c));
+    engine.shutdown();
+    thread.join().unwrap();
 }

@@ -184,6 +184,7 @@ impl FairQueue {
             | Job::RespondApart { conv, .. }
             | Job::Truncate { conv, .. }
             | Job::Delete { conv, .. }
+            | Job::Confirm { conv, .. }
             | Job::Transcribe { conv, .. } => *conv,
         };
         let q = self.by_conv.entry(conv).or_default();
@@ -257,6 +258,10 @@ pub(crate) struct Worker {
     /// held: its later jobs wait, in order, until the response has gone on.
     tools_done: (Sender<ToolsDone>, Receiver<ToolsDone>),
     held: HashSet<u64>,
+    /// Tool calls of speculative replies (asked for on a turn not yet confirmed), by
+    /// conversation: kept unrun until the turn is confirmed; dropped when the reply is cancelled
+    /// or deleted. They hold nothing up.
+    waiting: Vec<(u64, ToolRun)>,
     /// The responses whose replies are in progress (at most `IN_FLIGHT` at once, but for one
     /// going on after its tools), stepped in turn.
     active: Vec<Active>,
@@ -307,6 +312,8 @@ pub(crate) struct Round {
     /// Rounds of tool calls so far, and the item of the round in progress.
     number: usize,
     item_id: String,
+    /// Asked for on a turn not yet confirmed: its tool calls wait for the confirmation.
+    speculative: bool,
 }
 
 /// Tool calls of a round, to run before the response goes on.
@@ -380,6 +387,7 @@ impl Worker {
             force_without_tools: false,
             tools_done: crossbeam_channel::unbounded(),
             held: HashSet::new(),
+            waiting: Vec::new(),
             active: Vec::new(),
         }
     }
@@ -443,6 +451,7 @@ impl Worker {
                 Some(Job::Close { conv }) => {
                     self.convs.remove(&conv);
                     self.held.remove(&conv);
+                    self.waiting.retain(|(c, _)| *c != conv);
                     let (gone, kept) = std::mem::take(&mut self.active)
                         .into_iter()
                         .partition(|a| a.conv == conv);
@@ -454,6 +463,7 @@ impl Worker {
                 Some(job @ (Job::Respond { .. } | Job::RespondApart { .. })) => {
                     self.start_active(job)
                 }
+                Some(Job::Confirm { conv, response_id }) => self.confirm(conv, &response_id),
                 Some(job) => self.conversation_job(job),
                 None if self.active.is_empty() => {
                     // Nothing to run and no reply in progress.
@@ -499,7 +509,12 @@ impl Worker {
                     Step::Tools(run) => {
                         let conv = a.conv;
                         self.retire(a);
-                        self.start_tools(conv, run);
+                        if run.round.speculative {
+                            // Reported; run only once the turn is confirmed.
+                            self.waiting.push((conv, run));
+                        } else {
+                            self.start_tools(conv, run);
+                        }
                     }
                 }
             }
@@ -509,10 +524,48 @@ impl Worker {
         }
     }
 
+    /// The turn of a speculative reply is confirmed: the tool calls it made run now (its later
+    /// rounds are not speculative). Nothing to do when it made none (or has not ended yet:
+    /// this job waits behind it).
+    fn confirm(&mut self, conv: u64, response_id: &str) {
+        self.drop_waiting(conv, None);
+        let Some(i) = self
+            .waiting
+            .iter()
+            .position(|(c, run)| *c == conv && run.round.req.response_id == response_id)
+        else {
+            return;
+        };
+        let (_, mut run) = self.waiting.remove(i);
+        run.round.speculative = false;
+        self.start_tools(conv, run);
+    }
+
+    /// Drops the unrun tool calls of `conv`'s speculative replies that were cancelled, or whose
+    /// item is `deleted`.
+    fn drop_waiting(&mut self, conv: u64, deleted: Option<&str>) {
+        let cancel = self.convs.get(&conv).map(|c| Arc::clone(&c.cancel));
+        self.waiting.retain(|(c, run)| {
+            if *c != conv {
+                return true;
+            }
+            let cancelled = cancel
+                .as_ref()
+                .is_none_or(|k| k.check(run.round.seq).is_some());
+            let gone = deleted.is_some_and(|d| d == run.round.req.item_id);
+            !cancelled && !gone
+        });
+    }
+
     /// Runs a round's tool calls on a thread of their own; the conversation is held until
     /// [`Worker::tools_finished`] takes the results.
     fn start_tools(&mut self, conv: u64, run: ToolRun) {
         let done = self.tools_done.0.clone();
+        let round = &run.round;
+        let (response_id, item_id) = (
+            round.req.response_id.clone(),
+            format!("{}-{}", round.req.item_id, round.number),
+        );
         let spawned = std::thread::Builder::new()
             .name("tool".into())
             .spawn(move || {
@@ -531,8 +584,15 @@ impl Worker {
                 // No thread: the response ends with the reason rather than stalling the engine.
                 if let Some(c) = self.convs.get(&conv) {
                     c.emit(ConvEvent::Error {
-                        item_id: None,
+                        item_id: Some(item_id.clone()),
                         message: format!("could not start a thread for the tool calls: {e}"),
+                    });
+                    c.emit(ConvEvent::ReplyDone {
+                        response_id,
+                        item_id,
+                        text: String::new(),
+                        audio_samples: 0,
+                        cancelled: false,
                     });
                 }
             }
@@ -572,6 +632,13 @@ impl Worker {
         let Some(mut conv) = self.convs.remove(&id) else {
             return;
         };
+        let speculative = matches!(
+            job,
+            Job::Respond {
+                speculative: true,
+                ..
+            }
+        );
         let (seq, respond, place) = match job {
             Job::Respond { seq, respond, .. } => match conv.failed_add.take() {
                 Some(failed) => {
@@ -619,6 +686,7 @@ impl Worker {
             req: respond,
             started: Instant::now(),
             number: 0,
+            speculative,
         };
         self.convs.insert(id, conv);
         self.active.push(Active {
@@ -850,8 +918,14 @@ impl Worker {
             Job::Respond { conv, respond, .. } | Job::RespondApart { conv, respond, .. } => {
                 (*conv, Some(respond.item_id.clone()))
             }
-            Job::Open { .. } | Job::Close { .. } | Job::Shutdown => return,
+            Job::Open { .. } | Job::Close { .. } | Job::Confirm { .. } | Job::Shutdown => return,
         };
+        // Tool calls of a speculative reply undone (cancelled, or deleted) never run.
+        let deleted = match &job {
+            Job::Delete { item_id, .. } => Some(item_id.as_str()),
+            _ => None,
+        };
+        self.drop_waiting(id, deleted);
         // A job of a closed conversation has nobody to report to.
         let Some(mut conv) = self.convs.remove(&id) else {
             return;
@@ -885,6 +959,7 @@ impl Worker {
             // Responses are started by `start_active` and stepped by the run loop.
             Job::Respond { .. }
             | Job::RespondApart { .. }
+            | Job::Confirm { .. }
             | Job::Open { .. }
             | Job::Close { .. }
             | Job::Shutdown => Ok(()),
@@ -1367,6 +1442,7 @@ impl Worker {
             req,
             started: Instant::now(),
             number: 0,
+            speculative: false,
         };
         self.reply_round(conv, round)
     }
@@ -1418,7 +1494,8 @@ impl Worker {
         let ToolPolicy::Run { max_rounds } = conv.setup.tool_policy else {
             return None;
         };
-        if round.number >= max_rounds {
+        // The dialog manager counts the rounds by the same rule (dialog::rounds).
+        if !conv.setup.tool_policy.runs_round(round.number) {
             conv.emit(ConvEvent::Error {
                 item_id: Some(round.item_id),
                 message: format!("the model called tools again after {max_rounds} rounds; not run"),
@@ -1474,10 +1551,19 @@ impl Worker {
                 return None;
             }
         }
+        round.item_id = format!("{}-{}", round.req.item_id, round.number);
         if conv.cancel.check(round.seq).is_some() {
+            // Cancelled while its tools ran: the response ends here, and says so (its next
+            // round is over before it began).
+            conv.emit(ConvEvent::ReplyDone {
+                response_id: round.req.response_id.clone(),
+                item_id: round.item_id.clone(),
+                text: String::new(),
+                audio_samples: 0,
+                cancelled: true,
+            });
             return None;
         }
-        round.item_id = format!("{}-{}", round.req.item_id, round.number);
         Some(round)
     }
 

@@ -132,8 +132,10 @@ pub(crate) fn shared(
         params,
         vad_assets,
         min_speech: Duration::from_millis(cfg.vad.min_speech_ms),
+        pause: Duration::from_millis(cfg.vad.pause_ms),
         max_buffer_samples: MAX_BUFFER_SECONDS * protocol::SAMPLE_RATE as usize,
         budget: Some(budget),
+        speculative_start: cfg.assistant.speculative_start,
     };
     let limits = server::Limits::from_env();
     server::raise_descriptor_limit();

@@ -363,7 +363,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     limit_send_buffer(ws.get_ref(), shared.limits.send_buffer_bytes);
     let dialect = hello.dialect.unwrap_or(Dialect::Ga);
     let number = shared.next_session.fetch_add(1, Ordering::SeqCst);
-    let (session, setup) = Session::new(number, shared.defaults.clone(), dialect);
+    let (mut session, setup) = Session::new(number, shared.defaults.clone(), dialect);
     let engine = shared.engine.clone();
     let conv = match tokio::task::spawn_blocking(move || engine.open(setup)).await {
         Ok(Ok(conv)) => conv,
@@ -386,8 +386,14 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     shared.log(format_args!(
         "{peer}: session {number} open ({dialect:?} dialect)"
     ));
-    let reason = run_session(ws, session, conv, &shared).await;
-    shared.log(format_args!("{peer}: session {number} closed: {reason}"));
+    let reason = run_session(ws, &mut session, conv, &shared).await;
+    let summary = match session.speculations() {
+        (0, _) => String::new(),
+        (n, confirmed) => format!(" (replies started on a pause: {n}, {confirmed} confirmed)"),
+    };
+    shared.log(format_args!(
+        "{peer}: session {number} closed: {reason}{summary}"
+    ));
     drop(permit);
 }
 
@@ -452,7 +458,7 @@ fn bridge(conv: &Conversation) -> mpsc::UnboundedReceiver<ConvEvent> {
 /// Runs one session until the client leaves, goes idle, or the engine stops; says why.
 async fn run_session(
     mut ws: WebSocketStream<TcpStream>,
-    mut session: Session,
+    session: &mut Session,
     conv: Conversation,
     shared: &Shared,
 ) -> String {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use audio_io::vad::{Endpointer, SileroVad, VadAssets, VadConfig, VadEvent, WINDOW};
+use dialog::speculation::{Seen, Speculation};
 use dialog::tools::ToolSpec;
 use lfm2_audio::format::INPUT_SAMPLE_RATE;
 use lfm2_audio::generate::GenerationParams;
@@ -82,11 +83,16 @@ pub struct SessionDefaults {
     /// manual turn-taking, and asking for server_vad is an error that says why).
     pub vad_assets: Result<VadAssets, String>,
     pub min_speech: Duration,
+    /// The silence after speech that counts as a pause (a speculative reply starts on it).
+    pub pause: Duration,
     /// The most audio the input buffer holds, in 24 kHz samples.
     pub max_buffer_samples: usize,
     /// Sizes items and instructions before they go to the engine (None: not checked here; the
     /// engine refuses what does not fit).
     pub budget: Option<Budget>,
+    /// With server VAD, start the reply when the user pauses, unseen by the client until the
+    /// end of the silence confirms the turn (see [`Session::speculate_on`]).
+    pub speculative_start: bool,
 }
 
 /// The session settings a client can change.
@@ -184,6 +190,11 @@ pub struct Session {
     deferred: Vec<EngineCall>,
     /// Positions of the system turn (instructions and tools).
     system_positions: usize,
+    /// The reply started on a pause of the server VAD, and those dropped.
+    speculation: Speculation,
+    /// Replies started on a pause, and how many of them the end of the silence confirmed.
+    speculated: u64,
+    confirmed: u64,
     out: Vec<Effect>,
 }
 
@@ -259,6 +270,9 @@ impl Session {
             transcribing: HashMap::new(),
             deferred: Vec::new(),
             system_positions,
+            speculation: Speculation::new(),
+            speculated: 0,
+            confirmed: 0,
             out: Vec::new(),
         };
         (session, setup)
@@ -266,6 +280,11 @@ impl Session {
 
     pub fn dialect(&self) -> Dialect {
         self.dialect
+    }
+
+    /// Replies started on a pause of the server VAD, and how many of them were confirmed.
+    pub fn speculations(&self) -> (u64, u64) {
+        (self.speculated, self.confirmed)
     }
 
     /// Whether a reply is being generated (the idle timer waits for it).
@@ -333,6 +352,14 @@ impl Session {
             self.dialect = d;
         }
         let eid = env.event_id;
+        if !matches!(
+            env.event,
+            ClientEvent::AudioAppend(_) | ClientEvent::ItemRetrieve { .. }
+        ) {
+            // The client acts on the conversation: a turn it has not seen yet is undone first,
+            // and its event applies to the conversation as the client knows it.
+            self.abandon();
+        }
         match env.event {
             ClientEvent::SessionUpdate(u) => self.update(eid, u),
             ClientEvent::AudioAppend(samples) => self.append(eid, &samples),
@@ -466,6 +493,7 @@ impl Session {
             prefix_padding: Duration::from_millis(v.prefix_padding_ms),
             min_silence: Duration::from_millis(v.silence_duration_ms),
             min_speech: self.defaults.min_speech,
+            pause: self.defaults.pause,
             ..VadConfig::with_threshold(v.threshold as f32)
         };
         config.validate()?;
@@ -616,6 +644,7 @@ impl Session {
         }
         vad.pending.drain(..start);
         if let Some(e) = failure {
+            self.abandon();
             self.vad = None;
             self.settings.turn_detection = None;
             self.error(
@@ -636,6 +665,7 @@ impl Session {
         };
         match e {
             VadEvent::SpeechStarted { at } => {
+                self.abandon();
                 let item_id = self.new_id("item");
                 let mut base = 0;
                 if let Some(vad) = &mut self.vad {
@@ -653,6 +683,12 @@ impl Session {
                 }
             }
             VadEvent::SpeechEnded { at, audio, .. } => {
+                let confirmed = self.speculation.answers(&audio);
+                if !confirmed {
+                    // Not the utterance the reply was started on: undone, and the turn goes
+                    // on as without it.
+                    self.abandon();
+                }
                 let item_id = self
                     .vad
                     .as_mut()
@@ -666,6 +702,11 @@ impl Session {
                 });
                 self.buffer.clear();
                 if !self.audio_fits(&None, "the utterance", audio.len()) {
+                    self.abandon();
+                    return;
+                }
+                if confirmed {
+                    self.confirm(audio);
                     return;
                 }
                 self.commit_audio(item_id, audio);
@@ -677,8 +718,80 @@ impl Session {
                     }
                 }
             }
-            // The protocol commits only at the end of the silence.
-            VadEvent::SpeechPaused { .. } | VadEvent::SpeechResumed { .. } => {}
+            VadEvent::SpeechPaused { audio, .. } => self.speculate_on(&settings, audio),
+            VadEvent::SpeechResumed { .. } => self.abandon(),
+        }
+    }
+
+    /// The user paused: the utterance so far becomes the user item and the reply is asked for,
+    /// in the engine only. The protocol commits the buffer and creates the response only at the
+    /// end of the silence; until then the client sees nothing of this turn, and the reply's
+    /// events are held. Only when the VAD creates responses and none is in progress or waiting.
+    fn speculate_on(&mut self, settings: &ServerVad, audio: Vec<f32>) {
+        if !self.defaults.speculative_start
+            || !settings.create_response
+            || self.active.is_some()
+            || self.pending_reply
+            || self.speculation.active()
+        {
+            return;
+        }
+        let Some(user_item) = self.vad.as_ref().and_then(|v| v.item_id.clone()) else {
+            return;
+        };
+        if let Some(b) = &self.defaults.budget {
+            // What does not fit is refused at the end of the silence, as without speculation.
+            if (b.audio)(audio.len()) + TURN_MARKERS > self.item_room(b) {
+                return;
+            }
+        }
+        // The ids the response would take at the end of the silence (an undone reply's are
+        // not taken again: its late events must not be mistaken for the next one's).
+        let response_id = self.new_id("resp");
+        let reply_item = self.new_id("item");
+        self.engine(EngineCall::Add {
+            item_id: user_item.clone(),
+            content: Content::UserAudio(audio.clone()),
+            place: Placement::End,
+        });
+        self.engine(EngineCall::Speculate(Respond {
+            response_id: response_id.clone(),
+            item_id: reply_item.clone(),
+            output: Some(output_of(self.settings.modality)),
+        }));
+        self.speculation
+            .start(audio, user_item, response_id, reply_item);
+        self.speculated += 1;
+    }
+
+    /// Undoes the speculative turn, if any, unseen by the client.
+    fn abandon(&mut self) {
+        for call in self.speculation.abandon() {
+            self.engine(call.widen());
+        }
+    }
+
+    /// The end of the silence confirmed the speculative turn (of `audio`): the client sees the
+    /// turn as it would have without speculation (committed, the item, the response), then the
+    /// reply's events so far, and the reply goes on live.
+    fn confirm(&mut self, audio: Vec<f32>) {
+        let Some(c) = self.speculation.confirm() else {
+            return;
+        };
+        self.confirmed += 1;
+        self.engine(c.call.widen());
+        let previous = self.items.last().map(|i| i.id.clone());
+        self.send(ServerEvent::Committed {
+            item_id: c.user_item.clone(),
+            previous_item_id: previous.clone(),
+        });
+        self.add_user_audio(c.user_item, previous, audio, false);
+        self.respond_as(
+            ResponseOptions::default(),
+            Some((c.response_id, c.reply_item)),
+        );
+        for ev in c.held {
+            self.engine_event(ev);
         }
     }
 
@@ -724,10 +837,18 @@ impl Session {
             item_id: item_id.clone(),
             previous_item_id: previous.clone(),
         });
-        self.add_user_audio(item_id, previous, audio16);
+        self.add_user_audio(item_id, previous, audio16, true);
     }
 
-    fn add_user_audio(&mut self, item_id: String, previous: Option<String>, audio16: Vec<f32>) {
+    /// A user audio item: shown to the client, and put in the engine conversation unless
+    /// `to_engine` is false (it is there already).
+    fn add_user_audio(
+        &mut self,
+        item_id: String,
+        previous: Option<String>,
+        audio16: Vec<f32>,
+        to_engine: bool,
+    ) {
         let view = ItemView {
             id: item_id.clone(),
             status: ItemStatus::Completed,
@@ -753,11 +874,13 @@ impl Session {
                 audio: audio16.clone(),
             });
         }
-        self.engine(EngineCall::Add {
-            item_id,
-            content: Content::UserAudio(audio16),
-            place: Placement::End,
-        });
+        if to_engine {
+            self.engine(EngineCall::Add {
+                item_id,
+                content: Content::UserAudio(audio16),
+                place: Placement::End,
+            });
+        }
     }
 
     /// Puts an item at the end of the conversation and tells the client: `added` (and `done`
@@ -1025,6 +1148,12 @@ impl Session {
     }
 
     fn respond(&mut self, o: ResponseOptions) {
+        self.respond_as(o, None);
+    }
+
+    /// A response; with `asked`, the engine was asked for it already with these response and
+    /// item ids (a speculative reply now confirmed).
+    fn respond_as(&mut self, o: ResponseOptions, asked: Option<(String, String)>) {
         self.pending_reply = false;
         let mut input = None;
         if let Some(items) = o.input {
@@ -1040,8 +1169,11 @@ impl Session {
         }
         let apart = o.apart;
         let modality = o.modality.unwrap_or(self.settings.modality);
-        let response_id = self.new_id("resp");
-        let item_id = self.new_id("item");
+        let in_engine = asked.is_some();
+        let (response_id, item_id) = match asked {
+            Some(ids) => ids,
+            None => (self.new_id("resp"), self.new_id("item")),
+        };
         let view = ResponseView {
             id: response_id.clone(),
             status: ResponseStatus::InProgress,
@@ -1071,10 +1203,11 @@ impl Session {
             item_id,
             output: Some(output_of(modality)),
         };
-        if apart {
-            self.engine(EngineCall::RespondApart { respond, input });
-        } else {
-            self.engine(EngineCall::Respond(respond));
+        match (in_engine, apart) {
+            // Asked for already (speculatively).
+            (true, _) => {}
+            (false, true) => self.engine(EngineCall::RespondApart { respond, input }),
+            (false, false) => self.engine(EngineCall::Respond(respond)),
         }
     }
 
@@ -1241,6 +1374,19 @@ impl Session {
 
     /// An event of the engine conversation.
     pub fn handle_engine(&mut self, ev: ConvEvent) -> Vec<Effect> {
+        match self.speculation.event(ev) {
+            Seen::Pass(ev) => self.engine_event(ev),
+            Seen::Held => {}
+            Seen::Dropped(calls) => {
+                for call in calls {
+                    self.engine(call.widen());
+                }
+            }
+        }
+        self.take_out()
+    }
+
+    fn engine_event(&mut self, ev: ConvEvent) {
         match ev {
             ConvEvent::Added { .. }
             | ConvEvent::ToolResult { .. }
@@ -1406,7 +1552,6 @@ impl Session {
                 }
             }
         }
-        self.take_out()
     }
 
     fn tool_call(&mut self, response_id: String, call_id: String, name: String, arguments: String) {
@@ -1537,8 +1682,10 @@ mod tests {
                 Err("off in this test".into())
             },
             min_speech: Duration::from_millis(250),
+            pause: Duration::from_millis(160),
             max_buffer_samples: 10 * SAMPLE_RATE as usize,
             budget: None,
+            speculative_start: false,
         }
     }
 
@@ -2063,6 +2210,357 @@ mod tests {
         assert_eq!(
             names(&out, Dialect::Ga)[..2],
             ["input_audio_buffer.speech_started", "engine:Cancel"]
+        );
+    }
+
+    /// A session with server VAD, speculating or not.
+    fn vad_session(speculate: bool) -> Session {
+        let mut d = defaults(true);
+        d.speculative_start = speculate;
+        let (mut s, _) = Session::new(3, d, Dialect::Ga);
+        s.start();
+        s
+    }
+
+    fn append_chunk(s: &mut Session, chunk: &[f32]) -> Vec<Effect> {
+        let text = serde_json::json!({"type": "input_audio_buffer.append", "audio": crate::realtime::protocol::encode_pcm16(chunk)});
+        client(s, &text.to_string())
+    }
+
+    /// The engine's side of the session's calls, scripted: each reply says "Hi" and 480
+    /// samples at once, and ends at once (`finish_at_once`) or when `finish` is called.
+    struct Script {
+        finish_at_once: bool,
+        /// Replies begun and not over: response and item ids.
+        open: Vec<(String, String)>,
+        /// What the client was sent, in order.
+        sent: Vec<ServerEvent>,
+        /// The engine calls, by name.
+        calls: Vec<String>,
+        /// Replies asked for before the end of the utterance (on a pause).
+        early: usize,
+    }
+
+    impl Script {
+        fn new(finish_at_once: bool) -> Self {
+            Self {
+                finish_at_once,
+                open: Vec::new(),
+                sent: Vec::new(),
+                calls: Vec::new(),
+                early: 0,
+            }
+        }
+
+        /// Takes the session's effects, and answers its engine calls until none is left.
+        fn take(&mut self, s: &mut Session, effects: Vec<Effect>) {
+            let mut events = Vec::new();
+            for e in effects {
+                match e {
+                    Effect::Send(ev) => self.sent.push(ev),
+                    Effect::Engine(c) => {
+                        let name = format!("{c:?}");
+                        let name = name.split([' ', '(', '{']).next().unwrap_or("");
+                        self.calls.push(format!("engine:{name}"));
+                        events.extend(self.answer(c));
+                    }
+                }
+            }
+            for ev in events {
+                let out = s.handle_engine(ev);
+                self.take(s, out);
+            }
+        }
+
+        fn answer(&mut self, c: EngineCall) -> Vec<ConvEvent> {
+            match c {
+                EngineCall::Add { item_id, .. } => vec![ConvEvent::Added { item_id }],
+                EngineCall::Respond(r) | EngineCall::Speculate(r) => {
+                    let mut evs = vec![
+                        ConvEvent::ReplyStarted {
+                            response_id: r.response_id.clone(),
+                            item_id: r.item_id.clone(),
+                            latency_ms: 1.0,
+                        },
+                        ConvEvent::Text {
+                            response_id: r.response_id.clone(),
+                            piece: "Hi".into(),
+                        },
+                        ConvEvent::Audio {
+                            response_id: r.response_id.clone(),
+                            samples: vec![0.25; 480],
+                        },
+                    ];
+                    if self.finish_at_once {
+                        evs.push(done_event(&r.response_id, &r.item_id, false));
+                    } else {
+                        self.open.push((r.response_id, r.item_id));
+                    }
+                    evs
+                }
+                EngineCall::Cancel { .. } => std::mem::take(&mut self.open)
+                    .into_iter()
+                    .map(|(r, i)| done_event(&r, &i, true))
+                    .collect(),
+                EngineCall::Delete { item_id } => vec![ConvEvent::Deleted { item_id }],
+                _ => Vec::new(),
+            }
+        }
+
+        /// The replies in progress end.
+        fn finish(&mut self, s: &mut Session) {
+            for (r, i) in std::mem::take(&mut self.open) {
+                let out = s.handle_engine(done_event(&r, &i, false));
+                self.take(s, out);
+            }
+        }
+    }
+
+    fn done_event(response_id: &str, item_id: &str, cancelled: bool) -> ConvEvent {
+        ConvEvent::ReplyDone {
+            response_id: response_id.into(),
+            item_id: item_id.into(),
+            text: if cancelled {
+                String::new()
+            } else {
+                "Hi".into()
+            },
+            audio_samples: if cancelled { 0 } else { 480 },
+            cancelled,
+        }
+    }
+
+    /// Runs `audio` through a server-VAD session, speculating or not, with the scripted engine.
+    fn vad_turns(audio: &[f32], speculate: bool, finish_at_once: bool) -> Script {
+        let mut s = vad_session(speculate);
+        let mut script = Script::new(finish_at_once);
+        for chunk in audio.chunks(2400) {
+            let sent = script.sent.len();
+            let calls = script.calls.len();
+            let out = append_chunk(&mut s, chunk);
+            script.take(&mut s, out);
+            if script.calls[calls..]
+                .iter()
+                .any(|c| c == "engine:Speculate")
+            {
+                // A pause: the reply is started without a word to the client (unless the
+                // same chunk ended the utterance).
+                let stopped = script.sent[sent..]
+                    .iter()
+                    .any(|e| matches!(e, ServerEvent::SpeechStopped { .. }));
+                assert!(
+                    stopped || script.sent.len() == sent,
+                    "{:?}",
+                    &script.sent[sent..]
+                );
+                if !stopped {
+                    script.early += 1;
+                }
+            }
+        }
+        script.finish(&mut s);
+        script
+    }
+
+    /// The question, a pause of 300 ms (longer than a pause, shorter than the silence that ends
+    /// a turn), and the question again.
+    fn question_twice() -> Vec<f32> {
+        let mut audio = vec![0.0f32; 24_000 / 2];
+        audio.extend(question_24k());
+        audio.extend(vec![0.0f32; 24_000 * 3 / 10]);
+        audio.extend(question_24k());
+        audio.extend(vec![0.0f32; 24_000]);
+        audio
+    }
+
+    fn question_once() -> Vec<f32> {
+        let mut audio = vec![0.0f32; 24_000 / 2];
+        audio.extend(question_24k());
+        audio.extend(vec![0.0f32; 24_000]);
+        audio
+    }
+
+    /// The events as text, each id replaced by its rank of first appearance: a session numbers
+    /// its ids in one sequence, and a turn undone unseen leaves a gap in it.
+    fn canonical(events: &[ServerEvent]) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for e in events {
+            let text = format!("{e:?}");
+            let mut parts = Vec::new();
+            for (i, part) in text.split('"').enumerate() {
+                let is_id = i % 2 == 1
+                    && ["item_", "resp_"].iter().any(|p| {
+                        part.strip_prefix(p).is_some_and(|r| {
+                            !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit() || b == b'_')
+                        })
+                    });
+                if !is_id {
+                    parts.push(part.to_string());
+                    continue;
+                }
+                let k = match ids.iter().position(|x| x == part) {
+                    Some(k) => k,
+                    None => {
+                        ids.push(part.to_string());
+                        ids.len() - 1
+                    }
+                };
+                parts.push(format!("{}#{k}", &part[..4]));
+            }
+            out.push(parts.join("\""));
+        }
+        out
+    }
+
+    fn count(calls: &[String], name: &str) -> usize {
+        calls.iter().filter(|c| *c == name).count()
+    }
+
+    #[test]
+    fn a_speculative_turn_confirmed_looks_like_a_turn_started_at_the_end() {
+        for finish_at_once in [false, true] {
+            let plain = vad_turns(&question_once(), false, finish_at_once);
+            let spec = vad_turns(&question_once(), true, finish_at_once);
+            assert!(spec.early >= 1, "the reply is asked for on a pause");
+            assert_eq!(plain.early, 0);
+            assert_eq!(
+                canonical(&spec.sent),
+                canonical(&plain.sent),
+                "finish_at_once {finish_at_once}"
+            );
+            let names: Vec<_> = spec
+                .sent
+                .iter()
+                .filter(|e| e.exists_in(Dialect::Ga))
+                .map(|e| e.name(Dialect::Ga))
+                .collect();
+            assert_eq!(
+                names[..8],
+                [
+                    "input_audio_buffer.speech_started",
+                    "input_audio_buffer.speech_stopped",
+                    "input_audio_buffer.committed",
+                    "conversation.item.added",
+                    "conversation.item.done",
+                    "response.created",
+                    "response.output_item.added",
+                    "conversation.item.added",
+                ]
+            );
+            assert_eq!(names.last(), Some(&"response.done"));
+        }
+    }
+
+    #[test]
+    fn a_speculative_turn_the_user_went_on_from_is_undone_unseen() {
+        for finish_at_once in [false, true] {
+            let plain = vad_turns(&question_twice(), false, finish_at_once);
+            let spec = vad_turns(&question_twice(), true, finish_at_once);
+            let undo = if finish_at_once {
+                // Over before the user went on: deleted.
+                "engine:Delete"
+            } else {
+                "engine:Cancel"
+            };
+            assert!(count(&spec.calls, undo) >= 1, "{:?}", spec.calls);
+            assert!(spec.early >= 2, "{:?}", spec.calls);
+            assert_eq!(count(&plain.calls, "engine:Respond"), 1);
+            // The client sees one turn of the whole utterance, its ids in the same places.
+            assert_eq!(
+                canonical(&spec.sent),
+                canonical(&plain.sent),
+                "finish_at_once {finish_at_once}"
+            );
+        }
+    }
+
+    /// Runs the question until the reply is started on a pause; returns the session.
+    fn speculating_session() -> (Session, Script) {
+        let mut s = vad_session(true);
+        let mut script = Script::new(false);
+        let audio = question_once();
+        for chunk in audio.chunks(2400) {
+            let out = append_chunk(&mut s, chunk);
+            script.take(&mut s, out);
+            if s.speculation.active() {
+                break;
+            }
+        }
+        assert!(s.speculation.active(), "{:?}", script.calls);
+        (s, script)
+    }
+
+    #[test]
+    fn a_client_event_while_speculating_undoes_the_turn_first() {
+        let (mut s, mut script) = speculating_session();
+        let sent = script.sent.len();
+        let calls = script.calls.len();
+        let out = client(&mut s, r#"{"type": "input_audio_buffer.clear"}"#);
+        script.take(&mut s, out);
+        assert_eq!(
+            script.calls[calls..],
+            ["engine:Cancel", "engine:Delete"],
+            "undone in the engine"
+        );
+        assert_eq!(
+            script.sent[sent..],
+            [ServerEvent::Cleared],
+            "nothing else is seen of it: {:?}",
+            &script.sent[sent..]
+        );
+        assert!(!s.speculation.active());
+
+        // A response the client asks for while the reply waits on a pause.
+        let (mut s, mut script) = speculating_session();
+        let sent = script.sent.len();
+        let calls = script.calls.len();
+        let out = client(&mut s, r#"{"type": "response.create"}"#);
+        script.take(&mut s, out);
+        assert_eq!(
+            script.calls[calls..calls + 3],
+            ["engine:Cancel", "engine:Delete", "engine:Respond"]
+        );
+        let names: Vec<_> = script.sent[sent..]
+            .iter()
+            .filter(|e| e.exists_in(Dialect::Ga))
+            .map(|e| e.name(Dialect::Ga))
+            .collect();
+        assert_eq!(names[0], "response.created", "{names:?}");
+        assert!(
+            !script.sent[sent..]
+                .iter()
+                .any(|e| matches!(e, ServerEvent::ItemDeleted { .. } | ServerEvent::Error(_))),
+            "{:?}",
+            &script.sent[sent..]
+        );
+    }
+
+    #[test]
+    fn speech_over_a_pause_never_interrupts_a_reply_the_client_did_not_see() {
+        let (mut s, mut script) = speculating_session();
+        // The user goes on speaking: the speculative reply goes, no response.cancelled or
+        // response.done is sent for it.
+        let sent = script.sent.len();
+        for chunk in question_24k().chunks(2400) {
+            let out = append_chunk(&mut s, chunk);
+            script.take(&mut s, out);
+        }
+        assert!(
+            count(&script.calls, "engine:Cancel") >= 1,
+            "{:?}",
+            script.calls
+        );
+        assert!(
+            !script.sent[sent..].iter().any(|e| matches!(
+                e,
+                ServerEvent::ResponseDone(_)
+                    | ServerEvent::ResponseCreated(_)
+                    | ServerEvent::ItemDeleted { .. }
+                    | ServerEvent::SpeechStarted { .. }
+            )),
+            "{:?}",
+            &script.sent[sent..]
         );
     }
 

@@ -1,5 +1,6 @@
 //! The Wyoming TCP server: one task per connection around a [`Session`], engine work on blocking
-//! threads, conversations shared by id across connections, limits and timeouts.
+//! threads, conversations shared by id across connections, limits and timeouts. The engine runs
+//! the conversations' tools (on threads of their own, see [`crate::engine`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::RecvTimeoutError;
-use dialog::tools::{ToolCall, ToolOutcome, ToolSpec};
+use dialog::rounds::{RoundEnd, Rounds};
+use dialog::tools::ToolSpec;
 use lfm2_audio::generate::GenerationParams;
 use lfm2_audio::sampling::SamplingParams;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -123,7 +125,7 @@ impl Shared {
         let conv = self.engine.open(Setup {
             instructions: self.instructions.clone(),
             tools: self.tools.clone(),
-            tool_policy: ToolPolicy::Report,
+            tool_policy: self.offer.tool_policy(),
             params: self.params,
             output: Output::Text,
         })?;
@@ -345,6 +347,7 @@ async fn apply(
     for effect in effects {
         match effect {
             Effect::Send(ev) => write_event(wr, &ev, shared.limits.write_timeout).await?,
+            Effect::Log(line) => shared.log(format_args!("{line}")),
             Effect::Engine(work) => {
                 let shared = Arc::clone(shared);
                 let tx = tx.clone();
@@ -363,7 +366,7 @@ fn forward(
     job: u64,
     tx: &mpsc::UnboundedSender<(u64, Msg)>,
     mine: impl Fn(&ConvEvent) -> bool,
-    last: impl Fn(&ConvEvent) -> bool,
+    mut last: impl FnMut(&ConvEvent) -> bool,
 ) {
     let mut cancelled = false;
     loop {
@@ -473,52 +476,33 @@ fn run_work(shared: &Shared, number: u64, work: Work, tx: &mpsc::UnboundedSender
                 "conversation {conversation_id:?}: turn {}",
                 slot.turns
             ));
-            let rid = format!("wy{number}-{job}-0");
+            let rid = format!("wy{number}-{job}");
             slot.conv
-                .add(format!("wy{number}-{job}-user"), Content::UserText(text));
-            converse(&slot.conv, job, &rid, tx);
-            slot.last_used = Instant::now();
-        }
-        Work::Tools {
-            job,
-            conversation_id,
-            round,
-            calls,
-        } => {
-            let slot = match shared.conversation(&conversation_id) {
-                Ok(s) => s,
-                Err(e) => return fail(job, e),
-            };
-            let mut slot = lock(&slot);
-            for (call_id, name, arguments) in calls {
-                let outcome = run_tool(shared, &name, &arguments);
-                match &outcome {
-                    ToolOutcome::Ok(_) => shared.log(format_args!("tool {name}: ok")),
-                    ToolOutcome::Failed(e) => shared.log(format_args!("tool {name}: failed: {e}")),
-                }
-                slot.conv.add(
-                    format!("wy{number}-{job}-{call_id}"),
-                    Content::ToolResult {
-                        call_id,
-                        output: outcome.as_result_text(),
-                    },
-                );
-            }
-            let rid = format!("wy{number}-{job}-{round}");
-            converse(&slot.conv, job, &rid, tx);
+                .add(format!("{rid}-user"), Content::UserText(text));
+            converse(&slot.conv, job, &rid, shared.offer.tool_policy(), tx);
             slot.last_used = Instant::now();
         }
     }
 }
 
-/// Asks the agent's conversation for a reply and forwards it.
-fn converse(conv: &Conversation, job: u64, rid: &str, tx: &mpsc::UnboundedSender<(u64, Msg)>) {
+/// Asks the agent's conversation for a reply and forwards it, all its rounds (the engine runs
+/// the tools it calls and the model answers in the next round).
+fn converse(
+    conv: &Conversation,
+    job: u64,
+    rid: &str,
+    policy: ToolPolicy,
+    tx: &mpsc::UnboundedSender<(u64, Msg)>,
+) {
     conv.respond(Respond {
         response_id: rid.to_owned(),
         item_id: format!("{rid}-reply"),
         output: None,
     });
-    let prefix = rid.rsplit_once('-').map_or(rid, |(p, _)| p).to_owned();
+    let mut rounds = Rounds::new(policy);
+    // The request's items: `{rid}-user`, and the rounds' `{rid}-reply`, `{rid}-reply-N` and
+    // `{rid}-reply-result-…`.
+    let prefix = format!("{rid}-");
     forward(
         conv,
         job,
@@ -529,21 +513,6 @@ fn converse(conv: &Conversation, job: u64, rid: &str, tx: &mpsc::UnboundedSender
             }
             _ => ev.response_id() == Some(rid),
         },
-        |ev| matches!(ev, ConvEvent::ReplyDone { .. }),
+        |ev| matches!(rounds.event(ev), Some(RoundEnd::Over(_))),
     );
-}
-
-fn run_tool(shared: &Shared, name: &str, arguments: &str) -> ToolOutcome {
-    let arguments = match serde_json::from_str::<serde_json::Value>(arguments) {
-        Ok(serde_json::Value::Object(m)) => m,
-        _ => return ToolOutcome::Failed("the arguments are not a JSON object".into()),
-    };
-    let call = ToolCall {
-        name: name.to_owned(),
-        arguments,
-    };
-    // Home Assistant keeps its own timers; a timer set here only ends in the log.
-    dialog::tools::run(&shared.tools, &call, |label| {
-        eprintln!("wyoming: timer {label:?} is done");
-    })
 }

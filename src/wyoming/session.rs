@@ -4,6 +4,11 @@
 //! Requests are answered in the order they came: each becomes one or more [`Job`]s in a queue,
 //! and one job at a time is given to the engine. A long text to speak is cut into sentences, one
 //! job each, so that the first audio comes after the first sentence, not after the whole text.
+//!
+//! A conversation's tools run in the engine ([`ToolPolicy::Run`], off the engine thread): a
+//! reply that calls a tool ends a round, the engine feeds the result back and the model answers
+//! in the next round of the same response. [`Rounds`] says which reply ends the response; its
+//! text is the answer.
 
 use std::collections::VecDeque;
 
@@ -11,7 +16,8 @@ use serde_json::{json, Value};
 
 use super::audio::{self, Collector, Format};
 use super::protocol::{error_event, Event};
-use dialog::conversation::ConvEvent;
+use dialog::conversation::{ConvEvent, ToolPolicy};
+use dialog::rounds::{Ending, RoundEnd, Rounds};
 
 /// The longest utterance transcribed, in seconds.
 pub const MAX_UTTERANCE_SECONDS: usize = 120;
@@ -35,6 +41,15 @@ pub struct Offer {
     pub max_tool_rounds: usize,
 }
 
+impl Offer {
+    /// Who runs the conversations' tools: the engine, up to the configured rounds per reply.
+    pub fn tool_policy(&self) -> ToolPolicy {
+        ToolPolicy::Run {
+            max_rounds: self.max_tool_rounds,
+        }
+    }
+}
+
 /// Work for the engine; the I/O side runs it and feeds what happens back with
 /// [`Session::handle_engine`] (or [`Session::work_failed`]), tagged with `job`.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,19 +62,12 @@ pub enum Work {
         text: String,
         voice: String,
     },
-    /// Add a user turn to the conversation `conversation_id` and ask for a text reply.
+    /// Add a user turn to the conversation `conversation_id` and ask for a text reply (the
+    /// engine runs the tools it calls, see [`Offer::tool_policy`]).
     Converse {
         job: u64,
         conversation_id: String,
         text: String,
-    },
-    /// Run the tools the reply called, add their results and ask for the next reply.
-    Tools {
-        job: u64,
-        conversation_id: String,
-        round: usize,
-        /// (call id, tool name, arguments as JSON)
-        calls: Vec<(String, String, String)>,
     },
 }
 
@@ -67,6 +75,8 @@ pub enum Work {
 pub enum Effect {
     Send(Event),
     Engine(Work),
+    /// A line for the server's log.
+    Log(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -103,9 +113,11 @@ enum Active {
         conversation_id: String,
         language: String,
         started: bool,
+        /// The text of the round in progress (the last round's is the answer).
         text: String,
-        calls: Vec<(String, String, String)>,
-        round: usize,
+        rounds: Rounds,
+        /// The names of the tools called, by call id (for the log of their results).
+        calls: Vec<(String, String)>,
         error: Option<String>,
     },
 }
@@ -565,8 +577,8 @@ impl Session {
                             language,
                             started: false,
                             text: String::new(),
+                            rounds: Rounds::new(self.offer.tool_policy()),
                             calls: Vec::new(),
-                            round: 0,
                             error: None,
                         },
                     ));
@@ -655,66 +667,76 @@ impl Session {
                 language,
                 started,
                 text,
+                rounds,
                 calls,
-                round,
                 error,
-            } => match ev {
-                ConvEvent::Text { piece, .. } => {
-                    if !*started {
-                        *started = true;
+            } => match rounds.event(&ev) {
+                Some(RoundEnd::ToolsRun { round }) => {
+                    out.push(Effect::Log(format!(
+                        "conversation {conversation_id:?}: tool round {round}"
+                    )));
+                    // The answer comes in the next round.
+                    text.clear();
+                }
+                Some(RoundEnd::Over(ending)) => {
+                    let answer = text.trim().to_owned();
+                    let context = json!({"conversation_id": conversation_id});
+                    if *started {
+                        out.push(Self::send("handled-stop", json!({})));
+                    }
+                    if answer.is_empty() {
+                        let reason = match (error.take(), ending) {
+                            (Some(e), _) => format!("the model could not answer: {e}"),
+                            (None, Ending::OutOfRounds { max_rounds }) => {
+                                format!("the model kept calling tools after {max_rounds} rounds")
+                            }
+                            (None, Ending::Cancelled) => "the answer was cancelled".to_owned(),
+                            (None, Ending::Answered) => "the model gave an empty answer".to_owned(),
+                        };
                         out.push(Self::send(
-                            "handled-start",
-                            json!({"context": {"conversation_id": conversation_id}}),
+                            "not-handled",
+                            json!({"text": reason, "context": context}),
+                        ));
+                    } else {
+                        out.push(Self::send(
+                            "handled",
+                            json!({"text": answer, "context": context, "language": language}),
                         ));
                     }
-                    text.push_str(&piece);
-                    out.push(Self::send("handled-chunk", json!({"text": piece})));
+                    done = true;
                 }
-                ConvEvent::ToolCall {
-                    call_id,
-                    name,
-                    arguments,
-                    ..
-                } => calls.push((call_id, name, arguments)),
-                ConvEvent::Error { message, .. } => *error = Some(message),
-                ConvEvent::ReplyDone { .. } => {
-                    if !calls.is_empty() && *round < self.offer.max_tool_rounds {
-                        *round += 1;
-                        out.push(Effect::Engine(Work::Tools {
-                            job,
-                            conversation_id: conversation_id.clone(),
-                            round: *round,
-                            calls: std::mem::take(calls),
-                        }));
-                    } else {
-                        let answer = text.trim().to_owned();
-                        let context = json!({"conversation_id": conversation_id});
-                        if *started {
-                            out.push(Self::send("handled-stop", json!({})));
-                        }
-                        if answer.is_empty() {
-                            let reason = match (error.take(), calls.is_empty()) {
-                                (Some(e), _) => format!("the model could not answer: {e}"),
-                                (None, false) => format!(
-                                    "the model kept calling tools after {} rounds",
-                                    self.offer.max_tool_rounds
-                                ),
-                                (None, true) => "the model gave an empty answer".to_owned(),
-                            };
+                None => match ev {
+                    ConvEvent::Text { piece, .. } => {
+                        if !*started {
+                            *started = true;
                             out.push(Self::send(
-                                "not-handled",
-                                json!({"text": reason, "context": context}),
-                            ));
-                        } else {
-                            out.push(Self::send(
-                                "handled",
-                                json!({"text": answer, "context": context, "language": language}),
+                                "handled-start",
+                                json!({"context": {"conversation_id": conversation_id}}),
                             ));
                         }
-                        done = true;
+                        text.push_str(&piece);
+                        out.push(Self::send("handled-chunk", json!({"text": piece})));
                     }
-                }
-                _ => {}
+                    ConvEvent::ToolCall { call_id, name, .. } => calls.push((call_id, name)),
+                    ConvEvent::ToolResult {
+                        call_id,
+                        output,
+                        ok,
+                        ..
+                    } => {
+                        let name = calls
+                            .iter()
+                            .find(|(id, _)| *id == call_id)
+                            .map_or("?", |(_, n)| n.as_str());
+                        out.push(Effect::Log(if ok {
+                            format!("tool {name}: ok")
+                        } else {
+                            format!("tool {name}: failed: {output}")
+                        }));
+                    }
+                    ConvEvent::Error { message, .. } => *error = Some(message),
+                    _ => {}
+                },
             },
         }
         if done {
@@ -789,7 +811,7 @@ mod tests {
         out.iter()
             .filter_map(|e| match e {
                 Effect::Send(ev) => Some(ev.kind.clone()),
-                Effect::Engine(_) => None,
+                _ => None,
             })
             .collect()
     }
@@ -798,7 +820,7 @@ mod tests {
         out.iter()
             .filter_map(|e| match e {
                 Effect::Engine(w) => Some(w.clone()),
-                Effect::Send(_) => None,
+                _ => None,
             })
             .collect()
     }
@@ -1017,70 +1039,134 @@ mod tests {
         assert_eq!(sent(&out), ["audio-stop", "synthesize-stopped"]);
     }
 
-    #[test]
-    fn a_conversation_streams_its_answer_and_runs_tools() {
-        let mut s = Session::new(offer(), 7);
-        let out = s.handle_client(ev(
-            "transcript",
-            json!({"text": "What time is it?", "context": {"conversation_id": "c1"}}),
-        ));
+    fn logged(out: &[Effect]) -> Vec<String> {
+        out.iter()
+            .filter_map(|e| match e {
+                Effect::Log(line) => Some(line.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn call(id: &str) -> ConvEvent {
+        ConvEvent::ToolCall {
+            response_id: "r".into(),
+            call_id: id.into(),
+            name: "get_current_time".into(),
+            arguments: "{}".into(),
+        }
+    }
+
+    fn done(item_id: &str) -> ConvEvent {
+        ConvEvent::ReplyDone {
+            response_id: "r".into(),
+            item_id: item_id.into(),
+            text: String::new(),
+            audio_samples: 0,
+            cancelled: false,
+        }
+    }
+
+    fn text(piece: &str) -> ConvEvent {
+        ConvEvent::Text {
+            response_id: "r".into(),
+            piece: piece.into(),
+        }
+    }
+
+    /// Asks a question in conversation `id` (None: an anonymous one); returns the job.
+    fn ask(s: &mut Session, id: Option<&str>) -> (u64, String) {
+        let data = match id {
+            Some(id) => json!({"text": "What time is it?", "context": {"conversation_id": id}}),
+            None => json!({"text": "What time is it?"}),
+        };
+        let out = s.handle_client(ev("transcript", data));
         let Work::Converse {
             job,
             conversation_id,
             text,
         } = &work(&out)[0]
         else {
-            panic!()
-        };
-        assert_eq!(
-            (conversation_id.as_str(), text.as_str()),
-            ("c1", "What time is it?")
-        );
-        let job = *job;
-        let call = ConvEvent::ToolCall {
-            response_id: "r".into(),
-            call_id: "call_1".into(),
-            name: "get_current_time".into(),
-            arguments: "{}".into(),
-        };
-        let done = ConvEvent::ReplyDone {
-            response_id: "r".into(),
-            item_id: "i".into(),
-            text: String::new(),
-            audio_samples: 0,
-            cancelled: false,
-        };
-        assert!(s.handle_engine(job, call).is_empty());
-        let out = s.handle_engine(job, done.clone());
-        let Work::Tools { round, calls, .. } = &work(&out)[0] else {
             panic!("{out:?}")
         };
-        assert_eq!((*round, calls[0].1.as_str()), (1, "get_current_time"));
+        assert_eq!(text, "What time is it?");
+        (*job, conversation_id.clone())
+    }
+
+    #[test]
+    fn a_conversation_streams_the_answer_after_the_engine_ran_its_tool() {
+        let mut s = Session::new(offer(), 7);
+        let (job, conversation_id) = ask(&mut s, Some("c1"));
+        assert_eq!(conversation_id, "c1");
+        assert_eq!(s.offer.tool_policy(), ToolPolicy::Run { max_rounds: 2 });
+        // The first round: a word before the call, then the call; the engine runs the tool.
+        let out = s.handle_engine(job, text("Let me look."));
+        assert_eq!(sent(&out), ["handled-start", "handled-chunk"]);
+        assert!(s.handle_engine(job, call("call_1")).is_empty());
+        let out = s.handle_engine(job, done("i"));
+        assert!(sent(&out).is_empty() && work(&out).is_empty(), "{out:?}");
+        assert!(s.busy(), "the answer is still to come");
         let out = s.handle_engine(
             job,
-            ConvEvent::Text {
-                response_id: "r2".into(),
-                piece: "It is noon.".into(),
+            ConvEvent::ToolResult {
+                response_id: "r".into(),
+                call_id: "call_1".into(),
+                output: "{\"time\": \"12:00\"}".into(),
+                ok: true,
             },
         );
-        assert_eq!(sent(&out), ["handled-start", "handled-chunk"]);
-        let out = s.handle_engine(job, done.clone());
+        assert_eq!(logged(&out), ["tool get_current_time: ok"]);
+        // The answer round.
+        let out = s.handle_engine(job, text("It is noon."));
+        assert_eq!(sent(&out), ["handled-chunk"]);
+        let out = s.handle_engine(job, done("i-1"));
         assert_eq!(sent(&out), ["handled-stop", "handled"]);
         let handled = event(&out, "handled");
-        assert_eq!(handled.data["text"], "It is noon.");
+        assert_eq!(handled.data["text"], "It is noon.", "the last round's text");
         assert_eq!(handled.data["context"]["conversation_id"], "c1");
-        // No answer: not-handled with the reason.
-        let out = s.handle_client(ev("transcript", json!({"text": "Hm"})));
-        let Work::Converse {
-            job,
-            conversation_id,
-            ..
-        } = &work(&out)[0]
-        else {
-            panic!()
+        assert!(!s.busy());
+    }
+
+    #[test]
+    fn a_conversation_not_answered_says_why() {
+        let mut s = Session::new(offer(), 7);
+        // The model kept calling tools: after the second round the engine runs no more.
+        let (job, _) = ask(&mut s, Some("c1"));
+        for (round, item) in ["i", "i-1"].iter().enumerate() {
+            s.handle_engine(job, call(&format!("call_{round}")));
+            let out = s.handle_engine(job, done(item));
+            assert!(sent(&out).is_empty(), "{out:?}");
+            assert_eq!(
+                logged(&out),
+                [format!("conversation \"c1\": tool round {}", round + 1)]
+            );
+            s.handle_engine(
+                job,
+                ConvEvent::ToolResult {
+                    response_id: "r".into(),
+                    call_id: format!("call_{round}"),
+                    output: "{\"error\": \"no\"}".into(),
+                    ok: false,
+                },
+            );
+        }
+        s.handle_engine(job, call("call_2"));
+        let out = s.handle_engine(job, done("i-2"));
+        assert_eq!(sent(&out), ["not-handled"]);
+        assert_eq!(
+            event(&out, "not-handled").data["text"],
+            "the model kept calling tools after 2 rounds"
+        );
+        assert!(!s.busy());
+        // The engine's note that it ran no more tools comes after the end: nothing to send.
+        let late = ConvEvent::Error {
+            item_id: Some("i-2".into()),
+            message: "the model called tools again after 2 rounds; not run".into(),
         };
+        assert!(s.handle_engine(job, late).is_empty());
+        // A model error.
+        let (job, conversation_id) = ask(&mut s, None);
         assert_eq!(conversation_id, "lfm2d-7-1");
-        let job = *job;
         s.handle_engine(
             job,
             ConvEvent::Error {
@@ -1088,12 +1174,19 @@ mod tests {
                 message: "the context is full".into(),
             },
         );
-        let out = s.handle_engine(job, done);
+        let out = s.handle_engine(job, done("i"));
         assert_eq!(sent(&out), ["not-handled"]);
-        assert!(event(&out, "not-handled").data["text"]
-            .as_str()
-            .unwrap()
-            .contains("the context is full"));
+        assert_eq!(
+            event(&out, "not-handled").data["text"],
+            "the model could not answer: the context is full"
+        );
+        // Nothing said.
+        let (job, _) = ask(&mut s, None);
+        let out = s.handle_engine(job, done("i"));
+        assert_eq!(
+            event(&out, "not-handled").data["text"],
+            "the model gave an empty answer"
+        );
     }
 
     #[test]

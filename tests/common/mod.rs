@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// `tests/fixtures`.
@@ -16,4 +16,19 @@ pub fn lfm2d(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("lfm2d runs")
+}
+
+/// The `[[tools]]` entry of a `get_weather` tool whose command writes the JSON arguments it gets
+/// to `seen` (the side effect the tests check) and answers a sunny forecast.
+pub fn weather_tool(seen: &Path) -> String {
+    format!(
+        r#"[[tools]]
+name = "get_weather"
+description = "Get the weather forecast for a city."
+parameters = {{ type = "object", properties = {{ city = {{ type = "string" }} }}, required = ["city"] }}
+command = ["sh", "-c", "cat > '{}'; echo '{{\"forecast\": \"sunny\"}}'"]
+timeout_secs = 5
+"#,
+        seen.display()
+    )
 }
