@@ -643,7 +643,7 @@ impl QMatrix {
     /// block of 32 for Q8_0/Q4_0, GGML's Q8_K super-blocks for the K-quants.
     fn quantize_token(&self, kernel: Kernel, x: &[f32], out: &mut [u8]) {
         if self.format.is_k() {
-            kquants::quantize_act(x, out);
+            kernels::quantize_act_k(kernel, x, out);
         } else {
             kernels::quantize_act(kernel, x, self.bias_mult(kernel), out);
         }

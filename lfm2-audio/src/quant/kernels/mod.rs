@@ -155,6 +155,21 @@ pub(crate) fn quantize_act(kernel: Kernel, x: &[f32], mult: i32, out: &mut [u8])
     }
 }
 
+/// Quantizes one token to GGML's Q8_K blocks (`kquants::quantize_act`, whose bytes every path
+/// reproduces exactly) into `out` (`kquants::act_stride(x.len())` bytes).
+pub(crate) fn quantize_act_k(kernel: Kernel, x: &[f32], out: &mut [u8]) {
+    debug_assert_eq!(x.len() % QK_K, 0);
+    debug_assert!(out.len() >= kquants::act_stride(x.len()));
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Scalar {
+        // SAFETY: every non-scalar kernel implies AVX2 (checked when the pool was built); the
+        // lengths are as required.
+        return unsafe { kx86::quantize_act(x, out) };
+    }
+    let _ = kernel;
+    kquants::quantize_act(x, out);
+}
+
 /// Writes one quantized block into lane `i` of an activation group.
 #[inline(always)]
 pub(crate) fn put_act_block(group: &mut [u8], i: usize, q: &[u8; BLOCK], d: f32, bias: i32) {
@@ -209,8 +224,8 @@ pub(crate) unsafe fn compute(
 const K_TOKEN_TILE: usize = 32;
 
 /// [`compute`] for the K-quant formats: rows in GGML's super-block layout, tokens in Q8_K.
-/// Every kernel that has AVX2 uses the AVX2 dot products; they give the same bits as the
-/// portable ones.
+/// Every kernel that has AVX2 uses the AVX2 products (`kx86::compute`); they give the same bits
+/// as the portable ones.
 ///
 /// # Safety
 /// As for [`compute`]; `w.groups` is the number of super-blocks per row and `x` holds tokens
@@ -224,16 +239,16 @@ unsafe fn compute_k(
     r1: usize,
     y: OutView,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Scalar {
+        // SAFETY: a non-scalar kernel was checked to be supported, and every one of them
+        // implies AVX2 + FMA + F16C; the rest is forwarded from this function's contract.
+        return unsafe { kx86::compute(w, x, t, r0, r1, y, K_TOKEN_TILE) };
+    }
+    let _ = kernel;
     let nb = w.groups;
     let cols = nb * QK_K;
     let q4k = w.format == Format::Q4_K;
-    #[cfg(target_arch = "x86_64")]
-    let simd = kernel != Kernel::Scalar;
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = {
-        let _ = kernel;
-        false
-    };
     let mut j0 = 0;
     while j0 < t {
         let j1 = t.min(j0 + K_TOKEN_TILE);
@@ -243,34 +258,106 @@ unsafe fn compute_k(
             for j in j0..j1 {
                 // SAFETY: token j exists and was quantized for `cols` values.
                 let act = unsafe { Act::at(x.ptr.add(j * x.stride), cols) };
-                let v = if simd {
-                    #[cfg(target_arch = "x86_64")]
-                    {
-                        // SAFETY: a non-scalar kernel was checked to be supported, and every
-                        // one of them implies AVX2 + FMA + F16C; the row and token are valid.
-                        unsafe {
-                            if q4k {
-                                kx86::dot_q4k(row, nb, &act)
-                            } else {
-                                kx86::dot_q6k(row, nb, &act)
-                            }
-                        }
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!()
+                // SAFETY: the row is `row_bytes` long.
+                let row = unsafe { std::slice::from_raw_parts(row, w.row_bytes) };
+                let v = if q4k {
+                    kquants::dot_q4k(row, &act)
                 } else {
-                    // SAFETY: the row is `row_bytes` long.
-                    let row = unsafe { std::slice::from_raw_parts(row, w.row_bytes) };
-                    if q4k {
-                        kquants::dot_q4k(row, &act)
-                    } else {
-                        kquants::dot_q6k(row, &act)
-                    }
+                    kquants::dot_q6k(row, &act)
                 };
                 // SAFETY: this thread owns row r of the output for every token.
                 unsafe { *y.ptr.add(j * y.stride + r) = v };
             }
         }
         j0 = j1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f32 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let u = (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32;
+            u / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    /// Every kernel's Q8_K activation bytes (levels, scales, sums) equal the portable ones, on
+    /// random tokens and on super-blocks built to hit the edge cases.
+    #[test]
+    fn q8_k_activations_are_identical_on_every_kernel() {
+        let mut rng = Rng(0x0DDB_A11C_AFE0_0001);
+        let mut blocks: Vec<Vec<f32>> = Vec::new();
+        for scale in [1.0, 1e-3, 1e4, 3.0e38, 1e-41] {
+            blocks.push((0..QK_K).map(|_| rng.next() * scale).collect());
+        }
+        blocks.push(vec![0.0; QK_K]);
+        let mut neg = vec![0.5f32; QK_K];
+        neg[77] = -2.0; // the largest magnitude is negative
+        blocks.push(neg);
+        let mut tie = vec![0.25f32; QK_K];
+        tie[10] = -3.0; // two of the same magnitude: the first one's sign wins
+        tie[200] = 3.0;
+        blocks.push(tie);
+        let mut tie2 = tie_flip(&blocks[blocks.len() - 1]);
+        tie2[255] = 1.0;
+        blocks.push(tie2);
+        let mut signed_zero = vec![-0.0f32; QK_K];
+        signed_zero[3] = 0.0;
+        blocks.push(signed_zero);
+        let mut huge = vec![1.0f32; QK_K];
+        huge[5] = f32::MAX;
+        huge[6] = -f32::MAX;
+        blocks.push(huge);
+        let mut inf = (0..QK_K).map(|_| rng.next()).collect::<Vec<_>>();
+        inf[100] = f32::NEG_INFINITY;
+        blocks.push(inf);
+        let mut nan = (0..QK_K).map(|_| rng.next()).collect::<Vec<_>>();
+        nan[0] = f32::NAN;
+        nan[131] = f32::NAN;
+        blocks.push(nan);
+        // A NaN right after the maximum in the same vector lane, and one in the last lane.
+        let mut nan2 = (0..QK_K).map(|_| rng.next()).collect::<Vec<_>>();
+        nan2[7] = 5.0;
+        nan2[15] = f32::NAN;
+        nan2[255] = f32::NAN;
+        blocks.push(nan2);
+        // Levels that land on halves: the scale is 1 (max -127), so x / d is x + 0.5.
+        let mut halves: Vec<f32> = (0..QK_K).map(|i| (i % 200) as f32 - 99.5).collect();
+        halves[0] = -127.0;
+        blocks.push(halves);
+        let mut tiny = vec![1e-45f32; QK_K];
+        tiny[9] = -1e-45;
+        blocks.push(tiny);
+        let x: Vec<f32> = blocks.concat();
+        // Tokens of 1 and of several super-blocks, at every offset.
+        for n in [1, 2, blocks.len()] {
+            for start in 0..=blocks.len() - n {
+                let xs = &x[start * QK_K..(start + n) * QK_K];
+                let stride = kquants::act_stride(xs.len());
+                let mut want = vec![0xA5u8; stride];
+                kquants::quantize_act(xs, &mut want);
+                for kernel in Kernel::supported() {
+                    let mut got = vec![0x5Au8; stride];
+                    quantize_act_k(kernel, xs, &mut got);
+                    let used = xs.len() + 36 * n;
+                    assert!(
+                        got[..used] == want[..used],
+                        "{kernel}: super-blocks {start}..{} differ",
+                        start + n
+                    );
+                }
+            }
+        }
+    }
+
+    fn tie_flip(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&a| -a).collect()
     }
 }
