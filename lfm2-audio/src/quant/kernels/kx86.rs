@@ -64,11 +64,29 @@ fn pick16(a: usize, b: usize) -> __m256i {
 /// # Safety
 /// The CPU must support AVX2 and F16C; `row` must point at `nb * 144` readable bytes and `x`
 /// hold at least `nb` super-blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4k(row: *const u8, nb: usize, x: &Act) -> f32 {
+/// The 8 six-bit scales and the 8 six-bit mins of a Q4_K super-block, unpacked as ggml does with
+/// 32-bit masks: bytes 0-7 the scales, 8-15 the mins.
+///
+/// # Safety
+/// `blk` points at a whole Q4_K super-block.
+#[inline(always)]
+unsafe fn q4k_scale_words(blk: *const u8) -> [u32; 4] {
     const KMASK1: u32 = 0x3f3f_3f3f;
     const KMASK2: u32 = 0x0f0f_0f0f;
     const KMASK3: u32 = 0x0303_0303;
+    let mut u = [0u32; 4];
+    // SAFETY: bytes 4..16 of the super-block, per the contract.
+    unsafe { std::ptr::copy_nonoverlapping(blk.add(4), u.as_mut_ptr().cast::<u8>(), 12) };
+    u[3] = ((u[2] >> 4) & KMASK2) | (((u[1] >> 6) & KMASK3) << 4);
+    let aux = u[1] & KMASK1;
+    u[1] = (u[2] & KMASK2) | (((u[0] >> 6) & KMASK3) << 4);
+    u[2] = aux;
+    u[0] &= KMASK1;
+    u
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4k(row: *const u8, nb: usize, x: &Act) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let picks: [__m256i; 8] = std::array::from_fn(|j| pick16(j, j));
     let mut acc = 0f32;
@@ -77,14 +95,7 @@ unsafe fn dot_q4k(row: *const u8, nb: usize, x: &Act) -> f32 {
     unsafe {
         for b in 0..nb {
             let blk = row.add(b * Q4K_BYTES);
-            // The 8 six-bit scales and mins, unpacked as ggml does with 32-bit masks.
-            let mut u = [0u32; 4];
-            std::ptr::copy_nonoverlapping(blk.add(4), u.as_mut_ptr().cast::<u8>(), 12);
-            u[3] = ((u[2] >> 4) & KMASK2) | (((u[1] >> 6) & KMASK3) << 4);
-            let aux = u[1] & KMASK1;
-            u[1] = (u[2] & KMASK2) | (((u[0] >> 6) & KMASK3) << 4);
-            u[2] = aux;
-            u[0] &= KMASK1;
+            let u = q4k_scale_words(blk);
             let scm = _mm_loadu_si128(u.as_ptr().cast());
             let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
             let mins16 = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(scm, scm));
@@ -267,9 +278,6 @@ unsafe fn tile_q4k<const R: usize, const T: usize>(
     nb: usize,
     acts: &[Act; T],
 ) -> [f32; 4] {
-    const KMASK1: u32 = 0x3f3f_3f3f;
-    const KMASK2: u32 = 0x0f0f_0f0f;
-    const KMASK3: u32 = 0x0303_0303;
     debug_assert_eq!(R * T, 4);
     let m4 = _mm256_set1_epi8(0xF);
     let picks: [__m256i; 8] = std::array::from_fn(|j| pick16(j, j));
@@ -290,13 +298,7 @@ unsafe fn tile_q4k<const R: usize, const T: usize>(
             let mut m = [_mm_setzero_si128(); 4];
             for r in 0..R {
                 let blk = wq.add(r * row_bytes + b * Q4K_BYTES);
-                let mut u = [0u32; 4];
-                std::ptr::copy_nonoverlapping(blk.add(4), u.as_mut_ptr().cast::<u8>(), 12);
-                u[3] = ((u[2] >> 4) & KMASK2) | (((u[1] >> 6) & KMASK3) << 4);
-                let aux = u[1] & KMASK1;
-                u[1] = (u[2] & KMASK2) | (((u[0] >> 6) & KMASK3) << 4);
-                u[2] = aux;
-                u[0] &= KMASK1;
+                let u = q4k_scale_words(blk);
                 let scm = _mm_loadu_si128(u.as_ptr().cast());
                 let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
                 let mins16 = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(scm, scm));
