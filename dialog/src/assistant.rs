@@ -556,9 +556,8 @@ mod tests {
     #[test]
     fn a_turn_is_answered_and_over_once_played_out() {
         let mut a = asked();
-        let begin = started("reply-1", "reply-1");
         assert_eq!(
-            a.handle(begin, speaker(100, 100)),
+            a.handle(started("reply-1", "reply-1"), speaker(100, 100)),
             vec![
                 report(&started("reply-1", "reply-1")),
                 Effect::BeginReply {

@@ -316,6 +316,24 @@ pub(crate) struct Round {
     speculative: bool,
 }
 
+impl Round {
+    /// The item of the reply of the round after the tool calls (`item-N` for round N).
+    fn next_item_id(&self) -> String {
+        format!("{}-{}", self.req.item_id, self.number)
+    }
+}
+
+/// The end of a reply that said nothing (failed, cancelled, or never begun).
+fn nothing_said(response_id: String, item_id: String, cancelled: bool) -> ConvEvent {
+    ConvEvent::ReplyDone {
+        response_id,
+        item_id,
+        text: String::new(),
+        audio_samples: 0,
+        cancelled,
+    }
+}
+
 /// Tool calls of a round, to run before the response goes on.
 pub(crate) struct ToolRun {
     round: Round,
@@ -561,11 +579,7 @@ impl Worker {
     /// [`Worker::tools_finished`] takes the results.
     fn start_tools(&mut self, conv: u64, run: ToolRun) {
         let done = self.tools_done.0.clone();
-        let round = &run.round;
-        let (response_id, item_id) = (
-            round.req.response_id.clone(),
-            format!("{}-{}", round.req.item_id, round.number),
-        );
+        let (response_id, item_id) = (run.round.req.response_id.clone(), run.round.next_item_id());
         let spawned = std::thread::Builder::new()
             .name("tool".into())
             .spawn(move || {
@@ -587,13 +601,7 @@ impl Worker {
                         item_id: Some(item_id.clone()),
                         message: format!("could not start a thread for the tool calls: {e}"),
                     });
-                    c.emit(ConvEvent::ReplyDone {
-                        response_id,
-                        item_id,
-                        text: String::new(),
-                        audio_samples: 0,
-                        cancelled: false,
-                    });
+                    c.emit(nothing_said(response_id, item_id, false));
                 }
             }
         }
@@ -648,13 +656,7 @@ impl Worker {
                             "item {failed:?} could not be added to the conversation (see the error before); no reply is made without it"
                         ),
                     });
-                    conv.emit(ConvEvent::ReplyDone {
-                        response_id: respond.response_id,
-                        item_id: respond.item_id,
-                        text: String::new(),
-                        audio_samples: 0,
-                        cancelled: false,
-                    });
+                    conv.emit(nothing_said(respond.response_id, respond.item_id, false));
                     self.convs.insert(id, conv);
                     return;
                 }
@@ -726,13 +728,11 @@ impl Worker {
                     item_id: Some(respond.item_id.clone()),
                     message: format!("{e:#}"),
                 });
-                conv.emit(ConvEvent::ReplyDone {
-                    response_id: respond.response_id.clone(),
-                    item_id: respond.item_id.clone(),
-                    text: String::new(),
-                    audio_samples: 0,
-                    cancelled: false,
-                });
+                conv.emit(nothing_said(
+                    respond.response_id.clone(),
+                    respond.item_id.clone(),
+                    false,
+                ));
                 return Ok(None);
             }
         }
@@ -784,7 +784,7 @@ impl Worker {
                 Err(e) => {
                     // The error first: it says why the reply is empty.
                     self.fail(conv, Some(round.item_id.clone()), e);
-                    Self::close_round(conv, round);
+                    Self::close_round(conv, round, false);
                     Step::Done
                 }
             };
@@ -803,7 +803,7 @@ impl Worker {
             Some(Ok(calls)) => calls,
             Some(Err(e)) => {
                 self.fail(conv, Some(round.item_id.clone()), e);
-                Self::close_round(conv, round);
+                Self::close_round(conv, round, false);
                 return Step::Done;
             }
             None => return Step::Done,
@@ -1447,16 +1447,14 @@ impl Worker {
         self.reply_round(conv, round)
     }
 
-    /// Every reply ends with ReplyDone, a failed one too, so that clients waiting for the end
-    /// of a response are never left hanging.
-    fn close_round(conv: &Conv, round: &Round) {
-        conv.emit(ConvEvent::ReplyDone {
-            response_id: round.req.response_id.clone(),
-            item_id: round.item_id.clone(),
-            text: String::new(),
-            audio_samples: 0,
-            cancelled: false,
-        })
+    /// Every reply ends with ReplyDone, a failed or cancelled one too, so that clients waiting
+    /// for the end of a response are never left hanging.
+    fn close_round(conv: &Conv, round: &Round, cancelled: bool) {
+        conv.emit(nothing_said(
+            round.req.response_id.clone(),
+            round.item_id.clone(),
+            cancelled,
+        ))
     }
 
     /// One round: a reply, and the tool calls it made if they are to be run.
@@ -1474,7 +1472,7 @@ impl Worker {
             Err(e) => {
                 // The error first: it says why the reply is empty.
                 self.fail(conv, Some(round.item_id.clone()), e);
-                Self::close_round(conv, &round);
+                Self::close_round(conv, &round, false);
                 return None;
             }
         };
@@ -1547,21 +1545,15 @@ impl Worker {
                 Content::ToolResult { call_id, output },
             ) {
                 self.fail(conv, Some(round.item_id.clone()), e);
-                Self::close_round(conv, &round);
+                Self::close_round(conv, &round, false);
                 return None;
             }
         }
-        round.item_id = format!("{}-{}", round.req.item_id, round.number);
+        round.item_id = round.next_item_id();
         if conv.cancel.check(round.seq).is_some() {
             // Cancelled while its tools ran: the response ends here, and says so (its next
             // round is over before it began).
-            conv.emit(ConvEvent::ReplyDone {
-                response_id: round.req.response_id.clone(),
-                item_id: round.item_id.clone(),
-                text: String::new(),
-                audio_samples: 0,
-                cancelled: true,
-            });
+            Self::close_round(conv, &round, true);
             return None;
         }
         Some(round)
@@ -1613,13 +1605,11 @@ impl Worker {
         let special = tok.special();
         if conv.cancel.check(seq).is_some() {
             // Cancelled before it began: nothing was said.
-            conv.emit(ConvEvent::ReplyDone {
-                response_id: response_id.to_owned(),
-                item_id: item_id.to_owned(),
-                text: String::new(),
-                audio_samples: 0,
-                cancelled: true,
-            });
+            conv.emit(nothing_said(
+                response_id.to_owned(),
+                item_id.to_owned(),
+                true,
+            ));
             return Ok(None);
         }
         anyhow::ensure!(
@@ -1882,13 +1872,7 @@ impl Worker {
             // seed of the next reply (a speculative reply the user spoke over is undone exactly).
             conv.session.truncate_to(start)?;
             conv.replies -= 1;
-            conv.emit(ConvEvent::ReplyDone {
-                response_id,
-                item_id,
-                text: String::new(),
-                audio_samples: 0,
-                cancelled,
-            });
+            conv.emit(nothing_said(response_id, item_id, cancelled));
             return Ok(Vec::new());
         }
         conv.session.prefill_text(&footer)?;
