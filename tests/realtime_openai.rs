@@ -295,10 +295,10 @@ fn a_reply_started_on_the_pause_is_the_reply_started_at_the_end() {
     assert_eq!(spec, plain, "the client sees the same turn");
 }
 
-/// Three sessions of the official client at once: two replies are generated together, and the
-/// third waits for one of them only (tests/realtime/concurrent_test.py checks the order).
+/// Three sessions of the official client at once: their replies are generated together, and
+/// none waits for another to end (tests/realtime/concurrent_test.py checks the order).
 #[test]
-fn three_sessions_share_the_engine_two_replies_at_a_time() {
+fn three_sessions_share_the_engine_and_no_reply_waits_for_another() {
     let server = Server::start(&[], &[]);
     run_client(
         ".venv-rt",

@@ -8,12 +8,13 @@
 //! instructions replaced, the oldest turns dropped when the context is full), and then the
 //! history from the first changed item on is prefilled again, once.
 //!
-//! Jobs of all conversations go through one queue, taken in turn. Up to two replies are generated
-//! at once, one step of each in turn (each in its own session, with its own audio decoder), so a
-//! reply asked for while two are in progress waits for one of them at most. A reply can be
-//! cancelled between two steps ([`Conversation::cancel`] does not wait for the queue). Tool commands the engine runs ([`ToolPolicy::Run`]) run on threads of
-//! their own: while one conversation waits for a slow tool, the others are served; its own later
-//! jobs wait, in order, until its response has gone on.
+//! Jobs of all conversations go through one queue, taken in turn. Every reply asked for is
+//! generated together with the others in progress, one step of each in turn (each in its own
+//! session, with its own audio decoder), so a reply never waits for another to end. A reply can be
+//! cancelled between two steps ([`Conversation::cancel`] does not wait for the queue). Tool
+//! commands the engine runs ([`ToolPolicy::Run`]) run on threads of their own: while one
+//! conversation waits for a slow tool, the others are served; its own later jobs wait, in order,
+//! until its response has gone on.
 //!
 //! The vocabulary (items, replies, events, tool policy) is the `dialog` crate's
 //! ([`dialog::conversation`]), re-exported here; [`Setup`] adds what only the model knows.

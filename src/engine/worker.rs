@@ -262,16 +262,9 @@ pub(crate) struct Worker {
     /// conversation: kept unrun until the turn is confirmed; dropped when the reply is cancelled
     /// or deleted. They hold nothing up.
     waiting: Vec<(u64, ToolRun)>,
-    /// The responses whose replies are in progress (at most `IN_FLIGHT` at once, but for one
-    /// going on after its tools), stepped in turn.
+    /// The responses whose replies are in progress (one per conversation at most), stepped in
+    /// turn.
     active: Vec<Active>,
-}
-
-/// Replies generated at once (one step of each in turn).
-pub(crate) const IN_FLIGHT: usize = 2;
-
-fn is_response(job: &Job) -> bool {
-    matches!(job, Job::Respond { .. } | Job::RespondApart { .. })
 }
 
 /// Where a response's reply is made.
@@ -411,11 +404,12 @@ impl Worker {
     }
 
     pub(crate) fn run(&mut self, jobs: Receiver<Job>) {
-        // Conversations are served in turn (`FairQueue`), and up to `IN_FLIGHT` replies are
-        // generated at once, one step of each in turn: a reply asked for while others are in
-        // progress starts as soon as one of them is over. Between two rounds of steps, one job
-        // of another conversation runs (an item to prefill, a transcription). A conversation
-        // with a reply in progress or tools running is passed over (its jobs keep their order).
+        // Conversations are served in turn (`FairQueue`), and every reply asked for is
+        // generated at once with the others in progress, one step of each in turn: a reply never
+        // waits for another to end, only for the jobs in front of it. Between two rounds of
+        // steps, one job of another conversation runs (an item to prefill, a transcription). A
+        // conversation with a reply in progress or tools running is passed over (its jobs keep
+        // their order).
         // Background transcriptions wait until nothing else is queued or in progress, and give
         // way within one token to any job that arrives meanwhile (then start again later): the
         // words of a turn that are only for the record must never hold up a reply.
@@ -438,15 +432,13 @@ impl Worker {
                 // Every handle is gone (and with them every conversation).
                 break;
             }
-            let room = self.active.len() < IN_FLIGHT;
             let busy: HashSet<u64> = self
                 .held
                 .iter()
                 .copied()
                 .chain(self.active.iter().map(|a| a.conv))
                 .collect();
-            let job =
-                queue.pop_where(|conv, job| !busy.contains(&conv) && (room || !is_response(job)));
+            let job = queue.pop_where(|conv, _| !busy.contains(&conv));
             match job {
                 Some(Job::Shutdown) => break,
                 Some(

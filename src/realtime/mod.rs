@@ -3,7 +3,7 @@
 //! Voice clients written for the OpenAI Realtime API (the official SDKs, pipecat and LiveKit
 //! plugins, browser demos) connect to `ws://ADDR/v1/realtime` and talk to the local model
 //! unchanged. Each connection is one session with its own conversation in the engine; the one
-//! engine serves them in turn and generates up to two replies at once, a step of each in turn.
+//! engine serves them in turn and generates their replies together, a step of each in turn.
 //!
 //! - [`protocol`]: client events parsed from text frames (both the beta and the GA dialect),
 //!   server events written in the client's dialect.
