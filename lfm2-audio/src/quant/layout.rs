@@ -18,6 +18,14 @@
 //! the block scales are applied with one convert and one fused multiply-add per 16 blocks instead
 //! of per block. Rows are padded with zero blocks to whole groups (no model shape needs it).
 //!
+//! Rows are stored in *tiles* of [`TILE_ROWS`]: tile by tile, and inside a tile group by group,
+//! the tile's rows one after the other ([`tile_offset`]); the scales follow the same order. A
+//! decode product reads the rows of a tile together, group by group, so its whole read is one
+//! sequential stream, which the hardware prefetcher follows. In plain row order the rows of a
+//! tile would be that many short streams (a 2048-value Q4_0 row is 1 KiB), too short for the
+//! prefetcher to pick up: on a Zen 3 core that read ran at about 60 % of the sequential one. The
+//! last tile is padded with zero rows.
+//!
 //! The quantized activation of one token uses the same interleaving, 640 bytes per group:
 //! `[0, 512)` the i8 values, `[512, 576)` 16 f32 block scales, `[576, 640)` 16 i32 correction
 //! terms `-c * sum(q)` (the zero-point of the unsigned weight operand: c = 128 for Q8_0 and 8 for
@@ -38,6 +46,18 @@ pub const ACT_D: usize = 512;
 pub const ACT_BIAS: usize = 576;
 /// Bytes per activation group.
 pub const ACT_GROUP: usize = 640;
+
+/// Rows per tile (see the module's documentation). Every micro-tile of rows a kernel computes at
+/// once lies inside one tile.
+pub const TILE_ROWS: usize = 4;
+
+/// Offset of group `g` of row `r` in a matrix stored in tiles, whose rows hold `per_row`
+/// elements (bytes of quants, or scales) in groups of `per_group`: the tile's rows are
+/// `per_group` apart, its groups `TILE_ROWS * per_group`.
+#[inline]
+pub fn tile_offset(r: usize, g: usize, per_row: usize, per_group: usize) -> usize {
+    (r / TILE_ROWS) * TILE_ROWS * per_row + g * TILE_ROWS * per_group + (r % TILE_ROWS) * per_group
+}
 
 /// Offset inside a Q8_0 group of value `e` (0..32) of block lane `i`.
 #[inline]

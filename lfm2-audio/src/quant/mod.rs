@@ -296,7 +296,13 @@ impl QMatrix {
         };
         // Padding to whole groups can make the layout larger than the values (16x for a single
         // block per row), so check again.
-        let bytes = rows
+        // Interleaved formats are stored in whole tiles of rows (`layout::tile_offset`).
+        let stored_rows = if format.is_k() {
+            rows
+        } else {
+            rows.next_multiple_of(layout::TILE_ROWS)
+        };
+        let bytes = stored_rows
             .checked_mul(groups * format.group_bytes())
             .filter(|&b| b <= isize::MAX as usize / 2)
             .ok_or_else(|| invalid(format!("shape {rows}x{cols} is too large")))?;
@@ -314,7 +320,7 @@ impl QMatrix {
             scales: if format.is_k() {
                 Vec::new()
             } else {
-                vec![f16::ZERO; rows * groups * GROUP_BLOCKS]
+                vec![f16::ZERO; stored_rows * groups * GROUP_BLOCKS]
             },
         })
     }
@@ -366,11 +372,19 @@ impl QMatrix {
     }
 
     /// Calls `f(row, row_quants, row_scales)` for every row, rows split over the available
-    /// cores (quantizing or converting a 1.2 B-parameter model is seconds of work).
+    /// cores (quantizing or converting a 1.2 B-parameter model is seconds of work). `f` sees
+    /// each row on its own, in row order (as a K-quant row is stored); an interleaved row is
+    /// then placed into its tile.
     fn fill_rows(&mut self, f: impl Fn(usize, &mut [u8], &mut [f16]) + Sync) {
         let (rows, row_bytes, row_scales) = (self.rows, self.row_bytes(), self.row_scales());
+        let tiled = !self.format.is_k();
+        let (gq, fill) = (
+            self.format.group_bytes(),
+            if self.format == Format::Q8_0 { 0x80 } else { 0 },
+        );
         let threads = Threads::available().min(rows.div_ceil(64)).max(1);
-        let per = rows.div_ceil(threads);
+        // Whole tiles per thread, so that each thread's rows are one contiguous range.
+        let per = rows.div_ceil(threads).next_multiple_of(layout::TILE_ROWS);
         let f = &f;
         std::thread::scope(|scope| {
             let quants = self.quants.as_mut_slice().chunks_mut(per * row_bytes);
@@ -381,9 +395,29 @@ impl QMatrix {
                 let (s, rest) = std::mem::take(&mut scales).split_at_mut(n * row_scales);
                 scales = rest;
                 scope.spawn(move || {
-                    for (i, qr) in q.chunks_exact_mut(row_bytes).enumerate() {
-                        let sr = &mut s[i * row_scales..(i + 1) * row_scales];
-                        f(c * per + i, qr, sr);
+                    let first = c * per;
+                    let count = n.min(rows.saturating_sub(first));
+                    if !tiled {
+                        for (i, qr) in q.chunks_exact_mut(row_bytes).take(count).enumerate() {
+                            f(first + i, qr, &mut []);
+                        }
+                        return;
+                    }
+                    let (mut qr, mut sr) = (vec![0u8; row_bytes], vec![f16::ZERO; row_scales]);
+                    for i in 0..count {
+                        qr.fill(fill);
+                        sr.fill(f16::ZERO);
+                        f(first + i, &mut qr, &mut sr);
+                        for (g, (qg, sg)) in qr
+                            .chunks_exact(gq)
+                            .zip(sr.chunks_exact(GROUP_BLOCKS))
+                            .enumerate()
+                        {
+                            let at = layout::tile_offset(i, g, row_bytes, gq);
+                            q[at..at + gq].copy_from_slice(qg);
+                            let at = layout::tile_offset(i, g, row_scales, GROUP_BLOCKS);
+                            s[at..at + GROUP_BLOCKS].copy_from_slice(sg);
+                        }
                     }
                 });
             }
@@ -454,9 +488,13 @@ impl QMatrix {
     /// GGML's bytes of block `b` of row `r`: the scale and the quant bytes (32 for Q8_0, the 16
     /// packed bytes followed by 16 zeros for Q4_0).
     fn ggml_block(&self, r: usize, b: usize) -> (f16, [u8; BLOCK]) {
-        let base = r * self.row_bytes() + (b / GROUP_BLOCKS) * self.format.group_bytes();
-        let i = b % GROUP_BLOCKS;
-        let q = &self.quants.as_slice()[base..base + self.format.group_bytes()];
+        let (g, i, gq) = (
+            b / GROUP_BLOCKS,
+            b % GROUP_BLOCKS,
+            self.format.group_bytes(),
+        );
+        let base = layout::tile_offset(r, g, self.row_bytes(), gq);
+        let q = &self.quants.as_slice()[base..base + gq];
         let mut out = [0u8; BLOCK];
         match self.format {
             Format::Q8_0 => {
@@ -471,7 +509,8 @@ impl QMatrix {
             }
             Format::Q4_K | Format::Q6_K => unreachable!("K-quants are stored as GGML blocks"),
         }
-        (self.scales[r * self.row_scales() + b], out)
+        let scales = layout::tile_offset(r, g, self.row_scales(), GROUP_BLOCKS);
+        (self.scales[scales + i], out)
     }
 
     /// Writes row `r` dequantized into `out` (`cols` values).

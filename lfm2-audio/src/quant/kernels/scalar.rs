@@ -1,7 +1,7 @@
 //! Portable kernels: the reference for the SIMD paths and the fallback on CPUs without them.
 
 use super::{put_act_block, zero_act_lanes, ActView, OutView, WeightView};
-use crate::quant::layout::{ACT_BIAS, ACT_D, ACT_GROUP, BLOCK, GROUP, GROUP_BLOCKS};
+use crate::quant::layout::{tile_offset, ACT_BIAS, ACT_D, ACT_GROUP, BLOCK, GROUP, GROUP_BLOCKS};
 
 pub(super) fn quantize_act(x: &[f32], mult: i32, out: &mut [u8]) {
     for (g, group) in out.chunks_exact_mut(ACT_GROUP).enumerate() {
@@ -44,17 +44,20 @@ fn read_i32(b: &[u8], o: usize) -> i32 {
 /// `w` must have at least `r + 1` rows and `x` at least `j + 1` tokens of `w.groups` groups.
 unsafe fn dot(w: &WeightView, x: &ActView, r: usize, j: usize) -> f32 {
     let gq = if w.q4 { GROUP / 2 } else { GROUP };
-    // SAFETY: per this function's contract, both ranges lie inside live buffers.
-    let (wq, ws, xa) = unsafe {
-        (
-            std::slice::from_raw_parts(w.quants.add(r * w.row_bytes), w.row_bytes),
-            std::slice::from_raw_parts(w.scales.add(r * w.row_scales), w.row_scales),
-            std::slice::from_raw_parts(x.ptr.add(j * x.stride), w.groups * ACT_GROUP),
-        )
-    };
+    // SAFETY: per this function's contract, the token lies inside a live buffer.
+    let xa = unsafe { std::slice::from_raw_parts(x.ptr.add(j * x.stride), w.groups * ACT_GROUP) };
     let mut acc = 0f32;
     for g in 0..w.groups {
-        let wg = &wq[g * gq..(g + 1) * gq];
+        // SAFETY: group g of row r lies inside the matrix (its tile is stored whole).
+        let (wg, ws) = unsafe {
+            (
+                std::slice::from_raw_parts(w.quants.add(tile_offset(r, g, w.row_bytes, gq)), gq),
+                std::slice::from_raw_parts(
+                    w.scales.add(tile_offset(r, g, w.row_scales, GROUP_BLOCKS)),
+                    GROUP_BLOCKS,
+                ),
+            )
+        };
         let xg = &xa[g * ACT_GROUP..(g + 1) * ACT_GROUP];
         for i in 0..GROUP_BLOCKS {
             let mut s = read_i32(xg, ACT_BIAS + 4 * i);
@@ -74,7 +77,7 @@ unsafe fn dot(w: &WeightView, x: &ActView, r: usize, j: usize) -> f32 {
                     s += wq as i32 * xq;
                 }
             }
-            let scale = ws[g * GROUP_BLOCKS + i].to_f32() * read_f32(xg, ACT_D + 4 * i);
+            let scale = ws[i].to_f32() * read_f32(xg, ACT_D + 4 * i);
             acc += s as f32 * scale;
         }
     }

@@ -9,7 +9,9 @@
 //! f32 accumulator, which is summed across lanes once at the end.
 
 use super::{put_act_block, zero_act_lanes, ActView, OutView, WeightView};
-use crate::quant::layout::{ACT_BIAS, ACT_D, ACT_GROUP, BLOCK, GROUP};
+use crate::quant::layout::{
+    tile_offset, ACT_BIAS, ACT_D, ACT_GROUP, BLOCK, GROUP, GROUP_BLOCKS, TILE_ROWS,
+};
 use core::arch::x86_64::*;
 use std::arch::is_x86_feature_detected as has;
 
@@ -275,25 +277,22 @@ unsafe fn store<const R: usize, const T: usize>(
     }
 }
 
-/// Rows are contiguous, so the rows of the next decode micro-tile follow the current ones in
-/// memory. Each row is short (1 to 8 KiB), too short for the hardware prefetcher to ramp up
-/// on every stream, so when decoding the same group of the rows `PF_AHEAD` rows further on is
-/// requested explicitly, keeping more cache misses in flight.
+/// Decode reads the weights as one sequential stream (a tile's rows group by group, tile after
+/// tile: see `layout`). The hardware prefetcher follows it, and each group step also requests
+/// the bytes `PF_STEPS` group steps further on explicitly, which keeps more cache misses in
+/// flight than the prefetcher alone (`bytes`: the bytes of one group step of the micro-tile).
 #[inline(always)]
-fn prefetch_next_rows<const R: usize>(wg: *const u8, row_bytes: usize, gq: usize) {
-    for i in 0..R {
-        let row = wg.wrapping_add((i + PF_AHEAD) * row_bytes);
-        for line in (0..gq).step_by(64) {
-            // SAFETY: prefetching is only a hint and never faults, even past the end of the
-            // matrix (the address is computed with wrapping arithmetic, never dereferenced).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast()) };
-        }
+fn prefetch_ahead(wg: *const u8, step: usize, bytes: usize) {
+    let at = wg.wrapping_add(PF_STEPS * step);
+    for line in (0..bytes).step_by(64) {
+        // SAFETY: prefetching is only a hint and never faults, even past the end of the
+        // matrix (the address is computed with wrapping arithmetic, never dereferenced).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line).cast()) };
     }
 }
 
-/// How many rows ahead decode prefetches: one micro-tile (measured: +10-15 % GB/s over no
-/// software prefetch on 8192x2048; two or four tiles ahead gain less).
-const PF_AHEAD: usize = MV_ROWS;
+/// How many group steps ahead decode prefetches (2 to 4 KiB of Q4_0 / Q8_0 with 4-row tiles).
+const PF_STEPS: usize = 2;
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512 VNNI.
@@ -316,17 +315,21 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
     // SAFETY: every pointer below stays inside rows r..r+R of the weights (row_bytes and
     // row_scales apart) and tokens j..j+T of the activations (stride apart), group by group.
     unsafe {
-        let wq = w.quants.add(r * w.row_bytes);
-        let ws = w.scales.add(r * w.row_scales);
+        let gq = if Q4 { GROUP / 2 } else { GROUP };
+        debug_assert!(
+            r % TILE_ROWS + R <= TILE_ROWS,
+            "a micro-tile inside one tile"
+        );
+        let wq = w.quants.add(tile_offset(r, 0, w.row_bytes, gq));
+        let ws = w.scales.add(tile_offset(r, 0, w.row_scales, GROUP_BLOCKS));
         let xa = x.ptr.add(j * x.stride);
         let nib = _mm512_set1_epi8(0x0F);
         let mut facc = [[_mm512_setzero_ps(); T]; R];
-        let gq = if Q4 { GROUP / 2 } else { GROUP };
         for g in g0..g1 {
-            let wg = wq.add(g * gq);
+            let wg = wq.add(g * TILE_ROWS * gq);
             let xg = xa.add(g * ACT_GROUP);
             if T == 1 {
-                prefetch_next_rows::<R>(wg, w.row_bytes, gq);
+                prefetch_ahead(wg, TILE_ROWS * gq, R * gq);
             }
             let xv = |t: usize, k: usize| _mm512_load_si512(xg.add(t * x.stride + k * 64).cast());
             let mut acc = [[_mm512_setzero_si512(); T]; R];
@@ -346,7 +349,7 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
                 for p in 0..4 {
                     let (xl, xh) = (xv(0, p), xv(0, p + 4));
                     for i in 0..R {
-                        let raw = _mm512_loadu_si512(wg.add(i * w.row_bytes + p * 64).cast());
+                        let raw = _mm512_loadu_si512(wg.add(i * gq + p * 64).cast());
                         acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], _mm512_and_si512(raw, nib), xl);
                         hi[i] = _mm512_dpbusd_epi32(hi[i], _mm512_and_si512(raw, hmask), xh);
                     }
@@ -360,7 +363,7 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
                     // nibbles (reloaded from L1 rather than kept, to save registers) match p + 4.
                     let mut wv = [_mm512_setzero_si512(); R];
                     for (i, v) in wv.iter_mut().enumerate() {
-                        let raw = _mm512_loadu_si512(wg.add(i * w.row_bytes + p * 64).cast());
+                        let raw = _mm512_loadu_si512(wg.add(i * gq + p * 64).cast());
                         *v = _mm512_and_si512(raw, nib);
                     }
                     for t in 0..T {
@@ -370,7 +373,7 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
                         }
                     }
                     for (i, v) in wv.iter_mut().enumerate() {
-                        let raw = _mm512_loadu_si512(wg.add(i * w.row_bytes + p * 64).cast());
+                        let raw = _mm512_loadu_si512(wg.add(i * gq + p * 64).cast());
                         *v = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nib);
                     }
                     for t in 0..T {
@@ -384,7 +387,7 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
                 for k in 0..8 {
                     let mut wv = [_mm512_setzero_si512(); R];
                     for (i, v) in wv.iter_mut().enumerate() {
-                        *v = _mm512_loadu_si512(wg.add(i * w.row_bytes + k * 64).cast());
+                        *v = _mm512_loadu_si512(wg.add(i * gq + k * 64).cast());
                     }
                     for t in 0..T {
                         let xv = xv(t, k);
@@ -396,7 +399,7 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
             }
             for i in 0..R {
                 let dw =
-                    _mm512_cvtph_ps(_mm256_loadu_si256(ws.add(i * w.row_scales + g * 16).cast()));
+                    _mm512_cvtph_ps(_mm256_loadu_si256(ws.add((g * TILE_ROWS + i) * 16).cast()));
                 for t in 0..T {
                     let dx = _mm512_load_ps(xg.add(t * x.stride + ACT_D).cast());
                     facc[i][t] = _mm512_fmadd_ps(
@@ -448,25 +451,29 @@ macro_rules! tile256 {
         ) -> [[f32; T]; R] {
             // SAFETY: as in `tile512`: all pointers stay inside the tile's rows and tokens.
             unsafe {
-                let wq = w.quants.add(r * w.row_bytes);
-                let ws = w.scales.add(r * w.row_scales);
+                let gq = if Q4 { GROUP / 2 } else { GROUP };
+                debug_assert!(
+                    r % TILE_ROWS + R <= TILE_ROWS,
+                    "a micro-tile inside one tile"
+                );
+                let wq = w.quants.add(tile_offset(r, 0, w.row_bytes, gq));
+                let ws = w.scales.add(tile_offset(r, 0, w.row_scales, GROUP_BLOCKS));
                 let xa = x.ptr.add(j * x.stride);
                 let nib = _mm256_set1_epi8(0x0F);
                 let $q4 = Q4;
                 let mut facc = [[_mm256_setzero_ps(); T]; R];
-                let gq = if Q4 { GROUP / 2 } else { GROUP };
                 for g in g0..g1 {
-                    let wg = wq.add(g * gq);
+                    let wg = wq.add(g * TILE_ROWS * gq);
                     let xg = xa.add(g * ACT_GROUP);
                     if T == 1 {
-                        prefetch_next_rows::<R>(wg, w.row_bytes, gq);
+                        prefetch_ahead(wg, TILE_ROWS * gq, R * gq);
                     }
                     for h in 0..2 {
                         let xv = |t: usize, k: usize| {
                             _mm256_load_si256(xg.add(t * x.stride + k * 64 + h * 32).cast())
                         };
                         let wl = |i: usize, k: usize| {
-                            _mm256_loadu_si256(wg.add(i * w.row_bytes + k * 64 + h * 32).cast())
+                            _mm256_loadu_si256(wg.add(i * gq + k * 64 + h * 32).cast())
                         };
                         let mut acc = [[_mm256_setzero_si256(); T]; R];
                         for t in 0..T {
@@ -530,7 +537,7 @@ macro_rules! tile256 {
                         }
                         for i in 0..R {
                             let dw = _mm256_cvtph_ps(_mm_loadu_si128(
-                                ws.add(i * w.row_scales + g * 16 + h * 8).cast(),
+                                ws.add((g * TILE_ROWS + i) * 16 + h * 8).cast(),
                             ));
                             for t in 0..T {
                                 let dx =
