@@ -488,10 +488,10 @@ pub(crate) fn q6k_finish(acc: f32, blk: &[u8], dx: f32, sumi: i32) -> f32 {
     acc + (dx * d) * sumi as f32
 }
 
-/// Dot product of a Q4_K row with a Q8_K token.
-pub(crate) fn dot_q4k(row: &[u8], x: &Act) -> f32 {
+/// Dot product of a Q4_K row (its super-blocks in order) with a Q8_K token.
+pub(crate) fn dot_q4k<'a>(row: impl Iterator<Item = &'a [u8]>, x: &Act) -> f32 {
     let mut acc = 0f32;
-    for (b, blk) in row.chunks_exact(Q4K_BYTES).enumerate() {
+    for (b, blk) in row.enumerate() {
         let (sc, summ) = q4k_scales(blk, x, b);
         let xq = &x.qs[b * QK_K..(b + 1) * QK_K];
         let qs = &blk[16..];
@@ -510,10 +510,10 @@ pub(crate) fn dot_q4k(row: &[u8], x: &Act) -> f32 {
     acc
 }
 
-/// Dot product of a Q6_K row with a Q8_K token.
-pub(crate) fn dot_q6k(row: &[u8], x: &Act) -> f32 {
+/// Dot product of a Q6_K row (its super-blocks in order) with a Q8_K token.
+pub(crate) fn dot_q6k<'a>(row: impl Iterator<Item = &'a [u8]>, x: &Act) -> f32 {
     let mut acc = 0f32;
-    for (b, blk) in row.chunks_exact(Q6K_BYTES).enumerate() {
+    for (b, blk) in row.enumerate() {
         let xq = &x.qs[b * QK_K..(b + 1) * QK_K];
         let mut sumi = 0i32;
         for s in 0..16 {

@@ -24,7 +24,8 @@
 //! sequential stream, which the hardware prefetcher follows. In plain row order the rows of a
 //! tile would be that many short streams (a 2048-value Q4_0 row is 1 KiB), too short for the
 //! prefetcher to pick up: on a Zen 3 core that read ran at about 60 % of the sequential one. The
-//! last tile is padded with zero rows.
+//! last tile is padded with zero rows. The K-quants (Q4_K, Q6_K) keep GGML's super-blocks as they
+//! are, tiled the same way with one super-block as the group.
 //!
 //! The quantized activation of one token uses the same interleaving, 640 bytes per group:
 //! `[0, 512)` the i8 values, `[512, 576)` 16 f32 block scales, `[576, 640)` 16 i32 correction

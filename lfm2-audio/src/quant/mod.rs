@@ -246,9 +246,10 @@ pub struct QMatrix {
     format: Format,
     /// Interleaved groups per row (`ceil(cols / 512)`).
     groups: usize,
-    /// `rows * groups * format.group_bytes()` bytes, 64-byte aligned.
+    /// `groups * format.group_bytes()` bytes per row, rows in tiles (`layout::tile_offset`, the
+    /// last tile padded), 64-byte aligned.
     quants: AlignedBuf,
-    /// `rows * groups * 16` block scales.
+    /// `groups * 16` block scales per row, in the same tiles (none for the K-quants).
     scales: Vec<f16>,
 }
 
@@ -296,12 +297,8 @@ impl QMatrix {
         };
         // Padding to whole groups can make the layout larger than the values (16x for a single
         // block per row), so check again.
-        // Interleaved formats are stored in whole tiles of rows (`layout::tile_offset`).
-        let stored_rows = if format.is_k() {
-            rows
-        } else {
-            rows.next_multiple_of(layout::TILE_ROWS)
-        };
+        // Stored in whole tiles of rows (`layout::tile_offset`).
+        let stored_rows = rows.next_multiple_of(layout::TILE_ROWS);
         let bytes = stored_rows
             .checked_mul(groups * format.group_bytes())
             .filter(|&b| b <= isize::MAX as usize / 2)
@@ -373,11 +370,10 @@ impl QMatrix {
 
     /// Calls `f(row, row_quants, row_scales)` for every row, rows split over the available
     /// cores (quantizing or converting a 1.2 B-parameter model is seconds of work). `f` sees
-    /// each row on its own, in row order (as a K-quant row is stored); an interleaved row is
-    /// then placed into its tile.
+    /// each row on its own, in row order; the row is then placed into its tile group by group
+    /// (a K-quant "group" is one super-block, and it has no separate scales).
     fn fill_rows(&mut self, f: impl Fn(usize, &mut [u8], &mut [f16]) + Sync) {
         let (rows, row_bytes, row_scales) = (self.rows, self.row_bytes(), self.row_scales());
-        let tiled = !self.format.is_k();
         let (gq, fill) = (
             self.format.group_bytes(),
             if self.format == Format::Q8_0 { 0x80 } else { 0 },
@@ -397,24 +393,16 @@ impl QMatrix {
                 scope.spawn(move || {
                     let first = c * per;
                     let count = n.min(rows.saturating_sub(first));
-                    if !tiled {
-                        for (i, qr) in q.chunks_exact_mut(row_bytes).take(count).enumerate() {
-                            f(first + i, qr, &mut []);
-                        }
-                        return;
-                    }
                     let (mut qr, mut sr) = (vec![0u8; row_bytes], vec![f16::ZERO; row_scales]);
                     for i in 0..count {
                         qr.fill(fill);
                         sr.fill(f16::ZERO);
                         f(first + i, &mut qr, &mut sr);
-                        for (g, (qg, sg)) in qr
-                            .chunks_exact(gq)
-                            .zip(sr.chunks_exact(GROUP_BLOCKS))
-                            .enumerate()
-                        {
+                        for (g, qg) in qr.chunks_exact(gq).enumerate() {
                             let at = layout::tile_offset(i, g, row_bytes, gq);
                             q[at..at + gq].copy_from_slice(qg);
+                        }
+                        for (g, sg) in sr.chunks_exact(GROUP_BLOCKS).enumerate() {
                             let at = layout::tile_offset(i, g, row_scales, GROUP_BLOCKS);
                             s[at..at + GROUP_BLOCKS].copy_from_slice(sg);
                         }
@@ -438,7 +426,8 @@ impl QMatrix {
         }
         let mut m = Self::zeroed(rows, cols, format)?;
         if format.is_k() {
-            m.quants.as_mut_slice().copy_from_slice(data);
+            let row_in = m.row_bytes();
+            m.fill_rows(|r, qr, _| qr.copy_from_slice(&data[r * row_in..(r + 1) * row_in]));
             return Ok(m);
         }
         let row_in = cols / BLOCK * bb;
@@ -470,7 +459,13 @@ impl QMatrix {
     /// llama.cpp stores for the same tensor and type.
     pub fn to_ggml(&self) -> Vec<u8> {
         if self.format.is_k() {
-            return self.quants.as_slice().to_vec();
+            let mut out = Vec::with_capacity(self.ggml_bytes());
+            for r in 0..self.rows {
+                for b in 0..self.groups {
+                    out.extend_from_slice(self.k_block(r, b));
+                }
+            }
+            return out;
         }
         let bb = self.format.block_bytes();
         let nb = self.cols / BLOCK;
@@ -483,6 +478,13 @@ impl QMatrix {
             }
         }
         out
+    }
+
+    /// Super-block `b` of row `r` of a K-quant matrix (GGML's bytes).
+    fn k_block(&self, r: usize, b: usize) -> &[u8] {
+        let bb = self.format.block_bytes();
+        let at = layout::tile_offset(r, b, self.row_bytes(), bb);
+        &self.quants.as_slice()[at..at + bb]
     }
 
     /// GGML's bytes of block `b` of row `r`: the scale and the quant bytes (32 for Q8_0, the 16
@@ -529,9 +531,8 @@ impl QMatrix {
             )));
         }
         if self.format.is_k() {
-            let bb = self.format.block_bytes();
-            let row = &self.quants.as_slice()[r * self.row_bytes()..(r + 1) * self.row_bytes()];
-            for (blk, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK_K)) {
+            for (b, o) in out.chunks_exact_mut(QK_K).enumerate() {
+                let blk = self.k_block(r, b);
                 if self.format == Format::Q4_K {
                     kquants::dequantize_q4_k(blk, o);
                 } else {

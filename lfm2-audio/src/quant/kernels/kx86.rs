@@ -4,6 +4,7 @@
 
 use super::{ActView, OutView, WeightView};
 use crate::quant::kquants::{q4k_finish, q6k_finish, Act, Q4K_BYTES, Q6K_BYTES, QK_K};
+use crate::quant::layout::{tile_offset, TILE_ROWS};
 use crate::quant::Format;
 use core::arch::x86_64::*;
 
@@ -59,11 +60,6 @@ fn pick16(a: usize, b: usize) -> __m256i {
     )
 }
 
-/// Dot product of a Q4_K row (`nb` super-blocks at `row`) with token `x`.
-///
-/// # Safety
-/// The CPU must support AVX2 and F16C; `row` must point at `nb * 144` readable bytes and `x`
-/// hold at least `nb` super-blocks.
 /// The 8 six-bit scales and the 8 six-bit mins of a Q4_K super-block, unpacked as ggml does with
 /// 32-bit masks: bytes 0-7 the scales, 8-15 the mins.
 ///
@@ -85,8 +81,14 @@ unsafe fn q4k_scale_words(blk: *const u8) -> [u32; 4] {
     u
 }
 
+/// Dot product of a Q4_K row (`nb` super-blocks at `row`, `step` bytes apart: rows are stored
+/// in tiles, see `layout`) with token `x`.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C; `row` must point at `nb` super-blocks of 144 readable
+/// bytes, `step` apart, and `x` hold at least `nb` super-blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4k(row: *const u8, nb: usize, x: &Act) -> f32 {
+unsafe fn dot_q4k(row: *const u8, step: usize, nb: usize, x: &Act) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let picks: [__m256i; 8] = std::array::from_fn(|j| pick16(j, j));
     let mut acc = 0f32;
@@ -94,7 +96,7 @@ unsafe fn dot_q4k(row: *const u8, nb: usize, x: &Act) -> f32 {
     // token (256 values, 16 sums), per the contract.
     unsafe {
         for b in 0..nb {
-            let blk = row.add(b * Q4K_BYTES);
+            let blk = row.add(b * step);
             let u = q4k_scale_words(blk);
             let scm = _mm_loadu_si128(u.as_ptr().cast());
             let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
@@ -130,12 +132,12 @@ unsafe fn dot_q4k(row: *const u8, nb: usize, x: &Act) -> f32 {
     acc
 }
 
-/// Dot product of a Q6_K row (`nb` super-blocks at `row`) with token `x`.
+/// Dot product of a Q6_K row (`nb` super-blocks at `row`, `step` bytes apart) with token `x`.
 ///
 /// # Safety
-/// As for [`dot_q4k`], with `nb * 210` bytes of row.
+/// As for [`dot_q4k`], with super-blocks of 210 bytes.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q6k(row: *const u8, nb: usize, x: &Act) -> f32 {
+unsafe fn dot_q6k(row: *const u8, step: usize, nb: usize, x: &Act) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let m3 = _mm256_set1_epi8(3);
     let picks = [pick16(0, 1), pick16(2, 3), pick16(4, 5), pick16(6, 7)];
@@ -143,7 +145,7 @@ unsafe fn dot_q6k(row: *const u8, nb: usize, x: &Act) -> f32 {
     // SAFETY: as in `dot_q4k`, within super-block b of the row (210 bytes) and of the token.
     unsafe {
         for b in 0..nb {
-            let blk = row.add(b * Q6K_BYTES);
+            let blk = row.add(b * step);
             let sc = blk.add(192);
             let xq = x.qs.as_ptr().add(b * QK_K);
             // 32 * sum_s sc_s * bsum_s, subtracted from the level products (levels are q + 32).
@@ -211,20 +213,20 @@ fn hsum4_i32x4(v: [__m128i; 4]) -> __m128i {
 /// read (the f16 at `o + 2`) only if `PAIR`, else zero.
 ///
 /// # Safety
-/// Rows `0..R` at `wq`, `row_bytes` apart, must hold super-block `b` of `blk_bytes` bytes, and
-/// the f16 values read must lie inside it.
+/// Rows `0..R` at `wq`, `row_step` apart, must hold super-block `b` at `b * blk_step`, and the
+/// f16 values read must lie inside it.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn lane_f16<const R: usize, const T: usize, const PAIR: bool>(
     wq: *const u8,
-    row_bytes: usize,
+    row_step: usize,
     b: usize,
-    blk_bytes: usize,
+    blk_step: usize,
     o: usize,
 ) -> (__m128, __m128) {
     let mut h = [0u16; 8];
     for l in 0..4 {
-        let p = wq.wrapping_add((l / T) * row_bytes + b * blk_bytes + o);
+        let p = wq.wrapping_add((l / T) * row_step + b * blk_step + o);
         // SAFETY: per this function's contract.
         unsafe {
             h[2 * l] = std::ptr::read_unaligned(p.cast());
@@ -248,21 +250,23 @@ fn lane_dx<const T: usize>(acts: &[Act; T], b: usize) -> __m128 {
     unsafe { _mm_loadu_ps(d.as_ptr()) }
 }
 
-/// Requests super-block `b` of the rows `R` rows further on (the next decode micro-tile), so
-/// that more cache misses are in flight than the hardware prefetcher keeps for short rows.
+/// Decode reads a tile's rows super-block by super-block, tile after tile: one sequential
+/// stream (see `layout`). Requests the `len` bytes `PF_STEPS` steps of `step` bytes further on
+/// than `at`, so that more cache misses are in flight than the hardware prefetcher keeps.
 #[inline(always)]
-fn prefetch_blocks<const R: usize>(wq: *const u8, row_bytes: usize, off: usize, len: usize) {
-    for i in 0..R {
-        let p = wq.wrapping_add((R + i) * row_bytes + off);
-        for line in (0..len).step_by(64) {
-            // SAFETY: prefetching is only a hint and never faults, even past the end of the
-            // matrix (wrapping arithmetic, never dereferenced).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast()) };
-        }
+fn prefetch_ahead(at: *const u8, step: usize, len: usize) {
+    let p = at.wrapping_add(PF_STEPS * step);
+    for line in (0..len).step_by(64) {
+        // SAFETY: prefetching is only a hint and never faults, even past the end of the matrix
+        // (wrapping arithmetic, never dereferenced).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast()) };
     }
 }
 
-/// Rows `0..R` at `wq` (Q4_K, `nb` super-blocks each, `row_bytes` apart) times tokens
+/// Super-block steps decode prefetches ahead.
+const PF_STEPS: usize = 2;
+
+/// Rows `0..R` of a tile at `wq` (Q4_K, `nb` super-blocks each, stored in tiles) times tokens
 /// `acts[0..T]`, `R * T == 4`: `out[r * T + t]`. Each (row, token) pair's super-block sums are
 /// the exact integers of [`dot_q4k`] and are finished with the same f32 operations in the same
 /// order, four pairs at a time in the lanes of one vector, so the results are the same bits.
@@ -274,11 +278,12 @@ fn prefetch_blocks<const R: usize>(wq: *const u8, row_bytes: usize, off: usize, 
 #[allow(clippy::needless_range_loop)] // indices address the 2-D tiles of sums
 unsafe fn tile_q4k<const R: usize, const T: usize>(
     wq: *const u8,
-    row_bytes: usize,
     nb: usize,
     acts: &[Act; T],
 ) -> [f32; 4] {
     debug_assert_eq!(R * T, 4);
+    // A tile's rows are one super-block apart, its super-blocks `TILE_ROWS` of them.
+    let step = TILE_ROWS * Q4K_BYTES;
     let m4 = _mm256_set1_epi8(0xF);
     let picks: [__m256i; 8] = std::array::from_fn(|j| pick16(j, j));
     let mut acc = _mm_setzero_ps();
@@ -286,7 +291,7 @@ unsafe fn tile_q4k<const R: usize, const T: usize>(
     unsafe {
         for b in 0..nb {
             if T == 1 {
-                prefetch_blocks::<R>(wq, row_bytes, b * Q4K_BYTES, Q4K_BYTES);
+                prefetch_ahead(wq.add(b * step), step, R * Q4K_BYTES);
             }
             // Sums of the 8 sub-blocks of 32 of each token.
             let bs8: [__m128i; T] = std::array::from_fn(|t| {
@@ -297,7 +302,7 @@ unsafe fn tile_q4k<const R: usize, const T: usize>(
             let mut s = [_mm256_setzero_si256(); 4];
             let mut m = [_mm_setzero_si128(); 4];
             for r in 0..R {
-                let blk = wq.add(r * row_bytes + b * Q4K_BYTES);
+                let blk = wq.add(r * Q4K_BYTES + b * step);
                 let u = q4k_scale_words(blk);
                 let scm = _mm_loadu_si128(u.as_ptr().cast());
                 let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
@@ -325,7 +330,7 @@ unsafe fn tile_q4k<const R: usize, const T: usize>(
             }
             let sumi = _mm_cvtepi32_ps(hsum4_i32(s));
             let summ = _mm_cvtepi32_ps(hsum4_i32x4(m));
-            let (d, dmin) = lane_f16::<R, T, true>(wq, row_bytes, b, Q4K_BYTES, 0);
+            let (d, dmin) = lane_f16::<R, T, true>(wq, Q4K_BYTES, b, step, 0);
             let dx = lane_dx::<T>(acts, b);
             // acc + ((dx * d) * sumi - (dx * dmin) * summ), as `q4k_finish`.
             let a = _mm_mul_ps(_mm_mul_ps(dx, d), sumi);
@@ -347,11 +352,12 @@ unsafe fn tile_q4k<const R: usize, const T: usize>(
 #[allow(clippy::needless_range_loop)] // indices address the 2-D tiles of sums
 unsafe fn tile_q6k<const R: usize, const T: usize>(
     wq: *const u8,
-    row_bytes: usize,
     nb: usize,
     acts: &[Act; T],
 ) -> [f32; 4] {
     debug_assert_eq!(R * T, 4);
+    // A tile's rows are one super-block apart, its super-blocks `TILE_ROWS` of them.
+    let step = TILE_ROWS * Q6K_BYTES;
     let m4 = _mm256_set1_epi8(0xF);
     let m3 = _mm256_set1_epi8(3);
     let picks = [pick16(0, 1), pick16(2, 3), pick16(4, 5), pick16(6, 7)];
@@ -360,14 +366,14 @@ unsafe fn tile_q6k<const R: usize, const T: usize>(
     unsafe {
         for b in 0..nb {
             if T == 1 {
-                prefetch_blocks::<R>(wq, row_bytes, b * Q6K_BYTES, Q6K_BYTES);
+                prefetch_ahead(wq.add(b * step), step, R * Q6K_BYTES);
             }
             let bs: [__m256i; T] = std::array::from_fn(|t| {
                 _mm256_loadu_si256(acts[t].bsums.as_ptr().add(32 * b).cast())
             });
             let mut s = [_mm256_setzero_si256(); 4];
             for r in 0..R {
-                let blk = wq.add(r * row_bytes + b * Q6K_BYTES);
+                let blk = wq.add(r * Q6K_BYTES + b * step);
                 let sc = blk.add(192);
                 // 32 * sum_s sc_s * bsum_s, subtracted from the level products (levels are q + 32).
                 let sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.cast()));
@@ -407,7 +413,7 @@ unsafe fn tile_q6k<const R: usize, const T: usize>(
                 }
             }
             let sumi = _mm_cvtepi32_ps(hsum4_i32(s));
-            let (d, _) = lane_f16::<R, T, false>(wq, row_bytes, b, Q6K_BYTES, 208);
+            let (d, _) = lane_f16::<R, T, false>(wq, Q6K_BYTES, b, step, 208);
             let dx = lane_dx::<T>(acts, b);
             // acc + (dx * d) * sumi, as `q6k_finish`.
             acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(dx, d), sumi));
@@ -561,16 +567,17 @@ unsafe fn compute_format<const Q4: bool>(
 ) {
     let nb = w.groups;
     let cols = nb * QK_K;
-    // SAFETY (all blocks below): rows r0..r1 exist and are `row_bytes` long, tokens 0..t were
+    // SAFETY (all blocks below): rows r0..r1 exist (stored in whole tiles), tokens 0..t were
     // quantized for `cols` values, and this thread owns rows r0..r1 of the output.
     let act = |j: usize| unsafe { Act::at(x.ptr.add(j * x.stride), cols) };
-    let row = |r: usize| unsafe { w.quants.add(r * w.row_bytes) };
+    let blk = if Q4 { Q4K_BYTES } else { Q6K_BYTES };
+    let row = |r: usize| unsafe { w.quants.add(tile_offset(r, 0, w.row_bytes, blk)) };
     let put = |j: usize, r: usize, v: f32| unsafe { *y.ptr.add(j * y.stride + r) = v };
     let one = |r: usize, a: &Act| unsafe {
         if Q4 {
-            dot_q4k(row(r), nb, a)
+            dot_q4k(row(r), TILE_ROWS * blk, nb, a)
         } else {
-            dot_q6k(row(r), nb, a)
+            dot_q6k(row(r), TILE_ROWS * blk, nb, a)
         }
     };
     unsafe {
@@ -579,9 +586,9 @@ unsafe fn compute_format<const Q4: bool>(
             let mut r = r0;
             while r + 4 <= r1 {
                 let v = if Q4 {
-                    tile_q4k::<4, 1>(row(r), w.row_bytes, nb, &a)
+                    tile_q4k::<4, 1>(row(r), nb, &a)
                 } else {
-                    tile_q6k::<4, 1>(row(r), w.row_bytes, nb, &a)
+                    tile_q6k::<4, 1>(row(r), nb, &a)
                 };
                 for (i, &v) in v.iter().enumerate() {
                     put(0, r + i, v);
@@ -601,9 +608,9 @@ unsafe fn compute_format<const Q4: bool>(
                 while j + 4 <= j1 {
                     let a = [act(j), act(j + 1), act(j + 2), act(j + 3)];
                     let v = if Q4 {
-                        tile_q4k::<1, 4>(row(r), w.row_bytes, nb, &a)
+                        tile_q4k::<1, 4>(row(r), nb, &a)
                     } else {
-                        tile_q6k::<1, 4>(row(r), w.row_bytes, nb, &a)
+                        tile_q6k::<1, 4>(row(r), nb, &a)
                     };
                     for (i, &v) in v.iter().enumerate() {
                         put(j + i, r, v);

@@ -3,7 +3,7 @@
 //! sums; they differ only in the order in which the scaled f32 partial sums are added.
 
 use super::kquants::{self, Act, QK_K};
-use super::layout::{ACT_BIAS, ACT_D, ACT_GROUP, ACT_Q, BLOCK, GROUP_BLOCKS};
+use super::layout::{self, ACT_BIAS, ACT_D, ACT_GROUP, ACT_Q, BLOCK, GROUP_BLOCKS};
 use super::Format;
 use half::f16;
 
@@ -252,18 +252,27 @@ unsafe fn compute_k(
     let mut j0 = 0;
     while j0 < t {
         let j1 = t.min(j0 + K_TOKEN_TILE);
+        let bb = w.format.block_bytes();
         for r in r0..r1 {
-            // SAFETY: row r exists (r < r1 <= rows) and is `row_bytes` long.
-            let row = unsafe { w.quants.add(r * w.row_bytes) };
+            let row = || {
+                (0..nb).map(move |b| {
+                    // SAFETY: row r exists (r < r1 <= rows, stored in whole tiles), so each of
+                    // its super-blocks lies inside the matrix.
+                    unsafe {
+                        std::slice::from_raw_parts(
+                            w.quants.add(layout::tile_offset(r, b, w.row_bytes, bb)),
+                            bb,
+                        )
+                    }
+                })
+            };
             for j in j0..j1 {
                 // SAFETY: token j exists and was quantized for `cols` values.
                 let act = unsafe { Act::at(x.ptr.add(j * x.stride), cols) };
-                // SAFETY: the row is `row_bytes` long.
-                let row = unsafe { std::slice::from_raw_parts(row, w.row_bytes) };
                 let v = if q4k {
-                    kquants::dot_q4k(row, &act)
+                    kquants::dot_q4k(row(), &act)
                 } else {
-                    kquants::dot_q6k(row, &act)
+                    kquants::dot_q6k(row(), &act)
                 };
                 // SAFETY: this thread owns row r of the output for every token.
                 unsafe { *y.ptr.add(j * y.stride + r) = v };
