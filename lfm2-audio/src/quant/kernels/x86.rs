@@ -510,6 +510,40 @@ macro_rules! tile256 {
                                 acc[i][0] =
                                     _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i], ones));
                             }
+                        } else if $i16 && Q4 {
+                            // Prefill, 4-bit: the same bound as for decode lets the 8 products
+                            // of a block lane add up in i16, one vpmaddwd per row, token and
+                            // half-group instead of one per vector and token.
+                            let mut s16 = [[_mm256_setzero_si256(); T]; R];
+                            for k in 0..8 {
+                                let mut wv = [_mm256_setzero_si256(); R];
+                                for (i, v) in wv.iter_mut().enumerate() {
+                                    let raw = wl(i, k % 4);
+                                    *v = if k < 4 {
+                                        _mm256_and_si256(raw, nib)
+                                    } else {
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nib)
+                                    };
+                                }
+                                for t in 0..T {
+                                    let x = xv(t, k);
+                                    for i in 0..R {
+                                        s16[i][t] = _mm256_add_epi16(
+                                            s16[i][t],
+                                            _mm256_maddubs_epi16(wv[i], x),
+                                        );
+                                    }
+                                }
+                            }
+                            let ones = _mm256_set1_epi16(1);
+                            for i in 0..R {
+                                for t in 0..T {
+                                    acc[i][t] = _mm256_add_epi32(
+                                        acc[i][t],
+                                        _mm256_madd_epi16(s16[i][t], ones),
+                                    );
+                                }
+                            }
                         } else {
                             for k in 0..8 {
                                 let mut wv = [_mm256_setzero_si256(); R];
