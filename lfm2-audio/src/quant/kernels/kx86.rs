@@ -2,6 +2,7 @@
 //! super-block's integer sums are exact; they are reduced to scalars and finished with the same
 //! f32 operations as the portable kernel, so the results are bit-identical to it.
 
+use super::x86::prefetch_ahead;
 use super::{ActView, OutView, WeightView};
 use crate::quant::kquants::{q4k_finish, q6k_finish, Act, Q4K_BYTES, Q6K_BYTES, QK_K};
 use crate::quant::layout::{tile_offset, TILE_ROWS};
@@ -249,22 +250,6 @@ fn lane_dx<const T: usize>(acts: &[Act; T], b: usize) -> __m128 {
     // SAFETY: a local array of 4 f32; SSE is part of the x86-64 baseline.
     unsafe { _mm_loadu_ps(d.as_ptr()) }
 }
-
-/// Decode reads a tile's rows super-block by super-block, tile after tile: one sequential
-/// stream (see `layout`). Requests the `len` bytes `PF_STEPS` steps of `step` bytes further on
-/// than `at`, so that more cache misses are in flight than the hardware prefetcher keeps.
-#[inline(always)]
-fn prefetch_ahead(at: *const u8, step: usize, len: usize) {
-    let p = at.wrapping_add(PF_STEPS * step);
-    for line in (0..len).step_by(64) {
-        // SAFETY: prefetching is only a hint and never faults, even past the end of the matrix
-        // (wrapping arithmetic, never dereferenced).
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast()) };
-    }
-}
-
-/// Super-block steps decode prefetches ahead.
-const PF_STEPS: usize = 2;
 
 /// Rows `0..R` of a tile at `wq` (Q4_K, `nb` super-blocks each, stored in tiles) times tokens
 /// `acts[0..T]`, `R * T == 4`: `out[r * T + t]`. Each (row, token) pair's super-block sums are

@@ -277,12 +277,37 @@ unsafe fn store<const R: usize, const T: usize>(
     }
 }
 
+/// Where the first group of the micro-tile of rows `r..r+R` starts (its quants, `gq` bytes a
+/// group, and its scales); in that tile, row `i` of group `g` is `(g * TILE_ROWS + i)` groups on.
+///
+/// # Safety
+/// Rows `r..r+R` must exist in `w`.
+#[inline(always)]
+unsafe fn tile_start<const R: usize>(
+    w: &WeightView,
+    r: usize,
+    gq: usize,
+) -> (*const u8, *const half::f16) {
+    debug_assert!(
+        r % TILE_ROWS + R <= TILE_ROWS,
+        "a micro-tile inside one tile"
+    );
+    // SAFETY: per this function's contract, row r's first group lies inside the matrix.
+    unsafe {
+        (
+            w.quants.add(tile_offset(r, 0, w.row_bytes, gq)),
+            w.scales.add(tile_offset(r, 0, w.row_scales, GROUP_BLOCKS)),
+        )
+    }
+}
+
 /// Decode reads the weights as one sequential stream (a tile's rows group by group, tile after
 /// tile: see `layout`). The hardware prefetcher follows it, and each group step also requests
 /// the bytes `PF_STEPS` group steps further on explicitly, which keeps more cache misses in
-/// flight than the prefetcher alone (`bytes`: the bytes of one group step of the micro-tile).
+/// flight than the prefetcher alone (`step`: the bytes of one group step of a tile, `bytes`:
+/// those of the micro-tile). The K-quant kernels use it too, a super-block being their group.
 #[inline(always)]
-fn prefetch_ahead(wg: *const u8, step: usize, bytes: usize) {
+pub(super) fn prefetch_ahead(wg: *const u8, step: usize, bytes: usize) {
     let at = wg.wrapping_add(PF_STEPS * step);
     for line in (0..bytes).step_by(64) {
         // SAFETY: prefetching is only a hint and never faults, even past the end of the
@@ -312,16 +337,11 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
     g0: usize,
     g1: usize,
 ) -> [[f32; T]; R] {
-    // SAFETY: every pointer below stays inside rows r..r+R of the weights (row_bytes and
-    // row_scales apart) and tokens j..j+T of the activations (stride apart), group by group.
+    // SAFETY: every pointer below stays inside rows r..r+R of the weights (in their tile) and
+    // tokens j..j+T of the activations (stride apart), group by group.
     unsafe {
         let gq = if Q4 { GROUP / 2 } else { GROUP };
-        debug_assert!(
-            r % TILE_ROWS + R <= TILE_ROWS,
-            "a micro-tile inside one tile"
-        );
-        let wq = w.quants.add(tile_offset(r, 0, w.row_bytes, gq));
-        let ws = w.scales.add(tile_offset(r, 0, w.row_scales, GROUP_BLOCKS));
+        let (wq, ws) = tile_start::<R>(w, r, gq);
         let xa = x.ptr.add(j * x.stride);
         let nib = _mm512_set1_epi8(0x0F);
         let mut facc = [[_mm512_setzero_ps(); T]; R];
@@ -452,12 +472,7 @@ macro_rules! tile256 {
             // SAFETY: as in `tile512`: all pointers stay inside the tile's rows and tokens.
             unsafe {
                 let gq = if Q4 { GROUP / 2 } else { GROUP };
-                debug_assert!(
-                    r % TILE_ROWS + R <= TILE_ROWS,
-                    "a micro-tile inside one tile"
-                );
-                let wq = w.quants.add(tile_offset(r, 0, w.row_bytes, gq));
-                let ws = w.scales.add(tile_offset(r, 0, w.row_scales, GROUP_BLOCKS));
+                let (wq, ws) = tile_start::<R>(w, r, gq);
                 let xa = x.ptr.add(j * x.stride);
                 let nib = _mm256_set1_epi8(0x0F);
                 let $q4 = Q4;
