@@ -50,6 +50,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
@@ -69,5 +70,21 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Keeps the memory of large freed buffers in the process instead of returning it to the
+/// system at once. A prefill allocates and frees tensors of up to `positions x 8192` floats (16 MB
+/// for 512 positions) in every layer; with glibc's defaults they came from fresh `mmap`s or a heap
+/// trimmed after each free, and the kernel zeroed their pages again on every first touch (page
+/// faults were 4-5 % of a prefill's samples). Buffers up to 64 MiB now come from the heap, which
+/// is trimmed only when 256 MiB lie free at its top. The peak memory is unchanged.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 16 << 20);
     }
 }
