@@ -498,39 +498,13 @@ macro_rules! tile256 {
                                 a[t] = bias;
                             }
                         }
-                        if $i16 && Q4 && T == 1 {
-                            // Decode, 4-bit, vpmaddubsw: a nibble (0..15) times an i8 (|x| <=
-                            // 127) pair-summed is at most 3810 in magnitude, so the 8 products
-                            // of a block lane add up in i16 without saturating (30480 < 32767);
-                            // one vpmaddwd per row and half-group then widens them, instead of
-                            // one per vector.
-                            let mut s16 = [_mm256_setzero_si256(); R];
-                            for p in 0..4 {
-                                let (xl, xh) = (xv(0, p), xv(0, p + 4));
-                                for i in 0..R {
-                                    let raw = wl(i, p);
-                                    let lo = _mm256_and_si256(raw, nib);
-                                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nib);
-                                    s16[i] = _mm256_add_epi16(
-                                        s16[i],
-                                        _mm256_add_epi16(
-                                            _mm256_maddubs_epi16(lo, xl),
-                                            _mm256_maddubs_epi16(hi, xh),
-                                        ),
-                                    );
-                                }
-                            }
-                            let ones = _mm256_set1_epi16(1);
-                            for i in 0..R {
-                                acc[i][0] =
-                                    _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i], ones));
-                            }
-                        } else if $i16 && Q4 {
-                            // Prefill, 4-bit: the same bound as for decode lets the 8 products
-                            // of a block lane add up in i16, one vpmaddwd per row, token and
-                            // half-group instead of one per vector and token. Each packed
-                            // vector is loaded and split into its two nibble halves once for
-                            // all T tokens.
+                        if $i16 && Q4 {
+                            // 4-bit, vpmaddubsw: a nibble (0..15) times an i8 (|x| <= 127)
+                            // pair-summed is at most 3810 in magnitude, so the 8 products of a
+                            // block lane add up in i16 without saturating (30480 < 32767); one
+                            // vpmaddwd per row, token and half-group then widens them, instead
+                            // of one per vector and token. Each packed vector is loaded and
+                            // split into its two nibble halves once for all T tokens.
                             let mut s16 = [[_mm256_setzero_si256(); T]; R];
                             for p in 0..4 {
                                 let mut xl = [_mm256_setzero_si256(); T];
@@ -553,18 +527,24 @@ macro_rules! tile256 {
                                         );
                                     }
                                 }
-                                // Pin the R x T sums to registers at the end of each step.
-                                // Left alone, LLVM hoists the loads and products of later
-                                // steps above this point and spills the sums to the stack (a
-                                // 4 x 2 tile needs all 16 vector registers): about 60 more
-                                // instructions per half-group. The empty asm emits nothing.
-                                for row in s16.iter_mut() {
-                                    for v in row.iter_mut() {
-                                        core::arch::asm!(
-                                            "/* {0} */",
-                                            inout(ymm_reg) * v,
-                                            options(nostack, preserves_flags)
-                                        );
+                                // With several tokens (prefill), pin the R x T sums to
+                                // registers at the end of each step. Left alone, LLVM hoists
+                                // the loads and products of later steps above this point and
+                                // spills the sums to the stack (a 4 x 2 tile needs all 16
+                                // vector registers): about 60 more instructions per
+                                // half-group. The empty asm emits nothing. Decode (one token)
+                                // is left free to load ahead.
+                                if T > 1 {
+                                    // Plain nested loops: they unroll, which keeps every
+                                    // sum in a register (a `flatten` did not, and spilled).
+                                    for row in s16.iter_mut() {
+                                        for v in row.iter_mut() {
+                                            core::arch::asm!(
+                                                "/* {0} */",
+                                                inout(ymm_reg) * v,
+                                                options(nostack, preserves_flags)
+                                            );
+                                        }
                                     }
                                 }
                             }
