@@ -249,10 +249,10 @@ unsafe fn compute_k(
     let nb = w.groups;
     let cols = nb * QK_K;
     let q4k = w.format == Format::Q4_K;
+    let bb = w.format.block_bytes();
     let mut j0 = 0;
     while j0 < t {
         let j1 = t.min(j0 + K_TOKEN_TILE);
-        let bb = w.format.block_bytes();
         for r in r0..r1 {
             let row = || {
                 (0..nb).map(move |b| {
