@@ -395,6 +395,7 @@ fn spawn(
     ))
 }
 
+mod background;
 #[cfg(test)]
 mod tests;
 mod worker;

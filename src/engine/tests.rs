@@ -13,6 +13,7 @@ use lfm2_audio::prompt::{ChatState, Item};
 use lfm2_audio::sampling::SamplingParams;
 use lfm2_audio::session::Session;
 
+use super::background::Background;
 use super::worker::{strip_specials, Body, Conv, Worker};
 use super::*;
 
@@ -626,6 +627,33 @@ fn a_cancel_covers_earlier_replies_only() {
     )));
 }
 
+/// The reference's greedy ASR of the clip, and whether it ended by itself (else it stopped at its
+/// step limit and is a prefix of ours).
+fn reference_transcript(model: &Lfm2AudioModel) -> (String, bool) {
+    let path = fixture().join("../asr/what_time_16k.json");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let gen = &reference["generate"];
+    let ids: Vec<u32> = gen["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["text"].as_u64().unwrap() as u32)
+        .take_while(|&id| id != model.tokenizer.special().im_end)
+        .collect();
+    let want = strip_specials(&model.tokenizer.decode_readable(&ids).unwrap());
+    (want.trim().to_owned(), !gen["im_end_at"].is_null())
+}
+
+fn assert_reference_transcript(model: &Lfm2AudioModel, text: &str) {
+    let (want, ended) = reference_transcript(model);
+    if ended {
+        assert_eq!(text, want);
+    } else {
+        assert!(text.starts_with(&want), "{text:?} vs {want:?}");
+    }
+}
+
 /// Input transcription is the reference's greedy ASR of the clip, and leaves the conversation
 /// as it was.
 #[test]
@@ -640,23 +668,59 @@ fn transcripts_match_the_reference_asr() {
         other => panic!("{other:?}"),
     };
     assert_eq!(conv.session.len(), len);
-    let path = fixture().join("../asr/what_time_16k.json");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let gen = &reference["generate"];
-    let ids: Vec<u32> = gen["items"]
-        .as_array()
+    assert_reference_transcript(&model, &text);
+}
+
+/// A background transcript gives way between any two steps (a few prompt positions or one
+/// token), keeps what it did, and made in many sittings it is the reference's ASR, as made in
+/// one; from the encoding its conversation item kept, or from the clip.
+#[test]
+fn a_background_transcript_gives_way_at_every_step_and_is_the_reference_asr() {
+    let model = model();
+    let w = worker(&model, EngineOptions::default());
+    let (mut conv, _rx) = open(&w, setup(10));
+    assert!(conv.encoded(&clip()).is_none());
+    w.add(&mut conv, "u1".into(), Content::UserAudio(clip()))
+        .unwrap();
+    let kept = conv.encoded(&clip()).expect("the item's encoding is kept");
+    let fresh = model.audio.embed(&clip()).unwrap();
+    assert_eq!(
+        kept.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        fresh.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+
+    let whole = Background::new(0, "u1".into(), clip())
+        .resume(&model, None, 448, || false)
         .unwrap()
-        .iter()
-        .map(|i| i["text"].as_u64().unwrap() as u32)
-        .take_while(|&id| id != model.tokenizer.special().im_end)
-        .collect();
-    let want = strip_specials(&model.tokenizer.decode_readable(&ids).unwrap());
-    if gen["im_end_at"].is_null() {
-        // The reference stopped at its step limit: ours goes on from the same start.
-        assert!(text.starts_with(want.trim()), "{text:?} vs {want:?}");
-    } else {
-        assert_eq!(text, want.trim());
+        .expect("nothing asked it to stop");
+    assert_reference_transcript(&model, &whole);
+
+    for encoded in [Some(kept), None] {
+        let mut bg = Background::new(0, "u1".into(), clip());
+        let mut sittings = 0;
+        let text = loop {
+            // Each sitting is let through one check, so it makes exactly one step.
+            let checks = std::cell::Cell::new(0);
+            let before = bg.positions();
+            let done = bg
+                .resume(&model, encoded.clone(), 448, || {
+                    checks.set(checks.get() + 1);
+                    checks.get() > 2
+                })
+                .unwrap();
+            sittings += 1;
+            assert!(
+                bg.positions() - before <= super::background::PIECE,
+                "one sitting went from {before} to {} positions",
+                bg.positions()
+            );
+            if let Some(text) = done {
+                break text;
+            }
+            assert!(sittings < 2000);
+        };
+        assert_eq!(text, whole);
+        assert!(sittings > 10, "{sittings} sittings");
     }
 }
 

@@ -27,6 +27,7 @@ use lfm2_audio::sampling::{Sampler, SamplingParams};
 use lfm2_audio::session::Session;
 use lfm2_audio::tokenizer::TextStream;
 
+use super::background::Background;
 use super::{
     Cancel, Content, ConvEvent, EngineOptions, Job, Output, Placement, Respond, Setup, ToolPolicy,
     Usage,
@@ -133,9 +134,31 @@ pub(crate) struct Conv {
     /// An item that could not be added since the last reply was asked for: the next reply is
     /// refused rather than made without it.
     failed_add: Option<String>,
+    /// The last clips of user speech encoded for items, with their encodings: a transcript of
+    /// the same clip starts from it instead of encoding it again.
+    encoded: std::collections::VecDeque<(Vec<f32>, Tensor)>,
 }
 
+/// Encoded clips a conversation keeps (the daemon transcribes the last turn, or the one before
+/// when the next has begun).
+const ENCODED_KEPT: usize = 2;
+
 impl Conv {
+    /// The encoding of `audio` if it was encoded for an item lately.
+    pub(crate) fn encoded(&self, audio: &[f32]) -> Option<Tensor> {
+        self.encoded
+            .iter()
+            .find(|(a, _)| a.as_slice() == audio)
+            .map(|(_, emb)| emb.clone())
+    }
+
+    fn remember_encoding(&mut self, audio: Vec<f32>, emb: &Tensor) {
+        if self.encoded.len() == ENCODED_KEPT {
+            self.encoded.pop_front();
+        }
+        self.encoded.push_back((audio, emb.clone()));
+    }
+
     fn emit(&self, ev: ConvEvent) {
         // A client that went away no longer listens; the engine carries on.
         let _ = self.events.send(ev);
@@ -414,7 +437,7 @@ impl Worker {
         // way within one token to any job that arrives meanwhile (then start again later): the
         // words of a turn that are only for the record must never hold up a reply.
         let mut queue = FairQueue::default();
-        let mut deferred: std::collections::VecDeque<Job> = Default::default();
+        let mut deferred: std::collections::VecDeque<Background> = Default::default();
         let tools_done = self.tools_done.1.clone();
         let mut open = true;
         loop {
@@ -441,11 +464,13 @@ impl Worker {
             let job = queue.pop_where(|conv, _| !busy.contains(&conv));
             match job {
                 Some(Job::Shutdown) => break,
-                Some(
-                    job @ Job::Transcribe {
-                        background: true, ..
-                    },
-                ) => deferred.push_back(job),
+                Some(Job::Transcribe {
+                    conv,
+                    item_id,
+                    audio,
+                    background: true,
+                    ..
+                }) => deferred.push_back(Background::new(conv, item_id, audio)),
                 Some(Job::Open {
                     conv,
                     setup,
@@ -477,9 +502,9 @@ impl Worker {
                 Some(job) => self.conversation_job(job),
                 None if self.active.is_empty() => {
                     // Nothing to run and no reply in progress.
-                    if let Some(job) = deferred.pop_front() {
-                        if let Some(job) = self.transcribe_unless(job, &jobs) {
-                            deferred.push_front(job);
+                    if let Some(mut bg) = deferred.pop_front() {
+                        if !self.transcribe_unless(&mut bg, &jobs) {
+                            deferred.push_front(bg);
                         }
                         continue;
                     }
@@ -824,42 +849,32 @@ impl Worker {
         }
     }
 
-    /// Runs a deferred transcription job, unless another job arrives first: then returns it
-    /// to be run again later.
-    fn transcribe_unless(&mut self, job: Job, jobs: &Receiver<Job>) -> Option<Job> {
-        let Job::Transcribe {
-            conv,
-            item_id,
-            audio,
-            ..
-        } = job
-        else {
-            return None;
-        };
+    /// Goes on with a deferred transcription until it is complete (true; also when its
+    /// conversation is gone or it failed) or another job arrives (false: it gives way within one
+    /// step, keeping what it did).
+    fn transcribe_unless(&mut self, bg: &mut Background, jobs: &Receiver<Job>) -> bool {
         // A closed conversation has nobody to report to.
-        let c = self.convs.remove(&conv)?;
-        let tools_done = self.tools_done.1.clone();
-        let result = self.transcribe_until(&c, item_id.clone(), &audio, false, || {
-            !jobs.is_empty() || !tools_done.is_empty()
-        });
-        self.convs.insert(conv, c);
-        match result {
-            Ok(true) => None,
-            Ok(false) => Some(Job::Transcribe {
-                conv,
-                item_id,
-                audio,
-                stream: false,
-                background: true,
-            }),
+        let Some(c) = self.convs.get(&bg.conv) else {
+            return true;
+        };
+        let tools_done = &self.tools_done.1;
+        let stop = || !jobs.is_empty() || !tools_done.is_empty();
+        let encoded = c.encoded(&bg.audio);
+        match bg.resume(&self.model, encoded, self.max_transcript_tokens, stop) {
+            Ok(Some(text)) => {
+                c.emit(ConvEvent::Transcript {
+                    item_id: bg.item_id.clone(),
+                    text,
+                });
+                true
+            }
+            Ok(None) => false,
             Err(e) => {
-                if let Some(c) = self.convs.get(&conv) {
-                    c.emit(ConvEvent::Error {
-                        item_id: Some(item_id),
-                        message: format!("{e:#}"),
-                    });
-                }
-                None
+                c.emit(ConvEvent::Error {
+                    item_id: Some(bg.item_id.clone()),
+                    message: format!("{e:#}"),
+                });
+                true
             }
         }
     }
@@ -1014,6 +1029,7 @@ impl Worker {
             calls: 0,
             call_ids: Default::default(),
             failed_add: None,
+            encoded: Default::default(),
         })
     }
 
@@ -1181,6 +1197,7 @@ impl Worker {
                     .audio
                     .embed(&audio)
                     .context("encoding the user's speech")?;
+                conv.remember_encoding(audio, &emb);
                 vec![
                     Part::Text(prompt::turn_start(tok, "user")?),
                     Part::AudioIn(emb),
@@ -1311,6 +1328,8 @@ impl Worker {
         Ok(())
     }
 
+    /// The transcript of `audio` (the clip of item `item_id`), with the clip's encoding from
+    /// its item when the conversation still has it.
     pub(crate) fn transcribe(
         &self,
         conv: &Conv,
@@ -1318,33 +1337,16 @@ impl Worker {
         audio: &[f32],
         stream: bool,
     ) -> anyhow::Result<()> {
-        self.transcribe_until(conv, item_id, audio, stream, || false)
-            .map(|_| ())
-    }
-
-    /// [`transcribe`](Self::transcribe), given up (false, nothing reported) as soon as `stop`
-    /// says so between two tokens.
-    fn transcribe_until(
-        &self,
-        conv: &Conv,
-        item_id: String,
-        audio: &[f32],
-        stream: bool,
-        stop: impl Fn() -> bool,
-    ) -> anyhow::Result<bool> {
         let model = &self.model;
-        if stop() {
-            return Ok(false);
-        }
-        let emb = model.audio.embed(audio).context("encoding the speech")?;
+        let emb = match conv.encoded(audio) {
+            Some(emb) => emb,
+            None => model.audio.embed(audio).context("encoding the speech")?,
+        };
         let chat = asr_chat(&model.tokenizer, emb)?;
         let mut session = Session::new(model.backbone.clone())?;
         let hidden = prefill_chat(&mut session, &chat)?;
         let mut sampler = Sampler::new(SamplingParams::GREEDY, 0);
         let special = model.tokenizer.special();
-        if stop() {
-            return Ok(false);
-        }
         // Streamed pieces add up to the final text exactly: no special tokens, nothing of the
         // white space the final text trims (held back until more text follows), and what the
         // stream held back (an incomplete character at the end) sent with the final text.
@@ -1357,16 +1359,13 @@ impl Worker {
                 text: text.to_owned(),
             })
         };
-        let (ids, why) = generate_text(
+        let (ids, _) = generate_text(
             &mut session,
             &hidden,
             &mut sampler,
             self.max_transcript_tokens,
             &[special.im_end],
             |id| {
-                if stop() {
-                    return Ok(false);
-                }
                 if stream {
                     if let Some(piece) = pieces.push(&model.tokenizer, id)? {
                         streamed.push_str(&strip_specials(&piece));
@@ -1380,9 +1379,6 @@ impl Worker {
                 Ok(true)
             },
         )?;
-        if why == lfm2_audio::generate::StopReason::Cancelled {
-            return Ok(false);
-        }
         let text = strip_specials(&model.tokenizer.decode_readable(&ids)?)
             .trim()
             .to_owned();
@@ -1395,7 +1391,7 @@ impl Worker {
             }
         }
         conv.emit(ConvEvent::Transcript { item_id, text });
-        Ok(true)
+        Ok(())
     }
 
     /// A reply, and with [`ToolPolicy::Run`] the rounds of tool calls that follow it, the tools

@@ -1,0 +1,139 @@
+//! Transcripts of user turns for the record, made when the engine has nothing else to do.
+//!
+//! Such a transcript must never hold up a reply. It is made in small steps (a few positions of
+//! its prompt, or one token) and gives way between any two of them as soon as a job comes; what
+//! it has done is kept, and the next idle moment takes it up where it stopped. The clip's encoding
+//! is the one its conversation item was made from, when that is still at hand, so the encoder
+//! (which cannot stop half-way) does not run again.
+//!
+//! The prompt always goes through in the same pieces, whether the transcript gives way or not:
+//! a transcript made in many sittings is the one made in a single sitting.
+
+use candle_core::Tensor;
+use lfm2_audio::generate::asr_chat;
+use lfm2_audio::model::Lfm2AudioModel;
+use lfm2_audio::prompt::Item;
+use lfm2_audio::sampling::{Sampler, SamplingParams};
+use lfm2_audio::session::Session;
+
+use super::worker::strip_specials;
+
+/// Prompt positions prefilled between two chances to give way: a small piece costs a weight read
+/// of its own, but it keeps a reply that comes meanwhile waiting for tens of milliseconds, not for
+/// the whole prompt.
+pub(crate) const PIECE: usize = 4;
+
+/// A transcription waiting for, or between, its idle moments.
+pub(crate) struct Background {
+    pub(crate) conv: u64,
+    pub(crate) item_id: String,
+    pub(crate) audio: Vec<f32>,
+    progress: Option<Progress>,
+}
+
+/// How far a transcript got.
+struct Progress {
+    session: Session,
+    /// The prompt's input embeddings and kinds, and how many of its positions are prefilled.
+    prompt: Tensor,
+    items: Vec<Item>,
+    done: usize,
+    /// The state of the last position so far, once the prompt is in.
+    hidden: Option<Tensor>,
+    ids: Vec<u32>,
+    sampler: Sampler,
+}
+
+impl Background {
+    pub(crate) fn new(conv: u64, item_id: String, audio: Vec<f32>) -> Self {
+        Self {
+            conv,
+            item_id,
+            audio,
+            progress: None,
+        }
+    }
+
+    /// Positions of the transcript's session so far (prompt and tokens).
+    #[cfg(test)]
+    pub(crate) fn positions(&self) -> usize {
+        self.progress.as_ref().map_or(0, |p| p.session.len())
+    }
+
+    /// Goes on with the transcript: the text once it is complete, or None when `stop` asked it
+    /// to give way (it is called between every two steps). `encoded` is the clip's encoding if
+    /// it is at hand; otherwise the clip is encoded here. At most `max_tokens` tokens.
+    pub(crate) fn resume(
+        &mut self,
+        model: &Lfm2AudioModel,
+        encoded: Option<Tensor>,
+        max_tokens: usize,
+        stop: impl Fn() -> bool,
+    ) -> anyhow::Result<Option<String>> {
+        if stop() {
+            return Ok(None);
+        }
+        let p = match &mut self.progress {
+            Some(p) => p,
+            None => {
+                let emb = match encoded {
+                    Some(emb) => emb,
+                    None => model.audio.embed(&self.audio)?,
+                };
+                let chat = asr_chat(&model.tokenizer, emb)?;
+                let session = Session::new(model.backbone.clone())?;
+                let prompt = chat.embeddings(session.model(), 0)?;
+                self.progress.insert(Progress {
+                    session,
+                    prompt,
+                    items: chat.items().to_vec(),
+                    done: 0,
+                    hidden: None,
+                    ids: Vec::new(),
+                    sampler: Sampler::new(SamplingParams::GREEDY, 0),
+                })
+            }
+        };
+        while p.done < p.items.len() {
+            if stop() {
+                return Ok(None);
+            }
+            let n = PIECE.min(p.items.len() - p.done);
+            let piece = p.prompt.narrow(0, p.done, n)?;
+            let hidden = p.session.prefill(&piece, &p.items[p.done..p.done + n])?;
+            p.done += n;
+            p.hidden = Some(hidden.get(n - 1)?);
+        }
+        let im_end = model.tokenizer.special().im_end;
+        loop {
+            let Some(hidden) = &p.hidden else {
+                break;
+            };
+            if p.ids.len() >= max_tokens {
+                break;
+            }
+            if stop() {
+                return Ok(None);
+            }
+            let logits = model
+                .backbone
+                .text_logits(&hidden.unsqueeze(0)?)?
+                .squeeze(0)?
+                .to_vec1::<f32>()?;
+            let id = p.sampler.sample(&logits);
+            if id == im_end {
+                break;
+            }
+            p.ids.push(id);
+            p.hidden = if p.ids.len() < max_tokens && p.session.remaining() > 0 {
+                Some(p.session.step_text(id)?)
+            } else {
+                None
+            };
+        }
+        let text = strip_specials(&model.tokenizer.decode_readable(&p.ids)?)
+            .trim()
+            .to_owned();
+        Ok(Some(text))
+    }
+}
