@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use serde_json::{Map, Value};
 
 use crate::config::Reader;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Stop};
 use crate::nn::{LayerNorm, Linear};
 use crate::weights::{WeightClass, Weights};
 
@@ -670,11 +670,27 @@ impl Conformer {
 
     /// Encodes a mel spectrogram `[128, T]` into `[ceil(T/8), d_model]`.
     pub fn forward(&self, mel: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_with_layers(mel)?.0)
+        self.forward_until(mel, &crate::error::never)
+    }
+
+    /// As [`Conformer::forward`], stopping between two layers when `stop` says so.
+    pub fn forward_until(&self, mel: &Tensor, stop: Stop) -> Result<Tensor> {
+        Ok(self.run(mel, stop, None)?.0)
     }
 
     /// As [`Conformer::forward`], also returning the subsampling output and each layer's output.
     pub fn forward_with_layers(&self, mel: &Tensor) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+        let mut outs = Vec::with_capacity(self.layers.len());
+        let (x, sub) = self.run(mel, &crate::error::never, Some(&mut outs))?;
+        Ok((x, sub, outs))
+    }
+
+    fn run(
+        &self,
+        mel: &Tensor,
+        stop: Stop,
+        mut outs: Option<&mut Vec<Tensor>>,
+    ) -> Result<(Tensor, Tensor)> {
         let (feats, t) = mel.dims2()?;
         if feats != self.cfg.feat_in {
             return Err(Error::Invalid(format!(
@@ -687,15 +703,22 @@ impl Conformer {
                 "cannot encode an empty mel spectrogram".into(),
             ));
         }
+        if stop() {
+            return Err(Error::Stopped);
+        }
         let sub = self.subsampling.forward(mel)?;
         let pos = self.relative_positions(sub.dim(0)?)?;
         let mut x = sub.clone();
-        let mut outs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
+            if stop() {
+                return Err(Error::Stopped);
+            }
             x = layer.forward(&x, &pos)?;
-            outs.push(x.clone());
+            if let Some(outs) = outs.as_deref_mut() {
+                outs.push(x.clone());
+            }
         }
-        Ok((x, sub, outs))
+        Ok((x, sub))
     }
 }
 

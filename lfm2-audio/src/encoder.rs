@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use crate::config::Lfm2AudioConfig;
 use crate::conformer::{AudioAdapter, Conformer, EncoderConfig};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Stop};
 use crate::format::INPUT_SAMPLE_RATE;
 use crate::mel::{MelFrontend, PreprocessorConfig};
 use crate::resample::Resampler;
@@ -62,6 +62,12 @@ impl AudioEncoder {
 
     /// Backbone embeddings `[positions, hidden]` of a 16 kHz mono clip.
     pub fn embed(&self, wave: &[f32]) -> Result<Tensor> {
+        self.embed_until(wave, &crate::error::never)
+    }
+
+    /// As [`AudioEncoder::embed`], stopping between two layers of the encoder when `stop` says so
+    /// ([`Error::Stopped`]).
+    pub fn embed_until(&self, wave: &[f32], stop: Stop) -> Result<Tensor> {
         if wave.len() < MIN_SAMPLES {
             return Err(Error::Invalid(format!(
                 "the clip is {} samples ({:.0} ms at 16 kHz); the encoder needs at least {MIN_SAMPLES} (20 ms)",
@@ -76,7 +82,8 @@ impl AudioEncoder {
             )));
         }
         let mel = self.mel.compute(wave)?;
-        self.adapter.forward(&self.conformer.forward(&mel)?)
+        self.adapter
+            .forward(&self.conformer.forward_until(&mel, stop)?)
     }
 
     /// As [`AudioEncoder::embed`] for audio at any rate, resampled to 16 kHz as the reference does.

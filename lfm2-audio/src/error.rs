@@ -58,12 +58,26 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// The caller asked the work to stop before its end (see [`Stop`]); nothing of it is kept.
+    #[error("stopped before the end, as asked")]
+    Stopped,
+
     /// A numeric failure inside candle. Not caused by user input.
     #[error("tensor computation failed: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Asked between two layers of a long computation (encoding a clip, prefilling many
+/// positions): true stops it there with [`Error::Stopped`], leaving things as they were before
+/// it began. The layers that run compute exactly what they compute without the question.
+pub type Stop<'a> = &'a dyn Fn() -> bool;
+
+/// A [`Stop`] that never stops.
+pub fn never() -> bool {
+    false
+}
 
 /// candle appends a backtrace to some messages; a user needs the first line only.
 fn first_line(e: &candle_core::Error) -> String {

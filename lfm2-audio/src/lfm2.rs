@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::cache::PositionCache;
 use crate::config::{LayerKind, Lfm2Config};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Stop};
 use crate::nn::{forward_vec_many, FeedForward, Linear, RmsNorm, Rotary};
 use crate::ops::{self, with_f32_slice};
 use crate::weights::Weights;
@@ -639,7 +639,13 @@ impl Lfm2 {
     /// Runs `x` (`[T, hidden]`) at the next positions of `state` and returns the final-normed
     /// hidden states `[T, hidden]`.
     pub fn forward(&self, x: &Tensor, state: &mut Lfm2State) -> Result<Tensor> {
-        self.forward_inner(x, state, None)
+        self.forward_inner(x, state, None, &crate::error::never)
+    }
+
+    /// As [`Lfm2::forward`], stopping between two layers when `stop` says so
+    /// ([`Error::Stopped`]); the state is then as it was before.
+    pub fn forward_until(&self, x: &Tensor, state: &mut Lfm2State, stop: Stop) -> Result<Tensor> {
+        self.forward_inner(x, state, None, stop)
     }
 
     /// As [`Lfm2::forward`], also returning the residual stream after each layer (before the
@@ -650,7 +656,7 @@ impl Lfm2 {
         state: &mut Lfm2State,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut outs = Vec::with_capacity(self.layers.len());
-        let y = self.forward_inner(x, state, Some(&mut outs))?;
+        let y = self.forward_inner(x, state, Some(&mut outs), &crate::error::never)?;
         Ok((y, outs))
     }
 
@@ -659,11 +665,13 @@ impl Lfm2 {
         x: &Tensor,
         state: &mut Lfm2State,
         outs: Option<&mut Vec<Tensor>>,
+        stop: Stop,
     ) -> Result<Tensor> {
         let start = state.len;
-        let result = self.forward_layers(x, state, outs);
+        let result = self.forward_layers(x, state, outs, stop);
         if result.is_err() {
-            // A failure part-way must not leave some layers one step ahead of the others.
+            // A failure (or a stop) part-way must not leave some layers one step ahead of the
+            // others.
             state.truncate(start);
         }
         result
@@ -674,6 +682,7 @@ impl Lfm2 {
         x: &Tensor,
         state: &mut Lfm2State,
         mut outs: Option<&mut Vec<Tensor>>,
+        stop: Stop,
     ) -> Result<Tensor> {
         let (t, h) = x.dims2()?;
         if h != self.cfg.hidden_size {
@@ -702,6 +711,9 @@ impl Lfm2 {
         };
         let mut x = x.contiguous()?;
         for (layer, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
+            if stop() {
+                return Err(Error::Stopped);
+            }
             let normed = layer.operator_norm.forward(&x)?;
             let op = match (&layer.operator, layer_state) {
                 (Operator::Conv(conv), LayerState::Conv(history)) => {

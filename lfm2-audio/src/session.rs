@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::backbone::Backbone;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Stop};
 use crate::lfm2::Lfm2State;
 use crate::prompt::Item;
 
@@ -85,6 +85,17 @@ impl Session {
     /// Runs `embeddings` (`[T, hidden]`, one row per item) at the next positions and returns the
     /// final-normed hidden states `[T, hidden]`.
     pub fn prefill(&mut self, embeddings: &Tensor, items: &[Item]) -> Result<Tensor> {
+        self.prefill_until(embeddings, items, &crate::error::never)
+    }
+
+    /// As [`Session::prefill`], stopping between two layers when `stop` says so
+    /// ([`Error::Stopped`]); the session is then as it was before.
+    pub fn prefill_until(
+        &mut self,
+        embeddings: &Tensor,
+        items: &[Item],
+        stop: Stop,
+    ) -> Result<Tensor> {
         let (t, _) = embeddings.dims2()?;
         if t != items.len() {
             return Err(Error::Invalid(format!(
@@ -102,6 +113,7 @@ impl Session {
         // A long prompt goes through in pieces, so that the attention scores of a piece (heads ×
         // piece × positions so far) stay within [`PREFILL_SCORES`]: re-prefilling a long
         // conversation in one batch would need gigabytes for them.
+        let start = self.items.len();
         let mut done = 0;
         let mut hidden = Vec::new();
         while done < t {
@@ -111,7 +123,19 @@ impl Session {
             } else {
                 embeddings.narrow(0, done, n)?
             };
-            hidden.push(self.model.stack().forward(&piece, &mut self.state)?);
+            let out = self
+                .model
+                .stack()
+                .forward_until(&piece, &mut self.state, stop);
+            match out {
+                Ok(h) => hidden.push(h),
+                Err(e) => {
+                    // Earlier pieces are undone too.
+                    self.state.truncate(start);
+                    self.items.truncate(start);
+                    return Err(e);
+                }
+            }
             self.items.extend_from_slice(&items[done..done + n]);
             done += n;
         }

@@ -262,3 +262,36 @@ fn clips_too_short_for_the_encoder_are_an_error() {
     assert_eq!(wave.len(), 320);
     model.audio.embed(&wave).unwrap();
 }
+
+/// Encoding asked to stop stops before the subsampling or between two encoder layers, once per
+/// layer asked; not asked to, it is the encoding, to the bit.
+#[test]
+fn encoding_stops_between_layers_when_asked() {
+    let model = Lfm2AudioModel::load(&fixtures().join("tiny-c/model")).unwrap();
+    let (wave, rate) = read_clip("what_time_16k");
+    let wave = to_16k(&wave, rate);
+    let want = model.audio.embed(&wave).unwrap();
+    let layers = model.audio.conformer().config().n_layers;
+    for stop_at in 1..=layers + 1 {
+        let asked = std::cell::Cell::new(0);
+        let r = model.audio.embed_until(&wave, &|| {
+            asked.set(asked.get() + 1);
+            asked.get() == stop_at
+        });
+        assert!(
+            matches!(r, Err(lfm2_audio::error::Error::Stopped)),
+            "stop at {stop_at}: {r:?}"
+        );
+    }
+    let asked = std::cell::Cell::new(0);
+    let got = model
+        .audio
+        .embed_until(&wave, &|| {
+            asked.set(asked.get() + 1);
+            false
+        })
+        .unwrap();
+    assert_eq!(asked.get(), layers + 1);
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(values(&got), values(&want));
+}

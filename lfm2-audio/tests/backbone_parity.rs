@@ -222,3 +222,93 @@ fn a_long_prefill_in_pieces_equals_one_batch() {
     let got = session.step_text(ids[7]).unwrap().unsqueeze(0).unwrap();
     assert_close("the step after it", &got, &want, 1e-5);
 }
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// A prefill asked to stop stops between two layers, in any piece, and leaves the session as it
+/// was (same length, same caches to the bit); the prefill made afterwards is the one made without
+/// the question, and still the reference's.
+#[test]
+fn a_prefill_stopped_between_layers_leaves_the_session_as_it_was() {
+    use lfm2_audio::error::Error;
+    for name in MODELS {
+        let (model, reference) = load(name);
+        let ids = reference.ids("/input_ids");
+        let keep = reference.json["prefix_len"].as_u64().unwrap() as usize;
+        let layers = model.config.lfm.layer_types.len();
+        let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
+        session.prefill_text(&ids[..keep]).unwrap();
+        let before: Vec<Vec<f32>> = session
+            .state()
+            .caches()
+            .unwrap()
+            .iter()
+            .map(values)
+            .collect();
+        let emb = model.backbone.embed_text(&ids[keep..]).unwrap();
+        let items = vec![lfm2_audio::prompt::Item::Text(0); ids.len() - keep];
+        let mut untouched = Session::new(Arc::clone(&model.backbone)).unwrap();
+        untouched.prefill_text(&ids[..keep]).unwrap();
+        let want = untouched.prefill(&emb, &items).unwrap();
+        for stop_at in 1..=layers {
+            let asked = std::cell::Cell::new(0);
+            let r = session.prefill_until(&emb, &items, &|| {
+                asked.set(asked.get() + 1);
+                asked.get() == stop_at
+            });
+            assert!(matches!(r, Err(Error::Stopped)), "{name}: {r:?}");
+            assert_eq!(asked.get(), stop_at, "{name}: asked once a layer");
+            assert_eq!(session.len(), keep, "{name}");
+            let after: Vec<Vec<f32>> = session
+                .state()
+                .caches()
+                .unwrap()
+                .iter()
+                .map(values)
+                .collect();
+            assert!(
+                after == before,
+                "{name}: caches changed by a stop at {stop_at}"
+            );
+        }
+        let got = session.prefill_until(&emb, &items, &|| false).unwrap();
+        assert_eq!(values(&got), values(&want), "{name}");
+        let want_rest = reference
+            .tensor("prefill.hidden")
+            .narrow(0, keep, ids.len() - keep)
+            .unwrap();
+        assert_close(&format!("{name} after stops"), &got, &want_rest, REL);
+    }
+}
+
+/// A long prefill stopped in a later piece undoes the pieces before it too.
+#[test]
+fn a_long_prefill_stopped_in_a_later_piece_is_undone_whole() {
+    use lfm2_audio::error::Error;
+    let (model, _) = load("tiny-a");
+    let backbone = model.backbone.clone();
+    let vocab = model.config.lfm.vocab_size as u32;
+    let ids: Vec<u32> = (0..1500u32)
+        .map(|i| 300 + (i * 7919) % (vocab - 400))
+        .collect();
+    let layers = model.config.lfm.layer_types.len();
+    let mut session = Session::new(Arc::clone(&backbone)).unwrap();
+    session.prefill_text(&ids[..5]).unwrap();
+    let emb = backbone.embed_text(&ids[5..]).unwrap();
+    let items = vec![lfm2_audio::prompt::Item::Text(0); ids.len() - 5];
+    let asked = std::cell::Cell::new(0);
+    let r = session.prefill_until(&emb, &items, &|| {
+        asked.set(asked.get() + 1);
+        asked.get() > layers + 2
+    });
+    assert!(matches!(r, Err(Error::Stopped)), "{r:?}");
+    assert_eq!(session.len(), 5);
+    assert_eq!(session.items().len(), 5);
+    let got = session.prefill(&emb, &items).unwrap();
+    let mut fresh = Session::new(Arc::clone(&backbone)).unwrap();
+    fresh.prefill_text(&ids[..5]).unwrap();
+    let want = fresh.prefill(&emb, &items).unwrap();
+    assert_eq!(values(&got), values(&want));
+}

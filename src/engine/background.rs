@@ -105,10 +105,7 @@ impl Background {
             p.hidden = Some(hidden.get(n - 1)?);
         }
         let im_end = model.tokenizer.special().im_end;
-        loop {
-            let Some(hidden) = &p.hidden else {
-                break;
-            };
+        while let Some(hidden) = &p.hidden {
             if p.ids.len() >= max_tokens {
                 break;
             }

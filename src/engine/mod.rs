@@ -44,6 +44,11 @@ pub struct Setup {
 /// Cancellation of replies, shared by a conversation's handle and the engine thread. Replies are
 /// numbered; a cancel covers every reply asked for before it, started or still queued, and never
 /// a later one.
+///
+/// It also knows the items whose deletion is queued: an item being added when its deletion is
+/// asked, with every reply asked so far cancelled, is not worth finishing (nothing can use it
+/// before it goes). A reply started on a pause and dropped when the user speaks on is undone so,
+/// at once, and the engine is free for the next pause.
 #[derive(Debug, Default)]
 pub(crate) struct Cancel {
     /// Number of replies asked for.
@@ -52,9 +57,37 @@ pub(crate) struct Cancel {
     upto: AtomicU64,
     /// Samples of the cancelled reply the user heard, plus one; 0: keep everything generated.
     heard: AtomicU64,
+    /// Items whose deletion is queued.
+    deleting: std::sync::Mutex<Vec<String>>,
 }
 
 impl Cancel {
+    /// The deletion of `item_id` is queued.
+    pub(crate) fn deleting(&self, item_id: &str) {
+        if let Ok(mut d) = self.deleting.lock() {
+            d.push(item_id.to_owned());
+        }
+    }
+
+    /// The queued deletion of `item_id` is being done.
+    pub(crate) fn deleted(&self, item_id: &str) {
+        if let Ok(mut d) = self.deleting.lock() {
+            if let Some(i) = d.iter().position(|x| x == item_id) {
+                d.swap_remove(i);
+            }
+        }
+    }
+
+    /// Whether adding `item_id` can stop half-way: its deletion is queued, and no reply asked
+    /// so far is still to be made.
+    pub(crate) fn withdrawn(&self, item_id: &str) -> bool {
+        self.upto.load(Ordering::SeqCst) >= self.asked.load(Ordering::SeqCst)
+            && self
+                .deleting
+                .lock()
+                .is_ok_and(|d| d.iter().any(|x| x == item_id))
+    }
+
     pub(crate) fn ask(&self) -> u64 {
         self.asked.fetch_add(1, Ordering::SeqCst) + 1
     }
@@ -309,9 +342,11 @@ impl Conversation {
 
     /// Removes an item from the conversation.
     pub fn delete(&self, item_id: impl Into<String>) {
+        let item_id = item_id.into();
+        self.cancel.deleting(&item_id);
         self.send(Job::Delete {
             conv: self.id,
-            item_id: item_id.into(),
+            item_id,
         });
     }
 

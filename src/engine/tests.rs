@@ -724,6 +724,49 @@ fn a_background_transcript_gives_way_at_every_step_and_is_the_reference_asr() {
     }
 }
 
+/// An item whose deletion is asked while it is being added, with every reply asked so far
+/// cancelled (a reply started on a pause, dropped when the user spoke on), is not finished: the
+/// session stays as it was, and the item is reported added, then deleted, as if it had been.
+/// With a reply asked since, which must see it, it is added whole.
+#[test]
+fn an_item_deleted_while_it_is_added_is_withdrawn_unless_a_reply_needs_it() {
+    let model = model();
+    let w = worker(&model, EngineOptions::default());
+    let (mut conv, rx) = open(&w, setup(10));
+    let len = conv.session.len();
+    let entries = conv.entries.len();
+    conv.cancel.ask();
+    conv.cancel.cancel(Some(0));
+    conv.cancel.deleting("u1");
+    w.add(&mut conv, "u1".into(), Content::UserAudio(clip()))
+        .unwrap();
+    assert_eq!(conv.session.len(), len);
+    assert_eq!(conv.entries.len(), entries);
+    w.delete(&mut conv, "u1").unwrap();
+    assert_eq!(
+        drain(&rx),
+        [
+            ConvEvent::Added {
+                item_id: "u1".into()
+            },
+            ConvEvent::Deleted {
+                item_id: "u1".into()
+            }
+        ]
+    );
+
+    // A reply asked after the cancel: the item is added whole, and deleted for real.
+    conv.cancel.ask();
+    conv.cancel.deleting("u2");
+    w.add(&mut conv, "u2".into(), Content::UserAudio(clip()))
+        .unwrap();
+    assert!(conv.session.len() > len);
+    assert_eq!(conv.entries.len(), entries + 1);
+    w.delete(&mut conv, "u2").unwrap();
+    assert_eq!(conv.session.len(), len);
+    assert_eq!(drain(&rx).len(), 2);
+}
+
 /// A streamed transcription sends the text in pieces as it is decoded, before the same whole
 /// transcript as without streaming.
 #[test]

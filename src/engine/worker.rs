@@ -137,6 +137,8 @@ pub(crate) struct Conv {
     /// The last clips of user speech encoded for items, with their encodings: a transcript of
     /// the same clip starts from it instead of encoding it again.
     encoded: std::collections::VecDeque<(Vec<f32>, Tensor)>,
+    /// Items withdrawn while they were being added, whose deletion is queued.
+    withdrawn: Vec<String>,
 }
 
 /// Encoded clips a conversation keeps (the daemon transcribes the last turn, or the one before
@@ -1030,6 +1032,7 @@ impl Worker {
             call_ids: Default::default(),
             failed_add: None,
             encoded: Default::default(),
+            withdrawn: Vec::new(),
         })
     }
 
@@ -1192,11 +1195,18 @@ impl Worker {
         };
         let parts = match content {
             Content::UserAudio(audio) => {
-                let emb = self
+                let cancel = Arc::clone(&conv.cancel);
+                let emb = match self
                     .model
                     .audio
-                    .embed(&audio)
-                    .context("encoding the user's speech")?;
+                    .embed_until(&audio, &|| cancel.withdrawn(&item_id))
+                {
+                    Err(lfm2_audio::error::Error::Stopped) => {
+                        Self::withdrawn(conv, item_id);
+                        return Ok(());
+                    }
+                    r => r.context("encoding the user's speech")?,
+                };
                 conv.remember_encoding(audio, &emb);
                 vec![
                     Part::Text(prompt::turn_start(tok, "user")?),
@@ -1230,7 +1240,22 @@ impl Worker {
             },
         };
         match at {
-            None => self.append(conv, item_id.clone(), Body::Turn(parts))?,
+            None => {
+                let cancel = Arc::clone(&conv.cancel);
+                let stop = || cancel.withdrawn(&item_id);
+                match self.append(conv, item_id.clone(), Body::Turn(parts), &stop) {
+                    Err(e)
+                        if matches!(
+                            e.downcast_ref::<lfm2_audio::error::Error>(),
+                            Some(lfm2_audio::error::Error::Stopped)
+                        ) =>
+                    {
+                        Self::withdrawn(conv, item_id);
+                        return Ok(());
+                    }
+                    r => r?,
+                }
+            }
             Some(i) => {
                 let len = parts_len(&parts)?;
                 let limit = self.context_limit();
@@ -1258,8 +1283,22 @@ impl Worker {
         Ok(())
     }
 
-    /// Appends an entry and prefills it.
-    fn append(&self, conv: &mut Conv, id: String, body: Body) -> anyhow::Result<()> {
+    /// An item withdrawn while it was being added (see [`super::Cancel::withdrawn`]): the
+    /// session is as before, and the item is reported added, then deleted when its queued
+    /// deletion comes, as if it had been.
+    fn withdrawn(conv: &mut Conv, item_id: String) {
+        conv.withdrawn.push(item_id.clone());
+        conv.emit(ConvEvent::Added { item_id });
+    }
+
+    /// Appends an entry and prefills it (`stop`: see [`lfm2_audio::error::Stop`]).
+    fn append(
+        &self,
+        conv: &mut Conv,
+        id: String,
+        body: Body,
+        stop: lfm2_audio::error::Stop,
+    ) -> anyhow::Result<()> {
         let mut entry = Entry {
             id,
             body,
@@ -1271,12 +1310,20 @@ impl Worker {
         self.make_room(conv, entry.len)?;
         entry.start = conv.session.len();
         let (emb, items) = self.embed(&parts)?;
-        conv.session.prefill(&emb, &items)?;
+        conv.session.prefill_until(&emb, &items, stop)?;
         conv.entries.push(entry);
         Ok(())
     }
 
     pub(crate) fn delete(&self, conv: &mut Conv, item_id: &str) -> anyhow::Result<()> {
+        conv.cancel.deleted(item_id);
+        if let Some(w) = conv.withdrawn.iter().position(|x| x == item_id) {
+            conv.withdrawn.swap_remove(w);
+            conv.emit(ConvEvent::Deleted {
+                item_id: item_id.to_owned(),
+            });
+            return Ok(());
+        }
         let i = conv
             .position_of(item_id)
             .ok_or_else(|| anyhow::anyhow!("no item {item_id:?} in the conversation"))?;
