@@ -115,7 +115,7 @@ impl Default for VadSection {
             prefix_padding_ms: 300,
             silence_duration_ms: 500,
             min_speech_ms: 250,
-            pause_ms: 160,
+            pause_ms: 64,
         }
     }
 }

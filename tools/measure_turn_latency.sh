@@ -11,7 +11,7 @@
 #   defaults: tests/fixtures/tiny-c/model f32. Environment: TURNS (default 5),
 #   MAX_REPLY_TOKENS (default 100), LFM2D (default target/release/lfm2d, built if missing),
 #   SPECULATIVE_START (default true; false: the reply starts only at the end of the silence),
-#   PAUSE_MS (default 160: the silence that starts the speculative reply), DAEMON_LOG (a file to
+#   PAUSE_MS (default 64: the silence that starts the speculative reply), DAEMON_LOG (a file to
 #   keep the daemon's log in).
 # Needs `. .ci/pulse.sh` (run here if needed) and tools/fetch_vad.sh's assets.
 set -euo pipefail
@@ -55,7 +55,7 @@ done
 # One stream to both sinks: the microphone hears the question, the speaker's recording has it.
 combine=$(pactl load-module module-combine-sink sink_name=lfm2d_both slaves=mic,spk)
 printf '[assistant]\nmax_reply_tokens = %s\nbuiltin_tools = false\nspeculative_start = %s\n[vad]\npause_ms = %s\n' \
-    "${MAX_REPLY_TOKENS:-100}" "${SPECULATIVE_START:-true}" "${PAUSE_MS:-160}" >"$work/c.toml"
+    "${MAX_REPLY_TOKENS:-100}" "${SPECULATIVE_START:-true}" "${PAUSE_MS:-64}" >"$work/c.toml"
 "$lfm2d" serve --config "$work/c.toml" --model "$model" --quant "$quant" "$@" >"$work/out.log" 2>&1 &
 daemon=$!
 for _ in $(seq 600); do

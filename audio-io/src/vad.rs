@@ -288,7 +288,7 @@ impl VadConfig {
             min_silence: Duration::from_millis(500),
             min_speech: Duration::from_millis(250),
             max_utterance: Duration::from_secs(30),
-            pause: Duration::from_millis(160),
+            pause: Duration::from_millis(64),
         }
     }
 
@@ -974,8 +974,8 @@ mod tests {
     /// the silence has lasted `pause`.
     #[test]
     fn short_gaps_announce_no_pause() {
-        // Speech, a 4-window gap (128 ms < the 160 ms pause), speech, then silence.
-        let probs = pattern(&[(10, 0.05), (20, 0.9), (4, 0.05), (10, 0.9), (25, 0.05)]);
+        // Speech, a 1-window gap (32 ms < the 64 ms pause), speech, then silence.
+        let probs = pattern(&[(10, 0.05), (20, 0.9), (1, 0.05), (10, 0.9), (25, 0.05)]);
         let mut endpointer = Endpointer::new(VadConfig::default());
         let mut seen = Vec::new();
         for (i, &p) in probs.iter().enumerate() {
@@ -996,7 +996,7 @@ mod tests {
                 (*i, kind)
             })
             .collect();
-        // The speech ends at window 44; the pause is announced after its fifth silent window.
-        assert_eq!(kinds[1..], [(48, "paused"), (59, "ended")], "{kinds:?}");
+        // The speech ends at window 41; the pause is announced after its second silent window.
+        assert_eq!(kinds[1..], [(42, "paused"), (56, "ended")], "{kinds:?}");
     }
 }
