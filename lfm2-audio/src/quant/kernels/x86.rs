@@ -126,6 +126,11 @@ fn token_tile(slice_bytes: usize) -> usize {
     ((192 * 1024 / slice_bytes.max(1)) / 6 * 6).clamp(6, 120)
 }
 
+/// Up to this many tokens a product streams whole rows, as decode does, instead of slicing the
+/// reduction dimension: the weights are read once either way, and at so few tokens the stream,
+/// not the arithmetic, sets the pace.
+const STREAM_TOKENS: usize = 4;
+
 /// Groups (of 512 columns) per slice of the reduction dimension in the batched kernels. A slice
 /// of 4 rows' weights (8 KiB of Q8_0) then stays in L1 while every token of a cache tile passes
 /// over it; with whole 8192-column rows (32 KiB) the micro-kernel would stream from L2 instead.
@@ -190,6 +195,37 @@ macro_rules! driver {
                             let v = $tile::<1, 1, Q4>(w, x, r, 0, 0, w.groups);
                             store::<1, 1>(v, y, r, 0, false);
                             r += 1;
+                        }
+                        return;
+                    }
+                    if t <= STREAM_TOKENS {
+                        // A few tokens (a reply's header, a text turn): still bandwidth bound,
+                        // so whole rows streamed as in decode, each row tile against the
+                        // tokens in pairs while it sits in L1.
+                        let mut r = r0;
+                        while r < r1 {
+                            let rows = if r + MV_ROWS <= r1 { MV_ROWS } else { 1 };
+                            let mut j = 0;
+                            while j < t {
+                                match (rows, t - j) {
+                                    (MV_ROWS, 2..) => {
+                                        let v = $tile::<MV_ROWS, 2, Q4>(w, x, r, j, 0, w.groups);
+                                        store::<MV_ROWS, 2>(v, y, r, j, false);
+                                        j += 2;
+                                    }
+                                    (MV_ROWS, _) => {
+                                        let v = $tile::<MV_ROWS, 1, Q4>(w, x, r, j, 0, w.groups);
+                                        store::<MV_ROWS, 1>(v, y, r, j, false);
+                                        j += 1;
+                                    }
+                                    _ => {
+                                        let v = $tile::<1, 1, Q4>(w, x, r, j, 0, w.groups);
+                                        store::<1, 1>(v, y, r, j, false);
+                                        j += 1;
+                                    }
+                                }
+                            }
+                            r += rows;
                         }
                         return;
                     }
@@ -348,7 +384,7 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
         for g in g0..g1 {
             let wg = wq.add(g * TILE_ROWS * gq);
             let xg = xa.add(g * ACT_GROUP);
-            if T == 1 {
+            if T == 1 || (T == 2 && g1 - g0 == w.groups) {
                 prefetch_ahead(wg, TILE_ROWS * gq, R * gq);
             }
             let xv = |t: usize, k: usize| _mm512_load_si512(xg.add(t * x.stride + k * 64).cast());
@@ -480,7 +516,7 @@ macro_rules! tile256 {
                 for g in g0..g1 {
                     let wg = wq.add(g * TILE_ROWS * gq);
                     let xg = xa.add(g * ACT_GROUP);
-                    if T == 1 {
+                    if T == 1 || (T == 2 && g1 - g0 == w.groups) {
                         prefetch_ahead(wg, TILE_ROWS * gq, R * gq);
                     }
                     for h in 0..2 {
