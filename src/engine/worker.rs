@@ -436,8 +436,9 @@ impl Worker {
         // conversation with a reply in progress or tools running is passed over (its jobs keep
         // their order).
         // Background transcriptions wait until nothing else is queued or in progress, and give
-        // way within one token to any job that arrives meanwhile (then start again later): the
-        // words of a turn that are only for the record must never hold up a reply.
+        // way within one step (a few prompt positions or one token) to any job that arrives
+        // meanwhile, going on later from where they stopped: the words of a turn that are only
+        // for the record must never hold up a reply.
         let mut queue = FairQueue::default();
         let mut deferred: std::collections::VecDeque<Background> = Default::default();
         let tools_done = self.tools_done.1.clone();
