@@ -126,7 +126,7 @@ fn token_tile(slice_bytes: usize) -> usize {
     ((192 * 1024 / slice_bytes.max(1)) / 6 * 6).clamp(6, 120)
 }
 
-/// Up to this many tokens a product streams whole rows, as decode does, instead of slicing the
+/// Up to this many tokens (decode is one) a product streams whole rows instead of slicing the
 /// reduction dimension: the weights are read once either way, and at so few tokens the stream,
 /// not the arithmetic, sets the pace.
 const STREAM_TOKENS: usize = 4;
@@ -183,25 +183,10 @@ macro_rules! driver {
                 // groups 0..w.groups, which the caller guarantees are valid and owned by this
                 // thread.
                 unsafe {
-                    if t == 1 {
-                        // Decode: whole rows, several at a time (bandwidth bound).
-                        let mut r = r0;
-                        while r + MV_ROWS <= r1 {
-                            let v = $tile::<MV_ROWS, 1, Q4>(w, x, r, 0, 0, w.groups);
-                            store::<MV_ROWS, 1>(v, y, r, 0, false);
-                            r += MV_ROWS;
-                        }
-                        while r < r1 {
-                            let v = $tile::<1, 1, Q4>(w, x, r, 0, 0, w.groups);
-                            store::<1, 1>(v, y, r, 0, false);
-                            r += 1;
-                        }
-                        return;
-                    }
                     if t <= STREAM_TOKENS {
-                        // A few tokens (a reply's header, a text turn): still bandwidth bound,
-                        // so whole rows streamed as in decode, each row tile against the
-                        // tokens in pairs while it sits in L1.
+                        // Decode, or a few tokens (a reply's header, a text turn): bandwidth
+                        // bound, so whole rows are streamed, several at a time, each row tile
+                        // against the tokens in pairs while it sits in L1.
                         let mut r = r0;
                         while r < r1 {
                             let rows = if r + MV_ROWS <= r1 { MV_ROWS } else { 1 };
