@@ -61,12 +61,12 @@ impl Background {
     }
 
     /// Goes on with the transcript: the text once it is complete, or None when `stop` asked it
-    /// to give way (it is called between every two steps). `encoded` is the clip's encoding if
-    /// it is at hand; otherwise the clip is encoded here. At most `max_tokens` tokens.
+    /// to give way (it is called between every two steps). `encode` gives the clip's encoding,
+    /// asked for at the first sitting only. At most `max_tokens` tokens.
     pub(crate) fn resume(
         &mut self,
         model: &Lfm2AudioModel,
-        encoded: Option<Tensor>,
+        encode: impl FnOnce(&[f32]) -> anyhow::Result<Tensor>,
         max_tokens: usize,
         stop: impl Fn() -> bool,
     ) -> anyhow::Result<Option<String>> {
@@ -76,11 +76,7 @@ impl Background {
         let p = match &mut self.progress {
             Some(p) => p,
             None => {
-                let emb = match encoded {
-                    Some(emb) => emb,
-                    None => model.audio.embed(&self.audio)?,
-                };
-                let chat = asr_chat(&model.tokenizer, emb)?;
+                let chat = asr_chat(&model.tokenizer, encode(&self.audio)?)?;
                 let session = Session::new(model.backbone.clone())?;
                 let prompt = chat.embeddings(session.model(), 0)?;
                 self.progress.insert(Progress {

@@ -689,8 +689,9 @@ fn a_background_transcript_gives_way_at_every_step_and_is_the_reference_asr() {
         fresh.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
 
+    let encode = |audio: &[f32]| Ok(model.audio.embed(audio)?);
     let whole = Background::new(0, "u1".into(), clip())
-        .resume(&model, None, 448, || false)
+        .resume(&model, encode, 448, || false)
         .unwrap()
         .expect("nothing asked it to stop");
     assert_reference_transcript(&model, &whole);
@@ -702,11 +703,17 @@ fn a_background_transcript_gives_way_at_every_step_and_is_the_reference_asr() {
             // Each sitting is let through one check, so it makes exactly one step.
             let checks = std::cell::Cell::new(0);
             let before = bg.positions();
+            let encoded = encoded.clone();
             let done = bg
-                .resume(&model, encoded.clone(), 448, || {
-                    checks.set(checks.get() + 1);
-                    checks.get() > 2
-                })
+                .resume(
+                    &model,
+                    |a: &[f32]| encoded.map_or_else(|| encode(a), Ok),
+                    448,
+                    || {
+                        checks.set(checks.get() + 1);
+                        checks.get() > 2
+                    },
+                )
                 .unwrap();
             sittings += 1;
             assert!(

@@ -862,8 +862,8 @@ impl Worker {
         };
         let tools_done = &self.tools_done.1;
         let stop = || !jobs.is_empty() || !tools_done.is_empty();
-        let encoded = c.encoded(&bg.audio);
-        match bg.resume(&self.model, encoded, self.max_transcript_tokens, stop) {
+        let encode = |audio: &[f32]| self.encoding(c, audio);
+        match bg.resume(&self.model, encode, self.max_transcript_tokens, stop) {
             Ok(Some(text)) => {
                 c.emit(ConvEvent::Transcript {
                     item_id: bg.item_id.clone(),
@@ -1376,8 +1376,20 @@ impl Worker {
         Ok(())
     }
 
-    /// The transcript of `audio` (the clip of item `item_id`), with the clip's encoding from
-    /// its item when the conversation still has it.
+    /// The encoding of a clip of user speech to transcribe: the one its item was made from when
+    /// the conversation still has it, else made now.
+    fn encoding(&self, conv: &Conv, audio: &[f32]) -> anyhow::Result<Tensor> {
+        match conv.encoded(audio) {
+            Some(emb) => Ok(emb),
+            None => Ok(self
+                .model
+                .audio
+                .embed(audio)
+                .context("encoding the speech")?),
+        }
+    }
+
+    /// The transcript of `audio` (the clip of item `item_id`), from [`Worker::encoding`].
     pub(crate) fn transcribe(
         &self,
         conv: &Conv,
@@ -1386,11 +1398,7 @@ impl Worker {
         stream: bool,
     ) -> anyhow::Result<()> {
         let model = &self.model;
-        let emb = match conv.encoded(audio) {
-            Some(emb) => emb,
-            None => model.audio.embed(audio).context("encoding the speech")?,
-        };
-        let chat = asr_chat(&model.tokenizer, emb)?;
+        let chat = asr_chat(&model.tokenizer, self.encoding(conv, audio)?)?;
         let mut session = Session::new(model.backbone.clone())?;
         let hidden = prefill_chat(&mut session, &chat)?;
         let mut sampler = Sampler::new(SamplingParams::GREEDY, 0);
