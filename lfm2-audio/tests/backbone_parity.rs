@@ -199,16 +199,21 @@ fn truncate_beyond_the_end_is_an_error() {
     assert_eq!(session.len(), 3);
 }
 
+/// 1500 token ids spread over the vocabulary: a prompt long enough to be prefilled in pieces.
+fn long_prompt(model: &Lfm2AudioModel) -> Vec<u32> {
+    let vocab = model.config.lfm.vocab_size as u32;
+    (0..1500u32)
+        .map(|i| 300 + (i * 7919) % (vocab - 400))
+        .collect()
+}
+
 /// A long prefill goes through in pieces (so that its attention scores stay small); the hidden
 /// states equal those of the whole prompt in one batch, and decoding goes on the same.
 #[test]
 fn a_long_prefill_in_pieces_equals_one_batch() {
     let (model, _) = load("tiny-a");
     let backbone = model.backbone.clone();
-    let vocab = model.config.lfm.vocab_size as u32;
-    let ids: Vec<u32> = (0..1500u32)
-        .map(|i| 300 + (i * 7919) % (vocab - 400))
-        .collect();
+    let ids = long_prompt(&model);
     let emb = backbone.embed_text(&ids).unwrap();
     let mut whole = backbone.new_state().unwrap();
     let want = backbone.stack().forward(&emb, &mut whole).unwrap();
@@ -227,6 +232,17 @@ fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
+/// Every cache of a session, as plain values.
+fn cache_values(session: &Session) -> Vec<Vec<f32>> {
+    session
+        .state()
+        .caches()
+        .unwrap()
+        .iter()
+        .map(values)
+        .collect()
+}
+
 /// A prefill asked to stop stops between two layers, in any piece, and leaves the session as it
 /// was (same length, same caches to the bit); the prefill made afterwards is the one made without
 /// the question, and still the reference's.
@@ -240,13 +256,7 @@ fn a_prefill_stopped_between_layers_leaves_the_session_as_it_was() {
         let layers = model.config.lfm.layer_types.len();
         let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
         session.prefill_text(&ids[..keep]).unwrap();
-        let before: Vec<Vec<f32>> = session
-            .state()
-            .caches()
-            .unwrap()
-            .iter()
-            .map(values)
-            .collect();
+        let before = cache_values(&session);
         let emb = model.backbone.embed_text(&ids[keep..]).unwrap();
         let items = vec![lfm2_audio::prompt::Item::Text(0); ids.len() - keep];
         let mut untouched = Session::new(Arc::clone(&model.backbone)).unwrap();
@@ -261,13 +271,7 @@ fn a_prefill_stopped_between_layers_leaves_the_session_as_it_was() {
             assert!(matches!(r, Err(Error::Stopped)), "{name}: {r:?}");
             assert_eq!(asked.get(), stop_at, "{name}: asked once a layer");
             assert_eq!(session.len(), keep, "{name}");
-            let after: Vec<Vec<f32>> = session
-                .state()
-                .caches()
-                .unwrap()
-                .iter()
-                .map(values)
-                .collect();
+            let after = cache_values(&session);
             assert!(
                 after == before,
                 "{name}: caches changed by a stop at {stop_at}"
@@ -289,10 +293,7 @@ fn a_long_prefill_stopped_in_a_later_piece_is_undone_whole() {
     use lfm2_audio::error::Error;
     let (model, _) = load("tiny-a");
     let backbone = model.backbone.clone();
-    let vocab = model.config.lfm.vocab_size as u32;
-    let ids: Vec<u32> = (0..1500u32)
-        .map(|i| 300 + (i * 7919) % (vocab - 400))
-        .collect();
+    let ids = long_prompt(&model);
     let layers = model.config.lfm.layer_types.len();
     let mut session = Session::new(Arc::clone(&backbone)).unwrap();
     session.prefill_text(&ids[..5]).unwrap();
