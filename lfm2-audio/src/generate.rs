@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use crate::backbone::Backbone;
 use crate::depthformer::AudioHead;
 use crate::error::Result;
 use crate::format::{Frame, END_OF_AUDIO};
@@ -28,6 +29,94 @@ pub enum StopReason {
 /// System prompt of speech recognition (the reference's ASR prompt).
 pub const ASR_SYSTEM_PROMPT: &str = "Perform ASR.";
 
+/// Text-only generation one token at a time, so that a caller can put it aside between two
+/// tokens and take it up again (the session and the sampler stay the caller's). Each token is
+/// first [sampled](TextSteps::sample), then [fed back](TextSteps::feed); generation ends at a
+/// stop token (not fed back, not kept), `max_new_tokens`, or the context limit.
+#[derive(Debug, Clone)]
+pub struct TextSteps {
+    /// The final-normed state of the last position, while another token is to come.
+    hidden: Option<Tensor>,
+    ids: Vec<u32>,
+    max_new_tokens: usize,
+    stop_tokens: Vec<u32>,
+    ended: Option<StopReason>,
+}
+
+impl TextSteps {
+    /// Generation from `hidden`, the final-normed state of the last prompt position.
+    pub fn new(hidden: Tensor, max_new_tokens: usize, stop_tokens: &[u32]) -> Self {
+        let ended = (max_new_tokens == 0).then_some(StopReason::MaxTokens);
+        Self {
+            hidden: ended.is_none().then_some(hidden),
+            ids: Vec::new(),
+            max_new_tokens,
+            stop_tokens: stop_tokens.to_vec(),
+            ended,
+        }
+    }
+
+    /// Samples the next token from `model`'s text head and keeps it; None once generation has
+    /// ended ([`TextSteps::ended`] says why). The token must be [fed](TextSteps::feed) before the
+    /// next one is sampled.
+    pub fn sample(&mut self, model: &Backbone, sampler: &mut Sampler) -> Result<Option<u32>> {
+        let Some(hidden) = self.hidden.take() else {
+            return Ok(None);
+        };
+        let logits = model
+            .text_logits(&hidden.unsqueeze(0)?)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        let id = sampler.sample(&logits);
+        if self.stop_tokens.contains(&id) {
+            self.ended = Some(StopReason::StopToken);
+            return Ok(None);
+        }
+        self.ids.push(id);
+        Ok(Some(id))
+    }
+
+    /// Feeds the last sampled token back into `session`, unless generation ends with it (at
+    /// `max_new_tokens`, or with the context full).
+    pub fn feed(&mut self, session: &mut Session) -> Result<()> {
+        let Some(&id) = self.ids.last() else {
+            return Ok(());
+        };
+        if self.ended.is_some() || self.hidden.is_some() {
+            return Ok(());
+        }
+        if self.ids.len() >= self.max_new_tokens {
+            self.ended = Some(StopReason::MaxTokens);
+        } else if session.remaining() == 0 {
+            self.ended = Some(StopReason::ContextFull);
+        } else {
+            self.hidden = Some(session.step_text(id)?);
+        }
+        Ok(())
+    }
+
+    /// Ends generation here for `reason` (the last token sampled is kept, not fed back).
+    pub fn end(&mut self, reason: StopReason) {
+        self.hidden = None;
+        self.ended.get_or_insert(reason);
+    }
+
+    /// Why generation ended, once it has.
+    pub fn ended(&self) -> Option<StopReason> {
+        self.ended
+    }
+
+    /// The tokens so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The tokens, and why generation ended (None while it has not).
+    pub fn finish(self) -> (Vec<u32>, Option<StopReason>) {
+        (self.ids, self.ended)
+    }
+}
+
 /// Text-only generation: from `hidden` (the final-normed state of the last prompt position),
 /// sample a token, hand it to `on_token`, feed it back, and repeat until one of `stop_tokens`
 /// (not fed back, not returned), `max_new_tokens`, the context limit, or `on_token` returning
@@ -40,33 +129,17 @@ pub fn generate_text(
     stop_tokens: &[u32],
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<(Vec<u32>, StopReason)> {
-    let mut ids = Vec::new();
-    let mut hidden = hidden.clone();
-    loop {
-        if ids.len() >= max_new_tokens {
-            return Ok((ids, StopReason::MaxTokens));
-        }
-        let logits = session
-            .model()
-            .text_logits(&hidden.unsqueeze(0)?)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
-        let id = sampler.sample(&logits);
-        if stop_tokens.contains(&id) {
-            return Ok((ids, StopReason::StopToken));
-        }
-        ids.push(id);
+    let mut steps = TextSteps::new(hidden.clone(), max_new_tokens, stop_tokens);
+    let model = session.model().clone();
+    while let Some(id) = steps.sample(&model, sampler)? {
         if !on_token(id)? {
-            return Ok((ids, StopReason::Cancelled));
+            steps.end(StopReason::Cancelled);
+            break;
         }
-        if ids.len() >= max_new_tokens {
-            return Ok((ids, StopReason::MaxTokens));
-        }
-        if session.remaining() == 0 {
-            return Ok((ids, StopReason::ContextFull));
-        }
-        hidden = session.step_text(id)?;
+        steps.feed(session)?;
     }
+    let (ids, ended) = steps.finish();
+    Ok((ids, ended.unwrap_or(StopReason::Cancelled)))
 }
 
 /// The reference's speech-recognition prompt for one clip: system "Perform ASR.", a user turn

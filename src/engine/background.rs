@@ -10,7 +10,7 @@
 //! a transcript made in many sittings is the one made in a single sitting.
 
 use candle_core::Tensor;
-use lfm2_audio::generate::asr_chat;
+use lfm2_audio::generate::{asr_chat, TextSteps};
 use lfm2_audio::model::Lfm2AudioModel;
 use lfm2_audio::prompt::Item;
 use lfm2_audio::sampling::{Sampler, SamplingParams};
@@ -38,9 +38,8 @@ struct Progress {
     prompt: Tensor,
     items: Vec<Item>,
     done: usize,
-    /// The state of the last position so far, once the prompt is in.
-    hidden: Option<Tensor>,
-    ids: Vec<u32>,
+    /// The tokens, once the prompt is in.
+    steps: Option<TextSteps>,
     sampler: Sampler,
 }
 
@@ -84,12 +83,12 @@ impl Background {
                     prompt,
                     items: chat.items().to_vec(),
                     done: 0,
-                    hidden: None,
-                    ids: Vec::new(),
+                    steps: None,
                     sampler: Sampler::new(SamplingParams::GREEDY, 0),
                 })
             }
         };
+        let im_end = model.tokenizer.special().im_end;
         while p.done < p.items.len() {
             if stop() {
                 return Ok(None);
@@ -98,33 +97,22 @@ impl Background {
             let piece = p.prompt.narrow(0, p.done, n)?;
             let hidden = p.session.prefill(&piece, &p.items[p.done..p.done + n])?;
             p.done += n;
-            p.hidden = Some(hidden.get(n - 1)?);
-        }
-        let im_end = model.tokenizer.special().im_end;
-        while let Some(hidden) = &p.hidden {
-            if p.ids.len() >= max_tokens {
-                break;
+            if p.done == p.items.len() {
+                p.steps = Some(TextSteps::new(hidden.get(n - 1)?, max_tokens, &[im_end]));
             }
+        }
+        let Some(steps) = &mut p.steps else {
+            anyhow::bail!("a transcript prompt without positions");
+        };
+        while steps.ended().is_none() {
             if stop() {
                 return Ok(None);
             }
-            let logits = model
-                .backbone
-                .text_logits(&hidden.unsqueeze(0)?)?
-                .squeeze(0)?
-                .to_vec1::<f32>()?;
-            let id = p.sampler.sample(&logits);
-            if id == im_end {
-                break;
+            if steps.sample(&model.backbone, &mut p.sampler)?.is_some() {
+                steps.feed(&mut p.session)?;
             }
-            p.ids.push(id);
-            p.hidden = if p.ids.len() < max_tokens && p.session.remaining() > 0 {
-                Some(p.session.step_text(id)?)
-            } else {
-                None
-            };
         }
-        let text = strip_specials(&model.tokenizer.decode_readable(&p.ids)?)
+        let text = strip_specials(&model.tokenizer.decode_readable(steps.ids())?)
             .trim()
             .to_owned();
         Ok(Some(text))
