@@ -1186,6 +1186,29 @@ impl Worker {
         content: Content,
         place: Placement,
     ) -> anyhow::Result<()> {
+        match self.insert_until_withdrawn(conv, item_id.clone(), content, place) {
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<lfm2_audio::error::Error>(),
+                    Some(lfm2_audio::error::Error::Stopped)
+                ) =>
+            {
+                Self::withdrawn(conv, item_id);
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// [`Worker::insert`], whose encoding and prefill end with `Error::Stopped` when the item is
+    /// withdrawn meanwhile (the session is then as before).
+    fn insert_until_withdrawn(
+        &self,
+        conv: &mut Conv,
+        item_id: String,
+        content: Content,
+        place: Placement,
+    ) -> anyhow::Result<()> {
         anyhow::ensure!(
             conv.position_of(&item_id).is_none(),
             "an item with id {item_id:?} is already in the conversation"
@@ -1197,17 +1220,11 @@ impl Worker {
         let parts = match content {
             Content::UserAudio(audio) => {
                 let cancel = Arc::clone(&conv.cancel);
-                let emb = match self
+                let emb = self
                     .model
                     .audio
                     .embed_until(&audio, &|| cancel.withdrawn(&item_id))
-                {
-                    Err(lfm2_audio::error::Error::Stopped) => {
-                        Self::withdrawn(conv, item_id);
-                        return Ok(());
-                    }
-                    r => r.context("encoding the user's speech")?,
-                };
+                    .context("encoding the user's speech")?;
                 conv.remember_encoding(audio, &emb);
                 vec![
                     Part::Text(prompt::turn_start(tok, "user")?),
@@ -1244,18 +1261,7 @@ impl Worker {
             None => {
                 let cancel = Arc::clone(&conv.cancel);
                 let stop = || cancel.withdrawn(&item_id);
-                match self.append(conv, item_id.clone(), Body::Turn(parts), &stop) {
-                    Err(e)
-                        if matches!(
-                            e.downcast_ref::<lfm2_audio::error::Error>(),
-                            Some(lfm2_audio::error::Error::Stopped)
-                        ) =>
-                    {
-                        Self::withdrawn(conv, item_id);
-                        return Ok(());
-                    }
-                    r => r?,
-                }
+                self.append(conv, item_id.clone(), Body::Turn(parts), &stop)?;
             }
             Some(i) => {
                 let len = parts_len(&parts)?;
