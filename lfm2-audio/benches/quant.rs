@@ -2,7 +2,7 @@
 //! matmul on the same shapes and data, in one run:
 //!
 //!     cargo bench -p lfm2-audio --bench quant [-- --quick] [--no-candle]
-//!         [--sections roof,mv,hot,mm,overhead] [--kernels avx512-vnni,scalar]
+//!         [--sections roof,mv,hot,mm,overhead,ceiling] [--kernels avx512-vnni,scalar]
 //!         [--formats q8_0,q4_0,q4_k,q6_k]
 //!
 //! matvec (decode) is reported as GB/s of weight bytes read (GGML size), with the weights rotated
@@ -12,6 +12,11 @@
 //! shared with other processes, so the ratio is steadier than the absolute figure. matmul
 //! (prefill) is reported as GOPS (2 * rows * cols * tokens / s) and as the equivalent backbone
 //! tokens/s, GOPS * 1e9 / (2 * 1.04e9). Every figure is the median of several runs.
+//!
+//! `ceiling` (x86 with AVX2) sets the 4-bit prefill product beside the most this core can do
+//! with its instructions: the AVX2 micro-tile's inner step (4 rows x 2 tokens: the loads, the
+//! nibble split, `vpmaddubsw` and the 16-bit sums) in a loop whose data sits in L1, against the
+//! kernel itself on a product whose data sits in L2, both on one thread.
 //!
 //! candle's thread count is fixed per process, so its figures come from child processes started
 //! with CANDLE_NUM_THREADS = 1 and 2, in which candle's `QMatMul` and our best kernel (on a pool
@@ -326,6 +331,106 @@ fn main() {
 
     if on("overhead") {
         overhead(&cfg);
+    }
+
+    if on("ceiling") {
+        ceiling(&cfg);
+    }
+}
+
+/// The 4-bit AVX2 prefill product against its own instruction mix (see the module's text).
+fn ceiling(cfg: &Cfg) {
+    println!();
+    println!("## ceiling of the 4-bit AVX2 prefill product, one thread (GOPS, 2 per multiply-add)");
+    println!();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        let timed = Cfg {
+            run_time: Duration::from_millis(200),
+            ..*cfg
+        };
+        let steps = 1 << 20;
+        // SAFETY: AVX2 was detected just above.
+        let s = time_calls(&timed, 1, |_| unsafe { mix::q4_tile_steps(steps) });
+        let mix_gops = 2.0 * (mix::STEP_MACS * steps) as f64 / s / 1e9;
+        let (rows, cols, t) = (512, 2048, 64);
+        let m = QMatrix::quantize(&weights(rows, cols), rows, cols, Format::Q4_0).unwrap();
+        let pool = Threads::with_kernel(1, Kernel::Avx2).expect("AVX2 was detected");
+        let x = Rng(12).vec(t * cols);
+        let mut y = vec![0f32; t * rows];
+        let s = time_calls(&timed, 1, |_| m.matmul(&x, t, &mut y, &pool).unwrap());
+        let kernel_gops = 2.0 * (rows * cols * t) as f64 / s / 1e9;
+        println!("- the micro-tile's inner step alone, data in L1: {mix_gops:.1}");
+        println!(
+            "- the kernel, Q4_0 {rows}x{cols} x {t} tokens (data in L2): {kernel_gops:.1}, \
+             {:.0} % of the step alone",
+            100.0 * kernel_gops / mix_gops
+        );
+        return;
+    }
+    println!("- needs x86-64 with AVX2");
+}
+
+/// The instruction mix of the AVX2 4-bit micro-tile, without the rest of the kernel.
+#[cfg(target_arch = "x86_64")]
+mod mix {
+    use std::arch::x86_64::*;
+
+    /// Multiply-adds per step: 4 rows x 2 tokens x 64 values (one packed vector a row).
+    pub const STEP_MACS: usize = 4 * 2 * 64;
+    /// Steps over distinct data before the loop comes round again (8 KiB of each, in L1).
+    const SPREAD: usize = 64;
+
+    #[repr(C, align(64))]
+    struct Lines([u8; SPREAD * 128]);
+
+    /// Runs `steps` steps of the micro-tile: per step, 4 packed weight vectors and 2 tokens'
+    /// low and high activation vectors are loaded, each weight vector is split into its nibble
+    /// halves, and each row and token adds two `vpmaddubsw` products to its 16-bit sums.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn q4_tile_steps(steps: usize) {
+        let mut w = Lines([0; SPREAD * 128]);
+        let mut x = Lines([0; SPREAD * 128]);
+        for (i, (a, b)) in w.0.iter_mut().zip(x.0.iter_mut()).enumerate() {
+            *a = (i * 7) as u8;
+            *b = ((i * 13) & 0x3f) as u8;
+        }
+        let (w, x) = (std::hint::black_box(&w), std::hint::black_box(&x));
+        let nib = _mm256_set1_epi8(0x0F);
+        let mut s = [[_mm256_setzero_si256(); 2]; 4];
+        for k in 0..steps {
+            let at = (k % SPREAD) * 128;
+            // SAFETY: `at + 128` is within both buffers, which are 64-byte aligned.
+            unsafe {
+                let xp = x.0.as_ptr().add(at);
+                let wp = w.0.as_ptr().add(at);
+                let xv = |o: usize| _mm256_load_si256(xp.add(o).cast());
+                let (xl0, xh0, xl1, xh1) = (xv(0), xv(32), xv(64), xv(96));
+                for (i, row) in s.iter_mut().enumerate() {
+                    let raw = _mm256_load_si256(wp.add(i * 32).cast());
+                    let lo = _mm256_and_si256(raw, nib);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nib);
+                    row[0] = _mm256_add_epi16(
+                        row[0],
+                        _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, xl0),
+                            _mm256_maddubs_epi16(hi, xh0),
+                        ),
+                    );
+                    row[1] = _mm256_add_epi16(
+                        row[1],
+                        _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, xl1),
+                            _mm256_maddubs_epi16(hi, xh1),
+                        ),
+                    );
+                }
+            }
+        }
+        std::hint::black_box(s);
     }
 }
 
