@@ -194,19 +194,17 @@ macro_rules! driver {
                             while j < t {
                                 match (rows, t - j) {
                                     (MV_ROWS, 2..) => {
-                                        let v =
-                                            $tile::<MV_ROWS, 2, Q4>(w, x, r, j, 0, w.groups, true);
+                                        let v = $tile::<MV_ROWS, 2, Q4>(w, x, r, j, 0, w.groups);
                                         store::<MV_ROWS, 2>(v, y, r, j, false);
                                         j += 2;
                                     }
                                     (MV_ROWS, _) => {
-                                        let v =
-                                            $tile::<MV_ROWS, 1, Q4>(w, x, r, j, 0, w.groups, true);
+                                        let v = $tile::<MV_ROWS, 1, Q4>(w, x, r, j, 0, w.groups);
                                         store::<MV_ROWS, 1>(v, y, r, j, false);
                                         j += 1;
                                     }
                                     _ => {
-                                        let v = $tile::<1, 1, Q4>(w, x, r, j, 0, w.groups, true);
+                                        let v = $tile::<1, 1, Q4>(w, x, r, j, 0, w.groups);
                                         store::<1, 1>(v, y, r, j, false);
                                         j += 1;
                                     }
@@ -262,12 +260,12 @@ macro_rules! driver {
                 unsafe {
                     let mut j = j0;
                     while j + $toks <= j1 {
-                        let v = $tile::<R, $toks, Q4>(w, x, r, j, g0, g1, false);
+                        let v = $tile::<R, $toks, Q4>(w, x, r, j, g0, g1);
                         store::<R, $toks>(v, y, r, j, add);
                         j += $toks;
                     }
                     while j < j1 {
-                        let v = $tile::<R, 1, Q4>(w, x, r, j, g0, g1, false);
+                        let v = $tile::<R, 1, Q4>(w, x, r, j, g0, g1);
                         store::<R, 1>(v, y, r, j, add);
                         j += 1;
                     }
@@ -345,9 +343,7 @@ const PF_STEPS: usize = 2;
 // ---------------------------------------------------------------------------------------------
 // AVX-512 VNNI.
 
-/// One micro-tile: rows `r..r+R` against tokens `j..j+T`, over groups `g0..g1`. `stream`: the
-/// product streams whole rows (decode, a few tokens), so the weights further on are prefetched;
-/// a slice of the batched path stays in L1 for many tokens and needs no prefetch.
+/// One micro-tile: rows `r..r+R` against tokens `j..j+T`.
 ///
 /// # Safety
 /// The rows and tokens must exist in the views; the CPU must support AVX-512 F/BW/VNNI.
@@ -361,7 +357,6 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
     j: usize,
     g0: usize,
     g1: usize,
-    stream: bool,
 ) -> [[f32; T]; R] {
     // SAFETY: every pointer below stays inside rows r..r+R of the weights (in their tile) and
     // tokens j..j+T of the activations (stride apart), group by group.
@@ -374,7 +369,7 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
         for g in g0..g1 {
             let wg = wq.add(g * TILE_ROWS * gq);
             let xg = xa.add(g * ACT_GROUP);
-            if stream {
+            if T == 1 || (T == 2 && g1 - g0 == w.groups) {
                 prefetch_ahead(wg, TILE_ROWS * gq, R * gq);
             }
             let xv = |t: usize, k: usize| _mm512_load_si512(xg.add(t * x.stride + k * 64).cast());
@@ -480,9 +475,7 @@ driver!(
 
 macro_rules! tile256 {
     ($name:ident, $features:literal, $i16:literal, |$acc:ident, $w:ident, $x:ident, $q4:ident| $dot:expr) => {
-        /// One micro-tile: rows `r..r+R` against tokens `j..j+T`, over groups `g0..g1`. `stream`:
-        /// the product streams whole rows (decode, a few tokens), so the weights further on are
-        /// prefetched; a slice of the batched path stays in L1 for many tokens and needs none.
+        /// One micro-tile: rows `r..r+R` against tokens `j..j+T`.
         ///
         /// # Safety
         /// The rows and tokens must exist in the views; the CPU must support the features.
@@ -496,7 +489,6 @@ macro_rules! tile256 {
             j: usize,
             g0: usize,
             g1: usize,
-            stream: bool,
         ) -> [[f32; T]; R] {
             // SAFETY: as in `tile512`: all pointers stay inside the tile's rows and tokens.
             unsafe {
@@ -509,7 +501,7 @@ macro_rules! tile256 {
                 for g in g0..g1 {
                     let wg = wq.add(g * TILE_ROWS * gq);
                     let xg = xa.add(g * ACT_GROUP);
-                    if stream {
+                    if T == 1 || (T == 2 && g1 - g0 == w.groups) {
                         prefetch_ahead(wg, TILE_ROWS * gq, R * gq);
                     }
                     for h in 0..2 {
