@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use crate::backbone::Backbone;
 use crate::depthformer::AudioHead;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{Frame, END_OF_AUDIO};
 use crate::prompt::{ChatState, Item};
 use crate::sampling::{Sampler, SamplingParams};
@@ -58,10 +58,16 @@ impl TextSteps {
 
     /// Samples the next token from `model`'s text head and keeps it; None once generation has
     /// ended ([`TextSteps::ended`] says why). The token must be [fed](TextSteps::feed) before the
-    /// next one is sampled.
+    /// next one is sampled: sampling again before that is an error.
     pub fn sample(&mut self, model: &Backbone, sampler: &mut Sampler) -> Result<Option<u32>> {
-        let Some(hidden) = self.hidden.take() else {
+        if self.ended.is_some() {
             return Ok(None);
+        }
+        let Some(hidden) = self.hidden.take() else {
+            return Err(Error::Invalid(
+                "text generation: the last token was not fed back before the next was asked for"
+                    .into(),
+            ));
         };
         let logits = model
             .text_logits(&hidden.unsqueeze(0)?)?

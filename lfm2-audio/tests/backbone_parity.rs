@@ -313,3 +313,58 @@ fn a_long_prefill_stopped_in_a_later_piece_is_undone_whole() {
     let want = fresh.prefill(&emb, &items).unwrap();
     assert_eq!(values(&got), values(&want));
 }
+
+/// The step-wise text generator gives the reference's greedy tokens, refuses a second token
+/// before the first is fed back, and ends at `max_new_tokens` or at a stop token.
+#[test]
+fn text_steps_give_the_reference_greedy_tokens() {
+    use lfm2_audio::generate::{StopReason, TextSteps};
+    use lfm2_audio::sampling::{Sampler, SamplingParams};
+    for name in MODELS {
+        let (model, reference) = load(name);
+        let ids = reference.ids("/input_ids");
+        let want = reference.ids("/greedy/text_ids");
+        let mut sampler = Sampler::new(SamplingParams::GREEDY, 0);
+        let run = |steps: &mut TextSteps, sampler: &mut Sampler| {
+            let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
+            session.prefill_text(&ids).unwrap();
+            let mut early_refused = false;
+            while let Some(_id) = steps.sample(&model.backbone, sampler).unwrap() {
+                early_refused |= steps.sample(&model.backbone, sampler).is_err();
+                steps.feed(&mut session).unwrap();
+            }
+            early_refused
+        };
+        let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
+        let hidden = session
+            .prefill_text(&ids)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap();
+
+        let mut steps = TextSteps::new(hidden.clone(), want.len(), &[]);
+        assert!(
+            run(&mut steps, &mut sampler),
+            "{name}: a second sample was let through"
+        );
+        assert_eq!(steps.ended(), Some(StopReason::MaxTokens), "{name}");
+        assert_eq!(steps.ids(), &want[..], "{name} greedy tokens");
+
+        // A stop token: the first token of the reference that did not come before it.
+        let k = (1..want.len())
+            .find(|&k| !want[..k].contains(&want[k]))
+            .expect("a token that is new");
+        let mut steps = TextSteps::new(hidden.clone(), want.len(), &[want[k]]);
+        run(&mut steps, &mut sampler);
+        assert_eq!(steps.ended(), Some(StopReason::StopToken), "{name}");
+        assert_eq!(
+            steps.ids(),
+            &want[..k],
+            "{name}: the tokens before the stop token"
+        );
+
+        let mut steps = TextSteps::new(hidden, 0, &[]);
+        assert_eq!(steps.sample(&model.backbone, &mut sampler).unwrap(), None);
+        assert_eq!(steps.ended(), Some(StopReason::MaxTokens), "{name}");
+    }
+}
