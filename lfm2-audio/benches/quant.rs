@@ -368,6 +368,7 @@ fn ceiling(cfg: &Cfg) {
         );
         return;
     }
+    let _ = cfg;
     println!("- needs x86-64 with AVX2");
 }
 
