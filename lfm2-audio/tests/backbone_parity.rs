@@ -325,28 +325,26 @@ fn text_steps_give_the_reference_greedy_tokens() {
         let ids = reference.ids("/input_ids");
         let want = reference.ids("/greedy/text_ids");
         let mut sampler = Sampler::new(SamplingParams::GREEDY, 0);
-        let run = |steps: &mut TextSteps, sampler: &mut Sampler| {
+        // Generation after the prompt, to its end; also whether a second sample before a feed
+        // was refused every time.
+        let mut run = |max_new_tokens: usize, stop_tokens: &[u32]| {
             let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
-            session.prefill_text(&ids).unwrap();
-            let mut early_refused = false;
-            while let Some(_id) = steps.sample(&model.backbone, sampler).unwrap() {
-                early_refused |= steps.sample(&model.backbone, sampler).is_err();
+            let hidden = session
+                .prefill_text(&ids)
+                .unwrap()
+                .get(ids.len() - 1)
+                .unwrap();
+            let mut steps = TextSteps::new(hidden, max_new_tokens, stop_tokens);
+            let mut refused = true;
+            while let Some(_id) = steps.sample(&model.backbone, &mut sampler).unwrap() {
+                refused &= steps.sample(&model.backbone, &mut sampler).is_err();
                 steps.feed(&mut session).unwrap();
             }
-            early_refused
+            (steps, refused)
         };
-        let mut session = Session::new(Arc::clone(&model.backbone)).unwrap();
-        let hidden = session
-            .prefill_text(&ids)
-            .unwrap()
-            .get(ids.len() - 1)
-            .unwrap();
 
-        let mut steps = TextSteps::new(hidden.clone(), want.len(), &[]);
-        assert!(
-            run(&mut steps, &mut sampler),
-            "{name}: a second sample was let through"
-        );
+        let (steps, refused) = run(want.len(), &[]);
+        assert!(refused, "{name}: a second sample was let through");
         assert_eq!(steps.ended(), Some(StopReason::MaxTokens), "{name}");
         assert_eq!(steps.ids(), &want[..], "{name} greedy tokens");
 
@@ -354,8 +352,7 @@ fn text_steps_give_the_reference_greedy_tokens() {
         let k = (1..want.len())
             .find(|&k| !want[..k].contains(&want[k]))
             .expect("a token that is new");
-        let mut steps = TextSteps::new(hidden.clone(), want.len(), &[want[k]]);
-        run(&mut steps, &mut sampler);
+        let (steps, _) = run(want.len(), &[want[k]]);
         assert_eq!(steps.ended(), Some(StopReason::StopToken), "{name}");
         assert_eq!(
             steps.ids(),
@@ -363,8 +360,8 @@ fn text_steps_give_the_reference_greedy_tokens() {
             "{name}: the tokens before the stop token"
         );
 
-        let mut steps = TextSteps::new(hidden, 0, &[]);
-        assert_eq!(steps.sample(&model.backbone, &mut sampler).unwrap(), None);
+        let (steps, _) = run(0, &[]);
+        assert!(steps.ids().is_empty(), "{name}");
         assert_eq!(steps.ended(), Some(StopReason::MaxTokens), "{name}");
     }
 }
