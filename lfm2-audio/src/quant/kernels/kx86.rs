@@ -276,7 +276,7 @@ unsafe fn tile_q4k<const R: usize, const T: usize>(
     unsafe {
         for b in 0..nb {
             if T == 1 {
-                prefetch_ahead(wq.add(b * step), step, R * Q4K_BYTES);
+                prefetch_ahead::<_MM_HINT_T0>(wq.add(b * step), step, R * Q4K_BYTES);
             }
             // Sums of the 8 sub-blocks of 32 of each token.
             let bs8: [__m128i; T] = std::array::from_fn(|t| {
@@ -351,7 +351,7 @@ unsafe fn tile_q6k<const R: usize, const T: usize>(
     unsafe {
         for b in 0..nb {
             if T == 1 {
-                prefetch_ahead(wq.add(b * step), step, R * Q6K_BYTES);
+                prefetch_ahead::<_MM_HINT_T0>(wq.add(b * step), step, R * Q6K_BYTES);
             }
             let bs: [__m256i; T] = std::array::from_fn(|t| {
                 _mm256_loadu_si256(acts[t].bsums.as_ptr().add(32 * b).cast())
