@@ -330,7 +330,7 @@ unsafe fn tile_start<const R: usize>(
 ///
 /// `HINT` is the cache level the lines are asked into (`_MM_HINT_T0`: L1, `_MM_HINT_T1`: L2),
 /// chosen per kernel by measurement: on Zen 4 the AVX-512 kernel, which consumes a line in
-/// fewer instructions, read weights 30-60 % faster from memory with its prefetches aimed at L2,
+/// fewer instructions, read weights 20-60 % faster from memory with its prefetches aimed at L2,
 /// while the AVX2 ones (the K-quant kernels among them) were faster with L1, as on Zen 3.
 #[inline(always)]
 pub(super) fn prefetch_ahead<const HINT: i32>(wg: *const u8, step: usize, bytes: usize) {
