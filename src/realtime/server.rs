@@ -391,10 +391,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         (0, _) => String::new(),
         (n, confirmed) => format!(" (replies started on a pause: {n}, {confirmed} confirmed)"),
     };
+    // The slot is free before the line says so: a client that waits for "closed" to open
+    // another session must find room.
+    drop(permit);
     shared.log(format_args!(
         "{peer}: session {number} closed: {reason}{summary}"
     ));
-    drop(permit);
 }
 
 async fn close_with_error(
