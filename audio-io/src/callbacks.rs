@@ -259,6 +259,10 @@ pub struct PlaybackCallback {
     channels: usize,
     shared: Arc<PlaybackShared>,
     clears_seen: u64,
+    /// The writer's stream has had a sample played: from then on, running short while it is
+    /// playing is an underrun. (Before it, silence is the stream not having begun: the writer
+    /// may mark a stream as playing a moment before its first samples are in the ring.)
+    begun: bool,
 }
 
 impl PlaybackCallback {
@@ -269,6 +273,7 @@ impl PlaybackCallback {
             channels: usize::from(channels.max(1)),
             shared,
             clears_seen,
+            begun: false,
         }
     }
 
@@ -295,7 +300,15 @@ impl PlaybackCallback {
 
         let short = frames - take;
         let underrun = match self.shared.state() {
-            PlaybackState::Playing => short as u64,
+            PlaybackState::Playing => {
+                let begun = self.begun;
+                self.begun |= take > 0;
+                if begun || take > 0 {
+                    short as u64
+                } else {
+                    0
+                }
+            }
             PlaybackState::Draining => {
                 if short > 0 {
                     // Only Draining → Idle: a writer that started a new stream meanwhile wins.
@@ -305,10 +318,14 @@ impl PlaybackCallback {
                         Relaxed,
                         Relaxed,
                     );
+                    self.begun = false;
                 }
                 0
             }
-            PlaybackState::Idle => 0,
+            PlaybackState::Idle => {
+                self.begun = false;
+                0
+            }
         };
         self.shared
             .counters

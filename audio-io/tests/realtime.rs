@@ -183,6 +183,56 @@ fn playback_callback_does_not_allocate_for_any_sample_format() {
     playback_path::<cpal::I24>();
 }
 
+/// A stream marked as playing before its first samples reach the ring (the writer and the
+/// callback run on different threads) has not begun: the silence until then is no underrun.
+/// Once a sample of it has played, running short is one; a new stream begins afresh.
+#[test]
+fn silence_before_a_streams_first_sample_is_no_underrun() {
+    let period = 480 * 2;
+    let (mut prod, cons) = HeapRb::<f32>::new(period * 4).split();
+    let shared = Arc::new(PlaybackShared::default());
+    let mut callback = PlaybackCallback::new(cons, 2, Arc::clone(&shared));
+    let mut out = vec![0.0f32; period];
+    let source = vec![0.25f32; period];
+
+    shared.set_state(PlaybackState::Playing);
+    callback.fill(&mut out);
+    callback.fill(&mut out);
+    assert_eq!(shared.counters.snapshot().xruns, 0, "not begun yet");
+
+    prod.push_slice(&source);
+    callback.fill(&mut out);
+    assert!(out.iter().all(|&s| s == 0.25));
+    callback.fill(&mut out);
+    let stats = shared.counters.snapshot();
+    assert_eq!(stats.xruns, 1, "begun, then short: an underrun");
+    assert_eq!(stats.xrun_frames, 480);
+
+    // A period that starts the stream and runs short is a hole too.
+    shared.set_state(PlaybackState::Idle);
+    callback.fill(&mut out);
+    shared.set_state(PlaybackState::Playing);
+    callback.fill(&mut out);
+    assert_eq!(
+        shared.counters.snapshot().xruns,
+        1,
+        "a new stream, not begun"
+    );
+    prod.push_slice(&source[..period / 2]);
+    callback.fill(&mut out);
+    let stats = shared.counters.snapshot();
+    assert_eq!(stats.xruns, 2);
+    assert_eq!(stats.xrun_frames, 480 + 240);
+
+    // Drained to the end: the next stream has not begun either.
+    shared.set_state(PlaybackState::Draining);
+    callback.fill(&mut out);
+    assert_eq!(shared.state(), PlaybackState::Idle);
+    shared.set_state(PlaybackState::Playing);
+    callback.fill(&mut out);
+    assert_eq!(shared.counters.snapshot().xruns, 2);
+}
+
 #[test]
 fn callback_timing() {
     // 10 ms stereo periods at 48 kHz, the size the device streams ask for.

@@ -250,11 +250,14 @@ impl Playback for DevicePlayback {
             }
         }
         self.streaming = true;
+        self.resampler.process(samples, &mut self.resampled);
+        let queued = self.queue();
+        // Playing from when the samples are in the ring: marked before, a callback in between
+        // would find the stream begun and nothing to play.
         if let Some(open) = &self.open {
             open.shared.set_state(PlaybackState::Playing);
         }
-        self.resampler.process(samples, &mut self.resampled);
-        self.queue()
+        queued
     }
 
     fn finish(&mut self) -> Result<(), AudioError> {
