@@ -249,8 +249,9 @@ pub struct QMatrix {
     /// `groups * format.group_bytes()` bytes per row, rows in tiles (`layout::tile_offset`, the
     /// last tile padded), 64-byte aligned.
     quants: AlignedBuf,
-    /// `groups * 16` block scales per row, in the same tiles (none for the K-quants).
-    scales: Vec<f16>,
+    /// `groups * 16` block scales per row (f16), in the same tiles (none for the K-quants);
+    /// allocated as the quants are, so that the decode products read both from huge pages.
+    scales: AlignedBuf,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -265,6 +266,24 @@ impl std::fmt::Debug for QMatrix {
 
 fn invalid(msg: String) -> Error {
     Error::Invalid(format!("quantized matrix: {msg}"))
+}
+
+/// The f16 block scales held in `buf`.
+fn scales_ref(buf: &AlignedBuf) -> &[f16] {
+    // SAFETY: the buffer starts on a cache line and holds a whole number of f16 (it was made
+    // for them), `f16` is a plain 16-bit value for which every bit pattern is valid, and the
+    // borrow of `buf` keeps the memory alive.
+    let (head, scales, tail) = unsafe { buf.as_slice().align_to::<f16>() };
+    debug_assert!(head.is_empty() && tail.is_empty());
+    scales
+}
+
+/// The f16 block scales held in `buf`, to write.
+fn scales_of(buf: &mut AlignedBuf) -> &mut [f16] {
+    // SAFETY: as in `scales_ref`; the exclusive borrow makes the slice unique.
+    let (head, scales, tail) = unsafe { buf.as_mut_slice().align_to_mut::<f16>() };
+    debug_assert!(head.is_empty() && tail.is_empty());
+    scales
 }
 
 /// Checks a shape and returns the number of weights.
@@ -314,11 +333,12 @@ impl QMatrix {
             format,
             groups,
             quants,
-            scales: if format.is_k() {
-                Vec::new()
+            // f16 zero is all zero bits.
+            scales: AlignedBuf::zeroed(if format.is_k() {
+                0
             } else {
-                vec![f16::ZERO; stored_rows * groups * GROUP_BLOCKS]
-            },
+                stored_rows * groups * GROUP_BLOCKS * std::mem::size_of::<f16>()
+            }),
         })
     }
 
@@ -385,7 +405,7 @@ impl QMatrix {
         std::thread::scope(|scope| {
             let quants = self.quants.as_mut_slice().chunks_mut(per * row_bytes);
             // K-quant matrices have no separate scales (row_scales = 0).
-            let mut scales: &mut [f16] = &mut self.scales;
+            let mut scales: &mut [f16] = scales_of(&mut self.scales);
             for (c, q) in quants.enumerate() {
                 let n = q.len() / row_bytes;
                 let (s, rest) = std::mem::take(&mut scales).split_at_mut(n * row_scales);
@@ -512,7 +532,7 @@ impl QMatrix {
             Format::Q4_K | Format::Q6_K => unreachable!("K-quants are stored as GGML blocks"),
         }
         let scales = layout::tile_offset(r, g, self.row_scales(), GROUP_BLOCKS);
-        (self.scales[scales + i], out)
+        (scales_ref(&self.scales)[scales + i], out)
     }
 
     /// Writes row `r` dequantized into `out` (`cols` values).
@@ -661,7 +681,7 @@ impl QMatrix {
     fn view(&self) -> WeightView {
         WeightView {
             quants: self.quants.as_slice().as_ptr(),
-            scales: self.scales.as_ptr(),
+            scales: scales_ref(&self.scales).as_ptr(),
             groups: self.groups,
             row_bytes: self.row_bytes(),
             row_scales: self.row_scales(),

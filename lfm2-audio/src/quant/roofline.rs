@@ -1,6 +1,7 @@
 //! The memory roofline: how fast the pool's threads can read memory, the bound a decode step
 //! (which reads every weight once) is compared against.
 
+use super::layout::AlignedBuf;
 use super::Threads;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
@@ -13,8 +14,16 @@ const CHUNK: usize = 256 * 1024;
 /// rate in GB/s. Chunks are claimed from a counter, as the matrix products share their rows.
 pub fn read_bandwidth(threads: &Threads, bytes: usize, rounds: usize) -> f64 {
     let words = bytes.div_ceil(CHUNK).max(1) * CHUNK / 8;
-    // Written once so that every page is really mapped (a zero page would read from cache).
-    let buf: Vec<u64> = (0..words as u64).collect();
+    // Allocated as the weights are (in huge pages where the system gives them), and written
+    // once so that every page is really mapped (a zero page would read from cache).
+    let mut bytes = AlignedBuf::zeroed(words * 8);
+    for (i, w) in bytes.as_mut_slice().chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&(i as u64).to_ne_bytes());
+    }
+    // SAFETY: the buffer starts on a cache line, so it is a whole number of aligned u64s with
+    // nothing before or after them; every bit pattern is a valid u64.
+    let (head, buf, tail) = unsafe { bytes.as_slice().align_to::<u64>() };
+    debug_assert!(head.is_empty() && tail.is_empty());
     let mut rates = Vec::with_capacity(rounds);
     for round in 0..=rounds {
         let next = AtomicUsize::new(0);
