@@ -147,7 +147,8 @@ impl ReplyPacing {
         };
     }
 
-    /// `n` samples of the reply arrived at `now`.
+    /// `n` samples of the reply arrived at `now` (or were made then, for audio held back: the
+    /// times of a reply's audio must not go backwards).
     pub fn arrived(&mut self, n: usize, now: Instant) {
         let first = *self.first.get_or_insert(now);
         let due = self.received as f64 / RATE;
@@ -326,7 +327,15 @@ impl<P: Speaker> Player<P> {
 
     /// Audio of the current reply arrived from the engine.
     pub fn reply_audio(&mut self, samples: &[f32]) {
-        self.pace.arrived(samples.len(), Instant::now());
+        self.reply_audio_made_at(samples, Instant::now());
+    }
+
+    /// Audio of the current reply that the engine made at `made` (earlier than now when it was
+    /// held back: a reply started speculatively during a pause, given out when the end of the
+    /// silence confirmed it). The pacing counts from when the audio was made, so a reply whose
+    /// first audio waited out its lead during the silence plays at once.
+    pub fn reply_audio_made_at(&mut self, samples: &[f32], made: Instant) {
+        self.pace.arrived(samples.len(), made);
         self.queue(samples);
     }
 
@@ -559,6 +568,44 @@ mod tests {
         player.pump(true);
         assert_eq!(player.played(), 1920, "everything generated: it plays");
         assert!(player.end_reply().contains("next lead"));
+    }
+
+    #[test]
+    fn held_back_audio_is_paced_from_when_it_was_made() {
+        // A reply started during a pause: its first frames were made 300 and 260 ms before the
+        // end of the silence gave them out. Their lead (120 ms) has passed: they play at once.
+        let mut player = memory_player(None);
+        let now = Instant::now();
+        player.begin_reply();
+        player.reply_audio_made_at(&[0.2; 1920], now - Duration::from_millis(300));
+        player.reply_audio_made_at(&[0.2; 1920], now - Duration::from_millis(260));
+        player.pump(false);
+        assert_eq!(player.played(), 3840, "nothing held");
+        // The same audio given out as it arrives now waits for the lead.
+        let mut player = memory_player(None);
+        player.begin_reply();
+        player.reply_audio(&[0.2; 1920]);
+        player.reply_audio(&[0.2; 1920]);
+        player.pump(false);
+        assert_eq!(player.played(), 0, "held by the lead");
+    }
+
+    #[test]
+    fn the_lead_learnt_from_held_back_audio_counts_when_it_was_made() {
+        // Frames made every 40 ms (80 ms of speech each) and given out in one go 200 ms after
+        // the first: the reply needed no head start, and the lead comes down, not up to the
+        // 200 ms the hand-over took.
+        let t0 = Instant::now();
+        let mut p = ReplyPacing::new();
+        p.begin(StreamStats::default());
+        for k in 0..6 {
+            p.arrived(1920, at(t0, 40 * k));
+        }
+        assert_eq!(p.release(6 * 1920, false, at(t0, 200)), (true, false));
+        p.arrived(1920, at(t0, 260));
+        let notes = p.end(StreamStats::default(), 48_000);
+        let want = 0.8 * ReplyPacing::FIRST_LEAD + 0.2 * ReplyPacing::MARGIN;
+        assert!((p.lead() - want).abs() < 1e-9, "{} ({notes})", p.lead());
     }
 
     #[test]

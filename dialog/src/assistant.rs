@@ -167,6 +167,12 @@ impl Assistant {
         self.speculation.active()
     }
 
+    /// The response id of the reply started speculatively and not yet confirmed: its events
+    /// are held back until the end of the silence confirms the turn.
+    pub fn speculative_response(&self) -> Option<&str> {
+        self.speculation.response_id()
+    }
+
     /// Whether an engine event belongs to a reply dropped on the way (a speculative reply the
     /// user spoke over): nothing of it is played or reported.
     #[cfg(test)]
@@ -810,6 +816,7 @@ mod tests {
         );
         assert_eq!(out, vec![add("user-1", vec![0.1; 4]), speculate(1)]);
         assert!(a.speculating());
+        assert_eq!(a.speculative_response(), Some("reply-1"));
         assert_eq!(a.state(), TurnState::UserSpeaking, "the user may go on");
         // The reply's first events are held back, nothing is played.
         for ev in [
@@ -841,6 +848,7 @@ mod tests {
             ]
         );
         assert!(!a.speculating());
+        assert_eq!(a.speculative_response(), None, "confirmed");
         assert_eq!(a.state(), TurnState::Responding);
         assert_eq!(
             a.reply_base(),

@@ -6,6 +6,7 @@
 //! and this loop, which runs the turn state machine, feeds the player, and prints the
 //! conversation.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -76,6 +77,8 @@ pub(crate) fn assistant(
         pending_end: None,
         delays: Vec::new(),
         transcripts: 0,
+        held_audio: None,
+        made_at: VecDeque::new(),
         stop_after: args.max_turns,
         finished: false,
     };
@@ -144,7 +147,10 @@ pub(crate) fn assistant(
                 Err(_) => break,
             },
             recv(conv.events()) -> ev => match ev {
-                Ok(ev) => input = Some(Input::Engine(ev)),
+                Ok(ev) => {
+                    run.note_held_audio(&ev, dialog.speculative_response());
+                    input = Some(Input::Engine(ev));
+                }
                 Err(_) => break,
             },
             default(Duration::from_millis(20)) => {}
@@ -241,12 +247,32 @@ struct Run<'a> {
     delays: Vec<f64>,
     /// Transcripts asked for and not yet received.
     transcripts: u32,
+    /// When each piece of audio of the speculative reply (this response id) came from the
+    /// engine: the dialog holds them back until the turn is confirmed.
+    held_audio: Option<(String, VecDeque<Instant>)>,
+    /// For the reply just begun: when its held-back pieces of audio were made, in order.
+    made_at: VecDeque<Instant>,
     /// Stop after this many replies.
     stop_after: Option<u64>,
     finished: bool,
 }
 
 impl Run<'_> {
+    /// Notes when a piece of audio of the speculative reply `speculative` came: the dialog
+    /// holds it back until the end of the silence confirms the turn.
+    fn note_held_audio(&mut self, ev: &ConvEvent, speculative: Option<&str>) {
+        let (ConvEvent::Audio { response_id, .. }, Some(spec)) = (ev, speculative) else {
+            return;
+        };
+        if response_id != spec {
+            return;
+        }
+        match &mut self.held_audio {
+            Some((id, made)) if id == spec => made.push_back(Instant::now()),
+            held => *held = Some((spec.to_string(), VecDeque::from([Instant::now()]))),
+        }
+    }
+
     fn apply(&mut self, effects: Vec<Effect>, player: &mut Player) {
         let start = self.start;
         for effect in effects {
@@ -257,13 +283,19 @@ impl Run<'_> {
                     }
                     self.conv.apply(call.widen());
                 }
-                Effect::BeginReply { .. } => {
+                Effect::BeginReply { response_id } => {
                     let line = format!("{} assistant: ", stamp(start));
                     let mut out = std::io::stdout().lock();
                     let _ = write!(out, "{line}");
                     let _ = out.flush();
                     OPEN_LINE.store(true, Ordering::Relaxed);
                     player.begin_reply();
+                    // A confirmed speculative reply: its audio so far was made during the
+                    // silence, and is paced from then.
+                    self.made_at = match &mut self.held_audio {
+                        Some((id, made)) if *id == response_id => std::mem::take(made),
+                        _ => VecDeque::new(),
+                    };
                 }
                 Effect::Text(piece) => {
                     let mut out = std::io::stdout().lock();
@@ -286,7 +318,10 @@ impl Run<'_> {
                             t.elapsed().as_secs_f64() * 1e3
                         ));
                     }
-                    player.reply_audio(&samples);
+                    match self.made_at.pop_front() {
+                        Some(made) => player.reply_audio_made_at(&samples, made),
+                        None => player.reply_audio(&samples),
+                    }
                 }
                 Effect::StopPlayback => player.clear(),
                 Effect::BargeIn { heard } => {
