@@ -301,9 +301,8 @@ impl PlaybackCallback {
         let short = frames - take;
         let underrun = match self.shared.state() {
             PlaybackState::Playing => {
-                let begun = self.begun;
                 self.begun |= take > 0;
-                if begun || take > 0 {
+                if self.begun {
                     short as u64
                 } else {
                     0

@@ -115,21 +115,23 @@ fn history_note(history: usize) -> String {
     }
 }
 
-/// Peak resident memory of this process so far (Linux), in bytes.
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+/// A `key: N kB` line of a /proc file of this process (Linux), in bytes.
+fn proc_bytes(file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Peak resident memory of this process so far (Linux), in bytes.
+fn peak_rss() -> Option<u64> {
+    proc_bytes("/proc/self/status", "VmHWM:")
 }
 
 /// Anonymous memory of this process in transparent huge pages (Linux), in bytes: the quantized
 /// weights where the system gave them 2 MiB pages.
 fn huge_page_bytes() -> Option<u64> {
-    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    proc_bytes("/proc/self/smaps_rollup", "AnonHugePages:")
 }
 
 /// The CPU as /proc/cpuinfo names it, with its family and model numbers (which tell CPU

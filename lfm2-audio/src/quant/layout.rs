@@ -127,14 +127,13 @@ impl AlignedBuf {
             .map_anon()
             .ok()?;
         let offset = (HUGE_PAGE - map.as_ptr() as usize % HUGE_PAGE) % HUGE_PAGE;
-        let whole = len / HUGE_PAGE * HUGE_PAGE;
+        // Only a hint: where transparent huge pages are off, the buffer has small pages.
         #[cfg(target_os = "linux")]
-        if whole > 0 {
-            // Only a hint: where transparent huge pages are off, the buffer has small pages.
-            let _ = map.advise_range(memmap2::Advice::HugePage, offset, whole);
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = whole;
+        let _ = map.advise_range(
+            memmap2::Advice::HugePage,
+            offset,
+            len / HUGE_PAGE * HUGE_PAGE,
+        );
         Some(Storage::Mapped { map, offset })
     }
 

@@ -268,24 +268,6 @@ fn invalid(msg: String) -> Error {
     Error::Invalid(format!("quantized matrix: {msg}"))
 }
 
-/// The f16 block scales held in `buf`.
-fn scales_ref(buf: &AlignedBuf) -> &[f16] {
-    // SAFETY: the buffer starts on a cache line and holds a whole number of f16 (it was made
-    // for them), `f16` is a plain 16-bit value for which every bit pattern is valid, and the
-    // borrow of `buf` keeps the memory alive.
-    let (head, scales, tail) = unsafe { buf.as_slice().align_to::<f16>() };
-    debug_assert!(head.is_empty() && tail.is_empty());
-    scales
-}
-
-/// The f16 block scales held in `buf`, to write.
-fn scales_of(buf: &mut AlignedBuf) -> &mut [f16] {
-    // SAFETY: as in `scales_ref`; the exclusive borrow makes the slice unique.
-    let (head, scales, tail) = unsafe { buf.as_mut_slice().align_to_mut::<f16>() };
-    debug_assert!(head.is_empty() && tail.is_empty());
-    scales
-}
-
 /// Checks a shape and returns the number of weights.
 fn check_shape(rows: usize, cols: usize, format: Format) -> Result<usize> {
     if rows == 0 || cols == 0 {
@@ -405,7 +387,7 @@ impl QMatrix {
         std::thread::scope(|scope| {
             let quants = self.quants.as_mut_slice().chunks_mut(per * row_bytes);
             // K-quant matrices have no separate scales (row_scales = 0).
-            let mut scales: &mut [f16] = scales_of(&mut self.scales);
+            let mut scales: &mut [f16] = bytemuck::cast_slice_mut(self.scales.as_mut_slice());
             for (c, q) in quants.enumerate() {
                 let n = q.len() / row_bytes;
                 let (s, rest) = std::mem::take(&mut scales).split_at_mut(n * row_scales);
@@ -532,7 +514,10 @@ impl QMatrix {
             Format::Q4_K | Format::Q6_K => unreachable!("K-quants are stored as GGML blocks"),
         }
         let scales = layout::tile_offset(r, g, self.row_scales(), GROUP_BLOCKS);
-        (scales_ref(&self.scales)[scales + i], out)
+        (
+            bytemuck::cast_slice::<u8, f16>(self.scales.as_slice())[scales + i],
+            out,
+        )
     }
 
     /// Writes row `r` dequantized into `out` (`cols` values).
@@ -681,7 +666,7 @@ impl QMatrix {
     fn view(&self) -> WeightView {
         WeightView {
             quants: self.quants.as_slice().as_ptr(),
-            scales: scales_ref(&self.scales).as_ptr(),
+            scales: bytemuck::cast_slice::<u8, f16>(self.scales.as_slice()).as_ptr(),
             groups: self.groups,
             row_bytes: self.row_bytes(),
             row_scales: self.row_scales(),

@@ -17,13 +17,13 @@ pub fn read_bandwidth(threads: &Threads, bytes: usize, rounds: usize) -> f64 {
     // Allocated as the weights are (in huge pages where the system gives them), and written
     // once so that every page is really mapped (a zero page would read from cache).
     let mut bytes = AlignedBuf::zeroed(words * 8);
-    for (i, w) in bytes.as_mut_slice().chunks_exact_mut(8).enumerate() {
-        w.copy_from_slice(&(i as u64).to_ne_bytes());
+    for (i, w) in bytemuck::cast_slice_mut::<u8, u64>(bytes.as_mut_slice())
+        .iter_mut()
+        .enumerate()
+    {
+        *w = i as u64;
     }
-    // SAFETY: the buffer starts on a cache line, so it is a whole number of aligned u64s with
-    // nothing before or after them; every bit pattern is a valid u64.
-    let (head, buf, tail) = unsafe { bytes.as_slice().align_to::<u64>() };
-    debug_assert!(head.is_empty() && tail.is_empty());
+    let buf: &[u64] = bytemuck::cast_slice(bytes.as_slice());
     let mut rates = Vec::with_capacity(rounds);
     for round in 0..=rounds {
         let next = AtomicUsize::new(0);
