@@ -48,6 +48,52 @@ fn matvec_many_equals_separate_products() {
     }
 }
 
+/// The pool hands out runs of tiles, a share of what is left each time, bounded by a least and
+/// a most number of bytes, never past a matrix's end, over at most 8 matrices a job: every row
+/// of every matrix must be computed exactly once, whatever the split (checked against the same
+/// kernel on one thread, which runs each product whole).
+#[test]
+fn split_products_equal_whole_ones() {
+    for kernel in Kernel::supported() {
+        let one = Threads::with_kernel(1, kernel).unwrap();
+        for n in [2, 3] {
+            let pool = Threads::with_kernel(n, kernel).unwrap();
+            for format in [Format::Q8_0, Format::Q4_0] {
+                // Ten matrices (two jobs), one of 4.3 MB at Q8_0 (more than the largest claim),
+                // odd row counts, one matrix smaller than a tile.
+                let shapes = [4100, 3, 517, 64, 1029, 5, 900, 260, 33, 2050];
+                let cols = 1024;
+                let ms: Vec<QMatrix> = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &r)| {
+                        QMatrix::quantize(&values(r * cols, 40 + i as u64), r, cols, format)
+                            .unwrap()
+                    })
+                    .collect();
+                let x = values(cols, 7);
+                let refs: Vec<&QMatrix> = ms.iter().collect();
+                let run = |pool: &Threads| {
+                    let mut got: Vec<Vec<f32>> =
+                        ms.iter().map(|m| vec![f32::NAN; m.rows()]).collect();
+                    let mut outs: Vec<&mut [f32]> =
+                        got.iter_mut().map(|v| v.as_mut_slice()).collect();
+                    QMatrix::matvec_many(&refs, &x, &mut outs, pool).unwrap();
+                    got
+                };
+                let want = run(&one);
+                assert!(want.iter().flatten().all(|v| v.is_finite()));
+                assert_eq!(run(&pool), want, "{kernel} {format} with {n} threads");
+                for (m, want) in ms.iter().zip(&want) {
+                    let mut y = vec![f32::NAN; m.rows()];
+                    m.matvec(&x, &mut y, &pool).unwrap();
+                    assert_eq!(&y, want, "{kernel} {format}, {} rows alone", m.rows());
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn matvec_many_rejects_mixed_shapes() {
     let pool = Threads::new(2).unwrap();
