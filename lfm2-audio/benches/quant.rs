@@ -2,7 +2,7 @@
 //! matmul on the same shapes and data, in one run:
 //!
 //!     cargo bench -p lfm2-audio --bench quant [-- --quick] [--no-candle]
-//!         [--sections roof,mv,hot,mm,overhead,ceiling] [--kernels avx512-vnni,scalar]
+//!         [--sections roof,mv,hot,mm,overhead,ceiling,step] [--kernels avx512-vnni,scalar]
 //!         [--formats q8_0,q4_0,q4_k,q6_k]
 //!
 //! matvec (decode) is reported as GB/s of weight bytes read (GGML size), with the weights rotated
@@ -12,6 +12,10 @@
 //! shared with other processes, so the ratio is steadier than the absolute figure. matmul
 //! (prefill) is reported as GOPS (2 * rows * cols * tokens / s) and as the equivalent backbone
 //! tokens/s, GOPS * 1e9 / (2 * 1.04e9). Every figure is the median of several runs.
+//!
+//! `step` runs the products of one backbone decode step (Q4_0 and Q8_0, the real shapes and
+//! order, 2 threads) against the plain read that `lfm2d bench` takes as the memory roofline,
+//! alternating the two, and reports the step's GB/s and its share of that read.
 //!
 //! `ceiling` (x86 with AVX2) sets the 4-bit prefill product beside the most this core can do
 //! with its instructions: the AVX2 micro-tile's inner step (4 rows x 2 tokens: the loads, the
@@ -336,6 +340,83 @@ fn main() {
     if on("ceiling") {
         ceiling(&cfg);
     }
+
+    if on("step") {
+        for &format in formats
+            .iter()
+            .filter(|f| matches!(f, Format::Q8_0 | Format::Q4_0))
+        {
+            step(&cfg, format);
+        }
+    }
+}
+
+/// The products of one backbone decode step, in the model's order and shapes (16 layers of
+/// which 6 attend, fused where the model fuses them, and the 65 536-row text head), on two
+/// threads with the best kernel, against the plain read `lfm2d bench` takes as the roofline
+/// (2 threads, 512 MB allocated as the weights are). The two alternate round by round, so the
+/// percentage compares them at the same moment of a machine whose bus speed drifts.
+fn step(cfg: &Cfg, format: Format) {
+    const ATTENTION: [usize; 6] = [2, 5, 8, 10, 12, 14];
+    let (dim, ff, kv, vocab) = (2048, 8192, 512, 65536);
+    let m = |rows: usize, cols: usize| {
+        QMatrix::quantize(&weights(rows, cols), rows, cols, format).expect("valid shape")
+    };
+    let mut products: Vec<Vec<QMatrix>> = Vec::new();
+    for layer in 0..16 {
+        if ATTENTION.contains(&layer) {
+            products.push(vec![m(dim, dim), m(kv, dim), m(kv, dim)]);
+        } else {
+            products.push(vec![m(3 * dim, dim)]);
+        }
+        products.push(vec![m(dim, dim)]);
+        products.push(vec![m(ff, dim), m(ff, dim)]);
+        products.push(vec![m(dim, ff)]);
+    }
+    products.push(vec![m(vocab, dim)]);
+    let bytes: usize = products.iter().flatten().map(QMatrix::ggml_bytes).sum();
+    let mut outs: Vec<Vec<Vec<f32>>> = products
+        .iter()
+        .map(|ms| ms.iter().map(|m| vec![0f32; m.rows()]).collect())
+        .collect();
+    let (x_dim, x_ff) = (weights(1, dim), weights(1, ff));
+    let pool = Threads::new(2).expect("a pool");
+    let mut run = || {
+        let start = Instant::now();
+        for (ms, ys) in products.iter().zip(outs.iter_mut()) {
+            let x = if ms[0].cols() == ff { &x_ff } else { &x_dim };
+            let ms: Vec<&QMatrix> = ms.iter().collect();
+            let mut ys: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
+            QMatrix::matvec_many(&ms, x, &mut ys, &pool).expect("shapes match");
+        }
+        bytes as f64 / start.elapsed().as_secs_f64() / 1e9
+    };
+    run();
+    let (mut gbs, mut reads, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..cfg.runs {
+        let read = lfm2_audio::quant::read_bandwidth(&pool, 512 << 20, 1);
+        let g = median((0..5).map(|_| run()).collect());
+        gbs.push(g);
+        reads.push(read);
+        ratios.push(g / read);
+    }
+    println!();
+    println!(
+        "## a decode step's products, {}: {} products, {:.0} MB, 2 threads, {}",
+        format.name(),
+        products.len(),
+        bytes as f64 / 1e6,
+        pool.kernel().name()
+    );
+    println!();
+    println!(
+        "{:.1} GB/s ({:.1} steps/s), {:.0} % of a plain read of {:.1} GB/s (medians of {} rounds)",
+        median(gbs.clone()),
+        median(gbs) * 1e9 / bytes as f64,
+        median(ratios) * 100.0,
+        median(reads),
+        cfg.runs
+    );
 }
 
 /// The 4-bit AVX2 prefill product against its own instruction mix (see the module's text).
