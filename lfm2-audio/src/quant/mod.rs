@@ -65,8 +65,9 @@
 //! [`DEFAULT_SPIN`] after each job (yielding the core every few hundred polls, so that a waiting
 //! worker gives way to runnable threads) and then park. Work is shared by claiming chunks of rows
 //! from an atomic counter, and a job is closed when the caller runs out of chunks, so a worker
-//! that was descheduled never delays the call unless it is inside a chunk. Decode chunks are at
-//! most 256 KiB of weights; a caller that is done with its share spins 100 µs for the workers
+//! that was descheduled never delays the call unless it is inside a chunk. A decode claim takes a
+//! share of what is left of the job (64 KiB to 2 MiB of weights), so the claims near its end are
+//! short; a caller that is done with its share spins 100 µs for the workers
 //! still inside and then blocks, so that when another process holds a worker's core the caller's
 //! core goes idle and the scheduler runs the worker there (instead of the caller spinning while
 //! the worker waits for a time slice): a busy machine slows decoding in proportion. An empty
@@ -911,7 +912,7 @@ const MAX_CLAIM: usize = 2 << 20;
 /// per stream, and a matrix is read in a few streams instead of one per 256 KiB) while the
 /// claims near the end shrink, so that nobody waits long for the last one, and a participant
 /// that joins late, or is slowed by another process on its core, simply takes less. Against
-/// fixed 256 KiB chunks, a Zen 4 guest read the 4-bit step's weights 16 % faster
+/// fixed 256 KiB chunks, a Zen 4 guest read the 4-bit step's weights 16 % faster on a fast bus
 /// (docs/PERFORMANCE.md, "Longer streams per thread").
 fn run_parts(
     threads: &Threads,

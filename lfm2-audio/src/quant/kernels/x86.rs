@@ -379,7 +379,7 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
                 if !Q4 && T == 1 {
                     // Q8_0 spends one instruction per line it reads, and its loads wait on
                     // L2 unless the lines are also asked into L1 half a group step ahead
-                    // (Zen 4: 16-18 % more GB/s; Q4_0 was slower with it).
+                    // (Zen 4: 7-18 % more GB/s; Q4_0 was slower with it).
                     let at = wg.wrapping_add(TILE_ROWS * gq / 2);
                     for line in (0..R * gq).step_by(64) {
                         // SAFETY: a prefetch is a hint and never faults (wrapping address).
