@@ -67,10 +67,10 @@
 //! from an atomic counter, and a job is closed when the caller runs out of chunks, so a worker
 //! that was descheduled never delays the call unless it is inside a chunk. A decode claim takes a
 //! share of what is left of the job (64 KiB to 2 MiB of weights), so the claims near its end are
-//! short; a caller that is done with its share spins 100 µs for the workers
-//! still inside and then blocks, so that when another process holds a worker's core the caller's
-//! core goes idle and the scheduler runs the worker there (instead of the caller spinning while
-//! the worker waits for a time slice): a busy machine slows decoding in proportion. An empty
+//! short; a caller that is done with its share spins 100 µs for the workers still inside and
+//! then blocks, so that when another process holds a worker's core the caller's core goes idle
+//! and the scheduler runs the worker there (instead of the caller spinning while the worker
+//! waits for a time slice): a busy machine slows decoding in proportion. An empty
 //! fork/join costs about 0.5 µs; the pool owns the scratch buffer of quantized activations, so a
 //! call allocates nothing once the largest shape has been seen. Matrices under 128 KB run on the
 //! calling thread. [`QMatrix::matvec_many`] multiplies one input by several matrices (q, k and v;
@@ -515,10 +515,7 @@ impl QMatrix {
             Format::Q4_K | Format::Q6_K => unreachable!("K-quants are stored as GGML blocks"),
         }
         let scales = layout::tile_offset(r, g, self.row_scales(), GROUP_BLOCKS);
-        (
-            bytemuck::cast_slice::<u8, f16>(self.scales.as_slice())[scales + i],
-            out,
-        )
+        (self.scales()[scales + i], out)
     }
 
     /// Writes row `r` dequantized into `out` (`cols` values).
@@ -664,10 +661,15 @@ impl QMatrix {
         }
     }
 
+    /// The block scales (empty for the K-quants).
+    fn scales(&self) -> &[f16] {
+        bytemuck::cast_slice(self.scales.as_slice())
+    }
+
     fn view(&self) -> WeightView {
         WeightView {
             quants: self.quants.as_slice().as_ptr(),
-            scales: bytemuck::cast_slice::<u8, f16>(self.scales.as_slice()).as_ptr(),
+            scales: self.scales().as_ptr(),
             groups: self.groups,
             row_bytes: self.row_bytes(),
             row_scales: self.row_scales(),

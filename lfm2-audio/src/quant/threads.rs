@@ -37,9 +37,9 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
 /// How long a caller whose own share of a job is done spins for the workers still inside it
 /// before it blocks. The last decode claims of a job are short (a share of what is left, down
 /// to 64 KiB of weights), so on an idle machine the caller rarely blocks; when another process
-/// has taken a worker's core in
-/// the middle of a chunk, the blocked caller leaves its own core idle, and the scheduler moves
-/// the worker there instead of letting it wait for a time slice behind the other process.
+/// has taken a worker's core in the middle of a claim, the blocked caller leaves its own core
+/// idle, and the scheduler moves the worker there instead of letting it wait for a time slice
+/// behind the other process.
 const JOIN_SPIN: Duration = Duration::from_micros(100);
 
 /// Bit 0 of the job word: the job is closed (no more workers may join).

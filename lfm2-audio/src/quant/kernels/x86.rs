@@ -334,7 +334,12 @@ unsafe fn tile_start<const R: usize>(
 /// while the AVX2 ones (the K-quant kernels among them) were faster with L1, as on Zen 3.
 #[inline(always)]
 pub(super) fn prefetch_ahead<const HINT: i32>(wg: *const u8, step: usize, bytes: usize) {
-    let at = wg.wrapping_add(PF_STEPS * step);
+    prefetch_lines::<HINT>(wg.wrapping_add(PF_STEPS * step), bytes);
+}
+
+/// Asks for the cache lines of `bytes` bytes from `at` into the cache level `HINT`.
+#[inline(always)]
+fn prefetch_lines<const HINT: i32>(at: *const u8, bytes: usize) {
     for line in (0..bytes).step_by(64) {
         // SAFETY: prefetching is only a hint and never faults, even past the end of the
         // matrix (the address is computed with wrapping arithmetic, never dereferenced).
@@ -380,11 +385,7 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
                     // Q8_0 spends one instruction per line it reads, and its loads wait on
                     // L2 unless the lines are also asked into L1 half a group step ahead
                     // (Zen 4: 7-18 % more GB/s; Q4_0 was slower with it).
-                    let at = wg.wrapping_add(TILE_ROWS * gq / 2);
-                    for line in (0..R * gq).step_by(64) {
-                        // SAFETY: a prefetch is a hint and never faults (wrapping address).
-                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line).cast());
-                    }
+                    prefetch_lines::<_MM_HINT_T0>(wg.wrapping_add(TILE_ROWS * gq / 2), R * gq);
                 }
             }
             let xv = |t: usize, k: usize| _mm512_load_si512(xg.add(t * x.stride + k * 64).cast());
