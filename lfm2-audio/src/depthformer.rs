@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::format::{Frame, CODEBOOKS, CODEBOOK_CLASSES, END_OF_AUDIO};
 use crate::nn::{FeedForward, Linear, RmsNorm, Rotary, Table};
 use crate::ops::{self, with_f32_slice};
+use crate::quant::Reread;
 use crate::sampling::Sampler;
 use crate::weights::{WeightClass, Weights};
 
@@ -123,9 +124,17 @@ impl AudioHead {
                 .first()
                 .copied()
                 .unwrap_or(0);
+            // A frame reads every layer 8 times within a few milliseconds (and nothing else
+            // in between), so its products prefetch as for weights found mostly in L3.
+            let mut qkv = Linear::load(w, &format!("{p}.operator.qkv_proj"), qkv_out, dim, false)?;
+            let mut out_proj = Linear::load(w, &format!("{p}.operator.out_proj"), dim, dim, false)?;
+            let mut feed_forward = FeedForward::load(w, &format!("{p}.feed_forward"), dim, ff_dim)?;
+            qkv.set_reread(Reread::Often);
+            out_proj.set_reread(Reread::Often);
+            feed_forward.set_reread(Reread::Often);
             layers.push(DepthLayer {
                 operator_norm: RmsNorm::load(w, &format!("{p}.operator_norm"), dim, NORM_EPS)?,
-                qkv: Linear::load(w, &format!("{p}.operator.qkv_proj"), qkv_out, dim, false)?,
+                qkv,
                 q_norm: RmsNorm::load(
                     w,
                     &format!("{p}.operator.bounded_attention.q_layernorm"),
@@ -138,9 +147,9 @@ impl AudioHead {
                     head_dim,
                     NORM_EPS,
                 )?,
-                out_proj: Linear::load(w, &format!("{p}.operator.out_proj"), dim, dim, false)?,
+                out_proj,
                 ffn_norm: RmsNorm::load(w, &format!("{p}.ffn_norm"), dim, NORM_EPS)?,
-                feed_forward: FeedForward::load(w, &format!("{p}.feed_forward"), dim, ff_dim)?,
+                feed_forward,
             });
         }
         let mut codebooks = Vec::with_capacity(n_codebooks);

@@ -1,7 +1,7 @@
 //! Fused products of one input with several quantized matrices (`QMatrix::matvec_many`, used by
 //! the decode step for q/k/v and the feed-forward's two input maps), and the memory roofline.
 
-use lfm2_audio::quant::{read_bandwidth, Format, Kernel, QMatrix, Threads};
+use lfm2_audio::quant::{read_bandwidth, Format, Kernel, QMatrix, Reread, Threads};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -89,6 +89,36 @@ fn split_products_equal_whole_ones() {
                     m.matvec(&x, &mut y, &pool).unwrap();
                     assert_eq!(&y, want, "{kernel} {format}, {} rows alone", m.rows());
                 }
+            }
+        }
+    }
+}
+
+/// A matrix marked as read again soon prefetches further ahead (on the AVX-512 kernel); the
+/// products it gives, alone or fused, one thread or two, stay those of the unmarked matrix.
+#[test]
+fn reread_hint_keeps_the_products() {
+    for kernel in Kernel::supported() {
+        for n in [1, 2] {
+            let pool = Threads::with_kernel(n, kernel).unwrap();
+            for format in [Format::Q4_0, Format::Q8_0] {
+                // Rows past several prefetch distances and not a multiple of the tiles.
+                let (r, c) = (1027, 2816);
+                let once = QMatrix::quantize(&values(r * c, 5), r, c, format).unwrap();
+                let mut often = once.clone();
+                often.set_reread(Reread::Often);
+                assert_eq!(often.reread(), Reread::Often);
+                let other = QMatrix::quantize(&values(64 * c, 6), 64, c, format).unwrap();
+                let x = values(c, 7);
+                let mut want = vec![0f32; r];
+                once.matvec(&x, &mut want, &pool).unwrap();
+                let mut got = vec![f32::NAN; r];
+                often.matvec(&x, &mut got, &pool).unwrap();
+                assert_eq!(got, want, "{kernel:?} {n} threads {format:?}");
+                let (mut fused, mut side) = (vec![f32::NAN; r], vec![f32::NAN; 64]);
+                QMatrix::matvec_many(&[&often, &other], &x, &mut [&mut fused, &mut side], &pool)
+                    .unwrap();
+                assert_eq!(fused, want, "{kernel:?} {n} threads {format:?}, fused");
             }
         }
     }

@@ -4,6 +4,7 @@ use candle_core::Tensor;
 
 use super::linear::{forward_vec_many, Linear};
 use crate::error::Result;
+use crate::quant::Reread;
 use crate::weights::Weights;
 
 /// SwiGLU feed-forward: `w2(silu(w1 x) ⊙ w3 x)`.
@@ -21,6 +22,14 @@ impl FeedForward {
             w2: Linear::load(w, &format!("{prefix}.w2"), dim, ff_dim, false)?,
             w3: Linear::load(w, &format!("{prefix}.w3"), ff_dim, dim, false)?,
         })
+    }
+
+    /// Tells the three maps' products how often they are read again soon (see
+    /// [`Linear::set_reread`]).
+    pub fn set_reread(&mut self, reread: Reread) {
+        for m in [&mut self.w1, &mut self.w2, &mut self.w3] {
+            m.set_reread(reread);
+        }
     }
 
     pub fn weight_bytes(&self) -> usize {

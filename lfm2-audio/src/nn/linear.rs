@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::ops::with_f32_slice;
-use crate::quant::{Format, QMatrix, Threads};
+use crate::quant::{Format, QMatrix, Reread, Threads};
 use crate::weights::{Matrix, WeightClass, Weights};
 
 /// A linear map `y = x·Wᵀ (+ b)` with `W` stored `[out, in]` as in the checkpoint, either in f32
@@ -117,6 +117,17 @@ impl Linear {
         match &self.weight {
             Weight::Dense(_) => None,
             Weight::Quantized { threads, .. } => Some(threads),
+        }
+    }
+
+    /// Tells a quantized weight's products how often it is read again soon ([`Reread`]; a
+    /// prefetching hint, same numbers either way). Nothing for an f32 weight.
+    pub fn set_reread(&mut self, reread: Reread) {
+        if let Weight::Quantized { q, .. } = &mut self.weight {
+            if q.reread() != reread {
+                // Copies the matrix only if another map still shares it.
+                Arc::make_mut(q).set_reread(reread);
+            }
         }
     }
 

@@ -253,6 +253,21 @@ pub struct QMatrix {
     /// `groups * 16` block scales per row (f16), in the same tiles (none for the K-quants);
     /// allocated as the quants are, so that the decode products read both from huge pages.
     scales: AlignedBuf,
+    /// How decode reads the weights from memory (see [`Reread`]).
+    reread: Reread,
+}
+
+/// How often a matrix is read again soon after, which decides how far ahead decode asks for its
+/// lines (only the AVX-512 Q4_0 kernel tells the two apart, the one where it was measured).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reread {
+    /// Once a step, between reads of everything else: the lines come from memory.
+    #[default]
+    Once,
+    /// Several times within a short span, with a working set near the size of the last-level
+    /// cache, as the depthformer's layers are (8 steps an audio frame): many lines come from
+    /// that cache, and asking for them further ahead keeps the core busy.
+    Often,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -316,6 +331,7 @@ impl QMatrix {
             format,
             groups,
             quants,
+            reread: Reread::Once,
             // f16 zero is all zero bits.
             scales: AlignedBuf::zeroed(if format.is_k() {
                 0
@@ -644,6 +660,17 @@ impl QMatrix {
         self.format
     }
 
+    /// How decode reads this matrix from memory ([`Reread::Once`] unless set).
+    pub fn reread(&self) -> Reread {
+        self.reread
+    }
+
+    /// Says how often decode reads this matrix again soon (a hint for its prefetching; the
+    /// results are the same either way).
+    pub fn set_reread(&mut self, reread: Reread) {
+        self.reread = reread;
+    }
+
     /// Size of the weights in GGML's layout: what a product reads from memory.
     pub fn ggml_bytes(&self) -> usize {
         self.rows * self.cols / self.format.block_values() * self.format.block_bytes()
@@ -675,6 +702,7 @@ impl QMatrix {
             row_scales: self.row_scales(),
             q4: self.format == Format::Q4_0,
             format: self.format,
+            reread: self.reread,
         }
     }
 

@@ -96,6 +96,7 @@ pub(crate) struct WeightView {
     pub row_scales: usize,
     pub q4: bool,
     pub format: Format,
+    pub reread: super::Reread,
 }
 
 /// The quantized activations of `t` tokens, `stride` bytes apart.
