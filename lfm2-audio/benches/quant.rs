@@ -2,7 +2,7 @@
 //! matmul on the same shapes and data, in one run:
 //!
 //!     cargo bench -p lfm2-audio --bench quant [-- --quick] [--no-candle]
-//!         [--sections roof,mv,hot,mm,overhead,ceiling,step] [--kernels avx512-vnni,scalar]
+//!         [--sections roof,mv,hot,mm,overhead,ceiling,step,depth] [--kernels avx512-vnni,scalar]
 //!         [--formats q8_0,q4_0,q4_k,q6_k]
 //!
 //! matvec (decode) is reported as GB/s of weight bytes read (GGML size), with the weights rotated
@@ -17,6 +17,11 @@
 //! order, 2 threads) against the plain read that `lfm2d bench` takes as the memory roofline,
 //! alternating the two, and reports the step's GB/s and its share of that read.
 //!
+//! `depth` runs the depthformer's products of an audio frame (8 steps of its layers and heads,
+//! Q4_0 and Q8_0, 2 threads) after a backbone step's, as generation does, with its layers as
+//! loaded and as the model marks them (read again often: prefetched further ahead), frame by
+//! frame in turn, and reports both and their ratio.
+//!
 //! `ceiling` (x86 with AVX2) sets the 4-bit prefill product beside the most this core can do
 //! with its instructions: the AVX2 micro-tile's inner step (4 rows x 2 tokens: the loads, the
 //! nibble split, `vpmaddubsw` and the 16-bit sums) in a loop whose data sits in L1, against the
@@ -28,7 +33,7 @@
 //! alongside it, and `xR`, the median of the per-run speed ratios ours / candle: the ratio is
 //! meaningful even when other processes slow both down.
 
-use lfm2_audio::quant::{Format, Kernel, QMatrix, Threads};
+use lfm2_audio::quant::{Format, Kernel, QMatrix, Reread, Threads};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -341,6 +346,15 @@ fn main() {
         ceiling(&cfg);
     }
 
+    if on("depth") {
+        for &format in formats
+            .iter()
+            .filter(|f| matches!(f, Format::Q8_0 | Format::Q4_0))
+        {
+            depth(&cfg, format);
+        }
+    }
+
     if on("step") {
         for &format in formats
             .iter()
@@ -352,11 +366,8 @@ fn main() {
 }
 
 /// The products of one backbone decode step, in the model's order and shapes (16 layers of
-/// which 6 attend, fused where the model fuses them, and the 65 536-row text head), on two
-/// threads with the best kernel, against the plain read `lfm2d bench` takes as the roofline
-/// (2 threads, 512 MB allocated as the weights are). The two alternate round by round, so the
-/// percentage compares them at the same moment of a machine whose bus speed drifts.
-fn step(cfg: &Cfg, format: Format) {
+/// which 6 attend, fused where the model fuses them, and the 65 536-row text head).
+fn step_products(format: Format) -> Vec<Vec<QMatrix>> {
     const ATTENTION: [usize; 6] = [2, 5, 8, 10, 12, 14];
     let (dim, ff, kv, vocab) = (2048, 8192, 512, 65536);
     let m = |rows: usize, cols: usize| {
@@ -374,23 +385,64 @@ fn step(cfg: &Cfg, format: Format) {
         products.push(vec![m(dim, ff)]);
     }
     products.push(vec![m(vocab, dim)]);
-    let bytes: usize = products.iter().flatten().map(QMatrix::ggml_bytes).sum();
-    let mut outs: Vec<Vec<Vec<f32>>> = products
-        .iter()
-        .map(|ms| ms.iter().map(|m| vec![0f32; m.rows()]).collect())
-        .collect();
-    let (x_dim, x_ff) = (weights(1, dim), weights(1, ff));
-    let pool = Threads::new(2).expect("a pool");
-    let mut run = || {
+    products
+}
+
+/// A list of products (each group of matrices sharing one input) with its inputs, one per
+/// width, and its outputs.
+struct Products {
+    groups: Vec<Vec<QMatrix>>,
+    inputs: Vec<Vec<f32>>,
+    outs: Vec<Vec<Vec<f32>>>,
+}
+
+impl Products {
+    fn new(groups: Vec<Vec<QMatrix>>) -> Self {
+        let mut inputs: Vec<Vec<f32>> = Vec::new();
+        for ms in &groups {
+            if !inputs.iter().any(|x| x.len() == ms[0].cols()) {
+                inputs.push(weights(1, ms[0].cols()));
+            }
+        }
+        let outs = groups
+            .iter()
+            .map(|ms| ms.iter().map(|m| vec![0f32; m.rows()]).collect())
+            .collect();
+        Self {
+            groups,
+            inputs,
+            outs,
+        }
+    }
+
+    /// Weight bytes read by one run.
+    fn bytes(&self) -> usize {
+        self.groups.iter().flatten().map(QMatrix::ggml_bytes).sum()
+    }
+
+    /// Runs every product once on `pool`; returns the seconds it took.
+    fn run(&mut self, pool: &Threads) -> f64 {
         let start = Instant::now();
-        for (ms, ys) in products.iter().zip(outs.iter_mut()) {
-            let x = if ms[0].cols() == ff { &x_ff } else { &x_dim };
+        for (ms, ys) in self.groups.iter().zip(self.outs.iter_mut()) {
+            let x = self.inputs.iter().find(|x| x.len() == ms[0].cols());
             let ms: Vec<&QMatrix> = ms.iter().collect();
             let mut ys: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
-            QMatrix::matvec_many(&ms, x, &mut ys, &pool).expect("shapes match");
+            QMatrix::matvec_many(&ms, x.expect("an input of each width"), &mut ys, pool)
+                .expect("shapes match");
         }
-        bytes as f64 / start.elapsed().as_secs_f64() / 1e9
-    };
+        start.elapsed().as_secs_f64()
+    }
+}
+
+/// A decode step's products (see [`step_products`]) on two threads with the best kernel,
+/// against the plain read `lfm2d bench` takes as the roofline (2 threads, 512 MB allocated as
+/// the weights are). The two alternate round by round, so the percentage compares them at the
+/// same moment of a machine whose bus speed drifts.
+fn step(cfg: &Cfg, format: Format) {
+    let mut products = Products::new(step_products(format));
+    let bytes = products.bytes();
+    let pool = Threads::new(2).expect("a pool");
+    let mut run = || bytes as f64 / products.run(&pool) / 1e9;
     run();
     let (mut gbs, mut reads, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cfg.runs {
@@ -404,7 +456,7 @@ fn step(cfg: &Cfg, format: Format) {
     println!(
         "## a decode step's products, {}: {} products, {:.0} MB, 2 threads, {}",
         format.name(),
-        products.len(),
+        products.groups.len(),
         bytes as f64 / 1e6,
         pool.kernel().name()
     );
@@ -415,6 +467,79 @@ fn step(cfg: &Cfg, format: Format) {
         median(gbs) * 1e9 / bytes as f64,
         median(ratios) * 100.0,
         median(reads),
+        cfg.runs
+    );
+}
+
+/// The depthformer's products in an audio frame: 8 steps of its 6 layers (fused as the model
+/// fuses them) and one codebook head each, each frame after the backbone's products (without
+/// the text head), as generation runs them. The layers run once as loaded and once marked
+/// [`Reread::Often`], as the model marks them, alternating frame by frame; the backbone step
+/// between frames is untimed.
+fn depth(cfg: &Cfg, format: Format) {
+    let (dim, ff, qkv) = (1024, 2816, 1536);
+    let m = |rows: usize, cols: usize, seed: usize| {
+        let w = Rng(0x5EED ^ seed as u64).vec(rows * cols);
+        QMatrix::quantize(&w, rows, cols, format).expect("valid shape")
+    };
+    let mut groups = Vec::new();
+    for l in 0..6 {
+        groups.push(vec![m(qkv, dim, 4 * l)]);
+        groups.push(vec![m(dim, dim, 4 * l + 1)]);
+        groups.push(vec![m(ff, dim, 4 * l + 2), m(ff, dim, 4 * l + 3)]);
+        groups.push(vec![m(dim, ff, 4 * l + 100)]);
+    }
+    let mut marked = groups.clone();
+    for m in marked.iter_mut().flatten() {
+        m.set_reread(Reread::Often);
+    }
+    let mut layers = [Products::new(groups), Products::new(marked)];
+    let mut heads: Vec<Products> = (0..8)
+        .map(|c| Products::new(vec![vec![m(2049, dim, 1000 + c)]]))
+        .collect();
+    let mut backbone = step_products(format);
+    backbone.pop(); // audio frames skip the text head
+    let mut backbone = Products::new(backbone);
+    let pool = Threads::new(2).expect("a pool");
+    let bytes = 8 * layers[0].bytes() + heads.iter().map(Products::bytes).sum::<usize>();
+    let mut frame = |variant: usize| {
+        backbone.run(&pool);
+        let mut secs = 0.0;
+        for head in heads.iter_mut() {
+            secs += layers[variant].run(&pool);
+            secs += head.run(&pool);
+        }
+        secs * 1e3
+    };
+    frame(0);
+    frame(1);
+    let (mut plain, mut hinted, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..cfg.runs {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            a.push(frame(0));
+            b.push(frame(1));
+        }
+        let (a, b) = (median(a), median(b));
+        plain.push(a);
+        hinted.push(b);
+        ratios.push(b / a);
+    }
+    println!();
+    println!(
+        "## the depthformer's products a frame, {}: 8 x 25 products, {:.0} MB, after a backbone \
+         step, 2 threads, {}",
+        format.name(),
+        bytes as f64 / 1e6,
+        pool.kernel().name()
+    );
+    println!();
+    println!(
+        "layers as loaded {:.2} ms, marked read-often (as the model runs them) {:.2} ms: \
+         x{:.2} (medians of {} rounds)",
+        median(plain),
+        median(hinted),
+        median(ratios),
         cfg.runs
     );
 }
