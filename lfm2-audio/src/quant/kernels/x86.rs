@@ -388,9 +388,9 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
             if Q4 && T == 1 && w.reread == Reread::Often {
                 // Weights read again within a frame come partly from L3; asking for them
                 // further ahead keeps more of those hits in flight. On Zen 4 the depthformer's
-                // products ran 20-25 % faster frame after frame and about 6 % faster (median)
+                // products ran 16-29 % faster frame after frame and about 5 % faster (median)
                 // with a backbone step between frames; the same distance slowed the
-                // backbone's own stream from memory by 5-9 %.
+                // backbone's own stream from memory by 8-21 %.
                 prefetch_lines::<_MM_HINT_T1>(
                     wg.wrapping_add(PF_STEPS_REREAD * TILE_ROWS * gq),
                     R * gq,
