@@ -346,20 +346,18 @@ fn main() {
         ceiling(&cfg);
     }
 
+    // The step and the frame are timed in the formats of the plain presets (q4, q8).
+    let model_formats = formats
+        .iter()
+        .copied()
+        .filter(|f| matches!(f, Format::Q8_0 | Format::Q4_0));
     if on("depth") {
-        for &format in formats
-            .iter()
-            .filter(|f| matches!(f, Format::Q8_0 | Format::Q4_0))
-        {
+        for format in model_formats.clone() {
             depth(&cfg, format);
         }
     }
-
     if on("step") {
-        for &format in formats
-            .iter()
-            .filter(|f| matches!(f, Format::Q8_0 | Format::Q4_0))
-        {
+        for format in model_formats {
             step(&cfg, format);
         }
     }

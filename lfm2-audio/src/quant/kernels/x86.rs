@@ -382,21 +382,20 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
         let xa = x.ptr.add(j * x.stride);
         let nib = _mm512_set1_epi8(0x0F);
         let mut facc = [[_mm512_setzero_ps(); T]; R];
+        // Weights read again within a frame come partly from L3; asking for them further ahead
+        // keeps more of those hits in flight. On Zen 4 the depthformer's products ran 16-29 %
+        // faster frame after frame and about 5 % faster (median) with a backbone step between
+        // frames; the same distance slowed the backbone's own stream from memory by 8-21 %.
+        let ahead = if Q4 && T == 1 && w.reread == Reread::Often {
+            PF_STEPS_REREAD
+        } else {
+            PF_STEPS
+        };
         for g in g0..g1 {
             let wg = wq.add(g * TILE_ROWS * gq);
             let xg = xa.add(g * ACT_GROUP);
-            if Q4 && T == 1 && w.reread == Reread::Often {
-                // Weights read again within a frame come partly from L3; asking for them
-                // further ahead keeps more of those hits in flight. On Zen 4 the depthformer's
-                // products ran 16-29 % faster frame after frame and about 5 % faster (median)
-                // with a backbone step between frames; the same distance slowed the
-                // backbone's own stream from memory by 8-21 %.
-                prefetch_lines::<_MM_HINT_T1>(
-                    wg.wrapping_add(PF_STEPS_REREAD * TILE_ROWS * gq),
-                    R * gq,
-                );
-            } else if T == 1 || (T == 2 && g1 - g0 == w.groups) {
-                prefetch_ahead::<_MM_HINT_T1>(wg, TILE_ROWS * gq, R * gq);
+            if T == 1 || (T == 2 && g1 - g0 == w.groups) {
+                prefetch_lines::<_MM_HINT_T1>(wg.wrapping_add(ahead * TILE_ROWS * gq), R * gq);
                 if !Q4 && T == 1 {
                     // Q8_0 spends one instruction per line it reads, and its loads wait on
                     // L2 unless the lines are also asked into L1 half a group step ahead
