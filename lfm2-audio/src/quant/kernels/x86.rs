@@ -351,10 +351,12 @@ fn prefetch_lines<const HINT: i32>(at: *const u8, bytes: usize) {
 /// How many group steps ahead decode prefetches (2 to 4 KiB of Q4_0 / Q8_0 with 4-row tiles).
 const PF_STEPS: usize = 2;
 
-/// How many group steps ahead the AVX-512 Q4_0 decode prefetches a matrix marked
-/// [`Reread::Often`] (8 KiB with 4-row tiles). On Zen 4, with the depthformer's 38 MB of layers
-/// read 8 times a frame beside a 32 MiB L3, 8 to 16 steps were alike and faster than 2.
-const PF_STEPS_REREAD: usize = 8;
+/// The two distances (in group steps: 4 and 16 KiB with 4-row tiles) at which the AVX-512 Q4_0
+/// decode prefetches a matrix marked [`Reread::Often`]. On Zen 4, with the depthformer's 38 MB
+/// of layers read 8 times a frame beside a 32 MiB L3, one distance of 8 to 16 steps beat 2, and
+/// 4 with 16 beat 8 alone.
+const PF_STEPS_REREAD_NEAR: usize = 4;
+const PF_STEPS_REREAD: usize = 16;
 
 /// The second, further distance (in group steps, 12 KiB with 4-row tiles) at which the AVX-512
 /// Q8_0 decode also asks for its lines into L2.
@@ -386,34 +388,38 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
         let xa = x.ptr.add(j * x.stride);
         let nib = _mm512_set1_epi8(0x0F);
         let mut facc = [[_mm512_setzero_ps(); T]; R];
-        // Weights read again within a frame come partly from L3; asking for them further ahead
-        // keeps more of those hits in flight. On Zen 4 the depthformer's products ran 16-29 %
-        // faster frame after frame and about 5 % faster (median) with a backbone step between
-        // frames; the same distance slowed the backbone's own stream from memory by 8-21 %.
-        let ahead = if Q4 && T == 1 && w.reread == Reread::Often {
-            PF_STEPS_REREAD
+        // Decode asks for the lines into L2 `near` group steps ahead and, where it pays, a
+        // second time `far` steps ahead (0: not), which keeps more misses in flight.
+        // - Weights read again within a frame come partly from L3. On Zen 4 the depthformer's
+        //   products ran 16-29 % faster frame after frame and about 5 % faster (median) with a
+        //   backbone step between frames when asked for 8 steps ahead instead of 2, and 4 and 16
+        //   steps together were another 7 % faster (median of 6 runs) than 8 alone. The far
+        //   distance slowed the backbone's own stream from memory by 8-21 %.
+        // - Q8_0 from memory: the step's products read 81 -> 90 % of the plain read on a slow
+        //   bus and 66 -> 84 % on a fast one with 6 added to 2; Q4_0 gained nothing from it.
+        let (near, far) = if T != 1 {
+            (PF_STEPS, 0)
+        } else if Q4 && w.reread == Reread::Often {
+            (PF_STEPS_REREAD_NEAR, PF_STEPS_REREAD)
+        } else if Q4 {
+            (PF_STEPS, 0)
         } else {
-            PF_STEPS
+            (PF_STEPS, PF_STEPS_FAR_Q8)
         };
         for g in g0..g1 {
             let wg = wq.add(g * TILE_ROWS * gq);
             let xg = xa.add(g * ACT_GROUP);
             if T == 1 || (T == 2 && g1 - g0 == w.groups) {
-                prefetch_lines::<_MM_HINT_T1>(wg.wrapping_add(ahead * TILE_ROWS * gq), R * gq);
+                prefetch_lines::<_MM_HINT_T1>(wg.wrapping_add(near * TILE_ROWS * gq), R * gq);
+                if far > 0 {
+                    prefetch_lines::<_MM_HINT_T1>(wg.wrapping_add(far * TILE_ROWS * gq), R * gq);
+                }
                 if !Q4 && T == 1 {
                     // Q8_0 spends one instruction per line it reads, and its loads wait on
                     // L2 unless the lines are also asked into L1 half a group step ahead
-                    // (Zen 4: 7-18 % more GB/s; Q4_0 was slower with it).
+                    // (Zen 4: 7-18 % more GB/s; Q4_0 was slower with it; without it the
+                    // second L2 distance gained less).
                     prefetch_lines::<_MM_HINT_T0>(wg.wrapping_add(TILE_ROWS * gq / 2), R * gq);
-                    // And into L2 a second time, further on: with both distances more of
-                    // Q8_0's misses are in flight (Zen 4, the step's products: 81 -> 90 % of
-                    // the plain read on a slow bus, 66 -> 84 % on a fast one; without the L1
-                    // prefetch, or with the far distance alone, it was less; Q4_0 gained
-                    // nothing from it).
-                    prefetch_lines::<_MM_HINT_T1>(
-                        wg.wrapping_add(PF_STEPS_FAR_Q8 * TILE_ROWS * gq),
-                        R * gq,
-                    );
                 }
             }
             let xv = |t: usize, k: usize| _mm512_load_si512(xg.add(t * x.stride + k * 64).cast());
