@@ -351,11 +351,13 @@ fn prefetch_lines<const HINT: i32>(at: *const u8, bytes: usize) {
 /// How many group steps ahead decode prefetches (2 to 4 KiB of Q4_0 / Q8_0 with 4-row tiles).
 const PF_STEPS: usize = 2;
 
-/// The two distances (in group steps: 4 and 16 KiB with 4-row tiles) at which the AVX-512 Q4_0
-/// decode prefetches a matrix marked [`Reread::Often`]. On Zen 4, with the depthformer's 38 MB
-/// of layers read 8 times a frame beside a 32 MiB L3, one distance of 8 to 16 steps beat 2, and
-/// 4 with 16 beat 8 alone.
+/// The near one of the two distances (in group steps: 4 KiB with 4-row tiles) at which the
+/// AVX-512 Q4_0 decode prefetches a matrix marked [`Reread::Often`]. On Zen 4, with the
+/// depthformer's 38 MB of layers read 8 times a frame beside a 32 MiB L3, one distance of 8 to
+/// 16 steps beat 2, and 4 with 16 beat 8 alone.
 const PF_STEPS_REREAD_NEAR: usize = 4;
+
+/// The far one of those two distances (16 KiB with 4-row tiles).
 const PF_STEPS_REREAD: usize = 16;
 
 /// The second, further distance (in group steps, 12 KiB with 4-row tiles) at which the AVX-512
@@ -393,8 +395,8 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
         // - Weights read again within a frame come partly from L3. On Zen 4 the depthformer's
         //   products ran 16-29 % faster frame after frame and about 5 % faster (median) with a
         //   backbone step between frames when asked for 8 steps ahead instead of 2, and 4 and 16
-        //   steps together were another 7 % faster (median of 6 runs) than 8 alone. The far
-        //   distance slowed the backbone's own stream from memory by 8-21 %.
+        //   steps together were another 7 % faster (median of 6 runs) than 8 alone. Asked for
+        //   8 steps ahead, the backbone's own stream from memory was 8-21 % slower.
         // - Q8_0 from memory: the step's products read 81 -> 90 % of the plain read on a slow
         //   bus and 66 -> 84 % on a fast one with 6 added to 2; Q4_0 gained nothing from it.
         let (near, far) = if T != 1 {
