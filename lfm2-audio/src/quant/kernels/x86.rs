@@ -358,7 +358,7 @@ const PF_STEPS: usize = 2;
 const PF_STEPS_REREAD_NEAR: usize = 4;
 
 /// The far one of those two distances (16 KiB with 4-row tiles).
-const PF_STEPS_REREAD: usize = 16;
+const PF_STEPS_REREAD_FAR: usize = 16;
 
 /// The second, further distance (in group steps, 12 KiB with 4-row tiles) at which the AVX-512
 /// Q8_0 decode also asks for its lines into L2.
@@ -402,7 +402,7 @@ unsafe fn tile512<const R: usize, const T: usize, const Q4: bool>(
         let (near, far) = if T != 1 {
             (PF_STEPS, 0)
         } else if Q4 && w.reread == Reread::Often {
-            (PF_STEPS_REREAD_NEAR, PF_STEPS_REREAD)
+            (PF_STEPS_REREAD_NEAR, PF_STEPS_REREAD_FAR)
         } else if Q4 {
             (PF_STEPS, 0)
         } else {
