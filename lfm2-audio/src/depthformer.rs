@@ -211,6 +211,24 @@ impl AudioHead {
         self.codebooks.len()
     }
 
+    /// Bytes of weights one frame reads: `depth_linear` once, every layer once per codebook, and
+    /// each codebook's logits head (the single embedding rows a frame looks up are left out).
+    pub fn frame_weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.weight_bytes() + l.out_proj.weight_bytes() + l.feed_forward.weight_bytes()
+            })
+            .sum();
+        let heads: usize = self
+            .codebooks
+            .iter()
+            .map(|c| c.to_logits.weight_bytes())
+            .sum();
+        self.depth_linear.weight_bytes() + self.codebooks.len() * layers + heads
+    }
+
     /// The backbone input for a frame: `Σ_c audio_embedding[code_c + 2049·c]`.
     pub fn frame_embedding(&self, frame: &[u32]) -> Result<Tensor> {
         if frame.len() != self.codebooks.len() {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use common::{assert_close, fixtures};
+use lfm2_audio::format::CODEBOOKS;
 use lfm2_audio::generate::{prefill_chat, GenerationMode, GenerationParams, Generator, Token};
 use lfm2_audio::model::Lfm2AudioModel;
 use lfm2_audio::prompt::{ChatState, Item};
@@ -253,4 +254,54 @@ fn frames_with_bad_codes_are_errors() {
     let emb = model.audio_head.frame_embedding(&[2048; 8]).unwrap();
     assert_eq!(emb.dims(), &[model.config.lfm.hidden_size]);
     let _ = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu);
+}
+
+#[test]
+fn a_frame_reads_depth_linear_every_layer_per_codebook_and_the_heads() {
+    for name in MODELS {
+        let dir = fixtures().join(name).join("model");
+        let model = Lfm2AudioModel::load(&dir).unwrap();
+        let header: serde_json::Value = {
+            let raw = std::fs::read(dir.join("model.safetensors")).unwrap();
+            let n = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+            serde_json::from_slice(&raw[8..8 + n]).unwrap()
+        };
+        let elements = |name: &str| -> usize {
+            header[name]["shape"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{name} not in the checkpoint"))
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .product()
+        };
+        let layers = model.config.depthformer.layers;
+        let per_layer: usize = (0..layers)
+            .map(|i| {
+                let p = format!("depthformer.layers.{i}");
+                ["operator.qkv_proj", "operator.out_proj"]
+                    .iter()
+                    .chain(&["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"])
+                    .map(|m| elements(&format!("{p}.{m}.weight")))
+                    .sum::<usize>()
+            })
+            .sum();
+        // A tied checkpoint's heads are its codebook embeddings.
+        let heads: usize = (0..CODEBOOKS)
+            .map(|c| {
+                let own = format!("depth_embeddings.{c}.to_logits.weight");
+                if header.get(&own).is_some() {
+                    elements(&own)
+                } else {
+                    elements(&format!("depth_embeddings.{c}.embedding.weight"))
+                }
+            })
+            .sum();
+        let expected = elements("depth_linear.weight") + CODEBOOKS * per_layer + heads;
+        // The f32 path keeps every weight as 4 bytes.
+        assert_eq!(
+            model.audio_head.frame_weight_bytes(),
+            4 * expected,
+            "{name}"
+        );
+    }
 }
