@@ -44,6 +44,10 @@ fn bench_reports_every_measurement_and_q8_agrees_with_f32() {
         "time to first audio",
         "real-time factor",
         "peak RSS",
+        "read bandwidth",
+        "text decode / roofline",
+        "depthformer / roofline",
+        "real-time factor floor",
     ] {
         let v = json[key]["value"]
             .as_f64()

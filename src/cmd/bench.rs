@@ -4,8 +4,9 @@
 //! (backbone step + 8 depthformer steps, no text head), detokenizer time per frame, the real-time
 //! factor of interleaved speech-to-speech over 10 s of generated speech, time to first audio after
 //! a 4 s utterance (split into its stages), the top-1 agreement of quantized decoding with f32,
-//! and peak memory. Use a full-size random model (`lfm2d synth-model`): speed does not depend on
-//! the weights' values.
+//! and peak memory; then the memory roofline: the pool's read bandwidth, the text step's and the
+//! depthformer's share of it, and the real-time factor that the weights' reads alone allow. Use
+//! a full-size random model (`lfm2d synth-model`): speed does not depend on the weights' values.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -278,6 +279,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         unit: "frame/s",
         note: "backbone + depthformer (8 steps)".into(),
     });
+    let depth_s = median(depth.clone()) / 1e3;
     rows.push(Row {
         name: "depthformer",
         value: median(depth),
@@ -340,6 +342,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut ttfa = Vec::new();
     let mut stages: Vec<[f64; 4]> = Vec::new();
     let mut rtf = Vec::new();
+    // The steps of each turn after its first audible frame, for the weights it read per second
+    // of speech: (text steps, frames, audible frames).
+    let mut turn_steps = Vec::new();
     let mut detok = Some(detok);
     for r in 0..args.runs {
         if let Some(t) = &decode_thread {
@@ -391,8 +396,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut gen_start = None;
         // When the last audible frame was generated, while its samples are awaited (inline).
         let mut before_detok = None;
+        let (mut text_steps, mut frame_steps) = (0usize, 0usize);
         while frames < target_frames {
-            match stream.next(&mut session)? {
+            let event = stream.next(&mut session)?;
+            // Counted over the span the real-time factor times.
+            match event {
+                _ if gen_start.is_none() => {}
+                StreamEvent::Text(_) => text_steps += 1,
+                StreamEvent::Frame { .. } => frame_steps += 1,
+                _ => {}
+            }
+            match event {
                 // A random model may end its reply; the measurement continues with another.
                 StreamEvent::End(_) => break,
                 StreamEvent::Text(_) | StreamEvent::Frame { audible: false, .. } => {}
@@ -461,6 +475,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ]);
             if frames > 1 {
                 rtf.push(gs.elapsed().as_secs_f64() / ((frames - 1) as f64 * 0.08));
+                turn_steps.push((text_steps, frame_steps, frames - 1));
             }
         }
     }
@@ -537,6 +552,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             step_bytes / 1e6
         ),
     });
+    let depth_bytes = model.audio_head.frame_weight_bytes() as f64;
+    rows.push(Row {
+        name: "depthformer / roofline",
+        value: depth_bytes / depth_s / 1e9 / bandwidth * 100.0,
+        unit: "%",
+        note: format!(
+            "{:.0} MB of weights per frame (its layers once per codebook) / depthformer time / \
+             read bandwidth; over 100 % where the caches hold part of them",
+            depth_bytes / 1e6
+        ),
+    });
+    // What the real-time factor would be if reading the weights were all a turn did: a text
+    // step reads the stack and the text head, a frame the stack and the depthformer's weights.
+    let frame_bytes = model.backbone.stack().weight_bytes() as f64 + depth_bytes;
+    let per_speech_second: Vec<f64> = turn_steps
+        .iter()
+        .map(|&(text, frames, audible)| {
+            (text as f64 * step_bytes + frames as f64 * frame_bytes) / (audible as f64 * 0.08)
+        })
+        .collect();
+    if !per_speech_second.is_empty() {
+        let bytes = median(per_speech_second);
+        rows.push(Row {
+            name: "real-time factor floor",
+            value: bytes / 1e9 / bandwidth,
+            unit: "x",
+            note: format!(
+                "{:.1} GB of weights read per second of speech / read bandwidth: the real-time \
+                 factor of the reads alone",
+                bytes / 1e9
+            ),
+        });
+    }
 
     // Agreement of quantized greedy decoding with f32.
     if args.agreement_steps > 0 && args.runtime.quant != Quant::F32 {
