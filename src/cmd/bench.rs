@@ -129,6 +129,71 @@ fn peak_rss() -> Option<u64> {
     proc_bytes("/proc/self/status", "VmHWM:")
 }
 
+/// Resident memory of this process now (Linux), in bytes.
+fn rss() -> Option<u64> {
+    proc_bytes("/proc/self/status", "VmRSS:")
+}
+
+/// Plain reads of memory set beside the timed runs: each run is compared with the read rate of
+/// its own moment (the mean of a read just before and one just after it), since on some machines
+/// the memory bus changes speed from one minute to the next.
+struct Roofline {
+    probe: lfm2_audio::quant::ReadProbe,
+    pool: std::sync::Arc<lfm2_audio::quant::Threads>,
+    /// Every read's rate, GB/s.
+    rates: Vec<f64>,
+    /// Resident memory the probe added, to leave out of the memory rows.
+    probe_rss: u64,
+    /// Peak resident memory before the probe was allocated.
+    peak_before: Option<u64>,
+    /// Memory in huge pages before the probe was allocated.
+    huge_before: Option<u64>,
+}
+
+impl Roofline {
+    const BYTES: usize = 512 << 20;
+
+    fn new(pool: std::sync::Arc<lfm2_audio::quant::Threads>) -> Self {
+        let (peak_before, huge_before, rss_before) = (peak_rss(), huge_page_bytes(), rss());
+        let probe = lfm2_audio::quant::ReadProbe::new(Self::BYTES);
+        let probe_rss = rss()
+            .zip(rss_before)
+            .map_or(probe.len() as u64, |(now, before)| {
+                now.saturating_sub(before)
+            });
+        // The first pass warms the pool and the page tables.
+        probe.rate(&pool);
+        Self {
+            probe,
+            pool,
+            rates: Vec::new(),
+            probe_rss,
+            peak_before,
+            huge_before,
+        }
+    }
+
+    /// Reads the probe once and returns its rate in GB/s.
+    fn read(&mut self) -> f64 {
+        let rate = self.probe.rate(&self.pool);
+        self.rates.push(rate);
+        rate
+    }
+
+    /// Runs `f`, returning its result and the read rate around it.
+    fn beside<T>(&mut self, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+        let before = self.read();
+        let out = f()?;
+        Ok((out, (before + self.read()) / 2.0))
+    }
+
+    /// Peak resident memory without the probe.
+    fn peak_rss(&self) -> Option<u64> {
+        let during = peak_rss()?.saturating_sub(self.probe_rss);
+        Some(self.peak_before.map_or(during, |b| b.max(during)))
+    }
+}
+
 /// Anonymous memory of this process in transparent huge pages (Linux), in bytes: the quantized
 /// weights where the system gave them 2 MiB pages.
 fn huge_page_bytes() -> Option<u64> {
@@ -229,25 +294,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         note: format!("{} positions", args.prefill_tokens),
     });
 
+    // From here on every timed run is set beside the read rate of its moment (the roofline).
+    let pool = model.plan.threads.clone().map_or_else(
+        || lfm2_audio::quant::Threads::new(threads).map(std::sync::Arc::new),
+        Ok,
+    )?;
+    let mut roof = Roofline::new(pool.clone());
+    // A text step reads every backbone weight and the tied head once; a frame the layers and
+    // the depthformer's weights.
+    let step_bytes = model.backbone.weight_bytes() as f64;
+    let depth_bytes = model.audio_head.frame_weight_bytes() as f64;
+    let frame_bytes = model.backbone.stack().weight_bytes() as f64 + depth_bytes;
+
     // Text decode: backbone step + text head + argmax.
     let steps = 32;
     let mut v = Vec::new();
+    let mut text_share = Vec::new();
     for r in 0..args.runs {
         let mut s = Session::new(model.backbone.clone())?;
         let mut h = s.prefill_text(&tokens(16, vocab, r))?.get(15)?;
-        let t = Instant::now();
-        for _ in 0..steps {
-            let logits = model
-                .backbone
-                .text_logits(&h.unsqueeze(0)?)?
-                .squeeze(0)?
-                .to_vec1::<f32>()?;
-            let id = argmax(&logits).min(vocab as u32 - 1);
-            h = s.step_text(id)?;
-        }
-        v.push(steps as f64 / t.elapsed().as_secs_f64());
+        let (rate, read) = roof.beside(|| {
+            let t = Instant::now();
+            for _ in 0..steps {
+                let logits = model
+                    .backbone
+                    .text_logits(&h.unsqueeze(0)?)?
+                    .squeeze(0)?
+                    .to_vec1::<f32>()?;
+                let id = argmax(&logits).min(vocab as u32 - 1);
+                h = s.step_text(id)?;
+            }
+            Ok(steps as f64 / t.elapsed().as_secs_f64())
+        })?;
+        v.push(rate);
+        text_share.push(step_bytes * rate / 1e9 / read * 100.0);
     }
-    let text_step_s = 1.0 / median(v.clone());
     rows.push(Row {
         name: "text decode",
         value: median(v),
@@ -258,20 +339,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Audio frames: backbone step on the frame embedding + depthformer, no text head.
     let mut v = Vec::new();
     let mut depth = Vec::new();
+    let mut depth_share = Vec::new();
     for r in 0..args.runs {
         let mut s = Session::new(model.backbone.clone())?;
         let mut h = s.prefill_text(&tokens(16, vocab, r))?.get(15)?;
         let mut sampler = Sampler::new(SamplingParams::new(Some(1.0), Some(4)), r as u64);
-        let mut in_head = 0.0;
-        let t = Instant::now();
-        for _ in 0..steps {
-            let th = Instant::now();
-            let frame = model.audio_head.sample_frame(&h, &mut sampler)?;
-            in_head += th.elapsed().as_secs_f64();
-            h = s.step(&model.audio_head.frame_embedding(&frame)?, Item::AudioOut)?;
-        }
-        v.push(steps as f64 / t.elapsed().as_secs_f64());
-        depth.push(in_head * 1e3 / steps as f64);
+        let ((rate, in_head), read) = roof.beside(|| {
+            let mut in_head = 0.0;
+            let t = Instant::now();
+            for _ in 0..steps {
+                let th = Instant::now();
+                let frame = model.audio_head.sample_frame(&h, &mut sampler)?;
+                in_head += th.elapsed().as_secs_f64();
+                h = s.step(&model.audio_head.frame_embedding(&frame)?, Item::AudioOut)?;
+            }
+            Ok((
+                steps as f64 / t.elapsed().as_secs_f64(),
+                in_head / steps as f64,
+            ))
+        })?;
+        v.push(rate);
+        depth.push(in_head * 1e3);
+        depth_share.push(depth_bytes / in_head / 1e9 / read * 100.0);
     }
     rows.push(Row {
         name: "audio frame",
@@ -279,7 +368,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         unit: "frame/s",
         note: "backbone + depthformer (8 steps)".into(),
     });
-    let depth_s = median(depth.clone()) / 1e3;
     rows.push(Row {
         name: "depthformer",
         value: median(depth),
@@ -342,14 +430,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut ttfa = Vec::new();
     let mut stages: Vec<[f64; 4]> = Vec::new();
     let mut rtf = Vec::new();
-    // The steps of each turn after its first audible frame, for the weights it read per second
-    // of speech: (text steps, frames, audible frames).
-    let mut turn_steps = Vec::new();
+    // Per turn, the real-time factor of reading its weights alone: the weights its text steps
+    // (layers and head) and frames (layers and depthformer) read after its first audible frame,
+    // per second of speech, at the read rate around the turn.
+    let (mut floors, mut speech_bytes) = (Vec::new(), Vec::new());
     let mut detok = Some(detok);
     for r in 0..args.runs {
         if let Some(t) = &decode_thread {
             t.reset()?;
         }
+        let read_before = roof.read();
         let mut session = Session::new(model.backbone.clone())?;
         if args.history > 0 {
             session.prefill_text(&tokens(args.history, vocab, r))?;
@@ -475,7 +565,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ]);
             if frames > 1 {
                 rtf.push(gs.elapsed().as_secs_f64() / ((frames - 1) as f64 * 0.08));
-                turn_steps.push((text_steps, frame_steps, frames - 1));
+                let per_second = (text_steps as f64 * step_bytes
+                    + frame_steps as f64 * frame_bytes)
+                    / ((frames - 1) as f64 * 0.08);
+                let read = (read_before + roof.read()) / 2.0;
+                floors.push(per_second / 1e9 / read);
+                speech_bytes.push(per_second);
             }
         }
     }
@@ -512,15 +607,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ),
         });
     }
-    if let Some(bytes) = peak_rss() {
+    if let Some(bytes) = roof.peak_rss() {
         rows.push(Row {
             name: "peak RSS",
             value: bytes as f64 / 1e9,
             unit: "GB",
-            note: "whole process so far".into(),
+            note: "whole process so far, without the read-rate buffer".into(),
         });
     }
-    if let Some(bytes) = huge_page_bytes() {
+    if let Some(bytes) = roof.huge_before {
         rows.push(Row {
             name: "in huge pages",
             value: bytes as f64 / 1e9,
@@ -530,61 +625,54 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
-    // The memory roofline: a text step reads every backbone weight and the tied head once.
-    let pool = model.plan.threads.clone().map_or_else(
-        || lfm2_audio::quant::Threads::new(threads).map(std::sync::Arc::new),
-        Ok,
-    )?;
-    let bandwidth = lfm2_audio::quant::read_bandwidth(&pool, 512 << 20, args.runs.max(3));
-    let step_bytes = model.backbone.weight_bytes() as f64;
+    // The memory roofline.
+    let (lo, hi) = roof
+        .rates
+        .iter()
+        .fold((f64::INFINITY, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
     rows.push(Row {
         name: "read bandwidth",
-        value: bandwidth,
+        value: median(roof.rates.clone()),
         unit: "GB/s",
-        note: format!("plain read of 512 MB with {} threads", pool.len()),
+        note: format!(
+            "plain read of 512 MB with {} threads before and after every timed run: {} reads, \
+             {lo:.0}-{hi:.0}",
+            pool.len(),
+            roof.rates.len()
+        ),
     });
     rows.push(Row {
         name: "text decode / roofline",
-        value: step_bytes / text_step_s / 1e9 / bandwidth * 100.0,
+        value: median(text_share),
         unit: "%",
         note: format!(
-            "{:.0} MB of weights per step / step time / read bandwidth",
+            "{:.0} MB of weights per step / step time / read bandwidth of its run",
             step_bytes / 1e6
         ),
     });
-    let depth_bytes = model.audio_head.frame_weight_bytes() as f64;
     rows.push(Row {
         name: "depthformer / roofline",
-        value: depth_bytes / depth_s / 1e9 / bandwidth * 100.0,
+        value: median(depth_share),
         unit: "%",
         note: format!(
             "{:.0} MB of weights per frame (its layers once per codebook) / depthformer time / \
-             read bandwidth; over 100 % where the caches hold part of them",
+             read bandwidth of its run; over 100 % where the caches hold part of them",
             depth_bytes / 1e6
         ),
     });
-    // What the real-time factor would be if reading the weights were all a turn did: a text
-    // step reads the stack and the text head, a frame the stack and the depthformer's weights.
-    let frame_bytes = model.backbone.stack().weight_bytes() as f64 + depth_bytes;
-    let per_speech_second: Vec<f64> = turn_steps
-        .iter()
-        .map(|&(text, frames, audible)| {
-            (text as f64 * step_bytes + frames as f64 * frame_bytes) / (audible as f64 * 0.08)
-        })
-        .collect();
-    if !per_speech_second.is_empty() {
-        let bytes = median(per_speech_second);
+    if !floors.is_empty() {
         rows.push(Row {
             name: "real-time factor floor",
-            value: bytes / 1e9 / bandwidth,
+            value: median(floors),
             unit: "x",
             note: format!(
-                "{:.1} GB of weights read per second of speech / read bandwidth: the real-time \
-                 factor of the reads alone",
-                bytes / 1e9
+                "{:.1} GB of weights read per second of speech / read bandwidth of its turn: the \
+                 real-time factor of the reads alone",
+                median(speech_bytes) / 1e9
             ),
         });
     }
+    drop(roof);
 
     // Agreement of quantized greedy decoding with f32.
     if args.agreement_steps > 0 && args.runtime.quant != Quant::F32 {

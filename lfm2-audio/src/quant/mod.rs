@@ -122,7 +122,7 @@ mod threads;
 pub use blocks::BLOCK;
 pub use kernels::Kernel;
 pub use kquants::QK_K;
-pub use roofline::read_bandwidth;
+pub use roofline::{read_bandwidth, ReadProbe};
 pub use threads::{Threads, DEFAULT_SPIN, MAX_THREADS};
 
 use crate::{Error, Result};

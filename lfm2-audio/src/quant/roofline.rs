@@ -13,19 +13,49 @@ const CHUNK: usize = 256 * 1024;
 /// the pool's participants, `rounds` times after one warm-up pass, and returns the median read
 /// rate in GB/s. Chunks are claimed from a counter, as the matrix products share their rows.
 pub fn read_bandwidth(threads: &Threads, bytes: usize, rounds: usize) -> f64 {
-    let words = bytes.div_ceil(CHUNK).max(1) * CHUNK / 8;
-    // Allocated as the weights are (in huge pages where the system gives them), and written
-    // once so that every page is really mapped (a zero page would read from cache).
-    let mut bytes = AlignedBuf::zeroed(words * 8);
-    for (i, w) in bytemuck::cast_slice_mut::<u8, u64>(bytes.as_mut_slice())
-        .iter_mut()
-        .enumerate()
-    {
-        *w = i as u64;
+    let probe = ReadProbe::new(bytes);
+    probe.rate(threads);
+    let mut rates: Vec<f64> = (0..rounds).map(|_| probe.rate(threads)).collect();
+    rates.sort_by(|a, b| a.total_cmp(b));
+    rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A buffer to time plain reads with, kept so that a measurement can be set beside the read rate
+/// of its own moment: on a machine whose memory bus changes speed from minute to minute, a rate
+/// taken minutes apart says little about a step.
+pub struct ReadProbe {
+    bytes: AlignedBuf,
+}
+
+impl ReadProbe {
+    /// Allocates `bytes` (rounded up to 256 KiB) as the weights are allocated (in huge pages
+    /// where the system gives them), written once so that every page is really mapped (a zero
+    /// page would read from cache).
+    pub fn new(bytes: usize) -> Self {
+        let words = bytes.div_ceil(CHUNK).max(1) * CHUNK / 8;
+        let mut bytes = AlignedBuf::zeroed(words * 8);
+        for (i, w) in bytemuck::cast_slice_mut::<u8, u64>(bytes.as_mut_slice())
+            .iter_mut()
+            .enumerate()
+        {
+            *w = i as u64;
+        }
+        Self { bytes }
     }
-    let buf: &[u64] = bytemuck::cast_slice(bytes.as_slice());
-    let mut rates = Vec::with_capacity(rounds);
-    for round in 0..=rounds {
+
+    /// Bytes in the buffer.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Always false: the buffer holds at least one chunk.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.len() == 0
+    }
+
+    /// One read of the whole buffer by the pool's participants, in GB/s.
+    pub fn rate(&self, threads: &Threads) -> f64 {
+        let buf: &[u64] = bytemuck::cast_slice(self.bytes.as_slice());
         let next = AtomicUsize::new(0);
         let total = AtomicU64::new(0);
         let start = Instant::now();
@@ -43,12 +73,8 @@ pub fn read_bandwidth(threads: &Threads, bytes: usize, rounds: usize) -> f64 {
         });
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(total.into_inner());
-        if round > 0 {
-            rates.push((words * 8) as f64 / secs / 1e9);
-        }
+        self.bytes.len() as f64 / secs / 1e9
     }
-    rates.sort_by(|a, b| a.total_cmp(b));
-    rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// A wrapping sum of the words, with 8 independent accumulators (vectorized by the compiler;
