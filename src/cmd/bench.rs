@@ -490,11 +490,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         while frames < target_frames {
             let event = stream.next(&mut session)?;
             // Counted over the span the real-time factor times.
-            match event {
-                _ if gen_start.is_none() => {}
-                StreamEvent::Text(_) => text_steps += 1,
-                StreamEvent::Frame { .. } => frame_steps += 1,
-                _ => {}
+            if gen_start.is_some() {
+                match event {
+                    StreamEvent::Text(_) => text_steps += 1,
+                    StreamEvent::Frame { .. } => frame_steps += 1,
+                    _ => {}
+                }
             }
             match event {
                 // A random model may end its reply; the measurement continues with another.
