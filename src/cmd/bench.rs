@@ -565,10 +565,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 first_audio - first_frame,
             ]);
             if frames > 1 {
-                rtf.push(gs.elapsed().as_secs_f64() / ((frames - 1) as f64 * 0.08));
-                let per_second = (text_steps as f64 * step_bytes
-                    + frame_steps as f64 * frame_bytes)
-                    / ((frames - 1) as f64 * 0.08);
+                let speech_s = (frames - 1) as f64 * 0.08;
+                rtf.push(gs.elapsed().as_secs_f64() / speech_s);
+                let per_second =
+                    (text_steps as f64 * step_bytes + frame_steps as f64 * frame_bytes) / speech_s;
                 let read = (read_before + roof.read()) / 2.0;
                 floors.push(per_second / 1e9 / read);
                 speech_bytes.push(per_second);
